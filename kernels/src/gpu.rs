@@ -1,0 +1,528 @@
+//! Adapter selection, the pipeline cache and command batches.
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::shader::Kernel;
+
+/// Which graphics API to run on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backend {
+    #[default]
+    Auto,
+    Vulkan,
+    Metal,
+    Dx12,
+    Gl,
+}
+
+impl FromStr for Backend {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "auto" => Backend::Auto,
+            "vulkan" | "vk" => Backend::Vulkan,
+            "metal" | "mtl" => Backend::Metal,
+            "dx12" | "d3d12" => Backend::Dx12,
+            "gl" | "gles" | "opengl" => Backend::Gl,
+            other => bail!("unknown backend '{other}': expected auto, vulkan, metal, dx12 or gl"),
+        })
+    }
+}
+
+impl Backend {
+    fn backends(self) -> wgpu::Backends {
+        match self {
+            Backend::Auto => wgpu::Backends::all(),
+            Backend::Vulkan => wgpu::Backends::VULKAN,
+            Backend::Metal => wgpu::Backends::METAL,
+            Backend::Dx12 => wgpu::Backends::DX12,
+            Backend::Gl => wgpu::Backends::GL,
+        }
+    }
+}
+
+/// How to pick and configure the device.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    pub backend: Backend,
+    /// Adapter index (as listed by `wgtrain devices`) or a case-insensitive substring of its name.
+    pub device: Option<String>,
+    /// Split tensors at this many bytes instead of the adapter's `max_storage_buffer_binding_size`
+    /// (tests use a tiny value so that every kernel runs on split tensors).
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl GpuOptions {
+    /// Options from `WGTRAIN_BACKEND`, `WGTRAIN_DEVICE` and `WGTRAIN_MAX_BINDING` (bytes).
+    pub fn from_env() -> Result<Self> {
+        let backend = match std::env::var("WGTRAIN_BACKEND") {
+            Ok(b) => b.parse().context("WGTRAIN_BACKEND")?,
+            Err(_) => Backend::Auto,
+        };
+        let max_binding_bytes = match std::env::var("WGTRAIN_MAX_BINDING") {
+            Ok(v) => Some(
+                v.parse()
+                    .with_context(|| format!("WGTRAIN_MAX_BINDING='{v}' is not a byte count"))?,
+            ),
+            Err(_) => None,
+        };
+        Ok(GpuOptions { backend, device: std::env::var("WGTRAIN_DEVICE").ok(), max_binding_bytes })
+    }
+}
+
+/// Optional features wgtrain uses when an adapter has them; none is required.
+pub const OPTIONAL_FEATURES: wgpu::Features = wgpu::Features::SHADER_F16
+    .union(wgpu::Features::SUBGROUP)
+    .union(wgpu::Features::TIMESTAMP_QUERY);
+
+const NO_ADAPTER_HELP: &str = "no GPU adapter found. Install your GPU's Vulkan/Metal/DX12 driver, \
+or for a CPU-only machine Mesa's software Vulkan driver (Debian/Ubuntu: \
+`apt-get install mesa-vulkan-drivers`); `wgtrain devices` lists what wgpu can see";
+
+/// What `wgtrain devices` prints for one adapter.
+#[derive(Clone, Debug)]
+pub struct AdapterSummary {
+    pub index: usize,
+    pub info: wgpu::AdapterInfo,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+}
+
+fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    let instance = wgpu::Instance::new(desc);
+    let mut list = pollster::block_on(instance.enumerate_adapters(backends));
+    // A stable order: real GPUs first, then by backend and name.
+    list.sort_by_key(|a| {
+        let info = a.get_info();
+        (rank(&info), format!("{:?}", info.backend), info.name.clone())
+    });
+    list
+}
+
+/// Lower is preferred: discrete GPUs, then integrated, then virtual, then CPU; GL last.
+fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
+    let kind = match info.device_type {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    };
+    (kind, u8::from(info.backend == wgpu::Backend::Gl))
+}
+
+/// Every adapter wgpu can see on the given backend(s).
+pub fn list_adapters(backend: Backend) -> Vec<AdapterSummary> {
+    adapters(backend.backends())
+        .into_iter()
+        .enumerate()
+        .map(|(index, a)| AdapterSummary {
+            index,
+            info: a.get_info(),
+            features: a.features(),
+            limits: a.limits(),
+        })
+        .collect()
+}
+
+/// A compiled kernel variant and the layout of its bindings.
+struct Pipeline {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    /// Binding numbers of the storage buffers the entry point uses, ascending (0 is the params).
+    storage_bindings: Vec<u32>,
+}
+
+/// The device, its queue, and the compiled pipelines.
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub features: wgpu::Features,
+    pub limits: wgpu::Limits,
+    /// Largest byte size of one tensor chunk (one storage binding).
+    pub max_binding_bytes: u64,
+    pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
+}
+
+/// Bytes reserved per dispatch for its uniform parameters (the largest params struct must fit).
+const PARAMS_SLOT: u64 = 256;
+
+impl Gpu {
+    /// Opens the adapter chosen by `options`, with its own limits and the optional features it has.
+    pub fn new(options: &GpuOptions) -> Result<Gpu> {
+        let list = match options.backend {
+            // GL only when no native API has an adapter: probing EGL is slow and noisy.
+            Backend::Auto => Some(adapters(wgpu::Backends::PRIMARY))
+                .filter(|l| !l.is_empty())
+                .unwrap_or_else(|| adapters(wgpu::Backends::GL)),
+            b => adapters(b.backends()),
+        };
+        if list.is_empty() {
+            bail!("{NO_ADAPTER_HELP} (backend: {:?})", options.backend);
+        }
+        let adapter = match &options.device {
+            None => list.into_iter().next().unwrap(),
+            Some(sel) => pick(list, sel)?,
+        };
+        let info = adapter.get_info();
+        let features = adapter.features() & OPTIONAL_FEATURES;
+        let limits = adapter.limits();
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("wgtrain"),
+            required_features: features,
+            required_limits: limits.clone(),
+            ..Default::default()
+        }))
+        .with_context(|| format!("opening device '{}' ({:?})", info.name, info.backend))?;
+        let mut max_binding_bytes =
+            (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        if let Some(cap) = options.max_binding_bytes {
+            if cap < 1024 || cap % 4 != 0 {
+                bail!("max binding size {cap} must be a multiple of 4 and at least 1024 bytes");
+            }
+            max_binding_bytes = max_binding_bytes.min(cap);
+        }
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            features,
+            limits,
+            max_binding_bytes,
+            pipelines: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The device from `WGTRAIN_*` environment variables (what tests and benches use).
+    pub fn from_env() -> Result<Gpu> {
+        Gpu::new(&GpuOptions::from_env()?)
+    }
+
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// One line naming the device, for logs and reports.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info
+        )
+    }
+
+    /// A new batch of dispatches, submitted together.
+    pub fn batch(&self) -> Batch<'_> {
+        Batch { gpu: self, records: Vec::new(), params: Vec::new() }
+    }
+
+    /// Blocks until all submitted work has finished.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| anyhow!("waiting for the GPU: {e}"))?;
+        Ok(())
+    }
+
+    fn pipeline(&self, kernel: &Kernel) -> Result<Arc<Pipeline>> {
+        let key = kernel.key();
+        if let Some(p) = self.pipelines.lock().unwrap().get(&key) {
+            return Ok(p.clone());
+        }
+        let source = kernel.source();
+        let storage = storage_bindings(&source, kernel)?;
+        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&key),
+            source: wgpu::ShaderSource::Wgsl(source.into()),
+        });
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: true,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        for &(binding, read_only) in &storage {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+            label: Some(&key),
+            entries: &entries,
+        });
+        let pipeline_layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+            label: Some(&key),
+            bind_group_layouts: &[Some(&layout)],
+            immediate_size: 0,
+        });
+        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: Some(&pipeline_layout),
+            module: &module,
+            entry_point: Some(kernel.entry),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                // Every kernel writes workgroup memory before reading it; the zero-fill is costly
+                // (and compiles for seconds on llvmpipe's GL).
+                zero_initialize_workgroup_memory: false,
+                ..Default::default()
+            },
+            cache: None,
+        });
+        let storage_bindings = storage.iter().map(|&(b, _)| b).collect();
+        let p = Arc::new(Pipeline { pipeline, layout, storage_bindings });
+        self.pipelines.lock().unwrap().insert(key, p.clone());
+        Ok(p)
+    }
+}
+
+fn pick(list: Vec<wgpu::Adapter>, sel: &str) -> Result<wgpu::Adapter> {
+    let names: Vec<String> =
+        list.iter().enumerate().map(|(i, a)| format!("{i}: {}", a.get_info().name)).collect();
+    if let Ok(index) = sel.parse::<usize>() {
+        let n = list.len();
+        return list.into_iter().nth(index).ok_or_else(|| {
+            anyhow!("device {index} does not exist ({n} adapters: {})", names.join(", "))
+        });
+    }
+    let needle = sel.to_ascii_lowercase();
+    list.into_iter()
+        .find(|a| a.get_info().name.to_ascii_lowercase().contains(&needle))
+        .ok_or_else(|| anyhow!("no adapter name contains '{sel}' (adapters: {})", names.join(", ")))
+}
+
+/// Validates the WGSL with naga and returns the storage bindings of group 0 that the entry point
+/// uses, ascending, each with whether it is read-only. Layouts follow from the source, so
+/// launchers never restate them.
+fn storage_bindings(source: &str, kernel: &Kernel) -> Result<Vec<(u32, bool)>> {
+    let module = naga::front::wgsl::parse_str(source).map_err(|e| {
+        anyhow!("shaders/{} does not parse: {}", kernel.shader.file, e.emit_to_string(source))
+    })?;
+    let info = naga::valid::Validator::new(
+        naga::valid::ValidationFlags::all(),
+        naga::valid::Capabilities::all(),
+    )
+    .validate(&module)
+    .map_err(|e| {
+        anyhow!("shaders/{} is invalid: {}", kernel.shader.file, e.emit_to_string(source))
+    })?;
+    let ep_index = module
+        .entry_points
+        .iter()
+        .position(|ep| ep.name == kernel.entry)
+        .ok_or_else(|| anyhow!("shaders/{} has no entry point {}", kernel.shader.file, kernel.entry))?;
+    let usage = info.get_entry_point(ep_index);
+    let mut bindings = Vec::new();
+    for (handle, var) in module.global_variables.iter() {
+        let (Some(binding), false) = (&var.binding, usage[handle].is_empty()) else { continue };
+        if let naga::AddressSpace::Storage { access } = var.space {
+            bindings.push((binding.binding, !access.contains(naga::StorageAccess::STORE)));
+        }
+    }
+    bindings.sort();
+    Ok(bindings)
+}
+
+struct Record {
+    pipeline: Arc<Pipeline>,
+    buffers: Vec<wgpu::Buffer>,
+    params_offset: u32,
+    groups: [u32; 3],
+}
+
+/// Dispatches recorded now and submitted together in one compute pass. Each dispatch's parameters
+/// go into one shared uniform buffer at 256-byte slots (dynamic offsets), so recording allocates no
+/// per-dispatch buffers.
+pub struct Batch<'g> {
+    pub gpu: &'g Gpu,
+    records: Vec<Record>,
+    params: Vec<u8>,
+}
+
+impl<'g> Batch<'g> {
+    /// Records `kernel` over `groups` workgroups with `params` at binding 0 and `buffers` at the
+    /// storage bindings the entry point uses, in ascending binding order.
+    pub fn dispatch<P: bytemuck::Pod>(
+        &mut self,
+        kernel: &Kernel,
+        params: &P,
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        let pipeline = self.gpu.pipeline(kernel)?;
+        if buffers.len() != pipeline.storage_bindings.len() {
+            bail!(
+                "{}: {} buffers given, the entry point uses bindings {:?}",
+                kernel.key(),
+                buffers.len(),
+                pipeline.storage_bindings
+            );
+        }
+        let bytes = bytemuck::bytes_of(params);
+        assert!(bytes.len() as u64 <= PARAMS_SLOT, "{}: params exceed one slot", kernel.key());
+        let align = (self.gpu.limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS_SLOT);
+        let offset = self.params.len();
+        self.params.extend_from_slice(bytes);
+        self.params.resize(offset + align as usize, 0);
+        let max = self.gpu.limits.max_compute_workgroups_per_dimension;
+        if groups.iter().any(|&g| g > max) {
+            bail!("{}: grid {groups:?} exceeds {max} workgroups per dimension", kernel.key());
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        self.records.push(Record {
+            pipeline,
+            buffers: buffers.iter().map(|&b| b.clone()).collect(),
+            params_offset: offset as u32,
+            groups,
+        });
+        Ok(())
+    }
+
+    /// Number of dispatches recorded so far.
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// The command buffer, and where `timestamps` (if given) can be read back after it ran.
+    fn encode(
+        self,
+        timestamps: Option<&wgpu::QuerySet>,
+    ) -> Option<(wgpu::CommandBuffer, Option<wgpu::Buffer>)> {
+        if self.records.is_empty() {
+            return None;
+        }
+        let gpu = self.gpu;
+        let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params"),
+            size: self.params.len() as u64 + PARAMS_SLOT,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        gpu.queue.write_buffer(&params, 0, &self.params);
+        let groups: Vec<wgpu::BindGroup> = self
+            .records
+            .iter()
+            .map(|r| {
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &params,
+                        offset: 0,
+                        size: wgpu::BufferSize::new(PARAMS_SLOT),
+                    }),
+                }];
+                for (&binding, b) in r.pipeline.storage_bindings.iter().zip(&r.buffers) {
+                    entries.push(wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() });
+                }
+                gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: None,
+                    layout: &r.pipeline.layout,
+                    entries: &entries,
+                })
+            })
+            .collect();
+        let mut encoder = gpu.device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("wgtrain"),
+                timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
+                    query_set: q,
+                    beginning_of_pass_write_index: Some(0),
+                    end_of_pass_write_index: Some(1),
+                }),
+            });
+            for (r, bg) in self.records.iter().zip(&groups) {
+                pass.set_pipeline(&r.pipeline.pipeline);
+                pass.set_bind_group(0, bg, &[r.params_offset]);
+                pass.dispatch_workgroups(r.groups[0], r.groups[1], r.groups[2]);
+            }
+        }
+        let read = timestamps.map(|q| {
+            let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps"),
+                size: 16,
+                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            });
+            encoder.resolve_query_set(q, 0..2, &resolve, 0);
+            let read = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("timestamps-read"),
+                size: 16,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            encoder.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16);
+            read
+        });
+        Some((encoder.finish(), read))
+    }
+
+    /// Submits the recorded dispatches without waiting for them.
+    pub fn submit(self) {
+        let gpu = self.gpu;
+        if let Some((cmd, _)) = self.encode(None) {
+            gpu.queue.submit([cmd]);
+        }
+    }
+
+    /// Submits, waits, and returns the GPU time of the pass (timestamp queries where the adapter
+    /// has them, wall-clock time around submit-and-wait otherwise).
+    pub fn submit_timed(self) -> Result<Duration> {
+        let gpu = self.gpu;
+        if !gpu.has_timestamps() {
+            let start = Instant::now();
+            self.submit();
+            gpu.wait()?;
+            return Ok(start.elapsed());
+        }
+        let queries = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("pass-time"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let Some((cmd, Some(read))) = self.encode(Some(&queries)) else {
+            return Ok(Duration::ZERO);
+        };
+        gpu.queue.submit([cmd]);
+        let ticks: Vec<u64> = bytemuck::cast_slice(&crate::tensor::read_buffer(gpu, &read, 16)?).to_vec();
+        let ns = ticks[1].saturating_sub(ticks[0]) as f64 * gpu.queue.get_timestamp_period() as f64;
+        Ok(Duration::from_nanos(ns as u64))
+    }
+}
+
+/// Splits `n` workgroups over x and y so that neither exceeds the per-dimension limit; shaders
+/// recover the linear index with `linear_group` from common.wgsl and skip indices >= n.
+pub fn linear_groups(gpu: &Gpu, n: u32) -> [u32; 3] {
+    let max = gpu.limits.max_compute_workgroups_per_dimension.max(1);
+    if n <= max {
+        [n, 1, 1]
+    } else {
+        [max, n.div_ceil(max), 1]
+    }
+}

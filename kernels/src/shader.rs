@@ -1,0 +1,82 @@
+//! The WGSL sources and kernel variants.
+//!
+//! A kernel variant is `const` declarations (chosen by the launcher, e.g. `const W_BF16: bool = true;`)
+//! followed by `shaders/common.wgsl` and the family's file. Using `const` rather than runtime flags lets
+//! the driver fold the untaken branches away, and keeps one WGSL file per family instead of copies.
+use std::fmt::Write;
+
+/// One WGSL file of `shaders/`.
+#[derive(Debug)]
+pub struct Shader {
+    pub file: &'static str,
+    pub source: &'static str,
+}
+
+macro_rules! shader {
+    ($name:ident, $file:literal) => {
+        pub static $name: Shader = Shader {
+            file: $file,
+            source: include_str!(concat!("../../shaders/", $file)),
+        };
+    };
+}
+
+shader!(COMMON, "common.wgsl");
+shader!(ELEMENTWISE, "elementwise.wgsl");
+
+/// Every shader file a kernel is built from (all but `common.wgsl`, which each one includes).
+pub fn all_shaders() -> Vec<&'static Shader> {
+    vec![&ELEMENTWISE]
+}
+
+/// A compile-time constant that selects a kernel variant.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Const {
+    Bool(bool),
+    U32(u32),
+    F32(f32),
+}
+
+/// A compute entry point of a shader file plus the constants of its variant.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    pub shader: &'static Shader,
+    pub entry: &'static str,
+    pub consts: Vec<(&'static str, Const)>,
+}
+
+impl Kernel {
+    pub fn new(shader: &'static Shader, entry: &'static str) -> Self {
+        Kernel { shader, entry, consts: Vec::new() }
+    }
+
+    pub fn with(mut self, name: &'static str, value: Const) -> Self {
+        self.consts.push((name, value));
+        self
+    }
+
+    /// Cache key: file, entry point and constants identify the pipeline.
+    pub fn key(&self) -> String {
+        let mut key = format!("{}:{}", self.shader.file, self.entry);
+        for (name, value) in &self.consts {
+            let _ = write!(key, ":{name}={value:?}");
+        }
+        key
+    }
+
+    /// The full WGSL text of this variant.
+    pub fn source(&self) -> String {
+        let mut src = String::new();
+        for (name, value) in &self.consts {
+            let _ = match value {
+                Const::Bool(b) => writeln!(src, "const {name}: bool = {b};"),
+                Const::U32(v) => writeln!(src, "const {name}: u32 = {v}u;"),
+                Const::F32(v) => writeln!(src, "const {name}: f32 = {v:?};"),
+            };
+        }
+        src.push_str(COMMON.source);
+        src.push('\n');
+        src.push_str(self.shader.source);
+        src
+    }
+}

@@ -1,0 +1,256 @@
+//! Device tensors.
+//!
+//! A tensor is row-major; its rows are its last dimension. It is stored as one or more chunks, each
+//! a buffer of whole rows no larger than one storage binding (`Gpu::max_binding_bytes`), so tensors
+//! of any size bind on any adapter. Launchers walk row ranges that lie inside one chunk of every
+//! tensor involved ([`row_segments`]) and pass each kernel the row offset inside its chunk.
+use std::ops::Range;
+
+use anyhow::{anyhow, bail, Result};
+
+use crate::gpu::Gpu;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F32,
+    /// bfloat16, two per u32 word, even element in the low half.
+    BF16,
+    U32,
+}
+
+impl DType {
+    pub fn bytes(self) -> usize {
+        match self {
+            DType::BF16 => 2,
+            DType::F32 | DType::U32 => 4,
+        }
+    }
+}
+
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    rows_per_chunk: usize,
+    chunks: Vec<wgpu::Buffer>,
+}
+
+/// Where a row lives: the chunk's buffer and the element offset of the row inside it.
+#[derive(Clone, Copy)]
+pub struct RowAt<'a> {
+    pub buffer: &'a wgpu::Buffer,
+    /// Element index (not word index, for bf16) of the row's first element inside `buffer`.
+    pub offset: u32,
+}
+
+impl Tensor {
+    /// A zero-filled tensor (wgpu zero-initialises new buffers).
+    pub fn zeros(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let row_len = *shape.last().unwrap_or(&1);
+        let rows: usize = shape.iter().rev().skip(1).product();
+        if shape.contains(&0) {
+            bail!("tensor shape {shape:?} has a zero dimension");
+        }
+        let row_bytes = (row_len * dtype.bytes()) as u64;
+        let mut rows_per_chunk = (gpu.max_binding_bytes / row_bytes) as usize;
+        // bf16 chunks must start on a word boundary.
+        if dtype == DType::BF16 && row_len % 2 == 1 && rows_per_chunk < rows {
+            rows_per_chunk &= !1;
+        }
+        if rows_per_chunk == 0 {
+            bail!(
+                "a row of tensor {shape:?} ({row_bytes} bytes) is larger than one storage binding \
+                 ({} bytes) on this device",
+                gpu.max_binding_bytes
+            );
+        }
+        let rows_per_chunk = rows_per_chunk.min(rows);
+        let mut chunks = Vec::new();
+        for start in (0..rows).step_by(rows_per_chunk) {
+            let n = rows_per_chunk.min(rows - start);
+            let bytes = ((n * row_len * dtype.bytes()) as u64).next_multiple_of(4);
+            chunks.push(gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size: bytes,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            }));
+        }
+        Ok(Tensor { shape: shape.to_vec(), dtype, rows_per_chunk, chunks })
+    }
+
+    /// A tensor holding `bytes` (the raw little-endian elements, e.g. straight from a memory-mapped
+    /// safetensors file); written chunk by chunk without an intermediate copy.
+    pub fn from_bytes(gpu: &Gpu, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
+        let t = Tensor::zeros(gpu, shape, dtype)?;
+        if bytes.len() != t.numel() * dtype.bytes() {
+            bail!(
+                "tensor {shape:?} {dtype:?} needs {} bytes, got {}",
+                t.numel() * dtype.bytes(),
+                bytes.len()
+            );
+        }
+        let chunk_bytes = t.rows_per_chunk * t.row_len() * dtype.bytes();
+        for (buffer, part) in t.chunks.iter().zip(bytes.chunks(chunk_bytes)) {
+            if part.len() % 4 == 0 {
+                gpu.queue.write_buffer(buffer, 0, part);
+            } else {
+                // An odd count of bf16 elements: the last word needs its padding half.
+                let mut padded = part.to_vec();
+                padded.resize(part.len().next_multiple_of(4), 0);
+                gpu.queue.write_buffer(buffer, 0, &padded);
+            }
+        }
+        Ok(t)
+    }
+
+    pub fn from_f32(gpu: &Gpu, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        Tensor::from_bytes(gpu, shape, DType::F32, bytemuck::cast_slice(data))
+    }
+
+    /// f32 values rounded to bf16 (round to nearest even) on the host.
+    pub fn from_f32_as_bf16(gpu: &Gpu, shape: &[usize], data: &[f32]) -> Result<Tensor> {
+        let bf: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+        Tensor::from_bytes(gpu, shape, DType::BF16, bytemuck::cast_slice(&bf))
+    }
+
+    pub fn from_u32(gpu: &Gpu, shape: &[usize], data: &[u32]) -> Result<Tensor> {
+        Tensor::from_bytes(gpu, shape, DType::U32, bytemuck::cast_slice(data))
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Length of the last dimension.
+    pub fn row_len(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+
+    /// Number of rows (product of all but the last dimension).
+    pub fn rows(&self) -> usize {
+        self.numel() / self.row_len()
+    }
+
+    pub fn chunks(&self) -> &[wgpu::Buffer] {
+        &self.chunks
+    }
+
+    /// Bytes on the device.
+    pub fn device_bytes(&self) -> u64 {
+        self.chunks.iter().map(|b| b.size()).sum()
+    }
+
+    /// Row boundaries between chunks (exclusive of 0 and rows).
+    pub fn chunk_starts(&self) -> impl Iterator<Item = usize> + '_ {
+        (1..self.chunks.len()).map(|c| c * self.rows_per_chunk)
+    }
+
+    /// The chunk holding `row`, and the row's element offset inside it.
+    pub fn row(&self, row: usize) -> RowAt<'_> {
+        let c = row / self.rows_per_chunk;
+        RowAt {
+            buffer: &self.chunks[c],
+            offset: ((row - c * self.rows_per_chunk) * self.row_len()) as u32,
+        }
+    }
+
+    /// The rows stored in the chunk that holds `row`.
+    pub fn chunk_rows(&self, row: usize) -> Range<usize> {
+        let start = row / self.rows_per_chunk * self.rows_per_chunk;
+        start..(start + self.rows_per_chunk).min(self.rows())
+    }
+
+    /// Checks the shape, naming the tensor's role in the error.
+    pub fn expect(&self, role: &str, shape: &[usize], dtype: Option<DType>) -> Result<()> {
+        if self.shape != shape {
+            bail!("{role}: expected shape {shape:?}, got {:?}", self.shape);
+        }
+        if let Some(d) = dtype {
+            if self.dtype != d {
+                bail!("{role}: expected {d:?}, got {:?}", self.dtype);
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the tensor back to the host as raw bytes (blocking; for tests, checkpoints, reports).
+    pub fn to_bytes(&self, gpu: &Gpu) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.numel() * self.dtype.bytes());
+        for (c, buffer) in self.chunks.iter().enumerate() {
+            let rows = self.chunk_rows(c * self.rows_per_chunk).len();
+            let bytes = rows * self.row_len() * self.dtype.bytes();
+            out.extend_from_slice(&read_buffer(gpu, buffer, buffer.size())?[..bytes]);
+        }
+        Ok(out)
+    }
+
+    /// The tensor's values as f32 (bf16 widened exactly).
+    pub fn to_f32(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let bytes = self.to_bytes(gpu)?;
+        Ok(match self.dtype {
+            DType::F32 => bytemuck::pod_collect_to_vec(&bytes),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DType::U32 => bail!("to_f32 on a u32 tensor"),
+        })
+    }
+
+    pub fn to_u32(&self, gpu: &Gpu) -> Result<Vec<u32>> {
+        if self.dtype != DType::U32 {
+            bail!("to_u32 on a {:?} tensor", self.dtype);
+        }
+        Ok(bytemuck::pod_collect_to_vec(&self.to_bytes(gpu)?))
+    }
+}
+
+/// Row ranges of `0..rows` that lie within a single chunk of every tensor given (all indexed by the
+/// same row, e.g. X [M, K] and Y [M, N] of a matmul).
+pub fn row_segments(rows: usize, tensors: &[&Tensor]) -> Vec<Range<usize>> {
+    let mut cuts: Vec<usize> =
+        tensors.iter().flat_map(|t| t.chunk_starts()).filter(|&r| r < rows).collect();
+    cuts.push(0);
+    cuts.push(rows);
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2).map(|w| w[0]..w[1]).collect()
+}
+
+/// Maps a buffer and copies `size` bytes out (blocking).
+pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut encoder = gpu.device.create_command_encoder(&Default::default());
+    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    gpu.queue.submit([encoder.finish()]);
+    let slice = staging.slice(..);
+    let (tx, rx) = std::sync::mpsc::channel();
+    slice.map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    gpu.wait()?;
+    rx.recv()
+        .map_err(|_| anyhow!("readback callback dropped"))?
+        .map_err(|e| anyhow!("mapping a buffer for readback: {e}"))?;
+    let data = slice
+        .get_mapped_range()
+        .map_err(|e| anyhow!("reading a mapped buffer: {e}"))?
+        .to_vec();
+    staging.unmap();
+    Ok(data)
+}

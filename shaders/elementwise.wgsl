@@ -1,0 +1,82 @@
+// Elementwise and small reduction kernels: residual add, axpy, scale, bf16 <-> f32, bias-grad sums.
+// Flat kernels see one chunk of each tensor; `*_off` are element offsets inside the bound chunk.
+
+struct Params {
+    n: u32,
+    a_off: u32,
+    b_off: u32,
+    out_off: u32,
+    alpha: f32,
+    beta: f32,
+    cols: u32,
+    rows: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> a: array<f32>;
+@group(0) @binding(2) var<storage, read> b: array<f32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read> a_bf16: array<u32>;
+@group(0) @binding(5) var<storage, read_write> out_bf16: array<u32>;
+
+const WG: u32 = 256u;
+
+// out = alpha * a + beta * b (residual add: alpha = beta = 1).
+@compute @workgroup_size(256)
+fn add(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if i >= p.n {
+        return;
+    }
+    out[p.out_off + i] = p.alpha * a[p.a_off + i] + p.beta * b[p.b_off + i];
+}
+
+// out = alpha * a + beta * out, in place (gradient accumulation, scaling with alpha = 0).
+@compute @workgroup_size(256)
+fn axpby(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if i >= p.n {
+        return;
+    }
+    let o = p.out_off + i;
+    out[o] = p.alpha * a[p.a_off + i] + p.beta * out[o];
+}
+
+// out = bf16 a, widened to f32 (full fine-tuning's f32 master weights from a bf16 checkpoint).
+@compute @workgroup_size(256)
+fn bf16_to_f32(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if i >= p.n {
+        return;
+    }
+    let e = p.a_off + i;
+    out[p.out_off + i] = bf16_unpack(a_bf16[e >> 1u], (e & 1u) == 1u);
+}
+
+// out_bf16 = round(a): one thread per output word, so no two threads write the same word.
+// The launcher requires an even row length, so offsets and n are even.
+@compute @workgroup_size(256)
+fn f32_to_bf16(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let w = gid.x + gid.y * nwg.x * WG;
+    let first = 2u * w;
+    if first >= p.n {
+        return;
+    }
+    let lo = bf16_round(a[p.a_off + first]);
+    let hi = bf16_round(a[p.a_off + first + 1u]);
+    out_bf16[(p.out_off + first) >> 1u] = lo | (hi << 16u);
+}
+
+// out[c] = alpha * sum_r a[r, c] + beta * out[c]: bias gradients, one thread per column.
+@compute @workgroup_size(256)
+fn sum_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if c >= p.cols {
+        return;
+    }
+    var acc = 0.0;
+    for (var r = 0u; r < p.rows; r++) {
+        acc += a[p.a_off + r * p.cols + c];
+    }
+    out[p.out_off + c] = p.alpha * acc + p.beta * out[p.out_off + c];
+}

@@ -1,0 +1,1 @@
+//! Datasets users already have (sharegpt / messages JSON and JSONL) and the paper's perturbations.

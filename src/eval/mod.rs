@@ -1,0 +1,2 @@
+//! Math evaluation: answer extraction and grading compatible with the Qwen2.5-Math harness.
+pub mod grader;
