@@ -17,9 +17,33 @@ pub struct ModelShape {
     pub vocab: usize,
 }
 
-pub const QWEN25_0_5B: ModelShape = ModelShape { name: "0.5B", hidden: 896, intermediate: 4864, heads: 14, kv_heads: 2, head_dim: 64, vocab: 151936 };
-pub const QWEN25_1_5B: ModelShape = ModelShape { name: "1.5B", hidden: 1536, intermediate: 8960, heads: 12, kv_heads: 2, head_dim: 128, vocab: 151936 };
-pub const QWEN25_7B: ModelShape = ModelShape { name: "7B", hidden: 3584, intermediate: 18944, heads: 28, kv_heads: 4, head_dim: 128, vocab: 152064 };
+pub const QWEN25_0_5B: ModelShape = ModelShape {
+    name: "0.5B",
+    hidden: 896,
+    intermediate: 4864,
+    heads: 14,
+    kv_heads: 2,
+    head_dim: 64,
+    vocab: 151936,
+};
+pub const QWEN25_1_5B: ModelShape = ModelShape {
+    name: "1.5B",
+    hidden: 1536,
+    intermediate: 8960,
+    heads: 12,
+    kv_heads: 2,
+    head_dim: 128,
+    vocab: 151936,
+};
+pub const QWEN25_7B: ModelShape = ModelShape {
+    name: "7B",
+    hidden: 3584,
+    intermediate: 18944,
+    heads: 28,
+    kv_heads: 4,
+    head_dim: 128,
+    vocab: 152064,
+};
 pub const MODEL_SHAPES: [ModelShape; 3] = [QWEN25_0_5B, QWEN25_1_5B, QWEN25_7B];
 
 /// One measured kernel: median GPU time over the repetitions, and the work it did.
@@ -46,7 +70,11 @@ impl BenchResult {
 
 /// Times `record` (which records one run of the kernel into a batch): one warm-up run (pipeline
 /// compilation), then the median of `reps` timed runs.
-pub fn time(gpu: &Gpu, reps: usize, mut record: impl FnMut(&mut Batch) -> Result<()>) -> Result<Duration> {
+pub fn time(
+    gpu: &Gpu,
+    reps: usize,
+    mut record: impl FnMut(&mut Batch) -> Result<()>,
+) -> Result<Duration> {
     let mut warm = gpu.batch();
     record(&mut warm)?;
     warm.submit_timed()?;
@@ -73,7 +101,10 @@ impl BenchConfig {
     pub fn for_gpu(gpu: &Gpu) -> BenchConfig {
         let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
         let env = |name: &str, default: usize| {
-            std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
         };
         BenchConfig {
             seq_len: env("WGTRAIN_BENCH_T", if cpu { 128 } else { 4096 }),

@@ -70,7 +70,11 @@ impl GpuOptions {
             ),
             Err(_) => None,
         };
-        Ok(GpuOptions { backend, device: std::env::var("WGTRAIN_DEVICE").ok(), max_binding_bytes })
+        Ok(GpuOptions {
+            backend,
+            device: std::env::var("WGTRAIN_DEVICE").ok(),
+            max_binding_bytes,
+        })
     }
 }
 
@@ -100,7 +104,11 @@ fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
     // A stable order: real GPUs first, then by backend and name.
     list.sort_by_key(|a| {
         let info = a.get_info();
-        (rank(&info), format!("{:?}", info.backend), info.name.clone())
+        (
+            rank(&info),
+            format!("{:?}", info.backend),
+            info.name.clone(),
+        )
     });
     list
 }
@@ -223,7 +231,11 @@ impl Gpu {
 
     /// A new batch of dispatches, submitted together.
     pub fn batch(&self) -> Batch<'_> {
-        Batch { gpu: self, records: Vec::new(), params: Vec::new() }
+        Batch {
+            gpu: self,
+            records: Vec::new(),
+            params: Vec::new(),
+        }
     }
 
     /// Blocks until all submitted work has finished.
@@ -241,10 +253,12 @@ impl Gpu {
         }
         let source = kernel.source();
         let storage = storage_bindings(&source, kernel)?;
-        let module = self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&key),
-            source: wgpu::ShaderSource::Wgsl(source.into()),
-        });
+        let module = self
+            .device
+            .create_shader_module(wgpu::ShaderModuleDescriptor {
+                label: Some(&key),
+                source: wgpu::ShaderSource::Wgsl(source.into()),
+            });
         let mut entries = vec![wgpu::BindGroupLayoutEntry {
             binding: 0,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -267,48 +281,69 @@ impl Gpu {
                 count: None,
             });
         }
-        let layout = self.device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
-            label: Some(&key),
-            entries: &entries,
-        });
-        let pipeline_layout = self.device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
-            label: Some(&key),
-            bind_group_layouts: &[Some(&layout)],
-            immediate_size: 0,
-        });
-        let pipeline = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&key),
-            layout: Some(&pipeline_layout),
-            module: &module,
-            entry_point: Some(kernel.entry),
-            compilation_options: wgpu::PipelineCompilationOptions {
-                // Every kernel writes workgroup memory before reading it; the zero-fill is costly
-                // (and compiles for seconds on llvmpipe's GL).
-                zero_initialize_workgroup_memory: false,
-                ..Default::default()
-            },
-            cache: None,
-        });
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(&key),
+                entries: &entries,
+            });
+        let pipeline_layout = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(&key),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(&key),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(kernel.entry),
+                compilation_options: wgpu::PipelineCompilationOptions {
+                    // Every kernel writes workgroup memory before reading it; the zero-fill is costly
+                    // (and compiles for seconds on llvmpipe's GL).
+                    zero_initialize_workgroup_memory: false,
+                    ..Default::default()
+                },
+                cache: None,
+            });
         let storage_bindings = storage.iter().map(|&(b, _)| b).collect();
-        let p = Arc::new(Pipeline { pipeline, layout, storage_bindings });
+        let p = Arc::new(Pipeline {
+            pipeline,
+            layout,
+            storage_bindings,
+        });
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
     }
 }
 
 fn pick(list: Vec<wgpu::Adapter>, sel: &str) -> Result<wgpu::Adapter> {
-    let names: Vec<String> =
-        list.iter().enumerate().map(|(i, a)| format!("{i}: {}", a.get_info().name)).collect();
+    let names: Vec<String> = list
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{i}: {}", a.get_info().name))
+        .collect();
     if let Ok(index) = sel.parse::<usize>() {
         let n = list.len();
         return list.into_iter().nth(index).ok_or_else(|| {
-            anyhow!("device {index} does not exist ({n} adapters: {})", names.join(", "))
+            anyhow!(
+                "device {index} does not exist ({n} adapters: {})",
+                names.join(", ")
+            )
         });
     }
     let needle = sel.to_ascii_lowercase();
     list.into_iter()
         .find(|a| a.get_info().name.to_ascii_lowercase().contains(&needle))
-        .ok_or_else(|| anyhow!("no adapter name contains '{sel}' (adapters: {})", names.join(", ")))
+        .ok_or_else(|| {
+            anyhow!(
+                "no adapter name contains '{sel}' (adapters: {})",
+                names.join(", ")
+            )
+        })
 }
 
 /// Validates the WGSL with naga and returns the storage bindings of group 0 that the entry point
@@ -316,7 +351,11 @@ fn pick(list: Vec<wgpu::Adapter>, sel: &str) -> Result<wgpu::Adapter> {
 /// launchers never restate them.
 fn storage_bindings(source: &str, kernel: &Kernel) -> Result<Vec<(u32, bool)>> {
     let module = naga::front::wgsl::parse_str(source).map_err(|e| {
-        anyhow!("shaders/{} does not parse: {}", kernel.shader.file, e.emit_to_string(source))
+        anyhow!(
+            "shaders/{} does not parse: {}",
+            kernel.shader.file,
+            e.emit_to_string(source)
+        )
     })?;
     let info = naga::valid::Validator::new(
         naga::valid::ValidationFlags::all(),
@@ -324,19 +363,34 @@ fn storage_bindings(source: &str, kernel: &Kernel) -> Result<Vec<(u32, bool)>> {
     )
     .validate(&module)
     .map_err(|e| {
-        anyhow!("shaders/{} is invalid: {}", kernel.shader.file, e.emit_to_string(source))
+        anyhow!(
+            "shaders/{} is invalid: {}",
+            kernel.shader.file,
+            e.emit_to_string(source)
+        )
     })?;
     let ep_index = module
         .entry_points
         .iter()
         .position(|ep| ep.name == kernel.entry)
-        .ok_or_else(|| anyhow!("shaders/{} has no entry point {}", kernel.shader.file, kernel.entry))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "shaders/{} has no entry point {}",
+                kernel.shader.file,
+                kernel.entry
+            )
+        })?;
     let usage = info.get_entry_point(ep_index);
     let mut bindings = Vec::new();
     for (handle, var) in module.global_variables.iter() {
-        let (Some(binding), false) = (&var.binding, usage[handle].is_empty()) else { continue };
+        let (Some(binding), false) = (&var.binding, usage[handle].is_empty()) else {
+            continue;
+        };
         if let naga::AddressSpace::Storage { access } = var.space {
-            bindings.push((binding.binding, !access.contains(naga::StorageAccess::STORE)));
+            bindings.push((
+                binding.binding,
+                !access.contains(naga::StorageAccess::STORE),
+            ));
         }
     }
     bindings.sort();
@@ -379,14 +433,21 @@ impl<'g> Batch<'g> {
             );
         }
         let bytes = bytemuck::bytes_of(params);
-        assert!(bytes.len() as u64 <= PARAMS_SLOT, "{}: params exceed one slot", kernel.key());
+        assert!(
+            bytes.len() as u64 <= PARAMS_SLOT,
+            "{}: params exceed one slot",
+            kernel.key()
+        );
         let align = (self.gpu.limits.min_uniform_buffer_offset_alignment as u64).max(PARAMS_SLOT);
         let offset = self.params.len();
         self.params.extend_from_slice(bytes);
         self.params.resize(offset + align as usize, 0);
         let max = self.gpu.limits.max_compute_workgroups_per_dimension;
         if groups.iter().any(|&g| g > max) {
-            bail!("{}: grid {groups:?} exceeds {max} workgroups per dimension", kernel.key());
+            bail!(
+                "{}: grid {groups:?} exceeds {max} workgroups per dimension",
+                kernel.key()
+            );
         }
         if groups.contains(&0) {
             return Ok(());
@@ -438,7 +499,10 @@ impl<'g> Batch<'g> {
                     }),
                 }];
                 for (&binding, b) in r.pipeline.storage_bindings.iter().zip(&r.buffers) {
-                    entries.push(wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() });
+                    entries.push(wgpu::BindGroupEntry {
+                        binding,
+                        resource: b.as_entire_binding(),
+                    });
                 }
                 gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
                     label: None,
@@ -510,7 +574,8 @@ impl<'g> Batch<'g> {
             return Ok(Duration::ZERO);
         };
         gpu.queue.submit([cmd]);
-        let ticks: Vec<u64> = bytemuck::cast_slice(&crate::tensor::read_buffer(gpu, &read, 16)?).to_vec();
+        let ticks: Vec<u64> =
+            bytemuck::cast_slice(&crate::tensor::read_buffer(gpu, &read, 16)?).to_vec();
         let ns = ticks[1].saturating_sub(ticks[0]) as f64 * gpu.queue.get_timestamp_period() as f64;
         Ok(Duration::from_nanos(ns as u64))
     }

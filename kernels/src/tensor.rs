@@ -57,9 +57,14 @@ impl Tensor {
             rows_per_chunk &= !1;
         }
         if rows_per_chunk == 0 {
+            let what = if row_len % 2 == 1 && dtype == DType::BF16 {
+                "two rows (an odd-length bf16 row does not end on a word)"
+            } else {
+                "a row"
+            };
             bail!(
-                "a row of tensor {shape:?} ({row_bytes} bytes) is larger than one storage binding \
-                 ({} bytes) on this device",
+                "{what} of tensor {shape:?} ({row_bytes} bytes per row) do not fit one storage \
+                 binding ({} bytes) on this device",
                 gpu.max_binding_bytes
             );
         }
@@ -77,7 +82,12 @@ impl Tensor {
                 mapped_at_creation: false,
             }));
         }
-        Ok(Tensor { shape: shape.to_vec(), dtype, rows_per_chunk, chunks })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            rows_per_chunk,
+            chunks,
+        })
     }
 
     /// A tensor holding `bytes` (the raw little-endian elements, e.g. straight from a memory-mapped
@@ -218,8 +228,11 @@ impl Tensor {
 /// Row ranges of `0..rows` that lie within a single chunk of every tensor given (all indexed by the
 /// same row, e.g. X [M, K] and Y [M, N] of a matmul).
 pub fn row_segments(rows: usize, tensors: &[&Tensor]) -> Vec<Range<usize>> {
-    let mut cuts: Vec<usize> =
-        tensors.iter().flat_map(|t| t.chunk_starts()).filter(|&r| r < rows).collect();
+    let mut cuts: Vec<usize> = tensors
+        .iter()
+        .flat_map(|t| t.chunk_starts())
+        .filter(|&r| r < rows)
+        .collect();
     cuts.push(0);
     cuts.push(rows);
     cuts.sort_unstable();

@@ -45,15 +45,30 @@ pub fn devices(args: DevicesArgs) -> Result<i32> {
     let list = list_adapters(args.backend);
     if list.is_empty() {
         // Gpu::new carries the advice on how to get an adapter.
-        Gpu::new(&GpuOptions { backend: args.backend, ..Default::default() })?;
+        Gpu::new(&GpuOptions {
+            backend: args.backend,
+            ..Default::default()
+        })?;
     }
     for a in list {
         let l = &a.limits;
         println!("[{}] {}", a.index, a.info.name);
-        println!("    backend {:?}, type {:?}, driver {} {}", a.info.backend, a.info.device_type, a.info.driver, a.info.driver_info);
-        let features: Vec<String> =
-            (a.features & OPTIONAL_FEATURES).iter_names().map(|(name, _)| name.to_string()).collect();
-        println!("    features: {}", if features.is_empty() { "none of the optional ones".into() } else { features.join(", ") });
+        println!(
+            "    backend {:?}, type {:?}, driver {} {}",
+            a.info.backend, a.info.device_type, a.info.driver, a.info.driver_info
+        );
+        let features: Vec<String> = (a.features & OPTIONAL_FEATURES)
+            .iter_names()
+            .map(|(name, _)| name.to_string())
+            .collect();
+        println!(
+            "    features: {}",
+            if features.is_empty() {
+                "none of the optional ones".into()
+            } else {
+                features.join(", ")
+            }
+        );
         println!(
             "    max storage binding {}, max buffer {}, workgroup storage {} KiB, invocations/workgroup {}, storage buffers/stage {}",
             mib(l.max_storage_buffer_binding_size as u64),
@@ -70,12 +85,22 @@ pub fn selftest(args: SelftestArgs) -> Result<i32> {
     let gpu = args.device.open()?;
     println!("device: {}", gpu.describe());
     let checks = ops::selftest(&gpu)?;
-    println!("{:<28} {:<28} {:>11} {:>9}  result", "kernel", "shape", "max error", "tolerance");
+    println!(
+        "{:<28} {:<28} {:>11} {:>9}  result",
+        "kernel", "shape", "max error", "tolerance"
+    );
     let mut failed = 0;
     for c in &checks {
         let ok = c.passed();
         failed += usize::from(!ok);
-        println!("{:<28} {:<28} {:>11.3e} {:>9.0e}  {}", c.kernel, c.shape, c.max_err, c.tolerance, if ok { "pass" } else { "FAIL" });
+        println!(
+            "{:<28} {:<28} {:>11.3e} {:>9.0e}  {}",
+            c.kernel,
+            c.shape,
+            c.max_err,
+            c.tolerance,
+            if ok { "pass" } else { "FAIL" }
+        );
     }
     println!("{} passed, {} failed", checks.len() - failed, failed);
     Ok(i32::from(failed > 0))

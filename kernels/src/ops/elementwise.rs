@@ -3,6 +3,7 @@ use anyhow::{bail, Result};
 use bytemuck::{Pod, Zeroable};
 
 use super::{max_error, random, round_bf16, to_f64, Check};
+use crate::bench::{self, BenchConfig, BenchResult, MODEL_SHAPES};
 use crate::gpu::{linear_groups, Batch, Gpu};
 use crate::shader::{Kernel, ELEMENTWISE};
 use crate::tensor::{row_segments, DType, Tensor};
@@ -37,16 +38,37 @@ fn same_shape(role: &str, a: &Tensor, b: &Tensor) -> Result<()> {
 }
 
 /// `out = alpha * a + beta * b` (all f32, same shape).
-pub fn add(batch: &mut Batch, a: &Tensor, b: &Tensor, out: &Tensor, alpha: f32, beta: f32) -> Result<()> {
+pub fn add(
+    batch: &mut Batch,
+    a: &Tensor,
+    b: &Tensor,
+    out: &Tensor,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
     same_shape("add a/b", a, b)?;
     same_shape("add a/out", a, out)?;
     let cols = a.row_len();
     for seg in row_segments(a.rows(), &[a, b, out]) {
         let (ra, rb, ro) = (a.row(seg.start), b.row(seg.start), out.row(seg.start));
         let n = (seg.len() * cols) as u32;
-        let params = Params { n, a_off: ra.offset, b_off: rb.offset, out_off: ro.offset, alpha, beta, cols: 0, rows: 0 };
+        let params = Params {
+            n,
+            a_off: ra.offset,
+            b_off: rb.offset,
+            out_off: ro.offset,
+            alpha,
+            beta,
+            cols: 0,
+            rows: 0,
+        };
         let groups = linear_groups(batch.gpu, n.div_ceil(WG));
-        batch.dispatch(&Kernel::new(&ELEMENTWISE, "add"), &params, &[ra.buffer, rb.buffer, ro.buffer], groups)?;
+        batch.dispatch(
+            &Kernel::new(&ELEMENTWISE, "add"),
+            &params,
+            &[ra.buffer, rb.buffer, ro.buffer],
+            groups,
+        )?;
     }
     Ok(())
 }
@@ -58,9 +80,23 @@ pub fn axpby(batch: &mut Batch, alpha: f32, a: &Tensor, beta: f32, out: &Tensor)
     for seg in row_segments(a.rows(), &[a, out]) {
         let (ra, ro) = (a.row(seg.start), out.row(seg.start));
         let n = (seg.len() * cols) as u32;
-        let params = Params { n, a_off: ra.offset, b_off: 0, out_off: ro.offset, alpha, beta, cols: 0, rows: 0 };
+        let params = Params {
+            n,
+            a_off: ra.offset,
+            b_off: 0,
+            out_off: ro.offset,
+            alpha,
+            beta,
+            cols: 0,
+            rows: 0,
+        };
         let groups = linear_groups(batch.gpu, n.div_ceil(WG));
-        batch.dispatch(&Kernel::new(&ELEMENTWISE, "axpby"), &params, &[ra.buffer, ro.buffer], groups)?;
+        batch.dispatch(
+            &Kernel::new(&ELEMENTWISE, "axpby"),
+            &params,
+            &[ra.buffer, ro.buffer],
+            groups,
+        )?;
     }
     Ok(())
 }
@@ -71,19 +107,35 @@ pub fn convert(batch: &mut Batch, src: &Tensor, dst: &Tensor) -> Result<()> {
     let entry = match (src.dtype(), dst.dtype()) {
         (DType::BF16, DType::F32) => "bf16_to_f32",
         (DType::F32, DType::BF16) if src.row_len() % 2 == 0 => "f32_to_bf16",
-        (DType::F32, DType::BF16) => bail!("convert to bf16 needs an even row length, got {:?}", src.shape()),
+        (DType::F32, DType::BF16) => bail!(
+            "convert to bf16 needs an even row length, got {:?}",
+            src.shape()
+        ),
         (s, d) => bail!("convert: no {s:?} -> {d:?} kernel"),
     };
     let cols = src.row_len();
     for seg in row_segments(src.rows(), &[src, dst]) {
         let (rs, rd) = (src.row(seg.start), dst.row(seg.start));
         let n = (seg.len() * cols) as u32;
-        let params = Params { n, a_off: rs.offset, b_off: 0, out_off: rd.offset, alpha: 0.0, beta: 0.0, cols: 0, rows: 0 };
+        let params = Params {
+            n,
+            a_off: rs.offset,
+            b_off: 0,
+            out_off: rd.offset,
+            alpha: 0.0,
+            beta: 0.0,
+            cols: 0,
+            rows: 0,
+        };
         let threads = if entry == "f32_to_bf16" { n / 2 } else { n };
         let groups = linear_groups(batch.gpu, threads.div_ceil(WG));
         // Entry points list their buffers in binding order: f32 source (1) before bf16 output (5),
         // f32 output (3) before bf16 source (4).
-        let buffers = if entry == "f32_to_bf16" { [rs.buffer, rd.buffer] } else { [rd.buffer, rs.buffer] };
+        let buffers = if entry == "f32_to_bf16" {
+            [rs.buffer, rd.buffer]
+        } else {
+            [rd.buffer, rs.buffer]
+        };
         batch.dispatch(&Kernel::new(&ELEMENTWISE, entry), &params, &buffers, groups)?;
     }
     Ok(())
@@ -98,8 +150,22 @@ pub fn sum_rows(batch: &mut Batch, a: &Tensor, out: &Tensor, alpha: f32, beta: f
     for (i, seg) in row_segments(a.rows(), &[a]).into_iter().enumerate() {
         let ra = a.row(seg.start);
         let beta = if i == 0 { beta } else { 1.0 };
-        let params = Params { n: 0, a_off: ra.offset, b_off: 0, out_off: ro.offset, alpha, beta, cols: cols as u32, rows: seg.len() as u32 };
-        batch.dispatch(&Kernel::new(&ELEMENTWISE, "sum_rows"), &params, &[ra.buffer, ro.buffer], [(cols as u32).div_ceil(WG), 1, 1])?;
+        let params = Params {
+            n: 0,
+            a_off: ra.offset,
+            b_off: 0,
+            out_off: ro.offset,
+            alpha,
+            beta,
+            cols: cols as u32,
+            rows: seg.len() as u32,
+        };
+        batch.dispatch(
+            &Kernel::new(&ELEMENTWISE, "sum_rows"),
+            &params,
+            &[ra.buffer, ro.buffer],
+            [(cols as u32).div_ceil(WG), 1, 1],
+        )?;
     }
     Ok(())
 }
@@ -141,26 +207,72 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
     let (a64, b64) = (to_f64(&av), to_f64(&bv));
     let label = format!("{rows}x{cols}");
     let mut checks = vec![
-        Check { kernel: "add".into(), shape: label.clone(), max_err: max_error(&sum.to_f32(gpu)?, &cpu::add(&a64, &b64, 1.0, 1.0)), tolerance: 1e-6 },
-        Check { kernel: "axpby".into(), shape: label.clone(), max_err: max_error(&acc.to_f32(gpu)?, &cpu::add(&a64, &b64, 0.5, -2.0)), tolerance: 1e-6 },
+        Check {
+            kernel: "add".into(),
+            shape: label.clone(),
+            max_err: max_error(&sum.to_f32(gpu)?, &cpu::add(&a64, &b64, 1.0, 1.0)),
+            tolerance: 1e-6,
+        },
+        Check {
+            kernel: "axpby".into(),
+            shape: label.clone(),
+            max_err: max_error(&acc.to_f32(gpu)?, &cpu::add(&a64, &b64, 0.5, -2.0)),
+            tolerance: 1e-6,
+        },
         Check {
             kernel: "sum_rows".into(),
             shape: label.clone(),
-            max_err: max_error(&bias.to_f32(gpu)?, &cpu::add(&cpu::sum_rows(&a64, cols), &b64[..cols], 2.0, 1.0)),
+            max_err: max_error(
+                &bias.to_f32(gpu)?,
+                &cpu::add(&cpu::sum_rows(&a64, cols), &b64[..cols], 2.0, 1.0),
+            ),
             tolerance: 1e-5,
         },
-        Check { kernel: "bf16_to_f32".into(), shape: label.clone(), max_err: max_error(&widened.to_f32(gpu)?, &to_f64(&round_bf16(&av))), tolerance: 0.0 },
+        Check {
+            kernel: "bf16_to_f32".into(),
+            shape: label.clone(),
+            max_err: max_error(&widened.to_f32(gpu)?, &to_f64(&round_bf16(&av))),
+            tolerance: 0.0,
+        },
     ];
     if cols % 2 == 0 {
         let narrowed = Tensor::zeros(gpu, &shape, DType::BF16)?;
         let mut batch = gpu.batch();
         convert(&mut batch, &a, &narrowed)?;
         batch.submit();
-        checks.push(Check { kernel: "f32_to_bf16".into(), shape: label, max_err: max_error(&narrowed.to_f32(gpu)?, &to_f64(&round_bf16(&av))), tolerance: 0.0 });
+        checks.push(Check {
+            kernel: "f32_to_bf16".into(),
+            shape: label,
+            max_err: max_error(&narrowed.to_f32(gpu)?, &to_f64(&round_bf16(&av))),
+            tolerance: 0.0,
+        });
     }
     Ok(checks)
 }
 
 pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
     check(gpu, 67, 130, 1)
+}
+
+/// Residual add at [T, hidden] for each model shape (bandwidth-bound: 3 f32 per element).
+pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+    let mut results = Vec::new();
+    for shape in MODEL_SHAPES {
+        let dims = [config.seq_len, shape.hidden];
+        let (a, b, out) = (
+            Tensor::zeros(gpu, &dims, DType::F32)?,
+            Tensor::zeros(gpu, &dims, DType::F32)?,
+            Tensor::zeros(gpu, &dims, DType::F32)?,
+        );
+        let time = bench::time(gpu, config.reps, |batch| add(batch, &a, &b, &out, 1.0, 1.0))?;
+        let bytes = (3 * config.seq_len * shape.hidden * 4) as f64;
+        results.push(BenchResult {
+            kernel: "add".into(),
+            shape: format!("{} {:?}", shape.name, dims),
+            time,
+            flops: 0.0,
+            bytes,
+        });
+    }
+    Ok(results)
 }

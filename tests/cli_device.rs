@@ -1,0 +1,67 @@
+//! `wgtrain devices` and `wgtrain selftest` as a user runs them.
+use std::process::Command;
+
+fn wgtrain(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_wgtrain"))
+        .args(args)
+        .output()
+        .expect("run wgtrain")
+}
+
+#[test]
+fn devices_lists_an_adapter_with_backend_and_limits() {
+    let out = wgtrain(&["devices"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("[0] "), "{text}");
+    assert!(text.contains("backend "), "{text}");
+    assert!(text.contains("max storage binding"), "{text}");
+}
+
+#[test]
+fn selftest_passes_every_kernel_and_prints_the_table() {
+    let out = wgtrain(&["selftest"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("max error"), "{text}");
+    assert!(text.contains(" 0 failed"), "{text}");
+    assert!(!text.contains("FAIL"), "{text}");
+}
+
+#[test]
+fn selftest_on_split_tensors_passes_too() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wgtrain"))
+        .arg("selftest")
+        .env("WGTRAIN_MAX_BINDING", "4096")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_backend_and_device_are_clear_errors() {
+    let out = wgtrain(&["selftest", "--backend", "glide"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown backend 'glide'"), "{err}");
+    let out = wgtrain(&["selftest", "--device", "no-such-card"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no adapter name contains 'no-such-card'"),
+        "{err}"
+    );
+}
