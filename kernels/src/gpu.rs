@@ -535,14 +535,8 @@ impl<'g> Batch<'g> {
                 mapped_at_creation: false,
             });
             encoder.resolve_query_set(q, 0..2, &resolve, 0);
-            let read = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("timestamps-read"),
-                size: 16,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-            encoder.copy_buffer_to_buffer(&resolve, 0, &read, 0, 16);
-            read
+            // `read_buffer` copies it to a mappable staging buffer.
+            resolve
         });
         Some((encoder.finish(), read))
     }

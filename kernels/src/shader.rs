@@ -23,10 +23,28 @@ macro_rules! shader {
 
 shader!(COMMON, "common.wgsl");
 shader!(ELEMENTWISE, "elementwise.wgsl");
+shader!(MATMUL, "matmul.wgsl");
+shader!(CROSS_ENTROPY, "cross_entropy.wgsl");
+shader!(ATTENTION, "attention.wgsl");
+shader!(ROPE, "rope.wgsl");
+shader!(RMSNORM, "rmsnorm.wgsl");
+shader!(SWIGLU, "swiglu.wgsl");
+shader!(EMBEDDING, "embedding.wgsl");
+shader!(OPTIM, "optim.wgsl");
 
 /// Every shader file a kernel is built from (all but `common.wgsl`, which each one includes).
 pub fn all_shaders() -> Vec<&'static Shader> {
-    vec![&ELEMENTWISE]
+    vec![
+        &ELEMENTWISE,
+        &MATMUL,
+        &CROSS_ENTROPY,
+        &ATTENTION,
+        &ROPE,
+        &RMSNORM,
+        &SWIGLU,
+        &EMBEDDING,
+        &OPTIM,
+    ]
 }
 
 /// A compile-time constant that selects a kernel variant.

@@ -1,0 +1,148 @@
+//! RMSNorm: GPU against the f64 reference on odd shapes, on whole and split tensors; the
+//! reference's backward against finite differences of its forward.
+use std::sync::OnceLock;
+
+use wgtrain_kernels::ops::rmsnorm::{self, cpu};
+use wgtrain_kernels::ops::{random, to_f64};
+use wgtrain_kernels::{Check, DType, Gpu, GpuOptions, Tensor};
+
+fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| Gpu::from_env().expect("opening the GPU"))
+}
+
+/// A device whose bindings hold at most `bytes`, so the test's tensors split into many chunks.
+fn split_gpu(bytes: u64) -> Gpu {
+    let options = GpuOptions {
+        max_binding_bytes: Some(bytes),
+        ..GpuOptions::from_env().unwrap()
+    };
+    Gpu::new(&options).expect("opening the GPU")
+}
+
+fn assert_passed(checks: &[Check]) {
+    for c in checks {
+        assert!(
+            c.passed(),
+            "{} {}: error {:e} > {:e}",
+            c.kernel,
+            c.shape,
+            c.max_err,
+            c.tolerance
+        );
+    }
+}
+
+#[test]
+fn matches_cpu_on_odd_shapes() {
+    let cases = [(1, 1), (1, 7), (3, 8192), (67, 896), (5, 1001), (2100, 33)];
+    for (i, &(rows, cols)) in cases.iter().enumerate() {
+        for w_bf16 in [false, true] {
+            for accumulate in [false, true] {
+                assert_passed(
+                    &rmsnorm::check(gpu(), rows, cols, w_bf16, accumulate, i as u64 * 10).unwrap(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn matches_cpu_on_split_tensors() {
+    // 1 KiB: one to four rows per chunk; 4 KiB with 100 columns: dW blocks of 8 rows split by
+    // chunks of 10 rows, and partial-sum rows split across chunks too.
+    for (bytes, cases) in [
+        (1024, vec![(37, 60), (1, 3), (19, 255)]),
+        (4096, vec![(100, 100), (1000, 9)]),
+    ] {
+        let gpu = split_gpu(bytes);
+        for (i, (rows, cols)) in cases.into_iter().enumerate() {
+            for w_bf16 in [false, true] {
+                assert_passed(
+                    &rmsnorm::check(&gpu, rows, cols, w_bf16, i % 2 == 0, 7 + i as u64).unwrap(),
+                );
+            }
+        }
+    }
+}
+
+/// d/dv of the loss `Σ dy ⊙ y` by central differences of the f64 forward.
+fn numeric_grad(v: &mut [f64], loss: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let h = 1e-6;
+    (0..v.len())
+        .map(|i| {
+            let keep = v[i];
+            v[i] = keep + h;
+            let up = loss(v);
+            v[i] = keep - h;
+            let down = loss(v);
+            v[i] = keep;
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
+
+#[test]
+fn cpu_backward_matches_finite_differences() {
+    let (rows, cols, eps) = (3, 5, 1e-6);
+    let mut x = to_f64(&random(1, rows * cols, 2.0));
+    let mut w = to_f64(&random(2, cols, 1.0));
+    let dy = to_f64(&random(3, rows * cols, 1.0));
+    let (dx, dw) = cpu::backward(&dy, &x, &w, eps);
+    let loss = |x: &[f64], w: &[f64]| {
+        cpu::forward(x, w, eps)
+            .0
+            .iter()
+            .zip(&dy)
+            .map(|(y, g)| y * g)
+            .sum::<f64>()
+    };
+    let w0 = w.clone();
+    let dx_num = numeric_grad(&mut x, |x| loss(x, &w0));
+    let x0 = x.clone();
+    let dw_num = numeric_grad(&mut w, |w| loss(&x0, w));
+    for (a, b) in dx.iter().zip(&dx_num).chain(dw.iter().zip(&dw_num)) {
+        assert!((a - b).abs() < 1e-7, "analytic {a} vs numeric {b}");
+    }
+}
+
+#[test]
+fn weight_gradient_is_deterministic() {
+    let gpu = split_gpu(4096);
+    let (rows, cols) = (300, 100);
+    let x = Tensor::from_f32(&gpu, &[rows, cols], &random(1, rows * cols, 1.0)).unwrap();
+    let dy = Tensor::from_f32(&gpu, &[rows, cols], &random(2, rows * cols, 1.0)).unwrap();
+    let w = Tensor::from_f32_as_bf16(&gpu, &[cols], &random(3, cols, 1.0)).unwrap();
+    let (y, dx) = (
+        Tensor::zeros(&gpu, &[rows, cols], DType::F32).unwrap(),
+        Tensor::zeros(&gpu, &[rows, cols], DType::F32).unwrap(),
+    );
+    let rstd = Tensor::zeros(&gpu, &[rows], DType::F32).unwrap();
+    let run = || {
+        let dw = Tensor::zeros(&gpu, &[cols], DType::F32).unwrap();
+        let mut batch = gpu.batch();
+        rmsnorm::rmsnorm_forward(&mut batch, &x, &w, 1e-6, &y, &rstd).unwrap();
+        rmsnorm::rmsnorm_backward(&mut batch, &dy, &x, &w, &rstd, &dx, 0.0, Some((&dw, 0.0)))
+            .unwrap();
+        batch.submit();
+        (dx.to_bytes(&gpu).unwrap(), dw.to_bytes(&gpu).unwrap())
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn rejects_mismatched_shapes() {
+    let gpu = gpu();
+    let x = Tensor::zeros(gpu, &[4, 8], DType::F32).unwrap();
+    let y = Tensor::zeros(gpu, &[4, 8], DType::F32).unwrap();
+    let rstd = Tensor::zeros(gpu, &[4], DType::F32).unwrap();
+    let short_w = Tensor::zeros(gpu, &[7], DType::BF16).unwrap();
+    let err =
+        rmsnorm::rmsnorm_forward(&mut gpu.batch(), &x, &short_w, 1e-6, &y, &rstd).unwrap_err();
+    assert!(err.to_string().contains("rmsnorm weight"), "{err}");
+    let w = Tensor::zeros(gpu, &[8], DType::F32).unwrap();
+    let short_rstd = Tensor::zeros(gpu, &[3], DType::F32).unwrap();
+    let err =
+        rmsnorm::rmsnorm_forward(&mut gpu.batch(), &x, &w, 1e-6, &y, &short_rstd).unwrap_err();
+    assert!(err.to_string().contains("rmsnorm rstd"), "{err}");
+}

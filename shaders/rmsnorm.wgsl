@@ -1,0 +1,141 @@
+// RMSNorm (Qwen2): y = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), all in f32.
+// Forward and dX run one 64-thread workgroup per row with a reduction over the row. The weight is bf16
+// (two per word) or f32 (bit patterns) as W_BF16 says. dW = sum_t dy * (x * rstd) over rows is
+// deterministic in two passes: rmsnorm_dw_partial writes one row of column sums per block of
+// rows into a scratch tensor, and elementwise.wgsl's sum_rows adds those rows in order.
+// Offsets are element offsets inside the bound chunks; rstd is one chunk indexed by row.
+
+struct Params {
+    rows: u32,
+    cols: u32,
+    eps: f32,
+    // dX = computed + beta * dX; beta = 0 never reads dX (it may hold garbage).
+    beta: f32,
+    x_off: u32,
+    dy_off: u32,
+    out_off: u32,
+    rstd_off: u32,
+    block_rows: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read> w: array<u32>;
+@group(0) @binding(3) var<storage, read> dy: array<f32>;
+@group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
+// y (forward), dX (backward) or the dW partial sums.
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
+
+// Threads per row (8 * 8, see workgroup_sum); the entry points' workgroup size.
+const WG: u32 = 64u;
+
+var<workgroup> partial: array<f32, WG>;
+var<workgroup> sums: array<f32, 8>;
+
+fn weight(i: u32) -> f32 {
+    if W_BF16 {
+        return bf16_unpack(w[i >> 1u], (i & 1u) == 1u);
+    }
+    return bitcast<f32>(w[i]);
+}
+
+// Sum of `v` over the workgroup in a fixed order: 8 threads add 8 values each, then every
+// thread adds those 8. Two barriers rather than a six-level tree, and 64 threads per row rather
+// than 256: barriers are what a CPU adapter pays most for, and 64 threads still cover a row.
+// Call from uniform control flow.
+fn workgroup_sum(lid: u32, v: f32) -> f32 {
+    partial[lid] = v;
+    workgroupBarrier();
+    if lid < 8u {
+        var s = 0.0;
+        for (var i = 0u; i < 8u; i++) {
+            s += partial[lid * 8u + i];
+        }
+        sums[lid] = s;
+    }
+    workgroupBarrier();
+    var total = 0.0;
+    for (var i = 0u; i < 8u; i++) {
+        total += sums[i];
+    }
+    // A following call first writes `partial`, then passes a barrier before writing `sums`, by
+    // which time every thread has read these.
+    return total;
+}
+
+@compute @workgroup_size(64)
+fn rmsnorm_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = linear_group(wid, nwg);
+    if row >= p.rows {
+        return;
+    }
+    let xr = p.x_off + row * p.cols;
+    var squares = 0.0;
+    for (var c = lid; c < p.cols; c += WG) {
+        let v = x[xr + c];
+        squares += v * v;
+    }
+    let r = 1.0 / sqrt(workgroup_sum(lid, squares) / f32(p.cols) + p.eps);
+    if lid == 0u {
+        rstd[p.rstd_off + row] = r;
+    }
+    let yr = p.out_off + row * p.cols;
+    for (var c = lid; c < p.cols; c += WG) {
+        out[yr + c] = weight(c) * (x[xr + c] * r);
+    }
+}
+
+// dx_i = rstd * (w_i dy_i - x_i * rstd^2 * mean_j(w_j dy_j x_j)).
+@compute @workgroup_size(64)
+fn rmsnorm_backward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = linear_group(wid, nwg);
+    if row >= p.rows {
+        return;
+    }
+    let xr = p.x_off + row * p.cols;
+    let dyr = p.dy_off + row * p.cols;
+    let r = rstd[p.rstd_off + row];
+    var wdx = 0.0;
+    for (var c = lid; c < p.cols; c += WG) {
+        wdx += weight(c) * dy[dyr + c] * x[xr + c];
+    }
+    let k = r * r * (workgroup_sum(lid, wdx) / f32(p.cols));
+    let dxr = p.out_off + row * p.cols;
+    for (var c = lid; c < p.cols; c += WG) {
+        let g = r * (weight(c) * dy[dyr + c] - x[xr + c] * k);
+        if p.beta == 0.0 {
+            out[dxr + c] = g;
+        } else {
+            out[dxr + c] = g + p.beta * out[dxr + c];
+        }
+    }
+}
+
+// 256 columns per workgroup (x), one workgroup row (y) per block of `block_rows` rows: writes
+// the sum over the block of dy * (x * rstd) to row `wid.y` of the partial sums. No barriers, so
+// the wider workgroup costs nothing.
+@compute @workgroup_size(256)
+fn rmsnorm_dw_partial(
+    @builtin(global_invocation_id) gid: vec3<u32>,
+    @builtin(workgroup_id) wid: vec3<u32>,
+) {
+    let c = gid.x;
+    if c >= p.cols {
+        return;
+    }
+    let first = wid.y * p.block_rows;
+    let last = min(first + p.block_rows, p.rows);
+    var acc = 0.0;
+    for (var t = first; t < last; t++) {
+        acc += dy[p.dy_off + t * p.cols + c] * (x[p.x_off + t * p.cols + c] * rstd[p.rstd_off + t]);
+    }
+    out[p.out_off + wid.y * p.cols + c] = acc;
+}

@@ -1,0 +1,485 @@
+//! Checkpoint loading: config.json / generation_config.json parsing and its refusals, safetensors
+//! (single file and sharded) on tiny checkpoints written here, the errors for broken ones, and one
+//! bf16/f16 upload to the device.
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value};
+use wgtrain::model::{
+    qwen2_tensors, to_device, GenerationConfig, Qwen2Config, TorchDType, WeightDType, Weights,
+};
+use wgtrain_kernels::{DType, Gpu};
+
+/// Qwen2.5-7B-Instruct's config.json.
+const QWEN2_5_7B: &str = r#"{
+  "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+  "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 3584, "initializer_range": 0.02,
+  "intermediate_size": 18944, "max_position_embeddings": 32768, "max_window_layers": 28,
+  "model_type": "qwen2", "num_attention_heads": 28, "num_hidden_layers": 28,
+  "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+  "sliding_window": 131072, "tie_word_embeddings": false, "torch_dtype": "bfloat16",
+  "transformers_version": "4.43.1", "use_cache": true, "use_sliding_window": false,
+  "vocab_size": 152064, "rope_scaling": null
+}"#;
+
+/// A tiny Qwen2 config: 2 layers, GQA 2:1, head_dim 4.
+fn tiny_config(tied: bool) -> Value {
+    json!({
+        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+        "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 32,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "tie_word_embeddings": tied, "torch_dtype": "bfloat16", "use_sliding_window": false,
+        "sliding_window": 4096, "max_window_layers": 2, "rope_scaling": null,
+        "attention_dropout": 0.0, "eos_token_id": 3
+    })
+}
+
+fn with(mut config: Value, key: &str, value: Value) -> Value {
+    config[key] = value;
+    config
+}
+
+fn parse_err(config: &Value) -> String {
+    format!("{:#}", Qwen2Config::parse(&config.to_string()).unwrap_err())
+}
+
+/// Element j of tensor number t (< 32), distinct across tensors and exact in bf16 (8 significant
+/// bits).
+fn value(t: usize, j: usize) -> f32 {
+    t as f32 + (j % 8) as f32 / 8.0
+}
+
+fn bf16_bytes(values: impl Iterator<Item = f32>) -> Vec<u8> {
+    values
+        .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
+        .collect()
+}
+
+/// The tensors of `config` as (name, shape, bf16 bytes).
+fn tensors_for(config: &Qwen2Config) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+    qwen2_tensors(config)
+        .into_iter()
+        .enumerate()
+        .map(|(t, spec)| {
+            let n: usize = spec.shape.iter().product();
+            let bytes = bf16_bytes((0..n).map(|j| value(t, j)));
+            (spec.name, spec.shape, bytes)
+        })
+        .collect()
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)], dtype: Dtype) {
+    let views = tensors.iter().map(|(name, shape, bytes)| {
+        (
+            name.clone(),
+            TensorView::new(dtype, shape.clone(), bytes).unwrap(),
+        )
+    });
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// A checkpoint directory: config.json and model.safetensors, or `shards` files plus the index.
+fn write_checkpoint(dir: &Path, config: &Value, shards: usize) -> Qwen2Config {
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let parsed = Qwen2Config::load(dir).unwrap();
+    let tensors = tensors_for(&parsed);
+    if shards == 1 {
+        write_safetensors(&dir.join("model.safetensors"), &tensors, Dtype::BF16);
+        return parsed;
+    }
+    let per = tensors.len().div_ceil(shards);
+    let mut weight_map = serde_json::Map::new();
+    for (s, part) in tensors.chunks(per).enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", s + 1, shards);
+        write_safetensors(&dir.join(&file), part, Dtype::BF16);
+        for (name, _, _) in part {
+            weight_map.insert(name.clone(), json!(file));
+        }
+    }
+    let index = json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    parsed
+}
+
+fn open_err(dir: &Path) -> String {
+    match Weights::open(dir) {
+        Ok(_) => panic!("opening {} should fail", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn parses_qwen2_5_7b_config() {
+    let c = Qwen2Config::parse(QWEN2_5_7B).unwrap();
+    assert_eq!(
+        (c.hidden_size, c.intermediate_size, c.num_hidden_layers),
+        (3584, 18944, 28)
+    );
+    assert_eq!(
+        (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+        (28, 4, 128)
+    );
+    assert_eq!((c.q_dim(), c.kv_dim()), (3584, 512));
+    assert_eq!(c.vocab_size, 152064);
+    assert_eq!((c.rope_theta, c.rms_norm_eps), (1e6, 1e-6));
+    assert!(!c.tie_word_embeddings);
+    assert_eq!(c.max_position_embeddings, 32768);
+    assert_eq!(c.torch_dtype, Some(TorchDType::BF16));
+    assert_eq!(
+        (c.sliding_window, c.max_window_layers),
+        (Some(131072), Some(28))
+    );
+    assert_eq!(
+        (c.bos_token_id, c.eos_token_id.clone()),
+        (Some(151643), vec![151645])
+    );
+    let specs = qwen2_tensors(&c);
+    assert_eq!(specs.len(), 1 + 28 * 12 + 1 + 1);
+    assert_eq!(specs[0].shape, vec![152064, 3584]);
+    let k = specs
+        .iter()
+        .find(|s| s.name == "model.layers.27.self_attn.k_proj.weight")
+        .unwrap();
+    assert_eq!(k.shape, vec![512, 3584]);
+}
+
+#[test]
+fn config_defaults_and_explicit_head_dim() {
+    let minimal = json!({
+        "model_type": "qwen2", "hidden_size": 16, "intermediate_size": 24,
+        "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 151936
+    });
+    let c = Qwen2Config::parse(&minimal.to_string()).unwrap();
+    // transformers' Qwen2Config defaults.
+    assert_eq!(c.num_key_value_heads, 4);
+    assert_eq!(c.head_dim, 4);
+    assert_eq!((c.rope_theta, c.rms_norm_eps), (10000.0, 1e-6));
+    assert!(!c.tie_word_embeddings);
+    assert_eq!(c.torch_dtype, None);
+    // An explicit head_dim wins, even when heads * head_dim != hidden_size.
+    let c = Qwen2Config::parse(&with(minimal, "head_dim", json!(8)).to_string()).unwrap();
+    assert_eq!((c.head_dim, c.q_dim()), (8, 32));
+}
+
+#[test]
+fn config_refusals_name_what_was_found() {
+    let base = tiny_config(false);
+    let llama = with(
+        with(base.clone(), "architectures", json!(["LlamaForCausalLM"])),
+        "model_type",
+        json!("llama"),
+    );
+    assert!(
+        parse_err(&llama).contains("\"LlamaForCausalLM\""),
+        "{}",
+        parse_err(&llama)
+    );
+    let qwen3 = with(base.clone(), "model_type", json!("qwen3"));
+    let qwen3 = with(qwen3, "architectures", Value::Null);
+    assert!(parse_err(&qwen3).contains("\"qwen3\""));
+
+    let sliding = with(base.clone(), "use_sliding_window", json!(true));
+    let e = parse_err(&sliding);
+    assert!(
+        e.contains("use_sliding_window = true") && e.contains("4096"),
+        "{e}"
+    );
+
+    let yarn = with(
+        base.clone(),
+        "rope_scaling",
+        json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
+    );
+    let e = parse_err(&yarn);
+    assert!(e.contains("rope_scaling") && e.contains("yarn"), "{e}");
+
+    let e = parse_err(&with(base.clone(), "hidden_act", json!("gelu")));
+    assert!(e.contains("hidden_act") && e.contains("gelu"), "{e}");
+    let e = parse_err(&with(base.clone(), "attention_dropout", json!(0.1)));
+    assert!(e.contains("attention_dropout"), "{e}");
+
+    let e = parse_err(&with(base.clone(), "num_attention_heads", json!(3)));
+    assert!(
+        e.contains("num_attention_heads = 3") && e.contains("hidden_size = 16"),
+        "{e}"
+    );
+    let e = parse_err(&with(base.clone(), "num_key_value_heads", json!(3)));
+    assert!(e.contains("num_key_value_heads = 3"), "{e}");
+    let mut missing = base.clone();
+    missing.as_object_mut().unwrap().remove("vocab_size");
+    assert!(parse_err(&missing).contains("vocab_size is missing"));
+    let e = parse_err(&with(base, "hidden_size", json!("16")));
+    assert!(e.contains("hidden_size"), "{e}");
+}
+
+#[test]
+fn missing_config_names_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = format!("{:#}", Qwen2Config::load(dir.path()).unwrap_err());
+    assert!(e.contains("config.json"), "{e}");
+    assert!(e.contains(&dir.path().display().to_string()), "{e}");
+    // A malformed file names itself too.
+    std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": ").unwrap();
+    let e = format!("{:#}", Qwen2Config::load(dir.path()).unwrap_err());
+    assert!(
+        e.contains("config.json") && e.contains("not valid JSON"),
+        "{e}"
+    );
+}
+
+#[test]
+fn generation_config_stop_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Qwen2Config::parse(QWEN2_5_7B).unwrap();
+    // Without the file: config.json's eos.
+    let g = GenerationConfig::load(dir.path(), &config).unwrap();
+    assert_eq!(g.eos_token_ids, vec![151645]);
+    // Qwen2.5-Instruct's file: a list of eos ids.
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true,
+            "eos_token_id": [151645, 151643], "temperature": 0.7}"#,
+    )
+    .unwrap();
+    let g = GenerationConfig::load(dir.path(), &config).unwrap();
+    assert_eq!(g.bos_token_id, Some(151643));
+    assert_eq!(g.pad_token_id, Some(151643));
+    assert_eq!(g.stop_ids([151645]), vec![151645, 151643]);
+    let one = GenerationConfig::parse(r#"{"eos_token_id": 7}"#).unwrap();
+    assert_eq!(one.stop_ids([9, 7]), vec![7, 9]);
+    let bad = GenerationConfig::parse(r#"{"eos_token_id": "x"}"#).unwrap_err();
+    assert!(format!("{bad:#}").contains("eos_token_id"));
+}
+
+#[test]
+fn tied_single_file_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_checkpoint(dir.path(), &tiny_config(true), 1);
+    let specs = qwen2_tensors(&config);
+    assert!(specs.iter().all(|s| s.name != "lm_head.weight"));
+    assert_eq!(specs.len(), 1 + 2 * 12 + 1);
+    let w = Weights::open(dir.path()).unwrap();
+    w.validate(&config).unwrap();
+    assert_eq!(w.names().len(), specs.len());
+    assert_eq!(w.files().count(), 1);
+
+    let (t, spec) = specs
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.name == "model.layers.1.self_attn.v_proj.bias")
+        .unwrap();
+    let v = w.expect(&spec.name, &[8]).unwrap();
+    assert_eq!(v.dtype, WeightDType::BF16);
+    assert_eq!(v.shape, &[8]);
+    assert_eq!(v.bytes.len(), 16);
+    let expected: Vec<f32> = (0..8).map(|j| value(t, j)).collect();
+    assert_eq!(v.to_f32(), expected);
+}
+
+#[test]
+fn untied_sharded_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_checkpoint(dir.path(), &tiny_config(false), 3);
+    let w = Weights::open(dir.path()).unwrap();
+    assert_eq!(w.files().count(), 3);
+    w.validate(&config).unwrap();
+    let specs = qwen2_tensors(&config);
+    assert_eq!(specs.last().unwrap().name, "lm_head.weight");
+    // The first and last tensors live in different shards.
+    let first = w.get("model.embed_tokens.weight").unwrap();
+    let last = w.get("lm_head.weight").unwrap();
+    assert_ne!(first.file, last.file);
+    assert_eq!(last.shape, &[32, 16]);
+    let t = specs.len() - 1;
+    assert_eq!(last.to_f32()[..3], [value(t, 0), value(t, 1), value(t, 2)]);
+}
+
+#[test]
+fn f16_and_f32_tensors_read_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let halves: Vec<u8> = [1.5f32, -2.25, 65504.0]
+        .iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+        .collect();
+    let floats: Vec<u8> = [0.1f32, -3.0]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let path = dir.path().join("model.safetensors");
+    let views = vec![
+        ("h", TensorView::new(Dtype::F16, vec![3], &halves).unwrap()),
+        (
+            "f",
+            TensorView::new(Dtype::F32, vec![2, 1], &floats).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let w = Weights::open(dir.path()).unwrap();
+    let h = w.get("h").unwrap();
+    assert_eq!(
+        (h.dtype, h.to_f32()),
+        (WeightDType::F16, vec![1.5, -2.25, 65504.0])
+    );
+    let f = w.expect("f", &[2, 1]).unwrap();
+    assert_eq!((f.dtype, f.to_f32()), (WeightDType::F32, vec![0.1, -3.0]));
+    // Other dtypes are refused by name.
+    let ints = [0u8; 4];
+    let views = vec![("i", TensorView::new(Dtype::I32, vec![1], &ints).unwrap())];
+    safetensors::serialize_to_file(views, None, &path).unwrap();
+    let w = Weights::open(dir.path()).unwrap();
+    let e = format!("{:#}", w.get("i").unwrap_err());
+    assert!(e.contains("tensor i") && e.contains("I32"), "{e}");
+}
+
+#[test]
+fn wrong_shape_and_missing_tensor_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &tiny_config(true), 1);
+    // The same files read with a config whose MLP is wider.
+    let wider = with(tiny_config(true), "intermediate_size", json!(40));
+    let config = Qwen2Config::parse(&wider.to_string()).unwrap();
+    let w = Weights::open(dir.path()).unwrap();
+    let e = format!("{:#}", w.validate(&config).unwrap_err());
+    assert!(e.contains("6 problems"), "{e}");
+    assert!(
+        e.contains("tensor model.layers.0.mlp.gate_proj.weight")
+            && e.contains("expected shape [40, 16], found [24, 16] (BF16)"),
+        "{e}"
+    );
+    assert!(e.contains("model.layers.1.mlp.down_proj.weight"), "{e}");
+
+    // Untied config against a tied checkpoint: lm_head is missing.
+    let untied = Qwen2Config::parse(&tiny_config(false).to_string()).unwrap();
+    let e = format!("{:#}", w.validate(&untied).unwrap_err());
+    assert!(
+        e.contains("(1 problem)") && e.contains("tensor lm_head.weight not found in"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        w.get("model.layers.9.mlp.up_proj.weight").unwrap_err()
+    );
+    assert!(
+        e.contains("model.layers.9.mlp.up_proj.weight") && e.contains("model.safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn truncated_and_corrupt_files_are_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &tiny_config(true), 1);
+    let path = dir.path().join("model.safetensors");
+    let whole = std::fs::read(&path).unwrap();
+
+    for cut in [whole.len() - 1, whole.len() / 2, 100, 7, 0] {
+        std::fs::write(&path, &whole[..cut]).unwrap();
+        let e = open_err(dir.path());
+        assert!(e.contains(&path.display().to_string()), "cut at {cut}: {e}");
+    }
+    // A header length far past the end of the file.
+    let mut huge = u64::MAX.to_le_bytes().to_vec();
+    huge.extend_from_slice(b"{}");
+    std::fs::write(&path, &huge).unwrap();
+    assert!(open_err(dir.path()).contains("model.safetensors"));
+    // A plausible length followed by garbage instead of JSON.
+    let mut garbage = 16u64.to_le_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff; 16]);
+    std::fs::write(&path, &garbage).unwrap();
+    assert!(open_err(dir.path()).contains("not a valid safetensors file"));
+    // Valid JSON whose offsets point past the data.
+    let header = br#"{"x":{"dtype":"BF16","shape":[4],"data_offsets":[0,8000]}}"#;
+    let mut lying = (header.len() as u64).to_le_bytes().to_vec();
+    lying.extend_from_slice(header);
+    lying.extend_from_slice(&[0; 8]);
+    std::fs::write(&path, &lying).unwrap();
+    assert!(open_err(dir.path()).contains("model.safetensors"));
+}
+
+#[test]
+fn sharded_errors_name_the_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    write_checkpoint(dir.path(), &tiny_config(false), 2);
+    let shard = dir.path().join("model-00002-of-00002.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+
+    std::fs::write(&shard, &bytes[..bytes.len() - 3]).unwrap();
+    let e = open_err(dir.path());
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+
+    std::fs::remove_file(&shard).unwrap();
+    let e = open_err(dir.path());
+    assert!(
+        e.contains("model-00002-of-00002.safetensors")
+            && e.contains("model.safetensors.index.json")
+            && e.contains("does not exist"),
+        "{e}"
+    );
+
+    // An index that maps a tensor to a shard that lacks it.
+    let index_path = dir.path().join("model.safetensors.index.json");
+    let mut index: HashMap<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(&index_path).unwrap()).unwrap();
+    index.insert(
+        "weight_map".into(),
+        json!({"model.norm.weight": "model-00001-of-00002.safetensors"}),
+    );
+    std::fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
+    let e = open_err(dir.path());
+    assert!(
+        e.contains("model.norm.weight") && e.contains("does not hold it"),
+        "{e}"
+    );
+    index.insert(
+        "weight_map".into(),
+        json!({"model.norm.weight": "../model-00001-of-00002.safetensors"}),
+    );
+    std::fs::write(&index_path, serde_json::to_string(&index).unwrap()).unwrap();
+    let e = open_err(dir.path());
+    assert!(
+        e.contains("must be a file name in the same directory"),
+        "{e}"
+    );
+
+    let empty = tempfile::tempdir().unwrap();
+    assert!(open_err(empty.path()).contains("model.safetensors"));
+}
+
+#[test]
+fn upload_to_device_bf16_straight_f16_converted() {
+    let gpu = Gpu::from_env()
+        .expect("a wgpu adapter (install mesa-vulkan-drivers on a CPU-only machine)");
+    let dir = tempfile::tempdir().unwrap();
+    // Odd row length: the last bf16 word of the tensor needs its padding half.
+    let bf: Vec<f32> = (0..15).map(|j| j as f32 * 0.5 - 3.0).collect();
+    let bf_bytes = bf16_bytes(bf.iter().copied());
+    // 1 + 2^-10 is exact in f16 and rounds to 1.0 in bf16 (ties to even).
+    let h: Vec<f32> = vec![1.0 + 1.0 / 1024.0, -0.5, 3.0];
+    let h_bytes: Vec<u8> = h
+        .iter()
+        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+        .collect();
+    let views = vec![
+        (
+            "bf",
+            TensorView::new(Dtype::BF16, vec![3, 5], &bf_bytes).unwrap(),
+        ),
+        ("h", TensorView::new(Dtype::F16, vec![3], &h_bytes).unwrap()),
+    ];
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    let w = Weights::open(dir.path()).unwrap();
+
+    let t = to_device(&gpu, &w.get("bf").unwrap(), DType::BF16).unwrap();
+    assert_eq!((t.shape(), t.dtype()), (&[3usize, 5][..], DType::BF16));
+    assert_eq!(t.to_bytes(&gpu).unwrap(), bf_bytes);
+    let t = to_device(&gpu, &w.get("bf").unwrap(), DType::F32).unwrap();
+    assert_eq!(t.to_f32(&gpu).unwrap(), bf);
+
+    let t = to_device(&gpu, &w.get("h").unwrap(), DType::BF16).unwrap();
+    assert_eq!(t.to_f32(&gpu).unwrap(), vec![1.0, -0.5, 3.0]);
+    let t = to_device(&gpu, &w.get("h").unwrap(), DType::F32).unwrap();
+    assert_eq!(t.to_f32(&gpu).unwrap(), h);
+    assert!(to_device(&gpu, &w.get("h").unwrap(), DType::U32).is_err());
+}
