@@ -65,17 +65,27 @@ impl Complex {
             return Complex::real(self.re.powf(exponent.re));
         }
         if self == Complex::ZERO {
-            return if exponent.re > 0.0 { Complex::ZERO } else { Complex::real(f64::NAN) };
+            return if exponent.re > 0.0 {
+                Complex::ZERO
+            } else {
+                Complex::real(f64::NAN)
+            };
         }
         (exponent * self.ln()).exp()
     }
 
     pub fn sin(self) -> Self {
-        Complex::new(self.re.sin() * self.im.cosh(), self.re.cos() * self.im.sinh())
+        Complex::new(
+            self.re.sin() * self.im.cosh(),
+            self.re.cos() * self.im.sinh(),
+        )
     }
 
     pub fn cos(self) -> Self {
-        Complex::new(self.re.cos() * self.im.cosh(), -self.re.sin() * self.im.sinh())
+        Complex::new(
+            self.re.cos() * self.im.cosh(),
+            -self.re.sin() * self.im.sinh(),
+        )
     }
 
     pub fn sinh(self) -> Self {

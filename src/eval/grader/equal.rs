@@ -1,6 +1,7 @@
-//! Answer equivalence in the harness's order (`math_equal` in Qwen2.5-Math `grader.py`): text,
-//! multiple choice, numbers (with percent variants), brackets ignored, element-wise lists and
-//! matrices, equations, then symbolic equality (here: `expr::equivalent`).
+//! Answer equivalence in the harness's order (`math_equal` in Qwen2.5-Math `grader.py`, the
+//! version SkyThought's copy of the harness imports): text, multiple choice, numbers (with percent
+//! variants), brackets ignored, element-wise lists and matrices, equations, then symbolic equality
+//! (here: `expr::equivalent`).
 use super::expr;
 use regex::Regex;
 use std::sync::LazyLock;
@@ -17,14 +18,26 @@ const MATRIX_END: &str = "\\end{pmatrix}";
 
 /// Whether the normalised prediction and reference are the same answer.
 pub fn math_equal(prediction: &str, reference: &str) -> bool {
+    equal_at_depth(prediction, reference, 0)
+}
+
+/// Lists and matrices compare their parts with this same test; `((((1))))` nests one level per
+/// bracket pair, so the recursion is bounded (the harness hits Python's recursion limit instead).
+const MAX_DEPTH: usize = 32;
+
+fn equal_at_depth(prediction: &str, reference: &str, depth: usize) -> bool {
+    if depth > MAX_DEPTH {
+        return false;
+    }
     if prediction.trim().to_lowercase() == reference.trim().to_lowercase() {
         return true;
     }
     if ["A", "B", "C", "D", "E"].contains(&reference) && clean_choice(prediction) == reference {
         return true;
     }
-    if numerically_equal(prediction, reference) {
-        return true;
+    if let (Some(prediction), Some(reference)) = (parse_number(prediction), parse_number(reference))
+    {
+        return numerically_equal(prediction, reference);
     }
     if prediction.is_empty() {
         return false;
@@ -52,27 +65,45 @@ pub fn math_equal(prediction: &str, reference: &str) -> bool {
         return true;
     }
 
-    if LIST_FORMAT.is_match(prediction) && LIST_FORMAT.is_match(reference) {
-        return lists_equal(prediction, reference);
+    // Element-wise lists and matrices; when they differ, the whole answers still get the
+    // symbolic comparison below.
+    if LIST_FORMAT.is_match(prediction)
+        && LIST_FORMAT.is_match(reference)
+        && lists_equal(prediction, reference, depth)
+    {
+        return true;
     }
-    if is_matrix(prediction) && is_matrix(reference) {
-        return matrices_equal(prediction, reference);
+    if is_matrix(prediction) && is_matrix(reference) && matrices_equal(prediction, reference, depth)
+    {
+        return true;
     }
 
     let is_simple_equation = |s: &str| {
-        s.matches('=').count() == 1 && s.split('=').next().unwrap_or_default().trim().chars().count() <= 2
+        s.matches('=').count() == 1
+            && s.split('=')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .chars()
+                .count()
+                <= 2
     };
     let right_side = |s: &str| s.split('=').nth(1).unwrap_or_default().to_string();
-    if prediction.matches('=').count() == 1 && reference.matches('=').count() == 1 {
-        let (pred, reference) = (equation_as_difference(prediction), equation_as_difference(reference));
-        return symbolic_equal(&pred, &reference) || symbolic_equal(&format!("-({pred})"), &reference);
-    } else if is_simple_equation(prediction) && !reference.contains('=') {
-        return math_equal(&right_side(prediction), reference);
-    } else if is_simple_equation(reference) && !prediction.contains('=') {
-        return math_equal(prediction, &right_side(reference));
-    }
-
-    symbolic_equal(prediction, reference)
+    let equal_as_equations =
+        if prediction.matches('=').count() == 1 && reference.matches('=').count() == 1 {
+            let (pred, reference) = (
+                equation_as_difference(prediction),
+                equation_as_difference(reference),
+            );
+            symbolic_equal(&pred, &reference) || symbolic_equal(&format!("-({pred})"), &reference)
+        } else if is_simple_equation(prediction) && !reference.contains('=') {
+            equal_at_depth(&right_side(prediction), reference, depth + 1)
+        } else if is_simple_equation(reference) && !prediction.contains('=') {
+            equal_at_depth(prediction, &right_side(reference), depth + 1)
+        } else {
+            false
+        };
+    equal_as_equations || symbolic_equal(prediction, reference)
 }
 
 /// The harness's `choice_answer_clean`: the last standalone A-E letter, else the trimmed text.
@@ -88,7 +119,10 @@ fn clean_choice(prediction: &str) -> String {
         Some(letter) => letter.as_str().to_string(),
         None => trimmed.trim().trim_matches('.').to_string(),
     };
-    choice.trim_end_matches('.').trim_end_matches('/').to_string()
+    choice
+        .trim_end_matches('.')
+        .trim_end_matches('/')
+        .to_string()
 }
 
 /// Python's `float()` after the harness removed thousands commas; "50%" (and "50\%") is 0.5.
@@ -107,20 +141,23 @@ fn python_float(text: &str) -> Option<f64> {
     // Python accepts single underscores between digits ("1_000").
     let digits_around = |i: usize| {
         let bytes = text.as_bytes();
-        i > 0 && i + 1 < bytes.len() && bytes[i - 1].is_ascii_digit() && bytes[i + 1].is_ascii_digit()
+        i > 0
+            && i + 1 < bytes.len()
+            && bytes[i - 1].is_ascii_digit()
+            && bytes[i + 1].is_ascii_digit()
     };
-    if text.char_indices().any(|(i, c)| c == '_' && !digits_around(i)) {
+    if text
+        .char_indices()
+        .any(|(i, c)| c == '_' && !digits_around(i))
+    {
         return None;
     }
     text.replace('_', "").parse().ok()
 }
 
-/// Both plain numbers and equal within relative 1e-4, also after scaling the reference by 100
-/// either way (an answer given in percent).
-fn numerically_equal(prediction: &str, reference: &str) -> bool {
-    let (Some(prediction), Some(reference)) = (parse_number(prediction), parse_number(reference)) else {
-        return false;
-    };
+/// Equal within relative 1e-4, also after scaling the reference by 100 either way (an answer
+/// given in percent).
+fn numerically_equal(prediction: f64, reference: f64) -> bool {
     [reference / 100.0, reference, reference * 100.0]
         .into_iter()
         .any(|candidate| is_close(candidate, prediction))
@@ -156,23 +193,31 @@ fn is_matrix(s: &str) -> bool {
 }
 
 /// Drops the first and last character, whatever they are, then compares comma-separated parts.
-fn lists_equal(prediction: &str, reference: &str) -> bool {
+fn lists_equal(prediction: &str, reference: &str, depth: usize) -> bool {
     let inner = |s: &str| {
         let chars: Vec<char> = s.chars().collect();
-        chars[1..chars.len().saturating_sub(1).max(1)].iter().collect::<String>()
+        chars[1..chars.len().saturating_sub(1).max(1)]
+            .iter()
+            .collect::<String>()
     };
     let (prediction, reference) = (inner(prediction), inner(reference));
     let pred_parts: Vec<&str> = prediction.split(',').collect();
     let ref_parts: Vec<&str> = reference.split(',').collect();
     pred_parts.len() == ref_parts.len()
-        && pred_parts.iter().zip(&ref_parts).all(|(p, r)| math_equal(p, r))
+        && pred_parts
+            .iter()
+            .zip(&ref_parts)
+            .all(|(p, r)| equal_at_depth(p, r, depth + 1))
 }
 
-fn matrices_equal(prediction: &str, reference: &str) -> bool {
+fn matrices_equal(prediction: &str, reference: &str, depth: usize) -> bool {
     let rows = |s: &str| -> Vec<String> {
         let chars: Vec<char> = s.chars().collect();
         let begin = MATRIX_BEGIN.chars().count();
-        let end = chars.len().saturating_sub(MATRIX_END.chars().count()).max(begin);
+        let end = chars
+            .len()
+            .saturating_sub(MATRIX_END.chars().count())
+            .max(begin);
         let body: String = chars[begin..end].iter().collect();
         body.split("\\\\")
             .map(|row| row.trim().to_string())
@@ -185,7 +230,10 @@ fn matrices_equal(prediction: &str, reference: &str) -> bool {
             let pred_cells: Vec<&str> = p.split('&').collect();
             let ref_cells: Vec<&str> = r.split('&').collect();
             pred_cells.len() == ref_cells.len()
-                && pred_cells.iter().zip(&ref_cells).all(|(p, r)| math_equal(p, r))
+                && pred_cells
+                    .iter()
+                    .zip(&ref_cells)
+                    .all(|(p, r)| equal_at_depth(p, r, depth + 1))
         })
 }
 
@@ -227,5 +275,7 @@ mod tests {
         assert!(!math_equal("(-9,0)\\cup(9,36)", "(0,9)\\cup(9,36)"));
         assert!(!math_equal("odd", "even"));
         assert!(!math_equal("", "0"));
+        let deep = format!("{}1{}", "(".repeat(5_000), ")".repeat(5_000));
+        assert!(!math_equal(&deep, &deep.replace('1', "2")));
     }
 }

@@ -16,7 +16,10 @@ pub enum Expr {
     Div(Box<Expr>, Box<Expr>),
     Pow(Box<Expr>, Box<Expr>),
     Call(Function, Box<Expr>),
-    Log { base: Option<Box<Expr>>, argument: Box<Expr> },
+    Log {
+        base: Option<Box<Expr>>,
+        argument: Box<Expr>,
+    },
     Binomial(Box<Expr>, Box<Expr>),
     Factorial(Box<Expr>),
     Abs(Box<Expr>),
@@ -37,6 +40,19 @@ pub enum Function {
     Cosh,
     Tanh,
     Exp,
+    Floor,
+    Ceil,
+}
+
+impl Function {
+    fn inverse(self) -> Option<Function> {
+        match self {
+            Function::Sin => Some(Function::Arcsin),
+            Function::Cos => Some(Function::Arccos),
+            Function::Tan => Some(Function::Arctan),
+            _ => None,
+        }
+    }
 }
 
 const FUNCTIONS: &[(&str, Function)] = &[
@@ -56,17 +72,70 @@ const FUNCTIONS: &[(&str, Function)] = &[
 ];
 
 const GREEK: &[&str] = &[
-    "alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta",
-    "vartheta", "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon",
-    "phi", "varphi", "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma",
-    "Phi", "Psi", "Omega",
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "varepsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "vartheta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "varphi",
+    "chi",
+    "psi",
+    "omega",
+    "Gamma",
+    "Delta",
+    "Theta",
+    "Lambda",
+    "Xi",
+    "Sigma",
+    "Phi",
+    "Psi",
+    "Omega",
 ];
 
 /// Commands the lexer knows; anything else makes the answer unparseable (so it can only match
 /// another answer by its text).
 const COMMANDS: &[&str] = &[
-    "frac", "sqrt", "binom", "dbinom", "tbinom", "pi", "infty", "cdot", "times", "div", "ast",
-    "ln", "log", "lg", "mathrm", "mathit", "textbf", "textit", "text", "operatorname", "quad",
+    "frac",
+    "sqrt",
+    "binom",
+    "dbinom",
+    "tbinom",
+    "pi",
+    "infty",
+    "cdot",
+    "times",
+    "div",
+    "ast",
+    "ln",
+    "log",
+    "lg",
+    "lfloor",
+    "rfloor",
+    "lceil",
+    "rceil",
+    "mathrm",
+    "mathit",
+    "textbf",
+    "textit",
+    "text",
+    "operatorname",
+    "quad",
     "qquad",
 ];
 
@@ -82,9 +151,11 @@ enum Token {
     Letter(char),
     Command(String),
     Symbol(char),
+    /// Something this parser does not know; it ends the token list.
+    Unknown,
 }
 
-fn tokenize(text: &str) -> Option<Vec<Token>> {
+fn tokenize(text: &str) -> Vec<Token> {
     let chars: Vec<char> = text.chars().collect();
     let mut tokens = Vec::new();
     let mut i = 0;
@@ -92,10 +163,13 @@ fn tokenize(text: &str) -> Option<Vec<Token>> {
         let c = chars[i];
         if c.is_whitespace() {
             i += 1;
-        } else if c.is_ascii_digit() || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit)) {
+        } else if c.is_ascii_digit()
+            || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit))
+        {
             let start = i;
             let mut seen_point = false;
-            while i < chars.len() && (chars[i].is_ascii_digit() || (chars[i] == '.' && !seen_point)) {
+            while i < chars.len() && (chars[i].is_ascii_digit() || (chars[i] == '.' && !seen_point))
+            {
                 seen_point |= chars[i] == '.';
                 i += 1;
             }
@@ -110,26 +184,35 @@ fn tokenize(text: &str) -> Option<Vec<Token>> {
                 // `\,` `\;` `\:` `\ ` are spacing; any other escaped symbol is not math we know.
                 match chars.get(i) {
                     Some(',' | ';' | ':' | ' ' | '!') => i += 1,
-                    _ => return None,
+                    _ => {
+                        tokens.push(Token::Unknown);
+                        break;
+                    }
                 }
                 continue;
             }
             let name: String = chars[start..i].iter().collect();
             // Spaces were stripped, so `\pi x` arrives as `\pix`: take the longest known command.
-            let known = (1..=name.len()).rev().find(|&n| is_known_command(&name[..n]))?;
+            let Some(known) = (1..=name.len())
+                .rev()
+                .find(|&n| is_known_command(&name[..n]))
+            else {
+                tokens.push(Token::Unknown);
+                break;
+            };
             i = start + known;
             let command = &name[..known];
             if !matches!(command, "quad" | "qquad") {
                 tokens.push(Token::Command(command.to_string()));
             }
-        } else if c.is_alphabetic() {
-            tokens.push(match c {
-                'π' => Token::Command("pi".to_string()),
-                '∞' => Token::Command("infty".to_string()),
-                _ => Token::Letter(c),
-            });
+        } else if c == 'π' || c == '∞' {
+            let name = if c == 'π' { "pi" } else { "infty" };
+            tokens.push(Token::Command(name.to_string()));
             i += 1;
-        } else if "+-*/^_()[]{}|!,·×÷".contains(c) {
+        } else if c.is_alphabetic() {
+            tokens.push(Token::Letter(c));
+            i += 1;
+        } else if "+-*/^_()[]{}|!,.&·×÷".contains(c) {
             tokens.push(match c {
                 '·' | '×' => Token::Symbol('*'),
                 '÷' => Token::Symbol('/'),
@@ -137,10 +220,11 @@ fn tokenize(text: &str) -> Option<Vec<Token>> {
             });
             i += 1;
         } else {
-            return None;
+            tokens.push(Token::Unknown);
+            break;
         }
     }
-    Some(drop_empty_wrappers(tokens))
+    drop_empty_wrappers(tokens)
 }
 
 /// `\mathrm{}` (left when the harness removed "th" from `12^{\mathrm{th}}`) stands for nothing.
@@ -167,11 +251,36 @@ fn is_wrapper(command: &str) -> bool {
 struct Parser {
     tokens: Vec<Token>,
     position: usize,
+    /// Nesting of the recursive rules below; bounded so that adversarial text (ten thousand
+    /// brackets) fails to parse instead of overflowing the stack.
+    depth: usize,
 }
+
+/// Far deeper than any real answer nests.
+const MAX_DEPTH: usize = 200;
 
 type Parsed<T> = Option<T>;
 
 impl Parser {
+    fn new(tokens: Vec<Token>) -> Parser {
+        Parser {
+            tokens,
+            position: 0,
+            depth: 0,
+        }
+    }
+
+    /// Runs a rule one level deeper, failing beyond `MAX_DEPTH`.
+    fn nested<T>(&mut self, rule: impl FnOnce(&mut Parser) -> Parsed<T>) -> Parsed<T> {
+        if self.depth >= MAX_DEPTH {
+            return None;
+        }
+        self.depth += 1;
+        let result = rule(self);
+        self.depth -= 1;
+        result
+    }
+
     fn peek(&self) -> Option<&Token> {
         self.tokens.get(self.position)
     }
@@ -224,6 +333,7 @@ impl Parser {
         }
     }
 
+    /// Explicit `*` and `/` between implicit products: `1/2x` is 1/(2x), as latex2sympy reads it.
     fn parse_term(&mut self) -> Parsed<Expr> {
         let mut lhs = self.parse_unary()?;
         loop {
@@ -236,31 +346,45 @@ impl Parser {
                 || self.peek_command() == Some("div") && self.next().is_some()
             {
                 lhs = Expr::Div(Box::new(lhs), Box::new(self.parse_unary()?));
-            } else if self.starts_factor() {
-                lhs = Expr::Mul(Box::new(lhs), Box::new(self.parse_power()?));
             } else {
                 return Some(lhs);
             }
         }
     }
 
-    /// Whether the next token can begin an implicitly multiplied factor (`2x`, `3\sqrt{2}`, `(a)(b)`).
+    /// Factors written side by side: `2x`, `3\sqrt{2}`, `(a)(b)`.
+    fn parse_implicit_product(&mut self) -> Parsed<Expr> {
+        let mut product = self.parse_power()?;
+        while self.starts_factor() {
+            product = Expr::Mul(Box::new(product), Box::new(self.parse_power()?));
+        }
+        Some(product)
+    }
+
+    /// Whether the next token can begin an implicitly multiplied factor.
     fn starts_factor(&self) -> bool {
         match self.peek() {
             Some(Token::Number(_) | Token::Letter(_)) => true,
             Some(Token::Symbol(c)) => matches!(c, '(' | '[' | '{'),
-            Some(Token::Command(name)) => !matches!(name.as_str(), "cdot" | "times" | "div" | "ast"),
-            None => false,
+            Some(Token::Command(name)) => !matches!(
+                name.as_str(),
+                "cdot" | "times" | "div" | "ast" | "rfloor" | "rceil"
+            ),
+            Some(Token::Unknown) | None => false,
         }
     }
 
     fn parse_unary(&mut self) -> Parsed<Expr> {
+        self.nested(Parser::parse_unary_unbounded)
+    }
+
+    fn parse_unary_unbounded(&mut self) -> Parsed<Expr> {
         if self.eat_symbol('-') {
             Some(Expr::Neg(Box::new(self.parse_unary()?)))
         } else if self.eat_symbol('+') {
             self.parse_unary()
         } else {
-            self.parse_power()
+            self.parse_implicit_product()
         }
     }
 
@@ -270,6 +394,10 @@ impl Parser {
     }
 
     fn parse_exponent_of(&mut self, base: Expr) -> Parsed<Expr> {
+        self.nested(|parser| parser.parse_exponent_of_unbounded(base))
+    }
+
+    fn parse_exponent_of_unbounded(&mut self, base: Expr) -> Parsed<Expr> {
         if !self.eat_symbol('^') {
             return Some(base);
         }
@@ -279,7 +407,11 @@ impl Parser {
             return Some(base);
         };
         let exponent = self.parse_exponent_of(exponent)?;
-        let exponent = if negative { Expr::Neg(Box::new(exponent)) } else { exponent };
+        let exponent = if negative {
+            Expr::Neg(Box::new(exponent))
+        } else {
+            exponent
+        };
         Some(Expr::Pow(Box::new(base), Box::new(exponent)))
     }
 
@@ -309,12 +441,21 @@ impl Parser {
         self.parse_argument()?
     }
 
+    fn parse_braced_argument(&mut self) -> Parsed<Expr> {
+        if self.peek() == Some(&Token::Symbol('{')) {
+            self.parse_required_argument()
+        } else {
+            None
+        }
+    }
+
     /// The raw text of a subscript (`_1`, `_{12}`), used as part of a symbol's name.
     fn parse_subscript(&mut self) -> Parsed<String> {
         let render = |token: &Token| match token {
             Token::Number(n) => n.clone(),
             Token::Letter(c) | Token::Symbol(c) => c.to_string(),
             Token::Command(name) => format!("\\{name}"),
+            Token::Unknown => "?".to_string(),
         };
         if !self.eat_symbol('{') {
             return self.next().map(|token| render(&token));
@@ -338,6 +479,10 @@ impl Parser {
     }
 
     fn parse_primary(&mut self) -> Parsed<Expr> {
+        self.nested(Parser::parse_primary_unbounded)
+    }
+
+    fn parse_primary_unbounded(&mut self) -> Parsed<Expr> {
         match self.next()? {
             Token::Number(digits) => {
                 if self.eat_symbol('_') {
@@ -351,6 +496,10 @@ impl Parser {
                 if self.eat_symbol('_') {
                     let subscript = self.parse_subscript()?;
                     return Some(Expr::Variable(format!("{letter}_{subscript}")));
+                }
+                // latex2sympy reads `e` as Euler's number (and `i` as a plain symbol).
+                if letter == 'e' {
+                    return Some(Expr::Number(E));
                 }
                 Some(Expr::Variable(letter.to_string()))
             }
@@ -370,7 +519,7 @@ impl Parser {
                 Some(Expr::Abs(Box::new(inner)))
             }
             Token::Command(name) => self.parse_command(&name),
-            Token::Symbol(_) => None,
+            Token::Symbol(_) | Token::Unknown => None,
         }
     }
 
@@ -378,15 +527,28 @@ impl Parser {
         match name {
             "pi" => Some(Expr::Number(PI)),
             "infty" => Some(Expr::Number(f64::INFINITY)),
+            // As in latex2sympy, `\frac`, `\binom` and `\sqrt` take braced arguments only: the
+            // harness cannot read `\frac{270}7`, so neither does this parser.
             "frac" => {
-                let numerator = self.parse_required_argument()?;
-                let denominator = self.parse_required_argument()?;
+                let numerator = self.parse_braced_argument()?;
+                let denominator = self.parse_braced_argument()?;
                 Some(Expr::Div(Box::new(numerator), Box::new(denominator)))
             }
             "binom" | "dbinom" | "tbinom" => {
-                let n = self.parse_required_argument()?;
-                let k = self.parse_required_argument()?;
+                let n = self.parse_braced_argument()?;
+                let k = self.parse_braced_argument()?;
                 Some(Expr::Binomial(Box::new(n), Box::new(k)))
+            }
+            "lfloor" | "lceil" => {
+                let inner = self.parse_sum()?;
+                let close = if name == "lfloor" { "rfloor" } else { "rceil" };
+                (self.next()? == Token::Command(close.to_string())).then_some(())?;
+                let function = if name == "lfloor" {
+                    Function::Floor
+                } else {
+                    Function::Ceil
+                };
+                Some(Expr::Call(function, Box::new(inner)))
             }
             "sqrt" => {
                 let index = if self.eat_symbol('[') {
@@ -396,7 +558,7 @@ impl Parser {
                 } else {
                     Expr::Number(2.0)
                 };
-                let radicand = self.parse_required_argument()?;
+                let radicand = self.parse_braced_argument()?;
                 let exponent = Expr::Div(Box::new(Expr::Number(1.0)), Box::new(index));
                 Some(Expr::Pow(Box::new(radicand), Box::new(exponent)))
             }
@@ -420,7 +582,7 @@ impl Parser {
         if name == "log" && self.eat_symbol('_') {
             log_base = Some(self.parse_required_argument()?);
         }
-        let power = if self.eat_symbol('^') {
+        let mut power = if self.eat_symbol('^') {
             Some(self.parse_required_argument()?)
         } else {
             None
@@ -441,8 +603,15 @@ impl Parser {
                 argument: Box::new(argument),
             },
             _ => {
-                let (_, function) = FUNCTIONS.iter().find(|(known, _)| *known == name)?;
-                Expr::Call(*function, Box::new(argument))
+                let (_, mut function) = *FUNCTIONS.iter().find(|(known, _)| *known == name)?;
+                // `\tan^{-1}` is the inverse function, not a reciprocal.
+                if power == Some(Expr::Neg(Box::new(Expr::Number(1.0)))) {
+                    if let Some(inverse) = function.inverse() {
+                        function = inverse;
+                        power = None;
+                    }
+                }
+                Expr::Call(function, Box::new(argument))
             }
         };
         Some(match power {
@@ -460,36 +629,43 @@ impl Parser {
 }
 
 /// Parses an answer into its components (one for a single expression, several for a list such
-/// as `(1,2)` or `3,5,7`); None when it is not math this parser understands.
+/// as `(1,2)`, `{1,2}` or `3,5,7`); None when it is not math this parser understands.
 pub fn parse(text: &str) -> Option<Vec<Expr>> {
-    let tokens = tokenize(text)?;
+    let tokens = tokenize(text);
     if tokens.is_empty() {
         return None;
     }
-    let mut parser = Parser {
-        tokens: tokens.clone(),
-        position: 0,
-    };
-    match parser.parse_answer() {
-        Some(items) if parser.position == parser.tokens.len() => Some(items),
-        // A bracketed list, `(a,b)` or `[a,b]`: its components.
-        _ => parse_bracketed_list(&tokens),
+    let mut parser = Parser::new(tokens.clone());
+    let items = parser.parse_answer();
+    if items.is_some() && parser.position == parser.tokens.len() {
+        return items;
     }
+    // A bracketed list, `(a,b)` or `[a,b]`: its components.
+    if let Some(list) = parse_bracketed_list(&tokens) {
+        return Some(list);
+    }
+    // latex2sympy, the harness's last resort, stops at a closing bracket, `&` or `.` it cannot use
+    // and keeps what it read, whatever follows: the harness compares `5)(2` as 5 (it gets such
+    // pieces by splitting `(5)(2)` at its outer brackets).
+    let stopped = matches!(
+        parser.peek(),
+        Some(Token::Symbol(')' | ']' | '}' | '&' | '.'))
+    );
+    items.filter(|_| stopped)
 }
 
 fn parse_bracketed_list(tokens: &[Token]) -> Option<Vec<Expr>> {
     let (first, last) = (tokens.first()?, tokens.last()?);
     let bracketed = matches!(
         (first, last),
-        (Token::Symbol('('), Token::Symbol(')')) | (Token::Symbol('['), Token::Symbol(']'))
+        (Token::Symbol('('), Token::Symbol(')'))
+            | (Token::Symbol('['), Token::Symbol(']'))
+            | (Token::Symbol('{'), Token::Symbol('}'))
     );
     if !bracketed || tokens.len() < 3 {
         return None;
     }
-    let mut parser = Parser {
-        tokens: tokens[1..tokens.len() - 1].to_vec(),
-        position: 0,
-    };
+    let mut parser = Parser::new(tokens[1..tokens.len() - 1].to_vec());
     let items = parser.parse_answer()?;
     (parser.position == parser.tokens.len() && items.len() > 1).then_some(items)
 }
@@ -570,6 +746,8 @@ fn evaluate(expr: &Expr, values: &dyn Fn(&str) -> Complex) -> Option<Complex> {
                 Function::Arcsin => real(f64::asin)?,
                 Function::Arccos => real(f64::acos)?,
                 Function::Arctan => real(f64::atan)?,
+                Function::Floor => real(f64::floor)?,
+                Function::Ceil => real(f64::ceil)?,
             }
         }
     })
@@ -605,8 +783,8 @@ pub fn equivalent(a: &[Expr], b: &[Expr]) -> bool {
     let names: Vec<String> = names.into_iter().collect();
     if names.is_empty() {
         let values = |_: &str| Complex::ZERO;
-        return a.iter().zip(b).all(|(x, y)| {
-            match (evaluate(x, &values), evaluate(y, &values)) {
+        return a.iter().zip(b).all(
+            |(x, y)| match (evaluate(x, &values), evaluate(y, &values)) {
                 (Some(x), Some(y)) => {
                     let tolerance = if x.is_real() && y.is_real() && a.len() == 1 {
                         CONSTANT_TOLERANCE
@@ -616,8 +794,8 @@ pub fn equivalent(a: &[Expr], b: &[Expr]) -> bool {
                     close(x, y, tolerance)
                 }
                 _ => false,
-            }
-        });
+            },
+        );
     }
     let mut compared_points = 0;
     for point in 0..6 {
@@ -658,7 +836,7 @@ mod tests {
         assert!(same("(x+1)^2", "x^2+2x+1"));
         assert!(same("\\pix", "x\\pi"));
         assert!(same("\\sin^2x+\\cos^2x", "1"));
-        assert!(same("\\log_28", "3"));
+        assert!(same("\\log_{2}8", "3"));
         assert!(same("5!", "120"));
         assert!(same("\\binom{5}{2}", "10"));
         assert!(same("(1,\\frac{1}{2})", "(1,0.5)"));
@@ -670,6 +848,19 @@ mod tests {
         assert!(!same("10,80", "10080"));
         assert!(!same("3.14", "\\pi"));
         assert!(parse("[2,\\infty)").is_none());
+        assert!(same("+5)(b+2", "5)(2"));
+        assert!(same("0)\\cup{1}.", "0"));
+        assert!(same("1/2x", "\\frac{1}{2x}"));
+        assert!(same("1.2.3", "0.36"));
+        assert!(same("\\tan^{-1}1", "\\frac{\\pi}{4}"));
+        assert!(same("\\lfloor\\frac{7}{2}\\rfloor", "3"));
+        assert!(same("\\ln(e^{2})", "2"));
+        assert!(same("{1\\sqrt[2]{5},-2}", "{\\sqrt{5},-2}"));
+        assert!(parse("\\frac{270}7").is_none());
+        assert!(parse(&format!("{}1{}", "(".repeat(10_000), ")".repeat(10_000))).is_none());
+        assert!(parse(&format!("{}1", "-".repeat(10_000))).is_none());
+        assert!(parse(&"2^".repeat(10_000)).is_none());
+        assert!(same(&format!("{}1{}", "(".repeat(50), ")".repeat(50)), "1"));
         assert!(parse("x\\le3").is_none());
     }
 }

@@ -21,12 +21,20 @@ pub fn extract_answer(generation: &str) -> String {
     let text = generation.replace("\u{43a}\u{438}", "");
     let raw = if let Some(answer) = minerva_answer(&text) {
         answer
-    } else if let Some(after) = text.rsplit("boxed").next().filter(|_| text.contains("boxed")) {
+    } else if let Some(after) = text
+        .rsplit("boxed")
+        .next()
+        .filter(|_| text.contains("boxed"))
+    {
         if after.is_empty() {
             return String::new();
         }
         after_box(after)
-    } else if let Some(after) = text.rsplit("\\fbox").next().filter(|_| text.contains("\\fbox")) {
+    } else if let Some(after) = text
+        .rsplit("\\fbox")
+        .next()
+        .filter(|_| text.contains("\\fbox"))
+    {
         after_box(after)
     } else if text.contains("he answer is") {
         last_part(&text, "he answer is").trim().to_string()
@@ -34,7 +42,12 @@ pub fn extract_answer(generation: &str) -> String {
         last_part(&text, "final answer is").trim().to_string()
     } else if let Some((_, after)) = text.split_once("答案是") {
         let after = after.trim();
-        after.split("\n\n").next().unwrap_or_default().trim().to_string()
+        after
+            .split("\n\n")
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
     } else {
         let without_commas = text.replace(',', "");
         LAST_NUMBER
@@ -67,10 +80,16 @@ static CHOICE_TRIGGER: LazyLock<Regex> =
 pub(super) fn choice_from_generation(generation: &str) -> String {
     let mut text = generation.trim_matches('\n');
     // Several triggers mean few-shot examples follow the answer: keep the first paragraph.
-    if ["choice is", "answer is"].iter().any(|t| text.matches(t).count() > 1) {
+    if ["choice is", "answer is"]
+        .iter()
+        .any(|t| text.matches(t).count() > 1)
+    {
         text = text.split("\n\n").next().unwrap_or_default();
     }
-    let after_trigger = CHOICE_TRIGGER.split(text).last().filter(|_| CHOICE_TRIGGER.is_match(text));
+    let after_trigger = CHOICE_TRIGGER
+        .split(text)
+        .last()
+        .filter(|_| CHOICE_TRIGGER.is_match(text));
     let text = after_trigger
         .unwrap_or(text)
         .trim_matches('\n')
@@ -79,10 +98,19 @@ pub(super) fn choice_from_generation(generation: &str) -> String {
         .trim_matches(' ')
         .trim_start_matches(':');
     let upper = text.to_uppercase();
-    let mut letters = CHOICE_LETTER.find_iter(&upper).map(|m| m.as_str().to_string());
-    let choice = if after_trigger.is_some() { letters.next() } else { letters.last() };
+    let mut letters = CHOICE_LETTER
+        .find_iter(&upper)
+        .map(|m| m.as_str().to_string());
+    let choice = if after_trigger.is_some() {
+        letters.next()
+    } else {
+        letters.last()
+    };
     let choice = choice.unwrap_or_else(|| text.trim().trim_matches('.').to_string());
-    choice.trim_end_matches('.').trim_end_matches('/').to_string()
+    choice
+        .trim_end_matches('.')
+        .trim_end_matches('/')
+        .to_string()
 }
 
 fn minerva_answer(text: &str) -> Option<String> {
@@ -90,7 +118,9 @@ fn minerva_answer(text: &str) -> Option<String> {
         return None;
     }
     let (_, after) = text.split_once("final answer is $")?;
-    let answer = after.split_once("$. I hope").map_or(after, |(answer, _)| answer);
+    let answer = after
+        .split_once("$. I hope")
+        .map_or(after, |(answer, _)| answer);
     Some(answer.trim().to_string())
 }
 
@@ -102,7 +132,12 @@ fn last_part<'a>(text: &'a str, marker: &str) -> &'a str {
 /// for `\boxed 5` everything up to the next `$`.
 fn after_box(after: &str) -> String {
     let Some(group) = after.strip_prefix('{') else {
-        return after.split('$').next().unwrap_or_default().trim().to_string();
+        return after
+            .split('$')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
     };
     let mut depth = 1;
     let mut answer = String::new();
@@ -128,8 +163,14 @@ mod tests {
 
     #[test]
     fn extraction_follows_the_harness() {
-        assert_eq!(extract_answer("so \\boxed{\\frac{1}{2}} and \\boxed{3}."), "3");
-        assert_eq!(extract_answer("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$"), "(3,\\frac{\\pi}{2})");
+        assert_eq!(
+            extract_answer("so \\boxed{\\frac{1}{2}} and \\boxed{3}."),
+            "3"
+        );
+        assert_eq!(
+            extract_answer("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$"),
+            "(3,\\frac{\\pi}{2})"
+        );
         assert_eq!(extract_answer("The answer is $\\boxed 5$."), "5");
         assert_eq!(extract_answer("thus \\fbox{12}"), "12");
         assert_eq!(extract_answer("The answer is 42."), "42");

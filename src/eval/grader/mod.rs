@@ -21,9 +21,10 @@ pub struct Grade {
     pub correct: bool,
 }
 
-/// Grades a generation against a raw ground-truth answer (normalised here as the harness does).
+/// Grades a generation against a raw ground-truth answer, normalised twice as in the harness
+/// (`math_eval.py` stores the normalised answer, `evaluate.py` normalises it again).
 pub fn grade(generation: &str, ground_truth: &str) -> Grade {
-    let ground_truth = strip_string(ground_truth);
+    let ground_truth = strip_string(&strip_string(ground_truth));
     let mut extracted = extract_answer(generation);
     // Multiple choice, as the harness's `math_eval.py`: a one-letter ground truth re-reads the
     // letter from the whole generation; one made of letters A-E only keeps those letters of the

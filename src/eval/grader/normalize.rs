@@ -11,17 +11,137 @@ use std::sync::LazyLock;
 /// Unit words the harness removes (mainly from MathQA). They are regex fragments, not literals:
 /// `"q ."` matches `q` + space + any character, exactly as in the harness.
 const UNIT_TEXTS: &[&str] = &[
-    "east", "degree", "mph", "kmph", "ft", "m sqaure", " m east", "sq m", "deg", "mile", "q .",
-    "monkey", "prime", "ratio", "profit of rs", "rd", "o", "gm", "p . m", "lb", "tile", "per", "dm",
-    "lt", "gain", "ab", "way", "west", "a .", "b .", "c .", "d .", "e .", "f .", "g .", "h .", "t",
-    "a", "h", "no change", "men", "soldier", "pie", "bc", "excess", "st", "inches", "noon",
-    "percent", "by", "gal", "kmh", "c", "acre", "rise", "a . m", "th", "π r 2", "sq", "mark", "l",
-    "toy", "coin", "sq . m", "gallon", "° f", "profit", "minw", "yr", "women", "feet", "am", "pm",
-    "hr", "cu cm", "square", "v â € ™", "are", "rupee", "rounds", "cubic", "cc", "mtr", "s", "ohm",
-    "number", "kmph", "day", "hour", "minute", "min", "second", "man", "woman", "sec", "cube", "mt",
-    "sq inch", "mp", "∏ cm ³", "hectare", "more", "sec", "unit", "cu . m", "cm 2", "rs .", "rs",
-    "kg", "g", "month", "km", "m", "cm", "mm", "apple", "liter", "loss", "yard", "pure", "year",
-    "increase", "decrease", "d", "less", "Surface", "litre", "pi sq m", "s .", "metre", "meter",
+    "east",
+    "degree",
+    "mph",
+    "kmph",
+    "ft",
+    "m sqaure",
+    " m east",
+    "sq m",
+    "deg",
+    "mile",
+    "q .",
+    "monkey",
+    "prime",
+    "ratio",
+    "profit of rs",
+    "rd",
+    "o",
+    "gm",
+    "p . m",
+    "lb",
+    "tile",
+    "per",
+    "dm",
+    "lt",
+    "gain",
+    "ab",
+    "way",
+    "west",
+    "a .",
+    "b .",
+    "c .",
+    "d .",
+    "e .",
+    "f .",
+    "g .",
+    "h .",
+    "t",
+    "a",
+    "h",
+    "no change",
+    "men",
+    "soldier",
+    "pie",
+    "bc",
+    "excess",
+    "st",
+    "inches",
+    "noon",
+    "percent",
+    "by",
+    "gal",
+    "kmh",
+    "c",
+    "acre",
+    "rise",
+    "a . m",
+    "th",
+    "π r 2",
+    "sq",
+    "mark",
+    "l",
+    "toy",
+    "coin",
+    "sq . m",
+    "gallon",
+    "° f",
+    "profit",
+    "minw",
+    "yr",
+    "women",
+    "feet",
+    "am",
+    "pm",
+    "hr",
+    "cu cm",
+    "square",
+    "v â € ™",
+    "are",
+    "rupee",
+    "rounds",
+    "cubic",
+    "cc",
+    "mtr",
+    "s",
+    "ohm",
+    "number",
+    "kmph",
+    "day",
+    "hour",
+    "minute",
+    "min",
+    "second",
+    "man",
+    "woman",
+    "sec",
+    "cube",
+    "mt",
+    "sq inch",
+    "mp",
+    "∏ cm ³",
+    "hectare",
+    "more",
+    "sec",
+    "unit",
+    "cu . m",
+    "cm 2",
+    "rs .",
+    "rs",
+    "kg",
+    "g",
+    "month",
+    "km",
+    "m",
+    "cm",
+    "mm",
+    "apple",
+    "liter",
+    "loss",
+    "yard",
+    "pure",
+    "year",
+    "increase",
+    "decrease",
+    "d",
+    "less",
+    "Surface",
+    "litre",
+    "pi sq m",
+    "s .",
+    "metre",
+    "meter",
     "inch",
 ];
 
@@ -64,7 +184,10 @@ pub fn strip_string(answer: &str) -> String {
     s = s.replace("bmatrix", "pmatrix");
 
     s = s.replace("tfrac", "frac").replace("dfrac", "frac");
-    s = s.replace("\\neq", "\\ne").replace("\\leq", "\\le").replace("\\geq", "\\ge");
+    s = s
+        .replace("\\neq", "\\ne")
+        .replace("\\leq", "\\le")
+        .replace("\\geq", "\\ge");
     s = s.replace("\\left", "").replace("\\right", "");
     s = s.replace("\\{", "{").replace("\\}", "}");
 
@@ -73,7 +196,11 @@ pub fn strip_string(answer: &str) -> String {
         .replace_all(&s, |caps: &regex::Captures| {
             let word = caps[1].to_lowercase();
             let converted = convert_word_number(&word);
-            if converted == word { caps[0].to_string() } else { converted }
+            if converted == word {
+                caps[0].to_string()
+            } else {
+                converted
+            }
         })
         .into_owned();
     // A squared unit is still a unit.
@@ -100,7 +227,9 @@ pub fn strip_string(answer: &str) -> String {
     s = convert_word_number(&s);
 
     s = TEXT_COMMAND.replace_all(&s, "${1}").into_owned();
-    for key in ["x=", "y=", "z=", "x\\in", "y\\in", "z\\in", "x\\to", "y\\to", "z\\to"] {
+    for key in [
+        "x=", "y=", "z=", "x\\in", "y\\in", "z\\in", "x\\to", "y\\to", "z\\to",
+    ] {
         s = s.replace(key, "");
     }
     s = s.replace("\\emptyset", "{}");
@@ -123,7 +252,9 @@ pub fn strip_string(answer: &str) -> String {
         s = s.replace('j', "i");
     }
 
-    s = ZERO_DECIMALS_INSIDE.replace_all(&s, "${1}${2}").into_owned();
+    s = ZERO_DECIMALS_INSIDE
+        .replace_all(&s, "${1}${2}")
+        .into_owned();
     s = ZERO_DECIMALS_END.replace_all(&s, "${1}").into_owned();
 
     if s.is_empty() {
@@ -139,7 +270,9 @@ pub fn strip_string(answer: &str) -> String {
         s = sides[1].to_string();
     }
 
-    s = SQRT_WITHOUT_BRACES.replace_all(&s, r"\sqrt{${1}}").into_owned();
+    s = SQRT_WITHOUT_BRACES
+        .replace_all(&s, r"\sqrt{${1}}")
+        .into_owned();
     s = s.replace(' ', "");
     s = fix_fracs(&s);
     s = fix_a_slash_b(&s);
@@ -190,7 +323,13 @@ fn sort_integer_list(s: &str) -> String {
     });
     integers
         .iter()
-        .map(|(negative, digits)| if *negative { format!("-{digits}") } else { digits.clone() })
+        .map(|(negative, digits)| {
+            if *negative {
+                format!("-{digits}")
+            } else {
+                digits.clone()
+            }
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -251,8 +390,25 @@ fn convert_word_number(s: &str) -> String {
 
 fn number_word_value(word: &str) -> Option<u64> {
     const SMALL: [&str; 20] = [
-        "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-        "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
+        "zero",
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine",
+        "ten",
+        "eleven",
+        "twelve",
+        "thirteen",
+        "fourteen",
+        "fifteen",
+        "sixteen",
+        "seventeen",
+        "eighteen",
         "nineteen",
     ];
     const TENS: [&str; 8] = [
@@ -275,7 +431,10 @@ fn number_word_value(word: &str) -> Option<u64> {
 
 /// word2number's `number_formation`: at most four words like "two hundred thirty four".
 fn number_formation(words: &[&str]) -> Option<u64> {
-    let n: Vec<u64> = words.iter().map(|w| number_word_value(w)).collect::<Option<_>>()?;
+    let n: Vec<u64> = words
+        .iter()
+        .map(|w| number_word_value(w))
+        .collect::<Option<_>>()?;
     match n.len() {
         0 => None,
         4 => Some(n[0] * n[1] + n[2] + n[3]),
@@ -355,7 +514,11 @@ fn word_to_num(text: &str) -> Option<String> {
     // Python adds a float, so the result prints as a float ("2.5", "3.0").
     let digits: Option<String> = decimals
         .iter()
-        .map(|w| number_word_value(w).filter(|v| *v < 10).map(|v| v.to_string()))
+        .map(|w| {
+            number_word_value(w)
+                .filter(|v| *v < 10)
+                .map(|v| v.to_string())
+        })
         .collect();
     let fraction = digits.map_or(0.0, |d| format!("0.{d}").parse().unwrap_or(0.0));
     Some(python_float_repr(total as f64 + fraction))
@@ -383,7 +546,10 @@ mod tests {
         assert_eq!(strip_string("x = 5."), "5");
         assert_eq!(strip_string("10\\text{ cm}"), "10");
         assert_eq!(strip_string("90^\\circ"), "90");
-        assert_eq!(strip_string("\\left( 3, \\frac{\\pi}{2} \\right)"), "(3,\\frac{\\pi}{2})");
+        assert_eq!(
+            strip_string("\\left( 3, \\frac{\\pi}{2} \\right)"),
+            "(3,\\frac{\\pi}{2})"
+        );
         assert_eq!(strip_string("1 \\pm \\sqrt{19}"), "1\\\\sqrt{19}");
         assert_eq!(strip_string("(a+5)(b+2)"), "(+5)(b+2)");
         assert_eq!(strip_string("(a + 5)(b + 2)"), "(5)(2)");
