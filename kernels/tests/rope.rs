@@ -1,0 +1,131 @@
+//! RoPE: GPU against the CPU reference (default and tiny binding limits), the backward as the
+//! forward's transpose, and the reference against transformers' convention on a hand-made case.
+use wgtrain_kernels::ops::rope::{self, cpu, rope_backward, rope_forward, Positions, Rope};
+use wgtrain_kernels::ops::{random, to_f64, Check};
+use wgtrain_kernels::{Gpu, GpuOptions, Tensor};
+
+fn tiny_gpu() -> Gpu {
+    // 1280 bytes: a few rows per chunk, so every tensor below splits mid-sequence.
+    Gpu::new(&GpuOptions {
+        max_binding_bytes: Some(1280),
+        ..GpuOptions::from_env().unwrap()
+    })
+    .unwrap()
+}
+
+fn assert_passed(checks: Vec<Check>) {
+    for c in checks {
+        assert!(
+            c.passed(),
+            "{} {}: error {:.3e} > {:.1e}",
+            c.kernel,
+            c.shape,
+            c.max_err,
+            c.tolerance
+        );
+    }
+}
+
+fn run_cases(gpu: &Gpu) {
+    assert_passed(rope::check_rope(gpu, 1, 1, 64, Some(&[0]), 1).unwrap());
+    assert_passed(rope::check_rope(gpu, 15, 3, 64, Some(&[0, 9, 32767]), 2).unwrap());
+    assert_passed(rope::check_rope(gpu, 14, 2, 128, Some(&[4, 100_000]), 3).unwrap());
+    assert_passed(rope::check_rope(gpu, 33, 5, 64, None, 4).unwrap());
+    assert_passed(rope::check_rope(gpu, 9, 1, 128, None, 5).unwrap());
+    // Any even head size.
+    assert_passed(rope::check_rope(gpu, 7, 3, 6, Some(&[2]), 6).unwrap());
+}
+
+#[test]
+fn gpu_matches_cpu() {
+    run_cases(&Gpu::from_env().unwrap());
+}
+
+#[test]
+fn gpu_matches_cpu_on_split_tensors() {
+    run_cases(&tiny_gpu());
+}
+
+/// <R x, y> = <x, R^T y>: the backward kernel is the transpose of the forward one.
+#[test]
+fn backward_is_the_transpose() {
+    let gpu = tiny_gpu();
+    let (rows, heads, d) = (10, 2, 64);
+    let shape = [rows, heads * d];
+    let (xv, yv) = (
+        random(7, rows * heads * d, 1.0),
+        random(8, rows * heads * d, 1.0),
+    );
+    let rope = Rope::new(&gpu, d, 1e6).unwrap();
+    let positions: Vec<u32> = (0..rows as u32).map(|r| 1000 * r + 3).collect();
+    let table = Tensor::from_u32(&gpu, &[rows], &positions).unwrap();
+    let (x, y) = (
+        Tensor::from_f32(&gpu, &shape, &xv).unwrap(),
+        Tensor::from_f32(&gpu, &shape, &yv).unwrap(),
+    );
+    let mut batch = gpu.batch();
+    rope_forward(&mut batch, &rope, &x, heads, &Positions::PerRow(&table)).unwrap();
+    rope_backward(&mut batch, &rope, &y, heads, &Positions::PerRow(&table)).unwrap();
+    batch.submit();
+    let dot = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(&p, &q)| p as f64 * q as f64)
+            .sum::<f64>()
+    };
+    let (rx, rty) = (x.to_f32(&gpu).unwrap(), y.to_f32(&gpu).unwrap());
+    let (lhs, rhs) = (dot(&rx, &yv), dot(&xv, &rty));
+    assert!(
+        (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
+        "<Rx,y> = {lhs}, <x,R^T y> = {rhs}"
+    );
+}
+
+/// The reference follows transformers: pairs (i, i + D/2), inv_freq = theta^(-2i/D), and the
+/// backward undoes the forward.
+#[test]
+fn cpu_reference_convention() {
+    let (d, theta) = (4, 10000.0);
+    let inv = cpu::inv_freq(d, theta);
+    assert_eq!(inv, vec![1.0, 0.01]);
+    let x = [1.0, 2.0, 3.0, 4.0];
+    let pos = 3u32;
+    let out = cpu::rope(&x, 1, d, theta, &[pos], 1.0);
+    let (a0, a1) = (3.0f64, (3.0f32 * 0.01f32) as f64);
+    let want = [
+        1.0 * a0.cos() - 3.0 * a0.sin(),
+        2.0 * a1.cos() - 4.0 * a1.sin(),
+        3.0 * a0.cos() + 1.0 * a0.sin(),
+        4.0 * a1.cos() + 2.0 * a1.sin(),
+    ];
+    for (o, w) in out.iter().zip(want) {
+        assert!((o - w).abs() < 1e-12, "{out:?} vs {want:?}");
+    }
+    let back = cpu::rope(&out, 1, d, theta, &[pos], -1.0);
+    for (b, x) in back.iter().zip(to_f64(&[1.0, 2.0, 3.0, 4.0])) {
+        assert!((b - x).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn rejects_bad_shapes() {
+    let gpu = Gpu::from_env().unwrap();
+    let rope = Rope::new(&gpu, 64, 1e6).unwrap();
+    assert!(Rope::new(&gpu, 63, 1e6).is_err());
+    let x = Tensor::from_f32(&gpu, &[6, 128], &[0.0; 768]).unwrap();
+    let starts = Tensor::from_u32(&gpu, &[4], &[0; 4]).unwrap();
+    let mut batch = gpu.batch();
+    // 6 rows are not sequences of 4; 3 heads of 64 are not 128 columns.
+    assert!(rope_forward(
+        &mut batch,
+        &rope,
+        &x,
+        2,
+        &Positions::Sequential {
+            seq_len: 4,
+            starts: &starts
+        }
+    )
+    .is_err());
+    assert!(rope_forward(&mut batch, &rope, &x, 3, &Positions::PerRow(&starts)).is_err());
+}

@@ -1,0 +1,712 @@
+// Causal flash attention with grouped-query heads, f32, never an O(T^2) buffer.
+//
+// Activations are [B * T, H * D] row-major (sequence b's row t is row b * T + t; its heads side by
+// side). Query i of a sequence sits at position tk - tq + i and sees keys 0..=tk - tq + i. Query head
+// h reads kv head h / G (G = hq / hkv).
+//
+// Variant constants (prepended): HEAD_DIM (64 or 128: the d loops unroll) and DECODE (attn_fwd only:
+// rows are the G query heads of one kv head times a few queries, the grid splits the keys, and each
+// split writes a partial result that attn_merge combines).
+//
+// The score tiles are small register-blocked matrix products. 256 threads = 16 (ty) x 16 (tx);
+// thread (ty, tx) owns rows ty * RQ + a (a < RQ) and tile columns 4 tx + c (c < 4) of a score tile,
+// and output columns (vec4s) tx + 16 m (m < HEAD_DIM / 64) of an output tile, held in registers.
+// Operands are staged through one workgroup array `sm` (12 KiB at D = 128), re-used phase by phase:
+//  - score product: A[16 d][BQ rows] and B[16 d][64 cols], transposed, one 16-wide d-slice at a time;
+//  - row maxima / sums: [16 tx][BQ rows];
+//  - probability x values: P[16 keys][BQ rows] and V[16 keys][D].
+
+struct Params {
+    tq: u32,
+    tk: u32,
+    hq: u32,
+    hkv: u32,
+    // Sequences b0 .. b0 + (grid z); each contributes queries i_lo..i_hi and keys key_lo..key_hi,
+    // the rows that lie in the bound chunks.
+    b0: u32,
+    i_lo: u32,
+    i_hi: u32,
+    key_lo: u32,
+    key_hi: u32,
+    // Rows per sequence in k/v (>= tk: a KV cache may hold spare rows).
+    kv_cap: u32,
+    // Global rows at the start of the bound query-row chunks (q, out, lse, dout, drow, dq) and key-row
+    // chunks (k, v, dk, dv); the offsets below are those rows' offsets inside their chunks (vec4
+    // units for [rows, H * D] tensors, f32 units for [rows, H] ones).
+    q_row0: u32,
+    kv_row0: u32,
+    q_off: u32,
+    out_off: u32,
+    lse_off: u32,
+    dout_off: u32,
+    drow_off: u32,
+    dq_off: u32,
+    k_off: u32,
+    v_off: u32,
+    dk_off: u32,
+    dv_off: u32,
+    // out / lse of attn_fwd: the global row at out_off / lse_off (q_row0, or 0 in the decode
+    // scratch) and the distance between two splits' slots (0 unless decoding).
+    out_row0: u32,
+    out_split_stride: u32,
+    lse_split_stride: u32,
+    // Decode: keys per split, the first split of this dispatch, row blocks per kv head, and (merge)
+    // the number of splits.
+    split_keys: u32,
+    split_first: u32,
+    row_blocks: u32,
+    n_splits: u32,
+    // Threads of the flat kernels (attn_merge, attn_bwd_prep).
+    n: u32,
+    scale: f32,
+    _pad: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(5) var<storage, read_write> lse: array<f32>;
+@group(0) @binding(6) var<storage, read> dout: array<vec4<f32>>;
+@group(0) @binding(7) var<storage, read_write> drow: array<f32>;
+@group(0) @binding(8) var<storage, read_write> dq: array<vec4<f32>>;
+@group(0) @binding(9) var<storage, read_write> dk: array<vec4<f32>>;
+@group(0) @binding(10) var<storage, read_write> dv: array<vec4<f32>>;
+@group(0) @binding(11) var<storage, read> part_out: array<vec4<f32>>;
+@group(0) @binding(12) var<storage, read> part_lse: array<f32>;
+
+const RQ: u32 = select(4u, 1u, DECODE);
+const BQ: u32 = 16u * RQ;
+const BQ4: u32 = BQ / 4u;
+const BK: u32 = 64u;
+const KS: u32 = 16u;
+const QS: u32 = 8u;
+const D4: u32 = HEAD_DIM / 4u;
+const NV4: u32 = HEAD_DIM / 64u;
+const SLICES: u32 = HEAD_DIM / 16u;
+// Where B of the score product and V of the value product start in `sm`.
+const B_AT: u32 = 4u * BQ;
+const V_AT: u32 = 4u * BQ;
+const SM4: u32 = 256u + 4u * HEAD_DIM;
+// A finite "minus infinity": exp2(NEG - m) is 0 for any real m, and NEG - NEG is 0, not NaN.
+const NEG: f32 = -1.0e30;
+const LOG2E: f32 = 1.4426950408889634;
+const LN2: f32 = 0.6931471805599453;
+
+var<workgroup> sm: array<vec4<f32>, SM4>;
+
+// Vec4 index of head h of query row (b, i) in a q-row chunk starting at global row q_row0.
+fn q_at(off: u32, b: u32, i: u32, h: u32) -> u32 {
+    return off + (b * p.tq + i - p.q_row0) * (p.hq * D4) + h * D4;
+}
+
+// Vec4 index of kv head h of key row (b, j) in a k-row chunk starting at global row kv_row0.
+fn kv_at(off: u32, b: u32, j: u32, h: u32) -> u32 {
+    return off + (b * p.kv_cap + j - p.kv_row0) * (p.hkv * D4) + h * D4;
+}
+
+// Stores one staged vec4 of the score product transposed: elements d0..d0+3 of row `row` of a
+// [16 d][rows4 * 4] area at `base`.
+fn stage_t(base: u32, rows4: u32, row: u32, d0: u32, x: vec4<f32>) {
+    for (var c = 0u; c < 4u; c++) {
+        sm[base + (d0 + c) * rows4 + row / 4u][row % 4u] = x[c];
+    }
+}
+
+// Component of the thread's first row inside a vec4 of rows: 0 when RQ = 4 (rows 4 ty..4 ty + 3
+// fill one vec4; a constant, so the hot loops index registers statically), ty % 4 when RQ = 1.
+fn row_lane(ty: u32) -> u32 {
+    return select(0u, ty % 4u, RQ == 1u);
+}
+
+// acc[a][c] += sum over the staged 16-wide d-slice of A[d][ty * RQ + a] * B[d][4 tx + c].
+fn slice_product(acc: ptr<function, array<vec4<f32>, RQ>>, tx: u32, ty: u32) {
+    let lane = row_lane(ty);
+    for (var d = 0u; d < 16u; d++) {
+        let bv = sm[B_AT + d * 16u + tx];
+        let av = sm[d * BQ4 + ty * RQ / 4u];
+        for (var a = 0u; a < RQ; a++) {
+            (*acc)[a] += av[lane + a] * bv;
+        }
+    }
+}
+
+// The sum (or maximum, when `is_max`) over the 16 tx threads of x[a], for the thread's RQ rows.
+// Begins with a barrier (earlier readers of `sm` are done); the next writer of `sm` must barrier.
+fn rows_reduce(x: array<f32, RQ>, is_max: bool, tx: u32, ty: u32) -> array<f32, RQ> {
+    workgroupBarrier();
+    for (var a = 0u; a < RQ; a++) {
+        let r = ty * RQ + a;
+        sm[tx * BQ4 + r / 4u][r % 4u] = x[a];
+    }
+    workgroupBarrier();
+    var total: array<f32, RQ>;
+    for (var a = 0u; a < RQ; a++) {
+        total[a] = select(0.0, NEG, is_max);
+    }
+    let lane = row_lane(ty);
+    for (var t = 0u; t < 16u; t++) {
+        let w = sm[t * BQ4 + ty * RQ / 4u];
+        for (var a = 0u; a < RQ; a++) {
+            let x = w[lane + a];
+            total[a] = select(total[a] + x, max(total[a], x), is_max);
+        }
+    }
+    return total;
+}
+
+// Writes the 4 x RQ tile values `x` of this thread's tile columns into P[16 keys][BQ rows] when
+// those columns fall in key slice `ks`.
+fn stage_p(x: array<vec4<f32>, RQ>, ks: u32, tx: u32, ty: u32) {
+    if tx / 4u != ks {
+        return;
+    }
+    for (var c = 0u; c < 4u; c++) {
+        let kl = 4u * (tx % 4u) + c;
+        for (var a = 0u; a < RQ; a++) {
+            let r = ty * RQ + a;
+            sm[kl * BQ4 + r / 4u][r % 4u] = x[a][c];
+        }
+    }
+}
+
+// acc[a][m] += sum over the 16 staged keys of P[key][ty * RQ + a] * V[key][tx + 16 m].
+fn value_product(acc: ptr<function, array<vec4<f32>, RQ * NV4>>, tx: u32, ty: u32) {
+    let lane = row_lane(ty);
+    for (var kk = 0u; kk < KS; kk++) {
+        let pw = sm[kk * BQ4 + ty * RQ / 4u];
+        for (var m = 0u; m < NV4; m++) {
+            let vv = sm[V_AT + kk * D4 + tx + 16u * m];
+            for (var a = 0u; a < RQ; a++) {
+                (*acc)[a * NV4 + m] += pw[lane + a] * vv;
+            }
+        }
+    }
+}
+
+// This thread's share (NV4 vec4s) of rows first_key..first_key + KS of k or v for the value
+// product, zeros past kend (0 * garbage could be NaN).
+fn key_rows(from_k: bool, b: u32, hkv: u32, first_key: u32, kend: u32, lid: u32) -> array<vec4<f32>, NV4> {
+    var x: array<vec4<f32>, NV4>;
+    for (var n = 0u; n < NV4; n++) {
+        let idx = lid + 256u * n;
+        let key = first_key + idx / D4;
+        if key < kend {
+            if from_k {
+                x[n] = k[kv_at(p.k_off, b, key, hkv) + idx % D4];
+            } else {
+                x[n] = v[kv_at(p.v_off, b, key, hkv) + idx % D4];
+            }
+        }
+    }
+    return x;
+}
+
+// This thread's vec4 (idx = lid < QS * D4) of query rows first_query..first_query + QS of dout and
+// q for the dk / dv products, zeros past i_hi.
+fn query_rows(b: u32, head: u32, first_query: u32, lid: u32) -> array<vec4<f32>, 2> {
+    var x: array<vec4<f32>, 2>;
+    let i = first_query + lid / D4;
+    if lid < QS * D4 && i < p.i_hi {
+        let at = q_at(0u, b, i, head) + lid % D4;
+        x[0] = dout[p.dout_off + at];
+        x[1] = q[p.q_off + at];
+    }
+    return x;
+}
+
+// Query index of workgroup row f (prefill: one head, consecutive queries; decode: the G heads of
+// one kv head for each query) and its query head.
+fn row_query(f: u32, g: u32) -> u32 {
+    return p.i_lo + select(f, f / g, DECODE);
+}
+
+fn row_head(f: u32, g: u32, head: u32) -> u32 {
+    return select(head, head * g + f % g, DECODE);
+}
+
+// Forward: out = softmax(scale q k^T, causal) v and lse = log sum exp of the scaled scores, per
+// query row and head. Grid: prefill (query blocks of BQ, hq, sequences); decode (key splits,
+// hkv * row blocks, sequences). Keys key_lo..key_hi of the bound k/v chunks are folded into what
+// out/lse already hold when earlier keys of the same split came first (key_lo past the split start).
+@compute @workgroup_size(256)
+fn attn_fwd(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let b = p.b0 + wid.z;
+    let g = p.hq / p.hkv;
+    let nq = p.i_hi - p.i_lo;
+    let scale2 = p.scale * LOG2E;
+    var head: u32;
+    var first: u32;
+    var nrows: u32;
+    var split = 0u;
+    var kbeg = p.key_lo;
+    var kend = p.key_hi;
+    if DECODE {
+        head = wid.y / p.row_blocks;
+        first = (wid.y % p.row_blocks) * BQ;
+        nrows = g * nq;
+        split = p.split_first + wid.x;
+        kbeg = max(kbeg, split * p.split_keys);
+        kend = min(kend, (split + 1u) * p.split_keys);
+    } else {
+        head = wid.y;
+        // Latest (most expensive) query blocks first, for a better tail.
+        first = (nwg.x - 1u - wid.x) * BQ;
+        nrows = nq;
+    }
+    let hkv = select(head / g, head, DECODE);
+    let shift = p.tk - p.tq;
+    kend = min(kend, shift + row_query(min(first + BQ, nrows) - 1u, g) + 1u);
+    let merge = p.key_lo > split * p.split_keys;
+
+    // Staging slot of this thread: row / key lid / 4, vec4 lid % 4 of a 16-wide d-slice. Rows out
+    // of range read element 0 and stage zeros.
+    let srow = lid / 4u;
+    let spart = lid % 4u;
+    let q_ok = lid < 4u * BQ && first + srow < nrows;
+    var qa = 0u;
+    if q_ok {
+        let f = first + srow;
+        qa = q_at(p.q_off, b, row_query(f, g), row_head(f, g, head)) + spart;
+    }
+
+    var pos: array<u32, RQ>;
+    var m: array<f32, RQ>;
+    var l: array<f32, RQ>;
+    var acc: array<vec4<f32>, RQ * NV4>;
+    for (var a = 0u; a < RQ; a++) {
+        pos[a] = shift + row_query(first + ty * RQ + a, g);
+        m[a] = NEG;
+    }
+
+    for (var kt = kbeg; kt < kend; kt += BK) {
+        let key_s = kt + srow;
+        let k_ok = key_s < kend;
+        let ka = select(0u, kv_at(p.k_off, b, key_s, hkv) + spart, k_ok);
+        // Software pipelining: the global loads of the next slice are issued before the products
+        // of the current one.
+        var qn = select(vec4(0.0), q[qa] * scale2, q_ok);
+        var kn = select(vec4(0.0), k[ka], k_ok);
+        var s: array<vec4<f32>, RQ>;
+        for (var sl = 0u; sl < SLICES; sl++) {
+            workgroupBarrier();
+            if lid < 4u * BQ {
+                stage_t(0u, BQ4, srow, 4u * spart, qn);
+            }
+            stage_t(B_AT, 16u, srow, 4u * spart, kn);
+            workgroupBarrier();
+            if sl + 1u < SLICES {
+                qn = select(vec4(0.0), q[qa + 4u * sl + 4u] * scale2, q_ok);
+                kn = select(vec4(0.0), k[ka + 4u * sl + 4u], k_ok);
+            }
+            slice_product(&s, tx, ty);
+        }
+        // The first value slice loads during the softmax.
+        var vn = key_rows(false, b, hkv, kt, kend, lid);
+
+        // Online softmax in base 2: the row maximum over the tile, then rescale what came before.
+        var tile_max: array<f32, RQ>;
+        for (var a = 0u; a < RQ; a++) {
+            tile_max[a] = NEG;
+            for (var c = 0u; c < 4u; c++) {
+                let key = kt + 4u * tx + c;
+                if key < kend && key <= pos[a] {
+                    tile_max[a] = max(tile_max[a], s[a][c]);
+                }
+            }
+        }
+        let row_max = rows_reduce(tile_max, true, tx, ty);
+        var pr: array<vec4<f32>, RQ>;
+        for (var a = 0u; a < RQ; a++) {
+            let m_new = max(m[a], row_max[a]);
+            let alpha = exp2(m[a] - m_new);
+            m[a] = m_new;
+            var sum = 0.0;
+            for (var c = 0u; c < 4u; c++) {
+                let key = kt + 4u * tx + c;
+                if key < kend && key <= pos[a] {
+                    pr[a][c] = exp2(s[a][c] - m_new);
+                    sum += pr[a][c];
+                }
+            }
+            // l is this thread's share of the row sum (its columns); reduced at the end.
+            l[a] = l[a] * alpha + sum;
+            for (var mm = 0u; mm < NV4; mm++) {
+                acc[a * NV4 + mm] *= alpha;
+            }
+        }
+
+        for (var ks = 0u; ks < BK / KS; ks++) {
+            workgroupBarrier();
+            stage_p(pr, ks, tx, ty);
+            for (var n = 0u; n < NV4; n++) {
+                sm[V_AT + lid + 256u * n] = vn[n];
+            }
+            workgroupBarrier();
+            if ks + 1u < BK / KS {
+                vn = key_rows(false, b, hkv, kt + (ks + 1u) * KS, kend, lid);
+            }
+            value_product(&acc, tx, ty);
+        }
+    }
+
+    let sum = rows_reduce(l, false, tx, ty);
+    // Merging reads lse before any thread of the workgroup overwrites it.
+    var lse_new: array<f32, RQ>;
+    var w_new: array<f32, RQ>;
+    var w_old: array<f32, RQ>;
+    var la: array<u32, RQ>;
+    var oa: array<u32, RQ>;
+    for (var a = 0u; a < RQ; a++) {
+        let f = first + ty * RQ + a;
+        if f >= nrows {
+            continue;
+        }
+        let row = b * p.tq + row_query(f, g) - p.out_row0;
+        let h = row_head(f, g, head);
+        la[a] = p.lse_off + split * p.lse_split_stride + row * p.hq + h;
+        oa[a] = p.out_off + split * p.out_split_stride + row * (p.hq * D4) + h * D4 + tx;
+        lse_new[a] = NEG;
+        if sum[a] > 0.0 {
+            lse_new[a] = (m[a] + log2(sum[a])) * LN2;
+            w_new[a] = 1.0 / sum[a];
+        }
+        if merge {
+            let lse_old = lse[la[a]];
+            let top = max(lse_old, lse_new[a]);
+            let total = top + log(exp(lse_old - top) + exp(lse_new[a] - top));
+            w_new[a] *= exp(lse_new[a] - total);
+            w_old[a] = exp(lse_old - total);
+            lse_new[a] = total;
+        }
+    }
+    workgroupBarrier();
+    for (var a = 0u; a < RQ; a++) {
+        if first + ty * RQ + a >= nrows {
+            continue;
+        }
+        for (var mm = 0u; mm < NV4; mm++) {
+            let at = oa[a] + 16u * mm;
+            var o = acc[a * NV4 + mm] * w_new[a];
+            if merge {
+                o += out[at] * w_old[a];
+            }
+            out[at] = o;
+        }
+        if tx == 0u {
+            lse[la[a]] = lse_new[a];
+        }
+    }
+}
+
+// Decode: combines the splits' partial (out, lse) in part_out / part_lse into out / lse. One thread
+// per (row, head, vec4 of D) of the bound out chunk.
+@compute @workgroup_size(256)
+fn attn_merge(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = linear_group(wid, nwg) * 256u + lid;
+    if t >= p.n {
+        return;
+    }
+    let c4 = t % D4;
+    let h = (t / D4) % p.hq;
+    let r = t / D4 / p.hq;
+    let slot = (p.q_row0 + r) * p.hq + h;
+    var top = NEG;
+    for (var s = 0u; s < p.n_splits; s++) {
+        top = max(top, part_lse[s * p.lse_split_stride + slot]);
+    }
+    var total = 0.0;
+    var o = vec4(0.0);
+    for (var s = 0u; s < p.n_splits; s++) {
+        let w = exp(part_lse[s * p.lse_split_stride + slot] - top);
+        total += w;
+        o += w * part_out[s * p.out_split_stride + slot * D4 + c4];
+    }
+    out[p.out_off + (r * p.hq + h) * D4 + c4] = o / total;
+    if c4 == 0u {
+        lse[p.lse_off + r * p.hq + h] = top + log(total);
+    }
+}
+
+// Backward, step 1: drow = rowsum(dout * out) per (row, head), one thread each.
+@compute @workgroup_size(256)
+fn attn_bwd_prep(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = linear_group(wid, nwg) * 256u + lid;
+    if t >= p.n {
+        return;
+    }
+    var acc = vec4(0.0);
+    for (var c = 0u; c < D4; c++) {
+        acc += out[p.out_off + t * D4 + c] * dout[p.dout_off + t * D4 + c];
+    }
+    drow[p.drow_off + t] = acc.x + acc.y + acc.z + acc.w;
+}
+
+// Backward, dq: one workgroup per (query block of 64, head, sequence); it recomputes the
+// probabilities of every key tile the block sees and accumulates dq = scale * sum dS K, with
+// dS = P * (dP - drow), dP = dout v^T. Writes dq, or adds to it for later k/v chunks (key_lo > 0).
+@compute @workgroup_size(256)
+fn attn_bwd_dq(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let b = p.b0 + wid.z;
+    let head = wid.y;
+    let g = p.hq / p.hkv;
+    let hkv = head / g;
+    let nq = p.i_hi - p.i_lo;
+    let scale2 = p.scale * LOG2E;
+    let first = (nwg.x - 1u - wid.x) * BQ;
+    let shift = p.tk - p.tq;
+    let kend = min(p.key_hi, shift + p.i_lo + min(first + BQ, nq));
+
+    let srow = lid / 4u;
+    let spart = lid % 4u;
+    let q_ok = first + srow < nq;
+    let qa = select(0u, q_at(p.q_off, b, p.i_lo + first + srow, head) + spart, q_ok);
+    let da = select(0u, q_at(p.dout_off, b, p.i_lo + first + srow, head) + spart, q_ok);
+
+    var pos: array<u32, RQ>;
+    var lse2: array<f32, RQ>;
+    var dr: array<f32, RQ>;
+    for (var a = 0u; a < RQ; a++) {
+        let f = first + ty * RQ + a;
+        pos[a] = shift + p.i_lo + f;
+        if f < nq {
+            let at = (b * p.tq + p.i_lo + f - p.q_row0) * p.hq + head;
+            lse2[a] = lse[p.lse_off + at] * LOG2E;
+            dr[a] = drow[p.drow_off + at];
+        }
+    }
+    var acc: array<vec4<f32>, RQ * NV4>;
+
+    for (var kt = p.key_lo; kt < kend; kt += BK) {
+        let key_s = kt + srow;
+        let k_ok = key_s < kend;
+        let ka = select(0u, kv_at(p.k_off, b, key_s, hkv) + spart, k_ok);
+        let va = select(0u, kv_at(p.v_off, b, key_s, hkv) + spart, k_ok);
+        var s: array<vec4<f32>, RQ>;
+        var dp: array<vec4<f32>, RQ>;
+        var an = select(vec4(0.0), q[qa] * scale2, q_ok);
+        var bn = select(vec4(0.0), k[ka], k_ok);
+        for (var sl = 0u; sl < SLICES; sl++) {
+            workgroupBarrier();
+            stage_t(0u, BQ4, srow, 4u * spart, an);
+            stage_t(B_AT, 16u, srow, 4u * spart, bn);
+            workgroupBarrier();
+            // The next slice, then dP's first one.
+            if sl + 1u < SLICES {
+                an = select(vec4(0.0), q[qa + 4u * sl + 4u] * scale2, q_ok);
+                bn = select(vec4(0.0), k[ka + 4u * sl + 4u], k_ok);
+            } else {
+                an = select(vec4(0.0), dout[da], q_ok);
+                bn = select(vec4(0.0), v[va], k_ok);
+            }
+            slice_product(&s, tx, ty);
+        }
+        for (var sl = 0u; sl < SLICES; sl++) {
+            workgroupBarrier();
+            stage_t(0u, BQ4, srow, 4u * spart, an);
+            stage_t(B_AT, 16u, srow, 4u * spart, bn);
+            workgroupBarrier();
+            if sl + 1u < SLICES {
+                an = select(vec4(0.0), dout[da + 4u * sl + 4u], q_ok);
+                bn = select(vec4(0.0), v[va + 4u * sl + 4u], k_ok);
+            }
+            slice_product(&dp, tx, ty);
+        }
+        var kn = key_rows(true, b, hkv, kt, kend, lid);
+        var ds: array<vec4<f32>, RQ>;
+        for (var a = 0u; a < RQ; a++) {
+            for (var c = 0u; c < 4u; c++) {
+                let key = kt + 4u * tx + c;
+                if key < kend && key <= pos[a] {
+                    ds[a][c] = exp2(s[a][c] - lse2[a]) * (dp[a][c] - dr[a]);
+                }
+            }
+        }
+        for (var ks = 0u; ks < BK / KS; ks++) {
+            workgroupBarrier();
+            stage_p(ds, ks, tx, ty);
+            for (var n = 0u; n < NV4; n++) {
+                sm[V_AT + lid + 256u * n] = kn[n];
+            }
+            workgroupBarrier();
+            if ks + 1u < BK / KS {
+                kn = key_rows(true, b, hkv, kt + (ks + 1u) * KS, kend, lid);
+            }
+            value_product(&acc, tx, ty);
+        }
+    }
+
+    for (var a = 0u; a < RQ; a++) {
+        let f = first + ty * RQ + a;
+        if f >= nq {
+            continue;
+        }
+        let row = q_at(p.dq_off, b, p.i_lo + f, head) + tx;
+        for (var mm = 0u; mm < NV4; mm++) {
+            var x = acc[a * NV4 + mm] * p.scale;
+            if p.key_lo > 0u {
+                x += dq[row + 16u * mm];
+            }
+            dq[row + 16u * mm] = x;
+        }
+    }
+}
+
+// Backward, dk and dv: one workgroup per (block of 64 keys, kv head, sequence); it loops over the G
+// query heads of the group and the query tiles that see its keys, recomputing the probabilities:
+// dv = sum P^T dout, dk = scale * sum dS^T q. Here thread rows are keys (ty * 4 + a) and tile
+// columns are queries (RQ = 4: no DECODE). Writes dk / dv, or adds to them for later q chunks
+// (i_lo > 0).
+@compute @workgroup_size(256)
+fn attn_bwd_dkv(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    let b = p.b0 + wid.z;
+    let hkv = wid.y;
+    let g = p.hq / p.hkv;
+    let scale2 = p.scale * LOG2E;
+    let k0 = p.key_lo + wid.x * BK;
+    let shift = p.tk - p.tq;
+    // The first query that sees key k0.
+    let i_first = max(p.i_lo, select(0u, k0 - shift, k0 > shift));
+
+    let srow = lid / 4u;
+    let spart = lid % 4u;
+    let k_ok = k0 + srow < p.key_hi;
+    let ka = select(0u, kv_at(p.k_off, b, k0 + srow, hkv) + spart, k_ok);
+    let va = select(0u, kv_at(p.v_off, b, k0 + srow, hkv) + spart, k_ok);
+
+    var dk_acc: array<vec4<f32>, 4u * NV4>;
+    var dv_acc: array<vec4<f32>, 4u * NV4>;
+    for (var hh = 0u; hh < g; hh++) {
+        let head = hkv * g + hh;
+        for (var qt = i_first; qt < p.i_hi; qt += 64u) {
+            let q_ok = qt + srow < p.i_hi;
+            let qa = select(0u, q_at(p.q_off, b, qt + srow, head) + spart, q_ok);
+            let da = select(0u, q_at(p.dout_off, b, qt + srow, head) + spart, q_ok);
+            var st: array<vec4<f32>, RQ>;
+            var dpt: array<vec4<f32>, RQ>;
+            var an = select(vec4(0.0), k[ka], k_ok);
+            var bn = select(vec4(0.0), q[qa] * scale2, q_ok);
+            for (var sl = 0u; sl < SLICES; sl++) {
+                workgroupBarrier();
+                stage_t(0u, 16u, srow, 4u * spart, an);
+                stage_t(B_AT, 16u, srow, 4u * spart, bn);
+                workgroupBarrier();
+                if sl + 1u < SLICES {
+                    an = select(vec4(0.0), k[ka + 4u * sl + 4u], k_ok);
+                    bn = select(vec4(0.0), q[qa + 4u * sl + 4u] * scale2, q_ok);
+                } else {
+                    an = select(vec4(0.0), v[va], k_ok);
+                    bn = select(vec4(0.0), dout[da], q_ok);
+                }
+                slice_product(&st, tx, ty);
+            }
+            for (var sl = 0u; sl < SLICES; sl++) {
+                workgroupBarrier();
+                stage_t(0u, 16u, srow, 4u * spart, an);
+                stage_t(B_AT, 16u, srow, 4u * spart, bn);
+                workgroupBarrier();
+                if sl + 1u < SLICES {
+                    an = select(vec4(0.0), v[va + 4u * sl + 4u], k_ok);
+                    bn = select(vec4(0.0), dout[da + 4u * sl + 4u], q_ok);
+                }
+                slice_product(&dpt, tx, ty);
+            }
+            var rows_n = query_rows(b, head, qt, lid);
+            var pt: array<vec4<f32>, 4>;
+            var dst: array<vec4<f32>, 4>;
+            for (var c = 0u; c < 4u; c++) {
+                let i = qt + 4u * tx + c;
+                if i >= p.i_hi {
+                    continue;
+                }
+                let at = (b * p.tq + i - p.q_row0) * p.hq + head;
+                let lse2 = lse[p.lse_off + at] * LOG2E;
+                let dr = drow[p.drow_off + at];
+                for (var a = 0u; a < 4u; a++) {
+                    let key = k0 + 4u * ty + a;
+                    if key < p.key_hi && key <= shift + i {
+                        pt[a][c] = exp2(st[a][c] - lse2);
+                        dst[a][c] = pt[a][c] * (dpt[a][c] - dr);
+                    }
+                }
+            }
+            // dv += P^T dout and dk += dS^T q over slices of QS queries: P and dS as [QS][64 keys]
+            // at 0 and 16 QS, dout and q rows as [QS][D] after them.
+            for (var qs = 0u; qs < 64u / QS; qs++) {
+                workgroupBarrier();
+                if tx / 2u == qs {
+                    for (var c = 0u; c < 4u; c++) {
+                        let ql = 4u * (tx % 2u) + c;
+                        sm[ql * 16u + ty] = vec4(pt[0][c], pt[1][c], pt[2][c], pt[3][c]);
+                        sm[16u * QS + ql * 16u + ty] = vec4(dst[0][c], dst[1][c], dst[2][c], dst[3][c]);
+                    }
+                }
+                if lid < QS * D4 {
+                    sm[32u * QS + lid] = rows_n[0];
+                    sm[32u * QS + QS * D4 + lid] = rows_n[1];
+                }
+                workgroupBarrier();
+                if qs + 1u < 64u / QS {
+                    rows_n = query_rows(b, head, qt + (qs + 1u) * QS, lid);
+                }
+                for (var qq = 0u; qq < QS; qq++) {
+                    let pw = sm[qq * 16u + ty];
+                    let dw = sm[16u * QS + qq * 16u + ty];
+                    for (var mm = 0u; mm < NV4; mm++) {
+                        let dov = sm[32u * QS + qq * D4 + tx + 16u * mm];
+                        let qv = sm[32u * QS + QS * D4 + qq * D4 + tx + 16u * mm];
+                        for (var a = 0u; a < 4u; a++) {
+                            dv_acc[a * NV4 + mm] += pw[a] * dov;
+                            dk_acc[a * NV4 + mm] += dw[a] * qv;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    for (var a = 0u; a < 4u; a++) {
+        let key = k0 + 4u * ty + a;
+        if key >= p.key_hi {
+            continue;
+        }
+        let kat = kv_at(p.dk_off, b, key, hkv) + tx;
+        let vat = kv_at(p.dv_off, b, key, hkv) + tx;
+        for (var mm = 0u; mm < NV4; mm++) {
+            var xk = dk_acc[a * NV4 + mm] * p.scale;
+            var xv = dv_acc[a * NV4 + mm];
+            if p.i_lo > 0u {
+                xk += dk[kat + 16u * mm];
+                xv += dv[vat + 16u * mm];
+            }
+            dk[kat + 16u * mm] = xk;
+            dv[vat + 16u * mm] = xv;
+        }
+    }
+}
