@@ -15,6 +15,15 @@ enum Command {
     Devices(cli::device::DevicesArgs),
     /// Run every kernel against its CPU reference on the chosen device and print a table.
     Selftest(cli::device::SelftestArgs),
+    /// Write a perturbed copy of a reasoning dataset: shuffled, deleted or inserted steps,
+    /// corrupted digits, removed reflection keywords, or only the wrong answers.
+    Perturb(cli::perturb::PerturbArgs),
+    /// Grade math generations like the Qwen2.5-Math harness (--grade FILE needs no model).
+    Eval(cli::eval::EvalArgs),
+    /// Masked mean next-token loss of a model (and adapter) over a dataset, as JSON.
+    Loss(cli::loss::LossArgs),
+    /// Generate text from a prompt with the KV cache (greedy or sampled), streamed to stdout.
+    Generate(cli::generate::GenerateArgs),
 }
 
 fn main() {
@@ -22,6 +31,10 @@ fn main() {
     let result = match cli.command {
         Command::Devices(args) => cli::device::devices(args),
         Command::Selftest(args) => cli::device::selftest(args),
+        Command::Perturb(args) => cli::perturb::run(args),
+        Command::Eval(args) => cli::eval::run(args),
+        Command::Loss(args) => cli::loss::run(args),
+        Command::Generate(args) => cli::generate::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

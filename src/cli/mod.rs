@@ -1,2 +1,7 @@
 //! Command-line subcommands, one module each; `main.rs` only dispatches.
 pub mod device;
+pub mod eval;
+pub mod generate;
+pub mod loss;
+pub mod perturb;
+pub mod train;

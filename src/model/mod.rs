@@ -1,0 +1,17 @@
+//! The Qwen2 model family: config, safetensors weights, tokenizer, the forward pass on the GPU
+//! kernels, PEFT LoRA adapters and token sampling.
+pub mod adapter;
+pub mod config;
+pub mod generate;
+pub mod qwen2;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub use adapter::{Adapter, AdapterConfig, LoraPair, TargetModules};
+pub use config::{GenerationConfig, Qwen2Config, TorchDType};
+pub use generate::{generate, GenerateOptions, Generation, StreamDecoder};
+pub use qwen2::{next_token_targets, KvCache, LayerActs, LossSum, Proj, Qwen2, IGNORE};
+pub use sampling::{Sampler, SamplingParams};
+pub use tokenizer::{Encoding, SpecialTokens, Tokenizer};
+pub use weights::{qwen2_tensors, to_device, TensorSpec, WeightDType, WeightView, Weights};

@@ -1,0 +1,698 @@
+//! The Qwen2 / Qwen2.5 decoder on the GPU kernels, written out explicitly (llm.c style):
+//!
+//! ```text
+//! x = embed(ids)
+//! per layer:  h = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))   n1 = rmsnorm(x)
+//!             x = h + down_proj(silu(gate_proj(n2)) * up_proj(n2))                    n2 = rmsnorm(h)
+//! logits = lm_head(rmsnorm(x))        (lm_head = embed_tokens when tied)
+//! ```
+//!
+//! Frozen matrices stay bf16 on the device, straight from the memory-mapped checkpoint; norms and
+//! biases are f32. A LoRA adapter is applied unmerged through the fused LoRA kernel.
+//!
+//! Backward-readiness: [`Qwen2::layer_forward`] reads the layer input `x` and writes the layer
+//! output, leaving every intermediate its backward needs in [`LayerActs`] (normed inputs, rstd,
+//! rotated q/k, v, attention out + lse, the mid residual, gate/up, LoRA's `u = x·Aᵀ`). A trainer
+//! keeps each layer's input and recomputes that layer into one `LayerActs` before its backward,
+//! as the design's per-layer recomputation prescribes.
+//!
+//! Logits are only ever formed for the rows asked for ([`Qwen2::logits`], the last row when
+//! decoding); the loss path runs the chunked LM-head cross-entropy and never materialises [T, V].
+use std::ops::Range;
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use wgtrain_kernels::ops::attention::{attention_forward, AttentionDims};
+/// The target of an unsupervised position.
+pub use wgtrain_kernels::ops::cross_entropy::IGNORE;
+use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking};
+use wgtrain_kernels::ops::elementwise::{add, copy_rows};
+use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
+use wgtrain_kernels::ops::lora::{lora_forward, Lora};
+use wgtrain_kernels::ops::matmul::{matmul_forward, Gemm, Mat};
+use wgtrain_kernels::ops::rmsnorm::rmsnorm_forward;
+use wgtrain_kernels::ops::rope::{rope_forward, Positions, Rope};
+use wgtrain_kernels::ops::swiglu::swiglu_forward;
+use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
+
+use super::adapter::Adapter;
+use super::config::Qwen2Config;
+use super::weights::{to_device, TensorSpec, Weights};
+
+/// The seven linear projections of a decoder layer (LoRA targets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// The module's own name, as PEFT's `target_modules` lists it.
+    pub fn module(self) -> &'static str {
+        self.path().rsplit('.').next().unwrap_or_default()
+    }
+
+    /// The module path inside a decoder layer.
+    pub fn path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// (out_features, in_features).
+    pub fn shape(self, c: &Qwen2Config) -> (usize, usize) {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        match self {
+            Proj::Q => (c.q_dim(), h),
+            Proj::K | Proj::V => (c.kv_dim(), h),
+            Proj::O => (h, c.q_dim()),
+            Proj::Gate | Proj::Up => (i, h),
+            Proj::Down => (h, i),
+        }
+    }
+
+    /// Qwen2 has biases on q, k and v only.
+    pub fn has_bias(self) -> bool {
+        matches!(self, Proj::Q | Proj::K | Proj::V)
+    }
+}
+
+/// LoRA factors on the device: A [r, in], B [out, r] (f32) and the scale.
+pub struct LoraTensors {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f32,
+}
+
+/// A frozen projection `y = x·Wᵀ (+ b)`, plus `s·(x·Aᵀ)·Bᵀ` when a LoRA is applied.
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub lora: Option<LoraTensors>,
+}
+
+impl Linear {
+    /// `u` ([rows, r]) receives `x·Aᵀ` when a LoRA is applied (its backward needs it).
+    fn forward(&self, batch: &mut Batch, x: &Tensor, u: Option<&Tensor>, y: &Tensor) -> Result<()> {
+        match (&self.lora, u) {
+            (None, _) => matmul_forward(batch, x, &self.weight, self.bias.as_ref(), y),
+            (Some(l), Some(u)) => {
+                let lora = Lora {
+                    a: &l.a,
+                    b: &l.b,
+                    scale: l.scale,
+                };
+                lora_forward(batch, x, &self.weight, self.bias.as_ref(), &lora, u, y)
+            }
+            (Some(_), None) => bail!("a LoRA projection was run without its activation buffer"),
+        }
+    }
+}
+
+pub struct Layer {
+    pub input_norm: Tensor,
+    pub post_norm: Tensor,
+    /// Indexed by `Proj as usize`.
+    pub proj: [Linear; 7],
+}
+
+/// The model on the device.
+pub struct Qwen2 {
+    pub config: Qwen2Config,
+    pub embed: Tensor,
+    pub layers: Vec<Layer>,
+    pub norm: Tensor,
+    /// None when tied to `embed`.
+    pub lm_head: Option<Tensor>,
+    rope: Rope,
+}
+
+/// Every intermediate of one decoder layer over `rows` tokens: what its backward reads.
+pub struct LayerActs {
+    pub rows: usize,
+    /// input_layernorm(x) and its rstd.
+    pub xn: Tensor,
+    pub rstd1: Tensor,
+    /// Projections (q and k after RoPE).
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    /// Attention output and its row log-sum-exp.
+    pub attn: Tensor,
+    pub lse: Tensor,
+    pub o: Tensor,
+    /// x + o_proj(attn): the residual stream between attention and MLP.
+    pub mid: Tensor,
+    pub xn2: Tensor,
+    pub rstd2: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    /// silu(gate) * up.
+    pub act: Tensor,
+    pub down: Tensor,
+    /// `x·Aᵀ` of each LoRA projection ([rows, r]), indexed by `Proj as usize`.
+    pub u: [Option<Tensor>; 7],
+}
+
+impl LayerActs {
+    /// Shapes of the f32 activations in field order (xn .. down), then u of each LoRA projection.
+    fn shapes(model: &Qwen2, rows: usize) -> Vec<Vec<usize>> {
+        let c = &model.config;
+        let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let mut shapes: Vec<Vec<usize>> = [
+            vec![rows, h],
+            vec![rows],
+            vec![rows, q],
+            vec![rows, kv],
+            vec![rows, kv],
+            vec![rows, q],
+            vec![rows, c.num_attention_heads],
+            vec![rows, h],
+            vec![rows, h],
+            vec![rows, h],
+            vec![rows],
+            vec![rows, i],
+            vec![rows, i],
+            vec![rows, i],
+            vec![rows, h],
+        ]
+        .into();
+        shapes.extend(
+            model
+                .lora_ranks()
+                .into_iter()
+                .flatten()
+                .map(|r| vec![rows, r]),
+        );
+        shapes
+    }
+
+    /// Activations sized for `rows` tokens (one set serves every layer of an inference pass).
+    pub fn new(gpu: &Gpu, model: &Qwen2, rows: usize) -> Result<LayerActs> {
+        let mut t = LayerActs::shapes(model, rows)
+            .into_iter()
+            .map(|s| Tensor::zeros(gpu, &s, DType::F32));
+        let mut next = || t.next().context("activation shapes out of step")?;
+        Ok(LayerActs {
+            rows,
+            xn: next()?,
+            rstd1: next()?,
+            q: next()?,
+            k: next()?,
+            v: next()?,
+            attn: next()?,
+            lse: next()?,
+            o: next()?,
+            mid: next()?,
+            xn2: next()?,
+            rstd2: next()?,
+            gate: next()?,
+            up: next()?,
+            act: next()?,
+            down: next()?,
+            u: {
+                let ranks = model.lora_ranks();
+                let mut u: [Option<Tensor>; 7] = Default::default();
+                for (slot, rank) in u.iter_mut().zip(ranks) {
+                    if rank.is_some() {
+                        *slot = Some(next()?);
+                    }
+                }
+                u
+            },
+        })
+    }
+
+    /// Device bytes `LayerActs::new(.., rows)` allocates.
+    pub fn bytes(model: &Qwen2, rows: usize) -> u64 {
+        let f32s: usize = LayerActs::shapes(model, rows)
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum();
+        f32s as u64 * 4
+    }
+}
+
+/// Keys and values of one sequence's past tokens, per layer [capacity, kv_dim] f32, after RoPE.
+pub struct KvCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+}
+
+impl KvCache {
+    pub fn new(gpu: &Gpu, model: &Qwen2, capacity: usize) -> Result<KvCache> {
+        ensure!(capacity > 0, "a KV cache needs a positive capacity");
+        let c = &model.config;
+        let tensors = || -> Result<Vec<Tensor>> {
+            (0..c.num_hidden_layers)
+                .map(|_| Tensor::zeros(gpu, &[capacity, c.kv_dim()], DType::F32))
+                .collect()
+        };
+        Ok(KvCache {
+            k: tensors()?,
+            v: tensors()?,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Tokens cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn device_bytes(&self) -> u64 {
+        self.k.iter().chain(&self.v).map(Tensor::device_bytes).sum()
+    }
+}
+
+/// The rows of one forward: `batch_size` sequences of `seq_len` new tokens, each following `past`
+/// tokens already in `cache`.
+struct Step<'a> {
+    batch_size: usize,
+    seq_len: usize,
+    past: usize,
+    /// u32 [batch_size]: every entry `past` (RoPE positions start there).
+    starts: Tensor,
+    cache: Option<&'a KvCache>,
+}
+
+/// Next-token targets of a row: `targets[t] = ids[t + 1]` where token t + 1 is supervised, else
+/// [`IGNORE`] (and always for the last position).
+pub fn next_token_targets(ids: &[u32], labels_mask: &[bool]) -> Vec<u32> {
+    (0..ids.len())
+        .map(|t| match labels_mask.get(t + 1) {
+            Some(true) => ids[t + 1],
+            _ => IGNORE,
+        })
+        .collect()
+}
+
+/// A masked loss: summed cross-entropy and the number of supervised tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSum {
+    pub sum: f64,
+    pub tokens: u64,
+}
+
+impl Qwen2 {
+    /// Loads a Hugging Face checkpoint directory (config.json + safetensors), checking every tensor
+    /// against the config first.
+    pub fn load(gpu: &Gpu, dir: impl AsRef<Path>) -> Result<Qwen2> {
+        let dir = dir.as_ref();
+        ensure!(
+            dir.is_dir(),
+            "model directory {} does not exist",
+            dir.display()
+        );
+        let config = Qwen2Config::load(dir)?;
+        let weights = Weights::open(dir)?;
+        weights.validate(&config)?;
+        Qwen2::build(gpu, config, |spec, dtype| {
+            to_device(gpu, &weights.get(&spec.name)?, dtype)
+        })
+    }
+
+    /// Builds the model from `tensor(spec, dtype)`, called once for every tensor of
+    /// [`super::qwen2_tensors`] with the device dtype wanted (bf16 matrices, f32 vectors). Lets a
+    /// benchmark supply random weights of a real model's shapes.
+    pub fn build(
+        gpu: &Gpu,
+        config: Qwen2Config,
+        mut tensor: impl FnMut(&TensorSpec, DType) -> Result<Tensor>,
+    ) -> Result<Qwen2> {
+        ensure!(
+            config.head_dim == 64 || config.head_dim == 128,
+            "head_dim = {} is not supported: the attention kernel takes 64 or 128",
+            config.head_dim
+        );
+        let mut get = |name: String, shape: &[usize]| {
+            let dtype = if shape.len() == 1 {
+                DType::F32
+            } else {
+                DType::BF16
+            };
+            let spec = TensorSpec {
+                name,
+                shape: shape.to_vec(),
+            };
+            tensor(&spec, dtype).with_context(|| format!("loading tensor {}", spec.name))
+        };
+        let h = config.hidden_size;
+        let embed = get("model.embed_tokens.weight".into(), &[config.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for l in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let input_norm = get(format!("{p}.input_layernorm.weight"), &[h])?;
+            let post_norm = get(format!("{p}.post_attention_layernorm.weight"), &[h])?;
+            let mut linear = |proj: Proj| -> Result<Linear> {
+                let (out_f, in_f) = proj.shape(&config);
+                let name = format!("{p}.{}", proj.path());
+                Ok(Linear {
+                    weight: get(format!("{name}.weight"), &[out_f, in_f])?,
+                    bias: match proj.has_bias() {
+                        true => Some(get(format!("{name}.bias"), &[out_f])?),
+                        false => None,
+                    },
+                    lora: None,
+                })
+            };
+            let proj = [
+                linear(Proj::Q)?,
+                linear(Proj::K)?,
+                linear(Proj::V)?,
+                linear(Proj::O)?,
+                linear(Proj::Gate)?,
+                linear(Proj::Up)?,
+                linear(Proj::Down)?,
+            ];
+            layers.push(Layer {
+                input_norm,
+                post_norm,
+                proj,
+            });
+        }
+        let norm = get("model.norm.weight".into(), &[h])?;
+        let lm_head = match config.tie_word_embeddings {
+            true => None,
+            false => Some(get("lm_head.weight".into(), &[config.vocab_size, h])?),
+        };
+        let rope = Rope::new(gpu, config.head_dim, config.rope_theta)?;
+        Ok(Qwen2 {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// Applies `adapter` unmerged (replacing any applied before).
+    pub fn apply_adapter(&mut self, gpu: &Gpu, adapter: &Adapter) -> Result<()> {
+        let (r, scale) = (adapter.config.r, adapter.config.scale());
+        for layer in &mut self.layers {
+            for linear in &mut layer.proj {
+                linear.lora = None;
+            }
+        }
+        for (&(l, proj), pair) in &adapter.modules {
+            let (out_f, in_f) = proj.shape(&self.config);
+            let layer = self.layers.get_mut(l).with_context(|| {
+                format!("the adapter has layer {l}; the model has fewer layers")
+            })?;
+            layer.proj[proj as usize].lora = Some(LoraTensors {
+                a: Tensor::from_f32(gpu, &[r, in_f], &pair.a)
+                    .with_context(|| format!("LoRA A of layer {l} {}", proj.path()))?,
+                b: Tensor::from_f32(gpu, &[out_f, r], &pair.b)
+                    .with_context(|| format!("LoRA B of layer {l} {}", proj.path()))?,
+                scale,
+            });
+        }
+        Ok(())
+    }
+
+    /// LoRA rank of each projection (the same in every layer that has one), by `Proj as usize`.
+    fn lora_ranks(&self) -> [Option<usize>; 7] {
+        let mut ranks = [None; 7];
+        for layer in &self.layers {
+            for (rank, linear) in ranks.iter_mut().zip(&layer.proj) {
+                if let Some(l) = &linear.lora {
+                    *rank = Some(rank.unwrap_or(0).max(l.a.rows()));
+                }
+            }
+        }
+        ranks
+    }
+
+    /// The LM head: its own matrix, or the embedding when tied.
+    pub fn lm_head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Device bytes of the weights (and applied adapter).
+    pub fn device_bytes(&self) -> u64 {
+        let linear = |l: &Linear| {
+            l.weight.device_bytes()
+                + l.bias.as_ref().map_or(0, Tensor::device_bytes)
+                + l.lora
+                    .as_ref()
+                    .map_or(0, |l| l.a.device_bytes() + l.b.device_bytes())
+        };
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.input_norm.device_bytes()
+                    + l.post_norm.device_bytes()
+                    + l.proj.iter().map(linear).sum::<u64>()
+            })
+            .sum();
+        self.embed.device_bytes()
+            + layers
+            + self.norm.device_bytes()
+            + self.lm_head.as_ref().map_or(0, Tensor::device_bytes)
+    }
+
+    /// Records decoder layer `l`: reads the residual stream `x` [rows, hidden], writes the next
+    /// one into `out`, and leaves the layer's intermediates in `acts`.
+    fn layer_forward(
+        &self,
+        batch: &mut Batch,
+        l: usize,
+        x: &Tensor,
+        out: &Tensor,
+        acts: &LayerActs,
+        step: &Step,
+    ) -> Result<()> {
+        let c = &self.config;
+        let (layer, a) = (&self.layers[l], acts);
+        let eps = c.rms_norm_eps as f32;
+        let proj = |batch: &mut Batch, p: Proj, x: &Tensor, y: &Tensor| {
+            layer.proj[p as usize]
+                .forward(batch, x, a.u[p as usize].as_ref(), y)
+                .with_context(|| format!("layer {l} {}", p.path()))
+        };
+
+        rmsnorm_forward(batch, x, &layer.input_norm, eps, &a.xn, &a.rstd1)?;
+        proj(batch, Proj::Q, &a.xn, &a.q)?;
+        proj(batch, Proj::K, &a.xn, &a.k)?;
+        proj(batch, Proj::V, &a.xn, &a.v)?;
+        let positions = Positions::Sequential {
+            seq_len: step.seq_len,
+            starts: &step.starts,
+        };
+        rope_forward(batch, &self.rope, &a.q, c.num_attention_heads, &positions)?;
+        rope_forward(batch, &self.rope, &a.k, c.num_key_value_heads, &positions)?;
+        let dims = AttentionDims {
+            batch_size: step.batch_size,
+            tq: step.seq_len,
+            tk: step.past + step.seq_len,
+            hq: c.num_attention_heads,
+            hkv: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        match step.cache {
+            Some(cache) => {
+                copy_rows(batch, &a.k, &cache.k[l], step.past)?;
+                copy_rows(batch, &a.v, &cache.v[l], step.past)?;
+                attention_forward(batch, &a.q, &cache.k[l], &cache.v[l], &a.attn, &a.lse, dims)?;
+            }
+            None => attention_forward(batch, &a.q, &a.k, &a.v, &a.attn, &a.lse, dims)?,
+        }
+        proj(batch, Proj::O, &a.attn, &a.o)?;
+        add(batch, x, &a.o, &a.mid, 1.0, 1.0)?;
+
+        rmsnorm_forward(batch, &a.mid, &layer.post_norm, eps, &a.xn2, &a.rstd2)?;
+        proj(batch, Proj::Gate, &a.xn2, &a.gate)?;
+        proj(batch, Proj::Up, &a.xn2, &a.up)?;
+        swiglu_forward(batch, &a.gate, &a.up, &a.act)?;
+        proj(batch, Proj::Down, &a.act, &a.down)?;
+        add(batch, &a.mid, &a.down, out, 1.0, 1.0)
+    }
+
+    /// Records embedding, every layer and the final norm over `ids` (`batch_size` sequences of
+    /// equal length, stacked); returns the normed final hidden states [rows, hidden].
+    fn record_hidden(
+        &self,
+        batch: &mut Batch,
+        ids: &[u32],
+        batch_size: usize,
+        cache: Option<&KvCache>,
+    ) -> Result<Tensor> {
+        let gpu = batch.gpu;
+        let (rows, h) = (ids.len(), self.config.hidden_size);
+        ensure!(
+            rows > 0 && batch_size > 0 && rows % batch_size == 0,
+            "{rows} tokens are not {batch_size} equal sequences"
+        );
+        let past = cache.map_or(0, KvCache::len);
+        if let Some(cache) = cache {
+            ensure!(batch_size == 1, "a KV cache holds one sequence");
+            ensure!(
+                past + rows <= cache.capacity,
+                "the KV cache holds {} tokens; {past} cached + {rows} new do not fit",
+                cache.capacity
+            );
+        }
+        let step = Step {
+            batch_size,
+            seq_len: rows / batch_size,
+            past,
+            starts: Tensor::from_u32(gpu, &[batch_size], &vec![past as u32; batch_size])?,
+            cache,
+        };
+        let ids = TokenIds::new(gpu, ids)?;
+        let acts = LayerActs::new(gpu, self, rows)?;
+        let mut x = Tensor::zeros(gpu, &[rows, h], DType::F32)?;
+        let mut y = Tensor::zeros(gpu, &[rows, h], DType::F32)?;
+        embedding_forward(batch, &ids, &self.embed, &x)?;
+        for l in 0..self.layers.len() {
+            self.layer_forward(batch, l, &x, &y, &acts, &step)?;
+            std::mem::swap(&mut x, &mut y);
+        }
+        let rstd = Tensor::zeros(gpu, &[rows], DType::F32)?;
+        rmsnorm_forward(
+            batch,
+            &x,
+            &self.norm,
+            self.config.rms_norm_eps as f32,
+            &y,
+            &rstd,
+        )?;
+        Ok(y)
+    }
+
+    /// Records `logits = hidden[rows]·lm_headᵀ` into a new [rows.len(), vocab] tensor.
+    fn record_logits(
+        &self,
+        batch: &mut Batch,
+        hidden: &Tensor,
+        rows: Range<usize>,
+    ) -> Result<Tensor> {
+        let logits = Tensor::zeros(batch.gpu, &[rows.len(), self.config.vocab_size], DType::F32)?;
+        Gemm::new(Mat::new(hidden).rows(rows), false, self.lm_head(), true).run(batch, &logits)?;
+        Ok(logits)
+    }
+
+    /// Full forward of one sequence; the logits of positions `rows`, row-major [rows.len(), vocab].
+    pub fn logits(&self, gpu: &Gpu, ids: &[u32], rows: Range<usize>) -> Result<Vec<f32>> {
+        ensure!(
+            !rows.is_empty() && rows.end <= ids.len(),
+            "logit rows {rows:?} outside a sequence of {} tokens",
+            ids.len()
+        );
+        let mut batch = gpu.batch();
+        let hidden = self.record_hidden(&mut batch, ids, 1, None)?;
+        let logits = self.record_logits(&mut batch, &hidden, rows)?;
+        batch.submit();
+        logits.to_f32(gpu)
+    }
+
+    /// Runs `ids`, the next tokens of the cached sequence, appending their keys and values to the
+    /// cache; returns the logits of the last of them [vocab].
+    pub fn forward_cached(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        let mut batch = gpu.batch();
+        let hidden = self.record_hidden(&mut batch, ids, 1, Some(cache))?;
+        let logits = self.record_logits(&mut batch, &hidden, ids.len() - 1..ids.len())?;
+        batch.submit();
+        cache.len += ids.len();
+        logits.to_f32(gpu)
+    }
+
+    /// Summed next-token cross-entropy of `rows` — (ids, targets) pairs, targets from
+    /// [`next_token_targets`] — run as one batch padded to the longest row (padding is
+    /// unsupervised, and causal attention keeps it from affecting the real tokens).
+    pub fn loss_sum(&self, gpu: &Gpu, rows: &[(&[u32], &[u32])]) -> Result<LossSum> {
+        let seq_len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        ensure!(seq_len > 0, "loss of an empty batch");
+        let (mut ids, mut targets) = (Vec::new(), Vec::new());
+        for (row_ids, row_targets) in rows {
+            ensure!(
+                row_ids.len() == row_targets.len(),
+                "a row has {} ids and {} targets",
+                row_ids.len(),
+                row_targets.len()
+            );
+            ids.extend_from_slice(row_ids);
+            ids.resize(ids.len() + seq_len - row_ids.len(), 0);
+            targets.extend_from_slice(row_targets);
+            targets.resize(ids.len(), IGNORE);
+        }
+        let mut batch = gpu.batch();
+        let hidden = self.record_hidden(&mut batch, &ids, rows.len(), None)?;
+        let tokens = ids.len();
+        let targets = Tensor::from_u32(gpu, &[tokens], &targets)?;
+        let lse = Tensor::zeros(gpu, &[tokens], DType::F32)?;
+        let loss = Tensor::zeros(gpu, &[1], DType::F32)?;
+        let count = Tensor::zeros(gpu, &[1], DType::U32)?;
+        cross_entropy_forward(
+            &mut batch,
+            &hidden,
+            self.lm_head(),
+            &targets,
+            &lse,
+            &loss,
+            &count,
+            Chunking::default(),
+        )?;
+        batch.submit();
+        Ok(LossSum {
+            sum: loss.to_f32(gpu)?[0] as f64,
+            tokens: count.to_u32(gpu)?[0] as u64,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_the_next_supervised_token() {
+        let ids = [10, 11, 12, 13, 14];
+        let mask = [false, false, true, true, false];
+        assert_eq!(
+            next_token_targets(&ids, &mask),
+            vec![IGNORE, 12, 13, IGNORE, IGNORE]
+        );
+    }
+
+    #[test]
+    fn projection_names() {
+        assert_eq!(Proj::Gate.module(), "gate_proj");
+        assert_eq!(Proj::O.path(), "self_attn.o_proj");
+    }
+}
