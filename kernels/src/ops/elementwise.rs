@@ -101,6 +101,59 @@ pub fn axpby(batch: &mut Batch, alpha: f32, a: &Tensor, beta: f32, out: &Tensor)
     Ok(())
 }
 
+/// Copies the rows of `src` into rows `dst_row..dst_row + src.rows()` of `dst` (f32, same row
+/// length), e.g. appending new keys and values to a KV cache. Runs the `add` kernel with
+/// `alpha = 1, beta = 0`, walking the row ranges inside one chunk of both tensors.
+pub fn copy_rows(batch: &mut Batch, src: &Tensor, dst: &Tensor, dst_row: usize) -> Result<()> {
+    let (rows, cols) = (src.rows(), src.row_len());
+    if src.dtype() != DType::F32
+        || dst.dtype() != DType::F32
+        || dst.row_len() != cols
+        || dst_row + rows > dst.rows()
+    {
+        bail!(
+            "copy_rows: cannot copy f32 {:?} into rows {dst_row}.. of {:?} {:?}",
+            src.shape(),
+            dst.shape(),
+            dst.dtype()
+        );
+    }
+    let mut cuts: Vec<usize> = src
+        .chunk_starts()
+        .chain(
+            dst.chunk_starts()
+                .filter(|&s| s > dst_row)
+                .map(|s| s - dst_row),
+        )
+        .filter(|&r| r < rows)
+        .collect();
+    cuts.extend([0, rows]);
+    cuts.sort_unstable();
+    cuts.dedup();
+    for w in cuts.windows(2) {
+        let (rs, rd) = (src.row(w[0]), dst.row(dst_row + w[0]));
+        let n = ((w[1] - w[0]) * cols) as u32;
+        let params = Params {
+            n,
+            a_off: rs.offset,
+            b_off: rs.offset,
+            out_off: rd.offset,
+            alpha: 1.0,
+            beta: 0.0,
+            cols: 0,
+            rows: 0,
+        };
+        let groups = linear_groups(batch.gpu, n.div_ceil(WG));
+        batch.dispatch(
+            &Kernel::new(&ELEMENTWISE, "add"),
+            &params,
+            &[rs.buffer, rs.buffer, rd.buffer],
+            groups,
+        )?;
+    }
+    Ok(())
+}
+
 /// Converts between bf16 and f32 tensors of the same shape (either direction).
 pub fn convert(batch: &mut Batch, src: &Tensor, dst: &Tensor) -> Result<()> {
     same_shape("convert", src, dst)?;

@@ -1,11 +1,22 @@
 //! One module per kernel family: typed launchers (`*_forward` / `*_backward`) that check shapes and
 //! walk tensor chunks, plus `cpu`, the f64 reference the tests and `wgtrain selftest` compare with.
+pub mod attention;
+pub mod cross_entropy;
 pub mod elementwise;
+pub mod embedding;
+pub mod lora;
+pub mod matmul;
+pub mod optim;
+pub mod rmsnorm;
+pub mod rope;
+pub mod swiglu;
 
 use anyhow::Result;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
+use crate::bench::{BenchConfig, BenchResult};
 use crate::gpu::Gpu;
+use crate::shader::Kernel;
 
 /// The result of comparing one kernel run with its CPU reference.
 #[derive(Clone, Debug)]
@@ -49,7 +60,10 @@ pub fn random(seed: u64, n: usize, scale: f32) -> Vec<f32> {
 
 /// Values rounded to bf16 and back, so the CPU reference sees exactly what a bf16 tensor holds.
 pub fn round_bf16(values: &[f32]) -> Vec<f32> {
-    values.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect()
+    values
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect()
 }
 
 pub fn to_f64(values: &[f32]) -> Vec<f64> {
@@ -60,5 +74,48 @@ pub fn to_f64(values: &[f32]) -> Vec<f64> {
 pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     checks.extend(elementwise::selftest(gpu)?);
+    checks.extend(matmul::selftest(gpu)?);
+    checks.extend(lora::selftest(gpu)?);
+    checks.extend(cross_entropy::selftest(gpu)?);
+    checks.extend(attention::selftest(gpu)?);
+    checks.extend(rope::selftest(gpu)?);
+    checks.extend(rmsnorm::selftest(gpu)?);
+    checks.extend(swiglu::selftest(gpu)?);
+    checks.extend(embedding::selftest(gpu)?);
+    checks.extend(optim::selftest(gpu)?);
     Ok(checks)
+}
+
+/// Every kernel variant the launchers can build (for the naga translation test).
+pub fn variants() -> Vec<Kernel> {
+    let mut all = elementwise::variants();
+    all.extend(matmul::variants());
+    all.extend(lora::variants());
+    all.extend(cross_entropy::variants());
+    all.extend(attention::variants());
+    all.extend(rope::variants());
+    all.extend(rmsnorm::variants());
+    all.extend(swiglu::variants());
+    all.extend(embedding::variants());
+    all.extend(optim::variants());
+    all
+}
+
+/// A family's benchmarks at Qwen2.5 model shapes.
+pub type BenchFn = fn(&Gpu, BenchConfig) -> Result<Vec<BenchResult>>;
+
+/// Every family's benchmarks, by family name (so `cargo bench -- NAME` runs only that family).
+pub fn benches() -> Vec<(&'static str, BenchFn)> {
+    vec![
+        ("elementwise", elementwise::bench),
+        ("matmul", matmul::bench),
+        ("lora", lora::bench),
+        ("cross_entropy", cross_entropy::bench),
+        ("attention", attention::bench),
+        ("rope", rope::bench),
+        ("rmsnorm", rmsnorm::bench),
+        ("swiglu", swiglu::bench),
+        ("embedding", embedding::bench),
+        ("optim", optim::bench),
+    ]
 }

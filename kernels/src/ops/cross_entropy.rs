@@ -1,0 +1,640 @@
+//! The LM head fused with next-token cross-entropy, in vocabulary chunks
+//! (`shaders/cross_entropy.wgsl` plus the GEMM of [`super::matmul`]).
+//!
+//! The [T, V] logits are never materialised. Hidden rows are taken in blocks and the vocabulary in
+//! chunks ([`Chunking`]); each (block, chunk) pair computes its logits into one reused temporary
+//! of at most `rows × vocab × 4` bytes (64 MiB by default, whatever T and V are).
+//! - Forward: per chunk, each row's max and sum of exponentials merge into running values (online
+//!   logsumexp) and the target's logit is kept; a final pass turns them into the row logsumexp
+//!   (saved for backward) and adds the loss sum and the supervised-token count to two small device
+//!   tensors, so a training step can accumulate them over micro-batches and divide once.
+//! - Backward recomputes each logits block, turns it in place into
+//!   `grad_scale · (softmax - onehot)` and feeds it to two GEMMs: dhidden += dlogits·W_chunk and,
+//!   for full fine-tuning, dW_chunk += dlogitsᵀ·hidden_block.
+//!
+//! Besides the temporary, a call keeps 12 bytes per token. Targets >= V (by convention
+//! [`IGNORE`]) are not supervised: they add nothing to the loss or count and get zero gradient.
+use std::ops::Range;
+
+use anyhow::{ensure, Result};
+use bytemuck::{Pod, Zeroable};
+
+use super::matmul::{bench_tensor, plus_scaled, weight, Gemm, Mat};
+use super::{max_error, random, to_f64, Check};
+use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
+use crate::gpu::{linear_groups, Batch, Gpu};
+use crate::shader::{Kernel, CROSS_ENTROPY};
+use crate::tensor::{row_segments, DType, Tensor};
+
+/// The target id of a token that is not supervised (prompt tokens, padding).
+pub const IGNORE: u32 = u32::MAX;
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Params {
+    rows: u32,
+    cols: u32,
+    ld: u32,
+    l_off: u32,
+    t0: u32,
+    v0: u32,
+    vocab: u32,
+    first: u32,
+    grad_scale: f32,
+}
+
+const WG: u32 = 256;
+
+/// Largest vocabulary chunk: `chunk_stats` loops over a chunk row 256 entries per step, and
+/// llvmpipe ends a shader's loops after 65535 iterations per invocation.
+const MAX_VOCAB_CHUNK: usize = 1 << 20;
+
+/// How the logits are tiled: blocks of `rows` hidden rows times chunks of `vocab` vocabulary
+/// entries, so the temporary holds at most `rows × vocab` f32. The chunk is also capped so that
+/// one temporary row fits one storage binding, and at 2^20 entries.
+#[derive(Clone, Copy, Debug)]
+pub struct Chunking {
+    pub rows: usize,
+    pub vocab: usize,
+}
+
+impl Default for Chunking {
+    /// 512 rows × 32768 entries: a 64 MiB temporary, large enough to keep a GPU busy.
+    fn default() -> Self {
+        Chunking {
+            rows: 512,
+            vocab: 32768,
+        }
+    }
+}
+
+pub fn variants() -> Vec<Kernel> {
+    ["chunk_stats", "finalize", "softmax_grad"]
+        .into_iter()
+        .map(|entry| Kernel::new(&CROSS_ENTROPY, entry))
+        .collect()
+}
+
+/// Shapes of one call, validated.
+struct Problem {
+    tokens: usize,
+    vocab: usize,
+    row_blocks: Vec<Range<usize>>,
+    vocab_chunks: Vec<Range<usize>>,
+    /// The logits temporary [block rows, chunk entries].
+    logits: Tensor,
+}
+
+impl Problem {
+    fn new(
+        gpu: &Gpu,
+        role: &str,
+        hidden: &Tensor,
+        w_lm: &Tensor,
+        chunking: Chunking,
+    ) -> Result<Problem> {
+        let (tokens, dim, vocab) = (hidden.rows(), hidden.row_len(), w_lm.rows());
+        ensure!(
+            hidden.dtype() == DType::F32,
+            "{role}: hidden must be f32, got {:?}",
+            hidden.dtype()
+        );
+        ensure!(
+            w_lm.row_len() == dim,
+            "{role}: w_lm {:?} does not match hidden {:?}",
+            w_lm.shape(),
+            hidden.shape()
+        );
+        ensure!(
+            w_lm.dtype() != DType::U32,
+            "{role}: w_lm must be bf16 or f32"
+        );
+        ensure!(
+            chunking.rows > 0 && chunking.vocab > 0,
+            "{role}: empty chunking {chunking:?}"
+        );
+        let per_binding = (gpu.max_binding_bytes / 4) as usize;
+        let (rows, cols) = (
+            chunking.rows.min(tokens),
+            chunking
+                .vocab
+                .min(vocab)
+                .min(per_binding)
+                .min(MAX_VOCAB_CHUNK),
+        );
+        let ranges = |n: usize, step: usize| {
+            (0..n)
+                .step_by(step)
+                .map(move |s| s..(s + step).min(n))
+                .collect()
+        };
+        Ok(Problem {
+            tokens,
+            vocab,
+            row_blocks: ranges(tokens, rows),
+            vocab_chunks: ranges(vocab, cols),
+            logits: Tensor::zeros(gpu, &[rows, cols], DType::F32)?,
+        })
+    }
+
+    /// `logits[..rows, ..cols] = hidden[rows]·w_lm[cols]ᵀ`.
+    fn logits(
+        &self,
+        batch: &mut Batch,
+        hidden: &Tensor,
+        w_lm: &Tensor,
+        rows: &Range<usize>,
+        cols: &Range<usize>,
+    ) -> Result<()> {
+        Gemm::new(
+            Mat::new(hidden).rows(rows.clone()),
+            false,
+            Mat::new(w_lm).rows(cols.clone()),
+            true,
+        )
+        .run(batch, self.block(rows, cols))
+    }
+
+    /// The temporary's block holding the logits of (rows, cols).
+    fn block(&self, rows: &Range<usize>, cols: &Range<usize>) -> Mat<'_> {
+        Mat::new(&self.logits)
+            .rows(0..rows.len())
+            .cols(0..cols.len())
+    }
+
+    /// Dispatches `entry` over the logits block of (rows, cols) one temporary chunk at a time,
+    /// `groups` giving the workgroups for a segment of that many rows.
+    #[allow(clippy::too_many_arguments)]
+    fn over_block(
+        &self,
+        batch: &mut Batch,
+        entry: &'static str,
+        rows: &Range<usize>,
+        cols: &Range<usize>,
+        params: Params,
+        buffers: &[&wgpu::Buffer],
+        groups: impl Fn(u32) -> [u32; 3],
+    ) -> Result<()> {
+        for seg in row_segments(rows.len(), &[&self.logits]) {
+            let at = self.logits.row(seg.start);
+            let params = Params {
+                rows: seg.len() as u32,
+                cols: cols.len() as u32,
+                ld: self.logits.row_len() as u32,
+                l_off: at.offset,
+                t0: (rows.start + seg.start) as u32,
+                v0: cols.start as u32,
+                vocab: self.vocab as u32,
+                ..params
+            };
+            let mut all = vec![at.buffer];
+            all.extend_from_slice(buffers);
+            batch.dispatch(
+                &Kernel::new(&CROSS_ENTROPY, entry),
+                &params,
+                &all,
+                groups(seg.len() as u32),
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The single buffer of a small per-token or scalar tensor.
+fn whole<'t>(t: &'t Tensor, role: &str, shape: &[usize], dtype: DType) -> Result<&'t wgpu::Buffer> {
+    t.expect(role, shape, Some(dtype))?;
+    ensure!(
+        t.chunks().len() == 1,
+        "{role}: {shape:?} must fit one storage binding"
+    );
+    Ok(&t.chunks()[0])
+}
+
+/// Loss of `hidden` [T, D] f32 under the LM head `w_lm` [V, D] (bf16 or f32) with `targets` [T]
+/// u32: writes each row's logsumexp into `lse` [T] f32 (for backward), and adds the summed loss to
+/// `loss` [1] f32 and the number of supervised tokens to `count` [1] u32.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_forward(
+    batch: &mut Batch,
+    hidden: &Tensor,
+    w_lm: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    loss: &Tensor,
+    count: &Tensor,
+    chunking: Chunking,
+) -> Result<()> {
+    let gpu = batch.gpu;
+    let problem = Problem::new(gpu, "cross_entropy_forward", hidden, w_lm, chunking)?;
+    let tokens = problem.tokens;
+    let targets_buf = whole(
+        targets,
+        "cross_entropy_forward targets",
+        &[tokens],
+        DType::U32,
+    )?;
+    let lse_buf = whole(lse, "cross_entropy_forward lse", &[tokens], DType::F32)?;
+    let loss_buf = whole(loss, "cross_entropy_forward loss", &[1], DType::F32)?;
+    let count_buf = whole(count, "cross_entropy_forward count", &[1], DType::U32)?;
+    let sumexp = Tensor::zeros(gpu, &[tokens], DType::F32)?;
+    let target_logit = Tensor::zeros(gpu, &[tokens], DType::F32)?;
+    let stats_buffers = [
+        targets_buf,
+        lse_buf,
+        &sumexp.chunks()[0],
+        &target_logit.chunks()[0],
+    ];
+    for rows in &problem.row_blocks {
+        for (c, cols) in problem.vocab_chunks.iter().enumerate() {
+            problem.logits(batch, hidden, w_lm, rows, cols)?;
+            let params = Params {
+                first: u32::from(c == 0),
+                ..Params::zeroed()
+            };
+            problem.over_block(
+                batch,
+                "chunk_stats",
+                rows,
+                cols,
+                params,
+                &stats_buffers,
+                |n| linear_groups(gpu, n),
+            )?;
+        }
+    }
+    let params = Params {
+        rows: tokens as u32,
+        vocab: problem.vocab as u32,
+        ..Params::zeroed()
+    };
+    let buffers = [
+        targets_buf,
+        lse_buf,
+        &sumexp.chunks()[0],
+        &target_logit.chunks()[0],
+        loss_buf,
+        count_buf,
+    ];
+    batch.dispatch(
+        &Kernel::new(&CROSS_ENTROPY, "finalize"),
+        &params,
+        &buffers,
+        [1, 1, 1],
+    )
+}
+
+/// A gradient output: `tensor = gradient + beta·tensor` (beta = 0 writes, 1 accumulates).
+#[derive(Clone, Copy)]
+pub struct Grad<'a> {
+    pub tensor: &'a Tensor,
+    pub beta: f32,
+}
+
+/// Gradients of `grad_scale ·` (the summed loss) given forward's `lse`: into `dhidden` [T, D] and,
+/// for full fine-tuning, `dw_lm` [V, D] f32. `grad_scale` is 1 / (supervised tokens of the whole
+/// optimizer step) for a mean loss. Unsupervised rows get a zero dhidden.
+#[allow(clippy::too_many_arguments)]
+pub fn cross_entropy_backward(
+    batch: &mut Batch,
+    hidden: &Tensor,
+    w_lm: &Tensor,
+    targets: &Tensor,
+    lse: &Tensor,
+    grad_scale: f32,
+    dhidden: Grad,
+    dw_lm: Option<Grad>,
+    chunking: Chunking,
+) -> Result<()> {
+    let gpu = batch.gpu;
+    let problem = Problem::new(gpu, "cross_entropy_backward", hidden, w_lm, chunking)?;
+    let tokens = problem.tokens;
+    let targets_buf = whole(
+        targets,
+        "cross_entropy_backward targets",
+        &[tokens],
+        DType::U32,
+    )?;
+    let lse_buf = whole(lse, "cross_entropy_backward lse", &[tokens], DType::F32)?;
+    dhidden.tensor.expect(
+        "cross_entropy_backward dhidden",
+        hidden.shape(),
+        Some(DType::F32),
+    )?;
+    if let Some(dw) = dw_lm {
+        dw.tensor.expect(
+            "cross_entropy_backward dw_lm",
+            w_lm.shape(),
+            Some(DType::F32),
+        )?;
+    }
+    let params = Params {
+        grad_scale,
+        ..Params::zeroed()
+    };
+    for (b, rows) in problem.row_blocks.iter().enumerate() {
+        for (c, cols) in problem.vocab_chunks.iter().enumerate() {
+            problem.logits(batch, hidden, w_lm, rows, cols)?;
+            problem.over_block(
+                batch,
+                "softmax_grad",
+                rows,
+                cols,
+                params,
+                &[targets_buf, lse_buf],
+                |n| linear_groups(gpu, (n * cols.len() as u32).div_ceil(WG)),
+            )?;
+            let dlogits = problem.block(rows, cols);
+            let beta = if c == 0 { dhidden.beta } else { 1.0 };
+            Gemm::new(
+                dlogits.clone(),
+                false,
+                Mat::new(w_lm).rows(cols.clone()),
+                false,
+            )
+            .beta(beta)
+            .run(batch, Mat::new(dhidden.tensor).rows(rows.clone()))?;
+            if let Some(dw) = dw_lm {
+                let beta = if b == 0 { dw.beta } else { 1.0 };
+                Gemm::new(dlogits, true, Mat::new(hidden).rows(rows.clone()), false)
+                    .beta(beta)
+                    .run(batch, Mat::new(dw.tensor).rows(cols.clone()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub mod cpu {
+    use super::IGNORE;
+
+    fn logits_row(hidden: &[f64], w: &[f64], t: usize, vocab: usize, dim: usize) -> Vec<f64> {
+        let h = &hidden[t * dim..(t + 1) * dim];
+        (0..vocab)
+            .map(|v| {
+                w[v * dim..(v + 1) * dim]
+                    .iter()
+                    .zip(h)
+                    .map(|(a, b)| a * b)
+                    .sum()
+            })
+            .collect()
+    }
+
+    fn logsumexp(z: &[f64]) -> f64 {
+        let m = z.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        m + z.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
+    }
+
+    fn supervised(target: u32, vocab: usize) -> bool {
+        target != IGNORE && (target as usize) < vocab
+    }
+
+    /// (summed loss, supervised count, per-row logsumexp) of hidden [T, D] under w [V, D].
+    pub fn cross_entropy_forward(
+        hidden: &[f64],
+        w: &[f64],
+        targets: &[u32],
+        vocab: usize,
+        dim: usize,
+    ) -> (f64, u32, Vec<f64>) {
+        let (mut loss, mut count, mut lse) = (0.0, 0, Vec::new());
+        for (t, &target) in targets.iter().enumerate() {
+            let z = logits_row(hidden, w, t, vocab, dim);
+            let l = logsumexp(&z);
+            if supervised(target, vocab) {
+                loss += l - z[target as usize];
+                count += 1;
+            }
+            lse.push(l);
+        }
+        (loss, count, lse)
+    }
+
+    /// (dhidden, dw) of grad_scale · the summed loss.
+    pub fn cross_entropy_backward(
+        hidden: &[f64],
+        w: &[f64],
+        targets: &[u32],
+        vocab: usize,
+        dim: usize,
+        grad_scale: f64,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let mut dh = vec![0.0; hidden.len()];
+        let mut dw = vec![0.0; w.len()];
+        for (t, &target) in targets.iter().enumerate() {
+            if !supervised(target, vocab) {
+                continue;
+            }
+            let z = logits_row(hidden, w, t, vocab, dim);
+            let l = logsumexp(&z);
+            for v in 0..vocab {
+                let g = grad_scale * ((z[v] - l).exp() - f64::from(v == target as usize));
+                for d in 0..dim {
+                    dh[t * dim + d] += g * w[v * dim + d];
+                    dw[v * dim + d] += g * hidden[t * dim + d];
+                }
+            }
+        }
+        (dh, dw)
+    }
+}
+
+/// Random targets in 0..vocab with every third token ignored (and the first supervised).
+pub fn random_targets(seed: u64, tokens: usize, vocab: usize) -> Vec<u32> {
+    random(seed, tokens, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(t, x)| {
+            if t % 3 == 2 {
+                IGNORE
+            } else {
+                ((x.abs() * vocab as f32) as u32).min(vocab as u32 - 1)
+            }
+        })
+        .collect()
+}
+
+/// One test problem: `tokens` hidden rows of `dim` features, a `vocab`-entry LM head (bf16 or f32),
+/// and whether backward also produces dw_lm (full fine-tuning).
+#[derive(Clone, Copy, Debug)]
+pub struct Case {
+    pub tokens: usize,
+    pub vocab: usize,
+    pub dim: usize,
+    pub w_bf16: bool,
+    pub dw_lm: bool,
+    pub chunking: Chunking,
+}
+
+/// Forward (accumulating onto a non-zero loss and count) and backward (gradients accumulating
+/// onto random values) on random inputs against the CPU reference.
+pub fn check_cross_entropy(gpu: &Gpu, case: Case, seed: u64) -> Result<Vec<Check>> {
+    let Case {
+        tokens,
+        vocab,
+        dim,
+        w_bf16,
+        dw_lm,
+        chunking,
+    } = case;
+    let hv = random(seed, tokens * dim, 1.0);
+    let (w, w64) = weight(gpu, &[vocab, dim], w_bf16, seed + 1, 1.0)?;
+    let tv = random_targets(seed + 2, tokens, vocab);
+    let dh0 = random(seed + 3, tokens * dim, 1.0);
+    let hidden = Tensor::from_f32(gpu, &[tokens, dim], &hv)?;
+    let targets = Tensor::from_u32(gpu, &[tokens], &tv)?;
+    let lse = Tensor::zeros(gpu, &[tokens], DType::F32)?;
+    let loss = Tensor::from_f32(gpu, &[1], &[1.5])?;
+    let count = Tensor::from_u32(gpu, &[1], &[3])?;
+    let dhidden = Tensor::from_f32(gpu, &[tokens, dim], &dh0)?;
+    let dw0 = if dw_lm {
+        random(seed + 4, vocab * dim, 1.0)
+    } else {
+        Vec::new()
+    };
+    let dw = if dw_lm {
+        Some(Tensor::from_f32(gpu, &[vocab, dim], &dw0)?)
+    } else {
+        None
+    };
+    let grad_scale = 0.5;
+    let mut batch = gpu.batch();
+    cross_entropy_forward(
+        &mut batch, &hidden, &w, &targets, &lse, &loss, &count, chunking,
+    )?;
+    let dhidden_grad = Grad {
+        tensor: &dhidden,
+        beta: 1.0,
+    };
+    let dw_grad = dw.as_ref().map(|tensor| Grad { tensor, beta: 1.0 });
+    cross_entropy_backward(
+        &mut batch,
+        &hidden,
+        &w,
+        &targets,
+        &lse,
+        grad_scale,
+        dhidden_grad,
+        dw_grad,
+        chunking,
+    )?;
+    batch.submit();
+    let h64 = to_f64(&hv);
+    let (loss_ref, count_ref, lse_ref) = cpu::cross_entropy_forward(&h64, &w64, &tv, vocab, dim);
+    let (dh_ref, dw_ref) =
+        cpu::cross_entropy_backward(&h64, &w64, &tv, vocab, dim, grad_scale as f64);
+    let shape = format!(
+        "T{tokens} V{vocab} D{dim}{}",
+        if w_bf16 { " bf16" } else { "" }
+    );
+    let check = |kernel: &str, values: Vec<f32>, reference: Vec<f64>, tolerance: f64| Check {
+        kernel: kernel.into(),
+        shape: shape.clone(),
+        max_err: max_error(&values, &reference),
+        tolerance,
+    };
+    let gpu_count = count.to_u32(gpu)?[0] as f32;
+    let mut checks = vec![
+        check(
+            "cross_entropy_forward loss",
+            loss.to_f32(gpu)?,
+            vec![1.5 + loss_ref],
+            1e-5,
+        ),
+        check(
+            "cross_entropy_forward count",
+            vec![gpu_count],
+            vec![3.0 + count_ref as f64],
+            0.0,
+        ),
+        check("cross_entropy_forward lse", lse.to_f32(gpu)?, lse_ref, 1e-5),
+        check(
+            "cross_entropy_backward dhidden",
+            dhidden.to_f32(gpu)?,
+            plus_scaled(&dh_ref, 1.0, &dh0),
+            1e-5,
+        ),
+    ];
+    if let Some(dw) = dw {
+        checks.push(check(
+            "cross_entropy_backward dw_lm",
+            dw.to_f32(gpu)?,
+            plus_scaled(&dw_ref, 1.0, &dw0),
+            1e-5,
+        ));
+    }
+    Ok(checks)
+}
+
+pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
+    let case = Case {
+        tokens: 19,
+        vocab: 1000,
+        dim: 40,
+        w_bf16: true,
+        dw_lm: true,
+        chunking: Chunking {
+            rows: 8,
+            vocab: 300,
+        },
+    };
+    check_cross_entropy(gpu, case, 1)
+}
+
+/// Forward, backward without dw_lm (LoRA: a frozen head) and with it (full fine-tuning).
+pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+    let tokens = config.seq_len;
+    let mut results = Vec::new();
+    for model in MODEL_SHAPES {
+        let (vocab, dim) = (model.vocab, model.hidden);
+        let hidden = bench_tensor(gpu, &[tokens, dim], DType::F32)?;
+        let w = bench_tensor(gpu, &[vocab, dim], DType::BF16)?;
+        let targets = Tensor::from_u32(gpu, &[tokens], &random_targets(0, tokens, vocab))?;
+        let lse = Tensor::zeros(gpu, &[tokens], DType::F32)?;
+        let loss = Tensor::zeros(gpu, &[1], DType::F32)?;
+        let count = Tensor::zeros(gpu, &[1], DType::U32)?;
+        let dhidden = Tensor::zeros(gpu, &[tokens, dim], DType::F32)?;
+        let dw = Tensor::zeros(gpu, &[vocab, dim], DType::F32)?;
+        let chunking = Chunking::default();
+        let shape = format!("{} T{tokens} V{vocab} D{dim}", model.name);
+        let gemm_flops = 2.0 * (tokens * vocab * dim) as f64;
+        let bytes = 2.0 * (vocab * dim) as f64 + 4.0 * (tokens * dim) as f64;
+        let forward = time(gpu, config.reps, |batch| {
+            cross_entropy_forward(batch, &hidden, &w, &targets, &lse, &loss, &count, chunking)
+        })?;
+        results.push(BenchResult {
+            kernel: "cross_entropy_forward".into(),
+            shape: shape.clone(),
+            time: forward,
+            flops: gemm_flops,
+            bytes,
+        });
+        let dh = Grad {
+            tensor: &dhidden,
+            beta: 0.0,
+        };
+        for (kernel, dw_lm, gemms) in [
+            ("cross_entropy_backward", None, 2.0),
+            (
+                "cross_entropy_backward +dw_lm",
+                Some(Grad {
+                    tensor: &dw,
+                    beta: 0.0,
+                }),
+                3.0,
+            ),
+        ] {
+            let t = time(gpu, config.reps, |batch| {
+                cross_entropy_backward(batch, &hidden, &w, &targets, &lse, 1.0, dh, dw_lm, chunking)
+            })?;
+            results.push(BenchResult {
+                kernel: kernel.into(),
+                shape: shape.clone(),
+                time: t,
+                flops: gemms * gemm_flops,
+                bytes,
+            });
+        }
+    }
+    Ok(results)
+}

@@ -1,0 +1,101 @@
+//! LoRA family: GPU against the f64 CPU reference on odd shapes and ranks, with whole and split
+//! tensors, and the backward reference against finite differences of the forward one.
+use std::sync::OnceLock;
+
+use wgtrain_kernels::ops::lora::{self, cpu, Dims};
+use wgtrain_kernels::ops::{random, to_f64, Check};
+use wgtrain_kernels::{Gpu, GpuOptions};
+
+/// The default device, and the same adapter with 1 KiB bindings so every tensor here splits.
+fn gpus() -> &'static [Gpu; 2] {
+    static GPUS: OnceLock<[Gpu; 2]> = OnceLock::new();
+    GPUS.get_or_init(|| {
+        let options = GpuOptions::from_env().unwrap();
+        let tiny = GpuOptions {
+            max_binding_bytes: Some(1024),
+            ..options.clone()
+        };
+        [Gpu::new(&options).unwrap(), Gpu::new(&tiny).unwrap()]
+    })
+}
+
+fn assert_passed(checks: &[Check]) {
+    for c in checks {
+        assert!(
+            c.passed(),
+            "{} {}: error {:e} > {:e}",
+            c.kernel,
+            c.shape,
+            c.max_err,
+            c.tolerance
+        );
+    }
+}
+
+#[test]
+fn lora_matches_cpu_on_odd_shapes() {
+    let [whole, _] = gpus();
+    for (seed, &(m, n, k)) in [(1, 3, 5), (67, 45, 83), (130, 300, 129)]
+        .iter()
+        .enumerate()
+    {
+        for r in [1, 8, 16] {
+            assert_passed(&lora::check_lora(whole, Dims { m, n, k, r }, seed as u64).unwrap());
+        }
+    }
+}
+
+#[test]
+fn lora_matches_cpu_on_split_tensors() {
+    let [_, split] = gpus();
+    for (seed, &(m, n, k)) in [(1, 9, 7), (37, 21, 19), (70, 33, 66)].iter().enumerate() {
+        for r in [1, 8, 16] {
+            assert_passed(&lora::check_lora(split, Dims { m, n, k, r }, seed as u64).unwrap());
+        }
+    }
+}
+
+/// Loss L = Σ g ⊙ y: dL/dx, dL/dA and dL/dB by central differences equal the reference.
+#[test]
+fn backward_reference_matches_finite_differences() {
+    let d = Dims {
+        m: 3,
+        n: 4,
+        k: 5,
+        r: 2,
+    };
+    let scale = 1.5;
+    let x = to_f64(&random(1, d.m * d.k, 1.0));
+    let w = to_f64(&random(2, d.n * d.k, 1.0));
+    let bias = to_f64(&random(3, d.n, 1.0));
+    let a = to_f64(&random(4, d.r * d.k, 1.0));
+    let b = to_f64(&random(5, d.n * d.r, 1.0));
+    let g = to_f64(&random(6, d.m * d.n, 1.0));
+    let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
+        let (y, _) = cpu::lora_forward(d, x, &w, Some(&bias), a, b, scale);
+        y.iter().zip(&g).map(|(y, g)| y * g).sum()
+    };
+    let h = 1e-5;
+    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
+        (0..v.len())
+            .map(|i| {
+                let (mut up, mut down) = (v.to_vec(), v.to_vec());
+                up[i] += h;
+                down[i] -= h;
+                (f(&up) - f(&down)) / (2.0 * h)
+            })
+            .collect()
+    };
+    let assert_close = |name: &str, a: &[f64], b: &[f64]| {
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() < 1e-6,
+                "{name}[{i}]: analytic {x} vs finite difference {y}"
+            );
+        }
+    };
+    let (dx, da, db) = cpu::lora_backward(d, &g, &x, Some(&w), &a, &b, scale);
+    assert_close("dx", &dx, &fd(&x, &|x| loss(x, &a, &b)));
+    assert_close("dA", &da, &fd(&a, &|a| loss(&x, a, &b)));
+    assert_close("dB", &db, &fd(&b, &|b| loss(&x, &a, b)));
+}

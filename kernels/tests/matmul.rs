@@ -1,0 +1,132 @@
+//! Matmul family: GPU against the f64 CPU reference on odd shapes, with whole and split tensors,
+//! and the backward references against finite differences of the forward one.
+use std::sync::OnceLock;
+
+use wgtrain_kernels::ops::matmul::{self, cpu};
+use wgtrain_kernels::ops::{random, to_f64, Check};
+use wgtrain_kernels::{Gpu, GpuOptions};
+
+/// The default device, and the same adapter with 1 KiB bindings so every tensor here splits.
+fn gpus() -> &'static [Gpu; 2] {
+    static GPUS: OnceLock<[Gpu; 2]> = OnceLock::new();
+    GPUS.get_or_init(|| {
+        let options = GpuOptions::from_env().unwrap();
+        let tiny = GpuOptions {
+            max_binding_bytes: Some(1024),
+            ..options.clone()
+        };
+        [Gpu::new(&options).unwrap(), Gpu::new(&tiny).unwrap()]
+    })
+}
+
+fn assert_passed(checks: &[Check]) {
+    for c in checks {
+        assert!(
+            c.passed(),
+            "{} {}: error {:e} > {:e}",
+            c.kernel,
+            c.shape,
+            c.max_err,
+            c.tolerance
+        );
+    }
+}
+
+#[test]
+fn matmul_matches_cpu_on_odd_shapes() {
+    let [whole, _] = gpus();
+    for (seed, &(m, n, k)) in [
+        (1, 1, 1),
+        (1, 7, 5),
+        (67, 45, 83),
+        (130, 65, 129),
+        (64, 128, 32),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for bf16 in [false, true] {
+            assert_passed(&matmul::check_matmul(whole, m, n, k, bf16, seed as u64).unwrap());
+        }
+    }
+}
+
+#[test]
+fn matmul_matches_cpu_on_split_tensors() {
+    let [_, split] = gpus();
+    for (seed, &(m, n, k)) in [(1, 3, 9), (37, 21, 19), (70, 9, 66)].iter().enumerate() {
+        for bf16 in [false, true] {
+            assert_passed(&matmul::check_matmul(split, m, n, k, bf16, seed as u64).unwrap());
+        }
+    }
+}
+
+#[test]
+fn gemm_handles_every_transpose() {
+    for gpu in gpus() {
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            assert_passed(&[matmul::check_gemm(gpu, 29, 17, 41, trans_a, trans_b, 7).unwrap()]);
+        }
+    }
+}
+
+/// Reductions longer than one launch takes (and than lavapipe's per-invocation loop limit allows).
+#[test]
+fn gemm_accumulates_long_reductions() {
+    let [gpu, _] = gpus();
+    assert_passed(&[matmul::check_gemm(gpu, 3, 5, 20000, false, false, 8).unwrap()]);
+    assert_passed(&[matmul::check_gemm(gpu, 2, 3, 9000, true, true, 9).unwrap()]);
+}
+
+#[test]
+fn launchers_reject_mismatched_shapes() {
+    let [gpu, _] = gpus();
+    let t = |shape: &[usize]| {
+        wgtrain_kernels::Tensor::zeros(gpu, shape, wgtrain_kernels::DType::F32).unwrap()
+    };
+    let mut batch = gpu.batch();
+    let err = matmul::matmul_forward(&mut batch, &t(&[4, 3]), &t(&[5, 2]), None, &t(&[4, 5]))
+        .unwrap_err();
+    assert!(err.to_string().contains("matmul_forward"), "{err}");
+    assert!(
+        matmul::matmul_backward_weight(&mut batch, &t(&[4, 5]), &t(&[4, 3]), &t(&[3, 5]), 0.0)
+            .is_err()
+    );
+}
+
+/// Loss L = Σ g ⊙ (x·wᵀ + bias): dL/dx and dL/dw by central differences equal the references.
+#[test]
+fn backward_references_match_finite_differences() {
+    let (m, n, k) = (3, 4, 5);
+    let x = to_f64(&random(1, m * k, 1.0));
+    let w = to_f64(&random(2, n * k, 1.0));
+    let bias = to_f64(&random(3, n, 1.0));
+    let g = to_f64(&random(4, m * n, 1.0));
+    let loss = |x: &[f64], w: &[f64]| -> f64 {
+        cpu::matmul_forward(x, w, Some(&bias), m, n, k)
+            .iter()
+            .zip(&g)
+            .map(|(y, g)| y * g)
+            .sum()
+    };
+    let h = 1e-5;
+    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
+        (0..v.len())
+            .map(|i| {
+                let (mut up, mut down) = (v.to_vec(), v.to_vec());
+                up[i] += h;
+                down[i] -= h;
+                (f(&up) - f(&down)) / (2.0 * h)
+            })
+            .collect()
+    };
+    let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-7);
+    assert!(close(
+        &cpu::matmul_backward_input(&g, &w, m, n, k),
+        &fd(&x, &|x| loss(x, &w))
+    ));
+    assert!(close(
+        &cpu::matmul_backward_weight(&g, &x, m, n, k),
+        &fd(&w, &|w| loss(&x, w))
+    ));
+}
