@@ -1,0 +1,192 @@
+//! `wgtrain train`'s command line. The settings' flags are `train::config::TrainSettings`
+//! (flattened here), every one optional so that a `--config` YAML value applies unless the flag
+//! is given; defaults and validation are `TrainConfig::resolve`'s.
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::device::DeviceArgs;
+use crate::train::config::{read_llama_factory_yaml, TrainConfig, TrainSettings};
+
+/// Fine-tune a Qwen2 model (LoRA or full) on a chat dataset.
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// A LLaMA-Factory training YAML (its key names); flags given here override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub settings: TrainSettings,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+}
+
+impl TrainArgs {
+    /// The run's checked settings: the flags over the YAML file, then defaults.
+    pub fn resolve(&self) -> Result<TrainConfig> {
+        let file = self
+            .config
+            .as_deref()
+            .map(read_llama_factory_yaml)
+            .transpose()?;
+        TrainConfig::resolve(self.settings.clone(), file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::batching::{Duration, Overlong};
+    use crate::train::config::{Method, OptimizerKind};
+    use crate::train::schedule::{SchedulerKind, Warmup};
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<TrainArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("train").chain(args.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().display().to_string();
+        let args = parse(&[
+            "--model",
+            &model,
+            "--data",
+            "a.jsonl",
+            "--data",
+            "b.json",
+            "--output",
+            "run",
+            "--overwrite",
+            "--adapter",
+            "lora",
+            "--lora-rank",
+            "16",
+            "--lora-alpha",
+            "8",
+            "--lora-dropout",
+            "0.05",
+            "--lora-target",
+            "q_proj,v_proj",
+            "--init-adapter",
+            "init",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "3e-4",
+            "--beta1",
+            "0.8",
+            "--beta2",
+            "0.95",
+            "--eps",
+            "1e-6",
+            "--weight-decay",
+            "0.01",
+            "--scheduler",
+            "linear",
+            "--warmup-steps",
+            "7",
+            "--max-grad-norm",
+            "0",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "3",
+            "--max-steps",
+            "9",
+            "--max-len",
+            "512",
+            "--overlong",
+            "drop",
+            "--max-samples",
+            "100",
+            "--seed",
+            "5",
+            "--save-steps",
+            "4",
+            "--resume",
+            "ckpt",
+            "--no-shuffle",
+            "--progress",
+            "plain",
+            "--backend",
+            "vulkan",
+        ])
+        .unwrap();
+        let c = args.resolve().unwrap();
+        assert_eq!(c.data, [PathBuf::from("a.jsonl"), PathBuf::from("b.json")]);
+        assert!(c.overwrite && !c.shuffle && !c.demo);
+        let Method::Lora(lora) = &c.method else {
+            panic!("lora expected")
+        };
+        assert_eq!((lora.rank, lora.alpha, lora.dropout), (16, 8.0, 0.05));
+        assert_eq!(lora.targets, ["q_proj", "v_proj"]);
+        assert_eq!(c.optimizer.kind, OptimizerKind::Sgd);
+        assert_eq!(
+            (c.optimizer.lr, c.optimizer.beta1, c.optimizer.beta2),
+            (3e-4, 0.8, 0.95)
+        );
+        assert_eq!((c.optimizer.eps, c.optimizer.weight_decay), (1e-6, 0.01));
+        assert_eq!(
+            (c.scheduler, c.warmup),
+            (SchedulerKind::Linear, Warmup::Steps(7))
+        );
+        assert_eq!(c.max_grad_norm, None);
+        assert_eq!((c.batch_size, c.grad_accum), (2, 3));
+        assert_eq!(c.duration, Duration::Steps(9));
+        assert_eq!((c.max_len, c.overlong), (512, Overlong::Drop));
+        assert_eq!(
+            (c.max_samples, c.seed, c.save_steps),
+            (Some(100), 5, Some(4))
+        );
+        assert_eq!(c.resume, Some(PathBuf::from("ckpt")));
+        assert_eq!(c.init_adapter, Some(PathBuf::from("init")));
+    }
+
+    #[test]
+    fn conflicting_or_invalid_flags_are_rejected() {
+        assert!(parse(&["--epochs", "2", "--max-steps", "10"]).is_err());
+        assert!(parse(&["--warmup-ratio", "0.1", "--warmup-steps", "10"]).is_err());
+        assert!(parse(&["--scheduler", "cosine_with_restarts"]).is_err());
+        assert!(parse(&["--adapter", "freeze"]).is_err());
+        assert!(parse(&["--lr", "fast"]).is_err());
+    }
+
+    #[test]
+    fn flags_override_the_yaml_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let yaml = tmp.path().join("lora.yaml");
+        std::fs::write(
+            &yaml,
+            "finetuning_type: full\nlearning_rate: 1.0e-5\nnum_train_epochs: 3.0\nbf16: true\n",
+        )
+        .unwrap();
+        let yaml = yaml.display().to_string();
+        let args = parse(&["--config", &yaml, "--adapter", "lora", "--epochs", "1"]).unwrap();
+        let c = args.resolve().unwrap();
+        assert!(matches!(c.method, Method::Lora(_)));
+        assert_eq!(c.optimizer.lr, 1e-5);
+        assert_eq!(c.duration, Duration::Epochs(1.0));
+        assert_eq!(c.warnings.len(), 1);
+        assert_eq!(
+            parse(&["--config", &yaml]).unwrap().settings.adapter,
+            None,
+            "the file's value is applied by resolve, not by clap"
+        );
+        let from_file = parse(&["--config", &yaml]).unwrap().resolve().unwrap();
+        assert_eq!(from_file.method, Method::Full);
+    }
+
+    #[test]
+    fn the_demo_needs_no_flags() {
+        let c = parse(&["--adapter", "lora"]).unwrap().resolve().unwrap();
+        assert!(c.demo && c.model.is_none() && c.data.is_empty());
+    }
+}

@@ -1,0 +1,1197 @@
+//! A training run's settings: command-line flags merged over an optional LLaMA-Factory YAML,
+//! defaults (the paper's recipe), and validation.
+//!
+//! `TrainSettings` holds every setting as optional, so the same type carries the flags (it is a
+//! clap `Args`) and the YAML's values; `TrainConfig::resolve` lays the flags over the file and
+//! fills in defaults. Relative paths in a YAML file are taken from the current directory, as
+//! LLaMA-Factory does (its configs are run from the directory that holds `data/`).
+//!
+//! In a YAML file, every LLaMA-Factory key wgtrain knows is either mapped to a setting, accepted
+//! with a warning when it does not apply (`IGNORED_KEYS`), or accepted only with the value that
+//! means what wgtrain does (`stage: sft`, `packing: false`, ...). Any other key is an error naming
+//! the file, the line and the key: a silently ignored key could change the experiment.
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use serde_json::{json, Value as Json};
+use serde_norway::Value as Yaml;
+
+use super::batching::{Duration, Overlong};
+use super::metrics::ProgressMode;
+use super::schedule::{SchedulerKind, Warmup};
+
+/// The seven linear projections of a Qwen2 decoder layer: LoRA's default targets (the paper's
+/// "all linear layers except lm_head", LLaMA-Factory's `lora_target: all`).
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdapterKind {
+    /// Train LoRA factors on the frozen bf16 model.
+    Lora,
+    /// Train every weight (f32 master copies).
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OptimizerKind {
+    Adamw,
+    /// Plain SGD (no momentum), as torch.optim.SGD's defaults.
+    Sgd,
+}
+
+/// Every setting of a run, each optional: what the command line or a YAML file gave.
+#[derive(clap::Args, Clone, Debug, Default, PartialEq)]
+pub struct TrainSettings {
+    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer). Without --model
+    /// and --data, a built-in demo runs (tiny model, synthetic data).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Dataset file (sharegpt or messages rows, JSON array or JSONL); repeat for several.
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+    /// Run directory: metrics.jsonl, loss.svg, checkpoints, the trained adapter or weights.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Replace an earlier wgtrain run in --output.
+    #[arg(long)]
+    pub overwrite: bool,
+    /// What to train [default: lora].
+    #[arg(long, value_enum)]
+    pub adapter: Option<AdapterKind>,
+    /// LoRA rank [default: 64].
+    #[arg(long)]
+    pub lora_rank: Option<usize>,
+    /// LoRA alpha (the update is scaled by alpha / rank) [default: 2 × rank].
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// LoRA dropout probability [default: 0].
+    #[arg(long)]
+    pub lora_dropout: Option<f64>,
+    /// Projections that get LoRA factors, comma-separated, or `all` [default: all seven].
+    #[arg(long, value_delimiter = ',')]
+    pub lora_target: Vec<String>,
+    /// PEFT adapter to start LoRA training from.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Optimizer [default: adamw].
+    #[arg(long, value_enum)]
+    pub optimizer: Option<OptimizerKind>,
+    /// Peak learning rate [default: 1e-4 for LoRA, 1e-5 for full].
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// AdamW beta1 [default: 0.9].
+    #[arg(long)]
+    pub beta1: Option<f64>,
+    /// AdamW beta2 [default: 0.999].
+    #[arg(long)]
+    pub beta2: Option<f64>,
+    /// AdamW epsilon [default: 1e-8].
+    #[arg(long)]
+    pub eps: Option<f64>,
+    /// Decoupled weight decay [default: 0].
+    #[arg(long)]
+    pub weight_decay: Option<f64>,
+    /// Learning-rate schedule after warmup [default: cosine].
+    #[arg(long, value_enum)]
+    pub scheduler: Option<SchedulerKind>,
+    /// Warmup as a fraction of all steps, rounded up [default: 0.1].
+    #[arg(long, conflicts_with = "warmup_steps")]
+    pub warmup_ratio: Option<f64>,
+    /// Warmup steps (instead of --warmup-ratio).
+    #[arg(long)]
+    pub warmup_steps: Option<usize>,
+    /// Clip the gradient to this global norm; 0 disables [default: 1.0].
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+    /// Rows per micro-batch [default: 1].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Micro-batches per optimizer step [default: 1].
+    #[arg(long)]
+    pub grad_accum: Option<usize>,
+    /// Passes over the data; may be fractional [default: 3].
+    #[arg(long, conflicts_with = "max_steps")]
+    pub epochs: Option<f64>,
+    /// Optimizer steps to run (instead of --epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Longest row in tokens [default: 16384].
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// What to do with rows longer than --max-len [default: truncate].
+    #[arg(long, value_enum)]
+    pub overlong: Option<Overlong>,
+    /// Train on the first N rows only.
+    #[arg(long)]
+    pub max_samples: Option<usize>,
+    /// Seed of the data order, LoRA initialisation and dropout [default: 42].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write a checkpoint every N optimizer steps; 0 only at the end [default: 500].
+    #[arg(long)]
+    pub save_steps: Option<usize>,
+    /// Continue from this checkpoint directory, taking exactly the steps the uninterrupted run
+    /// would have taken.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Keep the data in file order (rows are still grouped by length).
+    #[arg(long)]
+    pub no_shuffle: bool,
+    /// Progress display: a bar on a terminal, else one line per step [default: auto].
+    #[arg(long, value_enum)]
+    pub progress: Option<ProgressMode>,
+}
+
+impl TrainSettings {
+    /// These settings where given, `base`'s elsewhere. Warmup (ratio or steps) and length (epochs
+    /// or max steps) are taken as pairs, so `--warmup-steps` overrides a file's `warmup_ratio`.
+    pub fn over(self, base: TrainSettings) -> TrainSettings {
+        let (warmup_ratio, warmup_steps) =
+            if self.warmup_ratio.is_some() || self.warmup_steps.is_some() {
+                (self.warmup_ratio, self.warmup_steps)
+            } else {
+                (base.warmup_ratio, base.warmup_steps)
+            };
+        let (epochs, max_steps) = if self.epochs.is_some() || self.max_steps.is_some() {
+            (self.epochs, self.max_steps)
+        } else {
+            (base.epochs, base.max_steps)
+        };
+        TrainSettings {
+            model: self.model.or(base.model),
+            data: either(self.data, base.data),
+            output: self.output.or(base.output),
+            overwrite: self.overwrite || base.overwrite,
+            adapter: self.adapter.or(base.adapter),
+            lora_rank: self.lora_rank.or(base.lora_rank),
+            lora_alpha: self.lora_alpha.or(base.lora_alpha),
+            lora_dropout: self.lora_dropout.or(base.lora_dropout),
+            lora_target: either(self.lora_target, base.lora_target),
+            init_adapter: self.init_adapter.or(base.init_adapter),
+            optimizer: self.optimizer.or(base.optimizer),
+            lr: self.lr.or(base.lr),
+            beta1: self.beta1.or(base.beta1),
+            beta2: self.beta2.or(base.beta2),
+            eps: self.eps.or(base.eps),
+            weight_decay: self.weight_decay.or(base.weight_decay),
+            scheduler: self.scheduler.or(base.scheduler),
+            warmup_ratio,
+            warmup_steps,
+            max_grad_norm: self.max_grad_norm.or(base.max_grad_norm),
+            batch_size: self.batch_size.or(base.batch_size),
+            grad_accum: self.grad_accum.or(base.grad_accum),
+            epochs,
+            max_steps,
+            max_len: self.max_len.or(base.max_len),
+            overlong: self.overlong.or(base.overlong),
+            max_samples: self.max_samples.or(base.max_samples),
+            seed: self.seed.or(base.seed),
+            save_steps: self.save_steps.or(base.save_steps),
+            resume: self.resume.or(base.resume),
+            no_shuffle: self.no_shuffle || base.no_shuffle,
+            progress: self.progress.or(base.progress),
+        }
+    }
+}
+
+/// A list setting: `mine` unless it is empty.
+fn either<T>(mine: Vec<T>, theirs: Vec<T>) -> Vec<T> {
+    if mine.is_empty() {
+        theirs
+    } else {
+        mine
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSettings {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Module names out of `LORA_TARGETS`, in that order.
+    pub targets: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Method {
+    Lora(LoraSettings),
+    Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct OptimizerSettings {
+    pub kind: OptimizerKind,
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+/// A run's settings, complete and checked.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    /// The built-in demo (no --model and no --data): the trainer makes the tiny model and the
+    /// synthetic data with `train::demo`.
+    pub demo: bool,
+    pub model: Option<PathBuf>,
+    pub data: Vec<PathBuf>,
+    pub output: PathBuf,
+    pub overwrite: bool,
+    pub method: Method,
+    pub init_adapter: Option<PathBuf>,
+    pub optimizer: OptimizerSettings,
+    pub scheduler: SchedulerKind,
+    pub warmup: Warmup,
+    /// None: no clipping.
+    pub max_grad_norm: Option<f64>,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub duration: Duration,
+    pub max_len: usize,
+    pub overlong: Overlong,
+    pub max_samples: Option<usize>,
+    pub seed: u64,
+    pub shuffle: bool,
+    /// None: a checkpoint only at the end (and on Ctrl-C).
+    pub save_steps: Option<usize>,
+    pub resume: Option<PathBuf>,
+    pub progress: ProgressMode,
+    /// Keys of the YAML file accepted without effect, to show the user.
+    pub warnings: Vec<String>,
+}
+
+/// Where the demo writes its run unless --output is given.
+pub const DEMO_OUTPUT: &str = "wgtrain-demo";
+
+impl TrainConfig {
+    /// `flags` over the YAML file's settings (if any), then defaults; `warnings` come from the
+    /// file.
+    pub fn resolve(
+        flags: TrainSettings,
+        file: Option<(TrainSettings, Vec<String>)>,
+    ) -> Result<TrainConfig> {
+        let (base, warnings) = file.unwrap_or_default();
+        let s = flags.over(base);
+        let demo = s.model.is_none() && s.data.is_empty();
+        ensure!(
+            demo || (s.model.is_some() && !s.data.is_empty()),
+            "--model (model_name_or_path) and --data (dataset) go together; give neither for the \
+             built-in demo"
+        );
+        if let Some(model) = &s.model {
+            ensure!(
+                model.is_dir(),
+                "model {} is not a local directory (wgtrain does not download models: pass a \
+                 Hugging Face checkpoint directory)",
+                model.display()
+            );
+        }
+        let output = match (s.output, demo) {
+            (Some(output), _) => output,
+            (None, true) => PathBuf::from(DEMO_OUTPUT),
+            (None, false) => bail!("--output (output_dir) is required"),
+        };
+
+        let kind = s.adapter.unwrap_or(AdapterKind::Lora);
+        let method = match kind {
+            AdapterKind::Full => {
+                ensure!(
+                    s.init_adapter.is_none(),
+                    "--init-adapter (adapter_name_or_path) needs --adapter lora"
+                );
+                Method::Full
+            }
+            AdapterKind::Lora => {
+                let rank = s.lora_rank.unwrap_or(64);
+                ensure!(rank > 0, "--lora-rank (lora_rank) must be positive");
+                let alpha = s.lora_alpha.unwrap_or(2.0 * rank as f64);
+                ensure!(
+                    alpha.is_finite() && alpha > 0.0,
+                    "--lora-alpha (lora_alpha) must be positive, got {alpha}"
+                );
+                let dropout = s.lora_dropout.unwrap_or(0.0);
+                ensure!(
+                    (0.0..1.0).contains(&dropout),
+                    "--lora-dropout (lora_dropout) must lie in [0, 1), got {dropout}"
+                );
+                Method::Lora(LoraSettings {
+                    rank,
+                    alpha,
+                    dropout,
+                    targets: lora_targets(&s.lora_target)?,
+                })
+            }
+        };
+
+        let default_lr = match kind {
+            AdapterKind::Lora => 1e-4,
+            AdapterKind::Full => 1e-5,
+        };
+        let optimizer = OptimizerSettings {
+            kind: s.optimizer.unwrap_or(OptimizerKind::Adamw),
+            lr: s.lr.unwrap_or(default_lr),
+            beta1: s.beta1.unwrap_or(0.9),
+            beta2: s.beta2.unwrap_or(0.999),
+            eps: s.eps.unwrap_or(1e-8),
+            weight_decay: s.weight_decay.unwrap_or(0.0),
+        };
+        let o = &optimizer;
+        ensure!(
+            o.lr.is_finite() && o.lr > 0.0,
+            "--lr (learning_rate) must be positive, got {}",
+            o.lr
+        );
+        for (name, beta) in [
+            ("--beta1 (adam_beta1)", o.beta1),
+            ("--beta2 (adam_beta2)", o.beta2),
+        ] {
+            ensure!(
+                (0.0..1.0).contains(&beta),
+                "{name} must lie in [0, 1), got {beta}"
+            );
+        }
+        ensure!(
+            o.eps.is_finite() && o.eps > 0.0,
+            "--eps (adam_epsilon) must be positive, got {}",
+            o.eps
+        );
+        ensure!(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
+            "--weight-decay (weight_decay) must be at least 0, got {}",
+            o.weight_decay
+        );
+
+        // transformers: a positive warmup_steps wins over warmup_ratio.
+        let warmup = match (s.warmup_steps, s.warmup_ratio) {
+            (Some(steps), None) => Warmup::Steps(steps),
+            (Some(steps), Some(_)) if steps > 0 => Warmup::Steps(steps),
+            (_, Some(ratio)) => {
+                ensure!(
+                    (0.0..=1.0).contains(&ratio),
+                    "--warmup-ratio (warmup_ratio) must lie in [0, 1], got {ratio}"
+                );
+                Warmup::Ratio(ratio)
+            }
+            (None, None) => Warmup::Ratio(0.1),
+        };
+        let max_grad_norm = match s.max_grad_norm.unwrap_or(1.0) {
+            0.0 => None,
+            n if n.is_finite() && n > 0.0 => Some(n),
+            n => bail!("--max-grad-norm (max_grad_norm) must be at least 0 (0 disables), got {n}"),
+        };
+        let batch_size = s.batch_size.unwrap_or(1);
+        ensure!(
+            batch_size > 0,
+            "--batch-size (per_device_train_batch_size) must be positive"
+        );
+        let grad_accum = s.grad_accum.unwrap_or(1);
+        ensure!(
+            grad_accum > 0,
+            "--grad-accum (gradient_accumulation_steps) must be positive"
+        );
+        // transformers: max_steps wins over num_train_epochs.
+        let duration = match (s.max_steps, s.epochs) {
+            (Some(steps), _) => {
+                ensure!(steps > 0, "--max-steps (max_steps) must be positive");
+                Duration::Steps(steps)
+            }
+            (None, epochs) => {
+                let epochs = epochs.unwrap_or(3.0);
+                ensure!(
+                    epochs.is_finite() && epochs > 0.0,
+                    "--epochs (num_train_epochs) must be positive, got {epochs}"
+                );
+                Duration::Epochs(epochs)
+            }
+        };
+        let max_len = s.max_len.unwrap_or(16384);
+        ensure!(
+            max_len >= 2,
+            "--max-len (cutoff_len) must be at least 2 tokens (one to predict from, one to \
+             predict)"
+        );
+        if let Some(n) = s.max_samples {
+            ensure!(n > 0, "--max-samples (max_samples) must be positive");
+        }
+        Ok(TrainConfig {
+            demo,
+            model: s.model,
+            data: s.data,
+            output,
+            overwrite: s.overwrite,
+            method,
+            init_adapter: s.init_adapter,
+            optimizer,
+            scheduler: s.scheduler.unwrap_or(SchedulerKind::Cosine),
+            warmup,
+            max_grad_norm,
+            batch_size,
+            grad_accum,
+            duration,
+            max_len,
+            overlong: s.overlong.unwrap_or(Overlong::Truncate),
+            max_samples: s.max_samples,
+            seed: s.seed.unwrap_or(42),
+            shuffle: !s.no_shuffle,
+            save_steps: Some(s.save_steps.unwrap_or(500)).filter(|&n| n > 0),
+            resume: s.resume,
+            progress: s.progress.unwrap_or(ProgressMode::Auto),
+            warnings,
+        })
+    }
+
+    /// The settings that decide the sequence of steps, for `TrainState` (a resume under other
+    /// values would not continue the same run). Paths are left out so a moved run still resumes;
+    /// the data itself is checked by its fingerprint.
+    pub fn resume_summary(&self) -> Json {
+        let method = match &self.method {
+            Method::Full => json!({"kind": "full"}),
+            Method::Lora(l) => json!({
+                "kind": "lora", "rank": l.rank, "alpha": l.alpha, "dropout": l.dropout,
+                "targets": l.targets,
+            }),
+        };
+        let o = &self.optimizer;
+        json!({
+            "demo": self.demo,
+            "method": method,
+            "optimizer": format!("{:?}", o.kind).to_lowercase(),
+            "lr": o.lr, "beta1": o.beta1, "beta2": o.beta2, "eps": o.eps,
+            "weight_decay": o.weight_decay,
+            "scheduler": self.scheduler.name(),
+            "warmup": match self.warmup {
+                Warmup::Ratio(r) => json!({"ratio": r}),
+                Warmup::Steps(n) => json!({"steps": n}),
+            },
+            "max_grad_norm": self.max_grad_norm,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "duration": match self.duration {
+                Duration::Epochs(e) => json!({"epochs": e}),
+                Duration::Steps(n) => json!({"max_steps": n}),
+            },
+            "max_len": self.max_len,
+            "overlong": self.overlong,
+            "max_samples": self.max_samples,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+        })
+    }
+}
+
+/// `all`, or module names out of `LORA_TARGETS`; empty means all.
+fn lora_targets(given: &[String]) -> Result<Vec<String>> {
+    let names: Vec<&str> = given
+        .iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if names.is_empty() || names.iter().any(|&n| n == "all" || n == "all-linear") {
+        return Ok(LORA_TARGETS.iter().map(|s| s.to_string()).collect());
+    }
+    if let Some(bad) = names.iter().find(|n| !LORA_TARGETS.contains(n)) {
+        bail!(
+            "--lora-target (lora_target) {bad:?} is not a projection of a Qwen2 layer; choose \
+             from {} or all",
+            LORA_TARGETS.join(", ")
+        );
+    }
+    Ok(LORA_TARGETS
+        .iter()
+        .filter(|t| names.contains(t))
+        .map(|s| s.to_string())
+        .collect())
+}
+
+/// LLaMA-Factory keys accepted without effect, and why.
+pub const IGNORED_KEYS: &[(&str, &str)] = &[
+    ("deepspeed", "wgtrain runs on one GPU without DeepSpeed"),
+    ("ddp_timeout", "no distributed training"),
+    ("ddp_find_unused_parameters", "no distributed training"),
+    (
+        "bf16",
+        "frozen weights are bf16 and trained values f32 always",
+    ),
+    (
+        "fp16",
+        "frozen weights are bf16 and trained values f32 always",
+    ),
+    (
+        "pure_bf16",
+        "frozen weights are bf16 and trained values f32 always",
+    ),
+    ("tf32", "WGSL kernels accumulate in f32"),
+    ("flash_attn", "attention is always flash-style"),
+    ("enable_liger_kernel", "wgtrain's kernels are its own"),
+    ("use_unsloth", "wgtrain's kernels are its own"),
+    (
+        "gradient_checkpointing",
+        "layers are always recomputed in backward",
+    ),
+    (
+        "disable_gradient_checkpointing",
+        "layers are always recomputed in backward",
+    ),
+    (
+        "trust_remote_code",
+        "only Qwen2 is loaded, with no remote code",
+    ),
+    ("report_to", "metrics go to metrics.jsonl"),
+    ("run_name", "metrics go to metrics.jsonl"),
+    ("logging_dir", "metrics go to metrics.jsonl"),
+    ("logging_steps", "every step is logged"),
+    ("plot_loss", "loss.svg is always drawn"),
+    (
+        "overwrite_output_dir",
+        "replacing a run must be asked for with --overwrite",
+    ),
+    ("overwrite_cache", "tokenized data is not cached"),
+    ("preprocessing_num_workers", "tokenization runs in-process"),
+    ("dataloader_num_workers", "tokenization runs in-process"),
+    (
+        "save_only_model",
+        "checkpoints always hold what a resume needs",
+    ),
+    ("save_total_limit", "every checkpoint is kept"),
+    (
+        "per_device_eval_batch_size",
+        "no evaluation during training",
+    ),
+    ("eval_strategy", "no evaluation during training"),
+    ("evaluation_strategy", "no evaluation during training"),
+    ("eval_steps", "no evaluation during training"),
+    ("do_eval", "no evaluation during training"),
+];
+
+/// A YAML value, for error messages.
+fn show(v: &Yaml) -> String {
+    serde_norway::to_string(v)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| format!("{v:?}"))
+}
+
+fn as_f64(v: &Yaml) -> Option<f64> {
+    // HfArgumentParser converts strings: PyYAML reads `1e-4` (no dot) as a string.
+    v.as_f64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+}
+
+fn as_i64(v: &Yaml) -> Option<i64> {
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+        .or_else(|| as_f64(v).filter(|x| x.fract() == 0.0).map(|x| x as i64))
+}
+
+fn as_bool(v: &Yaml) -> Option<bool> {
+    v.as_bool()
+        .or_else(|| match v.as_str()?.to_lowercase().as_str() {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        })
+}
+
+fn as_string(v: &Yaml) -> Option<String> {
+    match v {
+        Yaml::String(s) => Some(s.clone()),
+        Yaml::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The 1-based line on which a top-level `key:` appears in `text`.
+fn key_line(text: &str, key: &str) -> Option<usize> {
+    text.lines()
+        .position(|line| {
+            line.strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with(':'))
+                || line
+                    .strip_prefix(&format!("\"{key}\""))
+                    .is_some_and(|rest| rest.trim_start().starts_with(':'))
+        })
+        .map(|i| i + 1)
+}
+
+/// Reads a LLaMA-Factory training YAML into settings and warnings about keys without effect.
+pub fn read_llama_factory_yaml(path: &Path) -> Result<(TrainSettings, Vec<String>)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let doc: Yaml = serde_norway::from_str(&text)
+        .map_err(|e| anyhow!("{}: invalid YAML: {e}", path.display()))?;
+    let map = match doc {
+        Yaml::Mapping(map) => map,
+        Yaml::Null => Default::default(),
+        _ => bail!(
+            "{}: expected a mapping of LLaMA-Factory keys",
+            path.display()
+        ),
+    };
+    let mut s = TrainSettings::default();
+    let mut warnings = Vec::new();
+    let (mut dataset, mut dataset_dir) = (None, None);
+    // transformers' "constant" schedule ignores any warmup setting, before or after it.
+    let mut no_warmup = false;
+    for (key, value) in &map {
+        let Some(key) = key.as_str() else {
+            bail!("{}: key {} is not a string", path.display(), show(key));
+        };
+        let at = match key_line(&text, key) {
+            Some(line) => format!("{}:{line}", path.display()),
+            None => path.display().to_string(),
+        };
+        let bad = |expected: &str| anyhow!("{at}: {key} = {} must be {expected}", show(value));
+        let f64_ = || as_f64(value).ok_or_else(|| bad("a number"));
+        let count = || {
+            as_i64(value)
+                .filter(|&n| n >= 0)
+                .map(|n| n as usize)
+                .ok_or_else(|| bad("a non-negative integer"))
+        };
+        let string = || as_string(value).ok_or_else(|| bad("a string"));
+        let flag = || as_bool(value).ok_or_else(|| bad("true or false"));
+        let is_null = matches!(value, Yaml::Null);
+        match key {
+            "model_name_or_path" => s.model = Some(string()?.into()),
+            "adapter_name_or_path" => s.init_adapter = Some(string()?.into()),
+            "dataset" => dataset = Some(string()?),
+            "dataset_dir" => dataset_dir = Some(string()?),
+            "output_dir" => s.output = Some(string()?.into()),
+            "resume_from_checkpoint" if !is_null => s.resume = Some(string()?.into()),
+            "resume_from_checkpoint" => {}
+            "finetuning_type" => {
+                s.adapter = Some(match string()?.as_str() {
+                    "lora" => AdapterKind::Lora,
+                    "full" => AdapterKind::Full,
+                    _ => return Err(bad("lora or full (wgtrain has no freeze tuning)")),
+                })
+            }
+            "lora_rank" => s.lora_rank = Some(count()?),
+            "lora_alpha" if !is_null => s.lora_alpha = Some(f64_()?),
+            "lora_alpha" => {}
+            "lora_dropout" => s.lora_dropout = Some(f64_()?),
+            "lora_target" => {
+                s.lora_target = match value {
+                    Yaml::Sequence(items) => items
+                        .iter()
+                        .map(|item| as_string(item).ok_or_else(|| bad("names")))
+                        .collect::<Result<_>>()?,
+                    _ => string()?.split(',').map(|t| t.trim().to_string()).collect(),
+                };
+                // Report a bad name here, where the file and line are known.
+                lora_targets(&s.lora_target).map_err(|e| anyhow!("{at}: {e}"))?;
+            }
+            "optim" => {
+                s.optimizer = Some(match string()?.as_str() {
+                    "adamw_torch" | "adamw_hf" | "adamw_torch_fused" | "adamw" => {
+                        OptimizerKind::Adamw
+                    }
+                    "sgd" => OptimizerKind::Sgd,
+                    _ => return Err(bad("adamw_torch or sgd")),
+                })
+            }
+            "learning_rate" => s.lr = Some(f64_()?),
+            "adam_beta1" => s.beta1 = Some(f64_()?),
+            "adam_beta2" => s.beta2 = Some(f64_()?),
+            "adam_epsilon" => s.eps = Some(f64_()?),
+            "weight_decay" => s.weight_decay = Some(f64_()?),
+            "lr_scheduler_type" => match string()?.as_str() {
+                // transformers' "constant" has no warmup; its "constant_with_warmup" is ours.
+                "constant" => {
+                    s.scheduler = Some(SchedulerKind::Constant);
+                    (s.warmup_steps, s.warmup_ratio, no_warmup) = (Some(0), None, true);
+                }
+                "constant_with_warmup" => s.scheduler = Some(SchedulerKind::Constant),
+                name => {
+                    s.scheduler = Some(
+                        name.parse()
+                            .map_err(|_| bad("cosine, linear, constant or constant_with_warmup"))?,
+                    )
+                }
+            },
+            "warmup_ratio" | "warmup_steps" if no_warmup => {}
+            "warmup_ratio" => s.warmup_ratio = Some(f64_()?),
+            "warmup_steps" => s.warmup_steps = Some(count()?),
+            "max_grad_norm" => s.max_grad_norm = Some(f64_()?),
+            "per_device_train_batch_size" => s.batch_size = Some(count()?),
+            "gradient_accumulation_steps" => s.grad_accum = Some(count()?),
+            "num_train_epochs" => s.epochs = Some(f64_()?),
+            // transformers' default -1 means "use num_train_epochs".
+            "max_steps" => match as_i64(value) {
+                Some(n) if n <= 0 => {}
+                _ => s.max_steps = Some(count()?),
+            },
+            "cutoff_len" => s.max_len = Some(count()?),
+            "max_samples" if !is_null => s.max_samples = Some(count()?),
+            "max_samples" => {}
+            "seed" => s.seed = Some(count()? as u64),
+            "save_steps" => s.save_steps = Some(count()?),
+            "save_strategy" => match string()?.as_str() {
+                "steps" => {}
+                "no" => s.save_steps = Some(0),
+                _ => return Err(bad("steps or no")),
+            },
+            "stage" if string()? != "sft" => {
+                return Err(bad("sft (wgtrain does supervised fine-tuning)"))
+            }
+            "do_train" if !flag()? => return Err(bad("true")),
+            "template" => {
+                let name = string()?;
+                if !["qwen", "qwen25", "qwen2_5", "chatml"].contains(&name.as_str()) {
+                    return Err(bad(
+                        "qwen or chatml: wgtrain renders the checkpoint's own chat template",
+                    ));
+                }
+                warnings.push(format!(
+                    "{at}: template = {name}: wgtrain renders the checkpoint's own chat template"
+                ));
+            }
+            "packing" | "neat_packing" | "train_on_prompt" | "mask_history" | "use_dora"
+            | "use_rslora" | "pissa_init" | "streaming"
+                if flag()? =>
+            {
+                return Err(bad("false: wgtrain does not implement it"))
+            }
+            "val_size" if f64_()? != 0.0 => {
+                return Err(bad("0: wgtrain trains on every row and holds none out"))
+            }
+            "quantization_bit" if !is_null => {
+                return Err(bad("null: wgtrain does not quantize the base model"))
+            }
+            "stage" | "do_train" | "packing" | "neat_packing" | "train_on_prompt"
+            | "mask_history" | "use_dora" | "use_rslora" | "pissa_init" | "streaming"
+            | "val_size" | "quantization_bit" => {}
+            _ => match IGNORED_KEYS.iter().find(|(k, _)| *k == key) {
+                Some((_, why)) => warnings.push(format!("{at}: {key} ignored: {why}")),
+                None => bail!(
+                    "{at}: unknown key {key:?}: wgtrain reads the LLaMA-Factory keys listed in \
+                     docs/training.md"
+                ),
+            },
+        }
+    }
+    if let Some(names) = dataset {
+        let dir = PathBuf::from(dataset_dir.as_deref().unwrap_or("data"));
+        s.data = resolve_datasets(&names, &dir).with_context(|| {
+            let line = key_line(&text, "dataset").map_or(String::new(), |l| format!(":{l}"));
+            format!("{}{line}: dataset = {names}", path.display())
+        })?;
+    } else if dataset_dir.is_some() {
+        bail!("{}: dataset_dir is given but no dataset", path.display());
+    }
+    Ok((s, warnings))
+}
+
+/// LLaMA-Factory's `dataset` (comma-separated): each name is an entry of
+/// `dataset_dir/dataset_info.json`, or else a path to a data file.
+pub fn resolve_datasets(names: &str, dataset_dir: &Path) -> Result<Vec<PathBuf>> {
+    let info_path = dataset_dir.join("dataset_info.json");
+    let info: Option<Json> = if info_path.is_file() {
+        let text = std::fs::read_to_string(&info_path)
+            .with_context(|| format!("reading {}", info_path.display()))?;
+        Some(
+            serde_json::from_str(&text)
+                .map_err(|e| anyhow!("{}:{}: invalid JSON: {e}", info_path.display(), e.line()))?,
+        )
+    } else {
+        None
+    };
+    names
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(|name| {
+            if let Some(entry) = info.as_ref().and_then(|info| info.get(name)) {
+                return dataset_info_entry(name, entry, dataset_dir)
+                    .with_context(|| format!("{}: entry {name:?}", info_path.display()));
+            }
+            let direct = PathBuf::from(name);
+            ensure!(
+                direct.is_file(),
+                "{name:?} is neither an entry of {} nor a data file",
+                info_path.display()
+            );
+            Ok(direct)
+        })
+        .collect()
+}
+
+/// The data file of one dataset_info.json entry, checking that its layout is one wgtrain reads
+/// (sharegpt `conversations`/`from`/`value` or `messages`/`role`/`content` rows).
+fn dataset_info_entry(name: &str, entry: &Json, dir: &Path) -> Result<PathBuf> {
+    let Some(entry) = entry.as_object() else {
+        bail!("must be an object");
+    };
+    for key in entry.keys() {
+        ensure!(
+            ["file_name", "formatting", "columns", "tags", "file_sha1"].contains(&key.as_str()),
+            "key {key:?} is not supported (wgtrain reads local sharegpt files: file_name, \
+             formatting, columns, tags)"
+        );
+    }
+    let file = entry
+        .get("file_name")
+        .and_then(Json::as_str)
+        .context("needs a \"file_name\" (wgtrain reads local files only)")?;
+    let formatting = entry
+        .get("formatting")
+        .and_then(Json::as_str)
+        .unwrap_or("alpaca");
+    ensure!(
+        formatting == "sharegpt",
+        "formatting {formatting:?} is not supported: wgtrain reads sharegpt (or messages) rows"
+    );
+    let field = |group: &str, key: &str, default: &str| -> Result<String> {
+        match entry.get(group).and_then(|g| g.get(key)) {
+            None => Ok(default.to_string()),
+            Some(Json::String(v)) => Ok(v.clone()),
+            Some(v) => bail!("{group}.{key} = {v} must be a string"),
+        }
+    };
+    if let Some(columns) = entry.get("columns").and_then(Json::as_object) {
+        if let Some(other) = columns
+            .keys()
+            .find(|k| !["messages", "system"].contains(&k.as_str()))
+        {
+            bail!("columns.{other} is not supported (wgtrain reads messages and system)");
+        }
+    }
+    let layout = (
+        field("columns", "messages", "conversations")?,
+        field("tags", "role_tag", "from")?,
+        field("tags", "content_tag", "value")?,
+    );
+    let layout = (layout.0.as_str(), layout.1.as_str(), layout.2.as_str());
+    ensure!(
+        matches!(
+            layout,
+            ("conversations", "from", "value") | ("messages", "role", "content")
+        ),
+        "columns.messages / tags.role_tag / tags.content_tag = {layout:?}: wgtrain reads \
+         conversations/from/value or messages/role/content; rename the fields in the file"
+    );
+    for (key, default, allowed) in [
+        ("user_tag", "human", ["user", "human"]),
+        ("assistant_tag", "gpt", ["assistant", "gpt"]),
+        ("system_tag", "system", ["system", "system"]),
+    ] {
+        let tag = field("tags", key, default)?;
+        ensure!(
+            allowed.contains(&tag.as_str()),
+            "tags.{key} = {tag:?}: wgtrain reads roles {}",
+            allowed.join(" or ")
+        );
+    }
+    let system = field("columns", "system", "system")?;
+    ensure!(
+        system == "system",
+        "columns.system = {system:?}: wgtrain reads the system prompt from \"system\""
+    );
+    let path = dir.join(file);
+    ensure!(
+        path.is_file(),
+        "dataset {name:?}: file {} does not exist",
+        path.display()
+    );
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("train.yaml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn data_dir(dir: &Path) -> PathBuf {
+        let data = dir.join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("sky.json"), "[]").unwrap();
+        std::fs::write(
+            data.join("dataset_info.json"),
+            r#"{"Sky-T1-HQ": {"file_name": "sky.json", "formatting": "sharegpt",
+                "columns": {"messages": "conversations", "system": "system"},
+                "tags": {"role_tag": "from", "content_tag": "value",
+                         "user_tag": "user", "assistant_tag": "assistant"}},
+               "alpaca_set": {"file_name": "sky.json"},
+               "renamed": {"file_name": "sky.json", "formatting": "sharegpt",
+                           "tags": {"role_tag": "speaker"}}}"#,
+        )
+        .unwrap();
+        data
+    }
+
+    #[test]
+    fn the_documented_paper_recipe_maps_onto_settings() {
+        let doc = include_str!("../../docs/training.md");
+        let recipe = doc
+            .split("```yaml\n")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let data = data_dir(tmp.path());
+        let text = recipe.replace(
+            "dataset_dir: data\n",
+            &format!("dataset_dir: {}\n", data.display()),
+        );
+        let path = yaml(tmp.path(), &text);
+        let (settings, warnings) = read_llama_factory_yaml(&path).unwrap();
+        assert_eq!(settings.data, [data.join("sky.json")]);
+        let line = recipe.lines().position(|l| l.starts_with("bf16:")).unwrap() + 1;
+        let bf16 = format!("train.yaml:{line}: bf16 ignored");
+        assert!(warnings.iter().any(|w| w.contains(&bf16)), "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("deepspeed ignored")));
+        assert!(warnings
+            .iter()
+            .any(|w| w.contains("overwrite_output_dir ignored")));
+        assert!(!settings.overwrite);
+
+        // Flags override the file (here the model, which must be a local directory).
+        let model = tmp.path().join("qwen");
+        std::fs::create_dir(&model).unwrap();
+        let flags = TrainSettings {
+            model: Some(model),
+            ..TrainSettings::default()
+        };
+        let c = TrainConfig::resolve(flags, Some((settings, warnings))).unwrap();
+        assert_eq!(c.optimizer.lr, 1e-4);
+        assert_eq!(
+            c.method,
+            Method::Lora(LoraSettings {
+                rank: 64,
+                alpha: 128.0,
+                dropout: 0.0,
+                targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
+            })
+        );
+        assert_eq!((c.batch_size, c.grad_accum), (1, 96));
+        assert_eq!(c.duration, Duration::Epochs(3.0));
+        assert_eq!(c.warmup, Warmup::Ratio(0.1));
+        assert_eq!(c.scheduler, SchedulerKind::Cosine);
+        assert_eq!((c.max_len, c.save_steps), (16384, Some(200)));
+        assert_eq!(c.max_grad_norm, Some(1.0));
+        assert_eq!(c.output, PathBuf::from("saves/Sky-T1-32B-lora"));
+        assert!(!c.demo && c.shuffle && !c.warnings.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_file_line_and_key() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = yaml(tmp.path(), "learning_rate: 1e-4\nlora_rnak: 8\n");
+        let err = read_llama_factory_yaml(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("train.yaml:2") && err.contains("lora_rnak"),
+            "{err}"
+        );
+        for (text, needle) in [
+            ("learning_rate: fast\n", "learning_rate"),
+            ("stage: dpo\n", "sft"),
+            ("packing: true\n", "packing"),
+            ("finetuning_type: freeze\n", "freeze"),
+            ("lora_target: q_proj,lm_head\n", "lm_head"),
+            ("template: llama3\n", "template"),
+            ("val_size: 0.1\n", "val_size"),
+            ("- a\n- b\n", "mapping"),
+            ("a: [\n", "invalid YAML"),
+        ] {
+            let path = yaml(tmp.path(), text);
+            let err = format!("{:#}", read_llama_factory_yaml(&path).unwrap_err());
+            assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn yaml_value_conventions_of_hf_argument_parser() {
+        let tmp = tempfile::tempdir().unwrap();
+        // PyYAML reads 1e-4 as a string; max_steps -1 means unset; constant has no warmup.
+        let path = yaml(
+            tmp.path(),
+            "learning_rate: '1e-4'\nmax_steps: -1\nnum_train_epochs: 2\n\
+             lr_scheduler_type: constant\nwarmup_ratio: 0.1\nlora_target: [q_proj, v_proj]\n\
+             save_strategy: 'no'\n",
+        );
+        let (s, _) = read_llama_factory_yaml(&path).unwrap();
+        assert_eq!(s.lr, Some(1e-4));
+        assert_eq!((s.max_steps, s.epochs), (None, Some(2.0)));
+        assert_eq!((s.warmup_steps, s.warmup_ratio), (Some(0), None));
+        assert_eq!(s.save_steps, Some(0));
+        let c = TrainConfig::resolve(TrainSettings::default(), Some((s, vec![]))).unwrap();
+        assert_eq!(c.warmup, Warmup::Steps(0));
+        assert_eq!(c.save_steps, None);
+        let Method::Lora(lora) = c.method else {
+            panic!("lora expected")
+        };
+        assert_eq!(lora.targets, ["q_proj", "v_proj"]);
+    }
+
+    #[test]
+    fn datasets_from_dataset_info_or_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = data_dir(tmp.path());
+        let direct = data.join("sky.json");
+        let files = resolve_datasets(&format!("Sky-T1-HQ, {}", direct.display()), &data).unwrap();
+        assert_eq!(files, [direct.clone(), direct]);
+        for (name, needle) in [
+            ("alpaca_set", "alpaca"),
+            ("renamed", "speaker"),
+            ("missing", "neither"),
+        ] {
+            let err = format!("{:#}", resolve_datasets(name, &data).unwrap_err());
+            assert!(err.contains(needle), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn defaults_demo_and_validation() {
+        let c = TrainConfig::resolve(TrainSettings::default(), None).unwrap();
+        assert!(c.demo);
+        assert_eq!(c.output, PathBuf::from(DEMO_OUTPUT));
+        assert_eq!(c.optimizer.lr, 1e-4);
+        assert_eq!(c.save_steps, Some(500));
+        let full = TrainSettings {
+            adapter: Some(AdapterKind::Full),
+            ..TrainSettings::default()
+        };
+        let c = TrainConfig::resolve(full, None).unwrap();
+        assert_eq!((c.method, c.optimizer.lr), (Method::Full, 1e-5));
+
+        let bad = |s: TrainSettings, needle: &str| {
+            let err = TrainConfig::resolve(s, None).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err}");
+        };
+        let d = TrainSettings::default;
+        bad(
+            TrainSettings {
+                lr: Some(0.0),
+                ..d()
+            },
+            "--lr",
+        );
+        bad(
+            TrainSettings {
+                lora_rank: Some(0),
+                ..d()
+            },
+            "--lora-rank",
+        );
+        bad(
+            TrainSettings {
+                beta2: Some(1.0),
+                ..d()
+            },
+            "--beta2",
+        );
+        bad(
+            TrainSettings {
+                max_grad_norm: Some(-1.0),
+                ..d()
+            },
+            "--max-grad-norm",
+        );
+        bad(
+            TrainSettings {
+                warmup_ratio: Some(2.0),
+                ..d()
+            },
+            "--warmup-ratio",
+        );
+        bad(
+            TrainSettings {
+                max_len: Some(1),
+                ..d()
+            },
+            "--max-len",
+        );
+        bad(
+            TrainSettings {
+                epochs: Some(0.0),
+                ..d()
+            },
+            "--epochs",
+        );
+        bad(
+            TrainSettings {
+                lora_dropout: Some(1.0),
+                ..d()
+            },
+            "--lora-dropout",
+        );
+        bad(
+            TrainSettings {
+                data: vec!["x.json".into()],
+                ..d()
+            },
+            "go together",
+        );
+        let missing_model = TrainSettings {
+            model: Some("Qwen/Qwen2.5-32B-Instruct".into()),
+            data: vec!["x.json".into()],
+            ..d()
+        };
+        bad(missing_model, "does not download");
+        let no_clip = TrainSettings {
+            max_grad_norm: Some(0.0),
+            ..d()
+        };
+        assert_eq!(
+            TrainConfig::resolve(no_clip, None).unwrap().max_grad_norm,
+            None
+        );
+    }
+
+    #[test]
+    fn warmup_and_length_pairs_override_together() {
+        let file = TrainSettings {
+            warmup_ratio: Some(0.1),
+            max_steps: Some(100),
+            ..TrainSettings::default()
+        };
+        let flags = TrainSettings {
+            warmup_steps: Some(5),
+            epochs: Some(1.0),
+            ..TrainSettings::default()
+        };
+        let c = TrainConfig::resolve(flags, Some((file, vec![]))).unwrap();
+        assert_eq!(c.warmup, Warmup::Steps(5));
+        assert_eq!(c.duration, Duration::Epochs(1.0));
+        // Within one source, a positive warmup_steps wins as in transformers.
+        let both = TrainSettings {
+            warmup_ratio: Some(0.2),
+            warmup_steps: Some(0),
+            ..TrainSettings::default()
+        };
+        assert_eq!(
+            TrainConfig::resolve(both, None).unwrap().warmup,
+            Warmup::Ratio(0.2)
+        );
+    }
+
+    #[test]
+    fn resume_summary_changes_with_settings_that_change_steps() {
+        let a = TrainConfig::resolve(TrainSettings::default(), None).unwrap();
+        let b = TrainConfig::resolve(
+            TrainSettings {
+                grad_accum: Some(4),
+                ..TrainSettings::default()
+            },
+            None,
+        )
+        .unwrap();
+        assert_ne!(a.resume_summary(), b.resume_summary());
+        assert_eq!(a.resume_summary()["method"]["rank"], 64);
+    }
+}

@@ -1,0 +1,15 @@
+//! The trainer's model-independent parts: settings (flags and LLaMA-Factory YAML), learning-rate
+//! schedules, the data order, metrics and progress, checkpoints, and the built-in demo's model and
+//! data.
+pub mod batching;
+pub mod checkpoint;
+pub mod config;
+pub mod demo;
+pub mod metrics;
+pub mod schedule;
+
+pub use batching::{BatchSettings, DataOrder, DataPosition, Overlong, RowCounts, Step};
+pub use checkpoint::{NamedTensor, RngState, TrainState};
+pub use config::{TrainConfig, TrainSettings};
+pub use metrics::{MetricsWriter, Progress, ProgressMode, StepMetrics};
+pub use schedule::{Schedule, SchedulerKind, Warmup};
