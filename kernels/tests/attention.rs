@@ -1,9 +1,11 @@
 //! Attention: the CPU backward reference against finite differences of the CPU forward, and the
 //! GPU kernels (blocked and split-key forward, backward) against the CPU reference on odd shapes,
 //! with the default binding limit and with a tiny one that splits every tensor.
+mod common;
+use common::{assert_passed, gpu, split_gpu};
 use wgtrain_kernels::ops::attention::{self, cpu, AttentionDims, ForwardPath};
-use wgtrain_kernels::ops::{random, to_f64, Check};
-use wgtrain_kernels::{Gpu, GpuOptions};
+use wgtrain_kernels::ops::{random, to_f64};
+use wgtrain_kernels::Gpu;
 
 fn dims(b: usize, tq: usize, tk: usize, hq: usize, hkv: usize, head_dim: usize) -> AttentionDims {
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -15,29 +17,6 @@ fn dims(b: usize, tq: usize, tk: usize, hq: usize, hkv: usize, head_dim: usize) 
         hkv,
         head_dim,
         scale,
-    }
-}
-
-/// Bindings of 3.5 KiB: a few rows of q (as few as one), more of k, v and lse, so every tensor
-/// of the cases below splits mid-sequence, at different rows for each.
-fn tiny_gpu() -> Gpu {
-    let options = GpuOptions {
-        max_binding_bytes: Some(3584),
-        ..GpuOptions::from_env().unwrap()
-    };
-    Gpu::new(&options).unwrap()
-}
-
-fn assert_passed(checks: Vec<Check>) {
-    for c in checks {
-        assert!(
-            c.passed(),
-            "{} {}: error {:.3e} > {:.1e}",
-            c.kernel,
-            c.shape,
-            c.max_err,
-            c.tolerance
-        );
     }
 }
 
@@ -127,14 +106,14 @@ fn forward_matches_cpu() {
 
 #[test]
 fn forward_matches_cpu_on_split_tensors() {
-    forward_cases(&tiny_gpu(), split_shapes());
+    forward_cases(split_gpu(3584), split_shapes());
 }
 
 /// KV-cache steps: tq = 1 and 3 against every tk up to 70, from caches with spare rows; every
 /// fifth on split tensors.
 #[test]
 fn decode_matches_cpu() {
-    let (gpu, tiny) = (Gpu::from_env().unwrap(), tiny_gpu());
+    let (gpu, tiny) = (gpu(), split_gpu(3584));
     for tk in 1..=70 {
         for tq in [1, 3].into_iter().filter(|&tq| tq <= tk) {
             let (g, head_dim) = (
@@ -164,13 +143,13 @@ fn backward_matches_cpu() {
 
 #[test]
 fn backward_matches_cpu_on_split_tensors() {
-    backward_cases(&tiny_gpu(), split_shapes());
+    backward_cases(split_gpu(3584), split_shapes());
 }
 
 #[test]
 fn backward_with_a_cache_offset() {
     // tq < tk: queries sit at the end of their sequences.
-    let (gpu, tiny) = (Gpu::from_env().unwrap(), tiny_gpu());
+    let (gpu, tiny) = (gpu(), split_gpu(3584));
     assert_passed(attention::check_backward(&gpu, dims(2, 5, 70, 6, 2, 64), 98).unwrap());
     assert_passed(attention::check_backward(&tiny, dims(1, 33, 40, 7, 1, 64), 99).unwrap());
 }

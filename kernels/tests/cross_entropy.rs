@@ -1,37 +1,12 @@
 //! LM head + cross-entropy: GPU against the f64 CPU reference on odd shapes and chunkings, with
 //! whole and split tensors, at the real Qwen vocabulary, and the backward reference against finite
 //! differences of the forward one.
-use std::sync::OnceLock;
+mod common;
+use common::{assert_passed, gpus};
 
 use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, Grad, IGNORE};
-use wgtrain_kernels::ops::{random, to_f64, Check};
+use wgtrain_kernels::ops::{random, to_f64};
 use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
-
-/// The default device, and the same adapter with 1 KiB bindings so every tensor here splits.
-fn gpus() -> &'static [Gpu; 2] {
-    static GPUS: OnceLock<[Gpu; 2]> = OnceLock::new();
-    GPUS.get_or_init(|| {
-        let options = GpuOptions::from_env().unwrap();
-        let tiny = GpuOptions {
-            max_binding_bytes: Some(1024),
-            ..options.clone()
-        };
-        [Gpu::new(&options).unwrap(), Gpu::new(&tiny).unwrap()]
-    })
-}
-
-fn assert_passed(checks: &[Check]) {
-    for c in checks {
-        assert!(
-            c.passed(),
-            "{} {}: error {:e} > {:e}",
-            c.kernel,
-            c.shape,
-            c.max_err,
-            c.tolerance
-        );
-    }
-}
 
 fn case(tokens: usize, vocab: usize, dim: usize, w_bf16: bool, chunking: Chunking) -> Case {
     Case {

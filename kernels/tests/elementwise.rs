@@ -1,20 +1,15 @@
 //! Elementwise kernels against the CPU reference, whole and split into chunks; tensor chunking.
+mod common;
+use common::{gpus, split_gpu};
 use wgtrain_kernels::ops::elementwise;
 use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
 
-fn gpu(max_binding_bytes: Option<u64>) -> Gpu {
-    let mut options = GpuOptions::from_env().unwrap();
-    options.max_binding_bytes = max_binding_bytes.or(options.max_binding_bytes);
-    Gpu::new(&options).expect("a wgpu adapter (install mesa-vulkan-drivers on a CPU-only machine)")
-}
-
 #[test]
 fn elementwise_matches_cpu_whole_and_split() {
-    for limit in [None, Some(1024)] {
-        let gpu = gpu(limit);
+    for gpu in gpus() {
         for (rows, cols) in [(1, 2), (1, 1), (7, 13), (67, 130), (300, 6)] {
             for check in elementwise::check(&gpu, rows, cols, 7).unwrap() {
-                assert!(check.passed(), "limit {limit:?}: {check:?}");
+                assert!(check.passed(), "{check:?}");
             }
         }
     }
@@ -22,7 +17,7 @@ fn elementwise_matches_cpu_whole_and_split() {
 
 #[test]
 fn tensors_split_into_whole_row_chunks_and_round_trip() {
-    let gpu = gpu(Some(1024));
+    let gpu = split_gpu(1024);
     // 100 rows of 30 f32 = 120 bytes per row: 8 rows per 1024-byte chunk.
     let data: Vec<f32> = (0..3000).map(|i| i as f32).collect();
     let t = Tensor::from_f32(&gpu, &[100, 30], &data).unwrap();
@@ -41,7 +36,7 @@ fn tensors_split_into_whole_row_chunks_and_round_trip() {
 
 #[test]
 fn bad_sizes_are_clear_errors() {
-    let gpu = gpu(Some(1024));
+    let gpu = split_gpu(1024);
     let err = Tensor::zeros(&gpu, &[2, 1000], DType::F32)
         .err()
         .unwrap()

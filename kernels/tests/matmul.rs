@@ -1,36 +1,10 @@
 //! Matmul family: GPU against the f64 CPU reference on odd shapes, with whole and split tensors,
 //! and the backward references against finite differences of the forward one.
-use std::sync::OnceLock;
+mod common;
+use common::{assert_passed, gpus};
 
 use wgtrain_kernels::ops::matmul::{self, cpu};
-use wgtrain_kernels::ops::{random, to_f64, Check};
-use wgtrain_kernels::{Gpu, GpuOptions};
-
-/// The default device, and the same adapter with 1 KiB bindings so every tensor here splits.
-fn gpus() -> &'static [Gpu; 2] {
-    static GPUS: OnceLock<[Gpu; 2]> = OnceLock::new();
-    GPUS.get_or_init(|| {
-        let options = GpuOptions::from_env().unwrap();
-        let tiny = GpuOptions {
-            max_binding_bytes: Some(1024),
-            ..options.clone()
-        };
-        [Gpu::new(&options).unwrap(), Gpu::new(&tiny).unwrap()]
-    })
-}
-
-fn assert_passed(checks: &[Check]) {
-    for c in checks {
-        assert!(
-            c.passed(),
-            "{} {}: error {:e} > {:e}",
-            c.kernel,
-            c.shape,
-            c.max_err,
-            c.tolerance
-        );
-    }
-}
+use wgtrain_kernels::ops::{random, to_f64};
 
 #[test]
 fn matmul_matches_cpu_on_odd_shapes() {

@@ -1,41 +1,12 @@
 //! Optimizer: the global gradient norm over many odd-sized tensors, NaN propagation, and AdamW /
 //! SGD trajectories against the f64 reference with clipping active, inactive and off, on whole
 //! and split tensors.
-use std::sync::OnceLock;
+mod common;
+use common::{assert_passed, gpu, split_gpu};
 
 use wgtrain_kernels::ops::optim::{self, cpu, AdamW, Optimizer, TEST_ADAMW};
 use wgtrain_kernels::ops::random;
-use wgtrain_kernels::{Check, DType, Gpu, GpuOptions, Tensor};
-
-fn gpu() -> &'static Gpu {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| Gpu::from_env().expect("opening the GPU"))
-}
-
-/// 1 KiB bindings: every tensor of more than 256 elements splits.
-fn split_gpu() -> &'static Gpu {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| {
-        let options = GpuOptions {
-            max_binding_bytes: Some(1024),
-            ..GpuOptions::from_env().unwrap()
-        };
-        Gpu::new(&options).expect("opening the GPU")
-    })
-}
-
-fn assert_passed(checks: &[Check]) {
-    for c in checks {
-        assert!(
-            c.passed(),
-            "{} {}: error {:e} > {:e}",
-            c.kernel,
-            c.shape,
-            c.max_err,
-            c.tolerance
-        );
-    }
-}
+use wgtrain_kernels::{DType, Tensor};
 
 /// Odd sizes that fit the split device (1-D tensors of at most 256 elements).
 const SMALL: &[&[usize]] = &[
@@ -51,14 +22,14 @@ const SMALL: &[&[usize]] = &[
 #[test]
 fn grad_norm_over_many_tensors() {
     assert_passed(&[optim::check_grad_norm(gpu(), SMALL, 1).unwrap()]);
-    assert_passed(&[optim::check_grad_norm(split_gpu(), SMALL, 2).unwrap()]);
+    assert_passed(&[optim::check_grad_norm(split_gpu(1024), SMALL, 2).unwrap()]);
     // Many workgroups per tensor.
     assert_passed(&[optim::check_grad_norm(gpu(), &[&[100_003], &[17], &[300, 301]], 3).unwrap()]);
 }
 
 #[test]
 fn grad_norm_propagates_nan_and_is_deterministic() {
-    for gpu in [gpu(), split_gpu()] {
+    for gpu in [gpu(), split_gpu(1024)] {
         let mut values = random(1, 40 * 200, 1.0);
         let grads = |values: &[f32]| {
             [
@@ -86,7 +57,7 @@ fn adamw_trajectory_matches_cpu() {
     // Gradient norms here are around 75: 1.0 clips, 1e6 does not.
     for max_norm in [None, Some(1.0), Some(1e6)] {
         assert_passed(&optim::check_steps(gpu(), SMALL, adamw, max_norm, 5, 1).unwrap());
-        assert_passed(&optim::check_steps(split_gpu(), SMALL, adamw, max_norm, 5, 2).unwrap());
+        assert_passed(&optim::check_steps(split_gpu(1024), SMALL, adamw, max_norm, 5, 2).unwrap());
     }
     // beta1 < 0.5 takes the other side of torch's lerp; no weight decay.
     let other = Optimizer::AdamW(AdamW {
@@ -108,14 +79,14 @@ fn sgd_trajectory_matches_cpu() {
             weight_decay,
         };
         assert_passed(&optim::check_steps(gpu(), SMALL, sgd, max_norm, 3, 4).unwrap());
-        assert_passed(&optim::check_steps(split_gpu(), SMALL, sgd, max_norm, 3, 5).unwrap());
+        assert_passed(&optim::check_steps(split_gpu(1024), SMALL, sgd, max_norm, 3, 5).unwrap());
     }
 }
 
 #[test]
 fn clipped_sgd_step_has_the_clip_norm() {
     // lr = 1 and no decay: the step is the clipped gradient, whose norm is max_norm.
-    let gpu = split_gpu();
+    let gpu = split_gpu(1024);
     let shapes: [&[usize]; 2] = [&[50, 100], &[77]];
     let grads: Vec<Tensor> = shapes
         .iter()

@@ -1,37 +1,11 @@
 //! RMSNorm: GPU against the f64 reference on odd shapes, on whole and split tensors; the
 //! reference's backward against finite differences of its forward.
-use std::sync::OnceLock;
+mod common;
+use common::{assert_passed, gpu, split_gpu};
 
 use wgtrain_kernels::ops::rmsnorm::{self, cpu};
 use wgtrain_kernels::ops::{random, to_f64};
-use wgtrain_kernels::{Check, DType, Gpu, GpuOptions, Tensor};
-
-fn gpu() -> &'static Gpu {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| Gpu::from_env().expect("opening the GPU"))
-}
-
-/// A device whose bindings hold at most `bytes`, so the test's tensors split into many chunks.
-fn split_gpu(bytes: u64) -> Gpu {
-    let options = GpuOptions {
-        max_binding_bytes: Some(bytes),
-        ..GpuOptions::from_env().unwrap()
-    };
-    Gpu::new(&options).expect("opening the GPU")
-}
-
-fn assert_passed(checks: &[Check]) {
-    for c in checks {
-        assert!(
-            c.passed(),
-            "{} {}: error {:e} > {:e}",
-            c.kernel,
-            c.shape,
-            c.max_err,
-            c.tolerance
-        );
-    }
-}
+use wgtrain_kernels::{DType, Tensor};
 
 #[test]
 fn matches_cpu_on_odd_shapes() {

@@ -1,30 +1,10 @@
 //! RoPE: GPU against the CPU reference (default and tiny binding limits), the backward as the
 //! forward's transpose, and the reference against transformers' convention on a hand-made case.
+mod common;
+use common::{assert_passed, split_gpu};
 use wgtrain_kernels::ops::rope::{self, cpu, rope_backward, rope_forward, Positions, Rope};
-use wgtrain_kernels::ops::{random, to_f64, Check};
-use wgtrain_kernels::{Gpu, GpuOptions, Tensor};
-
-fn tiny_gpu() -> Gpu {
-    // 1280 bytes: a few rows per chunk, so every tensor below splits mid-sequence.
-    Gpu::new(&GpuOptions {
-        max_binding_bytes: Some(1280),
-        ..GpuOptions::from_env().unwrap()
-    })
-    .unwrap()
-}
-
-fn assert_passed(checks: Vec<Check>) {
-    for c in checks {
-        assert!(
-            c.passed(),
-            "{} {}: error {:.3e} > {:.1e}",
-            c.kernel,
-            c.shape,
-            c.max_err,
-            c.tolerance
-        );
-    }
-}
+use wgtrain_kernels::ops::{random, to_f64};
+use wgtrain_kernels::{Gpu, Tensor};
 
 fn run_cases(gpu: &Gpu) {
     assert_passed(rope::check_rope(gpu, 1, 1, 64, Some(&[0]), 1).unwrap());
@@ -43,13 +23,13 @@ fn gpu_matches_cpu() {
 
 #[test]
 fn gpu_matches_cpu_on_split_tensors() {
-    run_cases(&tiny_gpu());
+    run_cases(split_gpu(1280));
 }
 
 /// <R x, y> = <x, R^T y>: the backward kernel is the transpose of the forward one.
 #[test]
 fn backward_is_the_transpose() {
-    let gpu = tiny_gpu();
+    let gpu = split_gpu(1280);
     let (rows, heads, d) = (10, 2, 64);
     let shape = [rows, heads * d];
     let (xv, yv) = (

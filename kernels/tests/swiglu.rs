@@ -1,28 +1,11 @@
 //! SwiGLU: GPU against the f64 reference on odd shapes, on whole and split tensors; the
 //! reference's backward against finite differences of its forward.
-use std::sync::OnceLock;
+mod common;
+use common::{assert_passed, gpu};
 
 use wgtrain_kernels::ops::swiglu::{self, cpu};
 use wgtrain_kernels::ops::{random, to_f64};
-use wgtrain_kernels::{Check, DType, Gpu, GpuOptions, Tensor};
-
-fn gpu() -> &'static Gpu {
-    static GPU: OnceLock<Gpu> = OnceLock::new();
-    GPU.get_or_init(|| Gpu::from_env().expect("opening the GPU"))
-}
-
-fn assert_passed(checks: &[Check]) {
-    for c in checks {
-        assert!(
-            c.passed(),
-            "{} {}: error {:e} > {:e}",
-            c.kernel,
-            c.shape,
-            c.max_err,
-            c.tolerance
-        );
-    }
-}
+use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
 
 #[test]
 fn matches_cpu_on_odd_shapes() {

@@ -1,0 +1,48 @@
+//! Helpers shared by the kernel tests (each test binary uses the ones it needs).
+#![allow(dead_code)]
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
+
+use wgtrain_kernels::{Check, Gpu, GpuOptions};
+
+/// The default device (`WGTRAIN_*` variables), opened once per test binary so pipelines compile once.
+pub fn gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        Gpu::from_env().expect("a wgpu adapter (CPU-only machine: install mesa-vulkan-drivers)")
+    })
+}
+
+/// A device whose storage bindings hold at most `bytes`, so every tensor of a test splits into
+/// chunks; one per size per test binary.
+pub fn split_gpu(bytes: u64) -> &'static Gpu {
+    static GPUS: OnceLock<Mutex<HashMap<u64, &'static Gpu>>> = OnceLock::new();
+    let mut map = GPUS.get_or_init(Default::default).lock().unwrap();
+    map.entry(bytes).or_insert_with(|| {
+        let options = GpuOptions {
+            max_binding_bytes: Some(bytes),
+            ..GpuOptions::from_env().unwrap()
+        };
+        Box::leak(Box::new(Gpu::new(&options).expect("opening the GPU")))
+    })
+}
+
+/// The default device and a 1 KiB-binding one: every case runs whole and split.
+pub fn gpus() -> [&'static Gpu; 2] {
+    [gpu(), split_gpu(1024)]
+}
+
+pub fn assert_passed<C: Borrow<Check>>(checks: impl IntoIterator<Item = C>) {
+    for c in checks {
+        let c = c.borrow();
+        assert!(
+            c.passed(),
+            "{} {}: error {:.3e} > {:.1e}",
+            c.kernel,
+            c.shape,
+            c.max_err,
+            c.tolerance
+        );
+    }
+}
