@@ -150,8 +150,8 @@ fn backward_matches_cpu_on_split_tensors() {
 fn backward_with_a_cache_offset() {
     // tq < tk: queries sit at the end of their sequences.
     let (gpu, tiny) = (gpu(), split_gpu(3584));
-    assert_passed(attention::check_backward(&gpu, dims(2, 5, 70, 6, 2, 64), 98).unwrap());
-    assert_passed(attention::check_backward(&tiny, dims(1, 33, 40, 7, 1, 64), 99).unwrap());
+    assert_passed(attention::check_backward(gpu, dims(2, 5, 70, 6, 2, 64), 98).unwrap());
+    assert_passed(attention::check_backward(tiny, dims(1, 33, 40, 7, 1, 64), 99).unwrap());
 }
 
 #[test]

@@ -48,7 +48,7 @@ fn matches_cpu_on_odd_shapes_and_chunkings() {
     for (seed, &(tokens, vocab, dim, chunking)) in shapes.iter().enumerate() {
         for bf16 in [false, true] {
             assert_passed(
-                &cross_entropy::check_cross_entropy(
+                cross_entropy::check_cross_entropy(
                     whole,
                     case(tokens, vocab, dim, bf16, chunking),
                     seed as u64,
@@ -77,7 +77,7 @@ fn matches_cpu_on_split_tensors() {
     for (seed, &(tokens, vocab, dim, chunking)) in shapes.iter().enumerate() {
         for bf16 in [false, true] {
             assert_passed(
-                &cross_entropy::check_cross_entropy(
+                cross_entropy::check_cross_entropy(
                     split,
                     case(tokens, vocab, dim, bf16, chunking),
                     seed as u64,
@@ -95,7 +95,7 @@ fn matches_cpu_on_split_tensors() {
 fn matches_cpu_at_the_qwen_vocabulary() {
     let [whole, _] = gpus();
     let qwen = case(5, 151936, 16, true, Chunking::default());
-    assert_passed(&cross_entropy::check_cross_entropy(whole, qwen, 9).unwrap());
+    assert_passed(cross_entropy::check_cross_entropy(whole, qwen, 9).unwrap());
     let small = Gpu::new(&GpuOptions {
         max_binding_bytes: Some(4096),
         ..GpuOptions::from_env().unwrap()
@@ -107,7 +107,7 @@ fn matches_cpu_at_the_qwen_vocabulary() {
         dw_lm: false,
         ..qwen
     };
-    assert_passed(&cross_entropy::check_cross_entropy(&small, qwen_split, 10).unwrap());
+    assert_passed(cross_entropy::check_cross_entropy(&small, qwen_split, 10).unwrap());
 }
 
 #[test]

@@ -12,7 +12,7 @@ fn matches_cpu_on_odd_shapes() {
     let cases = [(1, 1, 1), (5, 37, 3), (67, 1001, 130), (300, 50, 257)];
     for (i, (tokens, vocab, dim)) in cases.into_iter().enumerate() {
         for bf16 in [false, true] {
-            assert_passed(&embedding::check(gpu(), tokens, vocab, dim, bf16, i as u64).unwrap());
+            assert_passed(embedding::check(gpu(), tokens, vocab, dim, bf16, i as u64).unwrap());
         }
     }
 }
@@ -25,9 +25,7 @@ fn matches_cpu_on_split_tensors() {
         .enumerate()
     {
         for bf16 in [false, true] {
-            assert_passed(
-                &embedding::check(&gpu, tokens, vocab, dim, bf16, 10 + i as u64).unwrap(),
-            );
+            assert_passed(embedding::check(gpu, tokens, vocab, dim, bf16, 10 + i as u64).unwrap());
         }
     }
 }
@@ -37,7 +35,7 @@ fn real_vocabulary_in_chunks() {
     // 256 KiB bindings: the bf16 table splits into 10 chunks, its f32 gradient into 19.
     let gpu = split_gpu(256 << 10);
     for bf16 in [false, true] {
-        assert_passed(&embedding::check(&gpu, 50, 151936, 8, bf16, 3).unwrap());
+        assert_passed(embedding::check(gpu, 50, 151936, 8, bf16, 3).unwrap());
     }
 }
 

@@ -14,7 +14,7 @@ fn lora_matches_cpu_on_odd_shapes() {
         .enumerate()
     {
         for r in [1, 8, 16] {
-            assert_passed(&lora::check_lora(whole, Dims { m, n, k, r }, seed as u64).unwrap());
+            assert_passed(lora::check_lora(whole, Dims { m, n, k, r }, seed as u64).unwrap());
         }
     }
 }
@@ -24,7 +24,7 @@ fn lora_matches_cpu_on_split_tensors() {
     let [_, split] = gpus();
     for (seed, &(m, n, k)) in [(1, 9, 7), (37, 21, 19), (70, 33, 66)].iter().enumerate() {
         for r in [1, 8, 16] {
-            assert_passed(&lora::check_lora(split, Dims { m, n, k, r }, seed as u64).unwrap());
+            assert_passed(lora::check_lora(split, Dims { m, n, k, r }, seed as u64).unwrap());
         }
     }
 }

@@ -20,7 +20,7 @@ fn matmul_matches_cpu_on_odd_shapes() {
     .enumerate()
     {
         for bf16 in [false, true] {
-            assert_passed(&matmul::check_matmul(whole, m, n, k, bf16, seed as u64).unwrap());
+            assert_passed(matmul::check_matmul(whole, m, n, k, bf16, seed as u64).unwrap());
         }
     }
 }
@@ -30,7 +30,7 @@ fn matmul_matches_cpu_on_split_tensors() {
     let [_, split] = gpus();
     for (seed, &(m, n, k)) in [(1, 3, 9), (37, 21, 19), (70, 9, 66)].iter().enumerate() {
         for bf16 in [false, true] {
-            assert_passed(&matmul::check_matmul(split, m, n, k, bf16, seed as u64).unwrap());
+            assert_passed(matmul::check_matmul(split, m, n, k, bf16, seed as u64).unwrap());
         }
     }
 }

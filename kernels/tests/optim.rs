@@ -56,8 +56,8 @@ fn adamw_trajectory_matches_cpu() {
     let adamw = Optimizer::AdamW(TEST_ADAMW);
     // Gradient norms here are around 75: 1.0 clips, 1e6 does not.
     for max_norm in [None, Some(1.0), Some(1e6)] {
-        assert_passed(&optim::check_steps(gpu(), SMALL, adamw, max_norm, 5, 1).unwrap());
-        assert_passed(&optim::check_steps(split_gpu(1024), SMALL, adamw, max_norm, 5, 2).unwrap());
+        assert_passed(optim::check_steps(gpu(), SMALL, adamw, max_norm, 5, 1).unwrap());
+        assert_passed(optim::check_steps(split_gpu(1024), SMALL, adamw, max_norm, 5, 2).unwrap());
     }
     // beta1 < 0.5 takes the other side of torch's lerp; no weight decay.
     let other = Optimizer::AdamW(AdamW {
@@ -67,7 +67,7 @@ fn adamw_trajectory_matches_cpu() {
         ..TEST_ADAMW
     });
     assert_passed(
-        &optim::check_steps(gpu(), &[&[100_003], &[5, 7]], other, Some(10.0), 4, 3).unwrap(),
+        optim::check_steps(gpu(), &[&[100_003], &[5, 7]], other, Some(10.0), 4, 3).unwrap(),
     );
 }
 
@@ -78,8 +78,8 @@ fn sgd_trajectory_matches_cpu() {
             lr: 0.1,
             weight_decay,
         };
-        assert_passed(&optim::check_steps(gpu(), SMALL, sgd, max_norm, 3, 4).unwrap());
-        assert_passed(&optim::check_steps(split_gpu(1024), SMALL, sgd, max_norm, 3, 5).unwrap());
+        assert_passed(optim::check_steps(gpu(), SMALL, sgd, max_norm, 3, 4).unwrap());
+        assert_passed(optim::check_steps(split_gpu(1024), SMALL, sgd, max_norm, 3, 5).unwrap());
     }
 }
 

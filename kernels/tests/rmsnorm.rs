@@ -14,7 +14,7 @@ fn matches_cpu_on_odd_shapes() {
         for w_bf16 in [false, true] {
             for accumulate in [false, true] {
                 assert_passed(
-                    &rmsnorm::check(gpu(), rows, cols, w_bf16, accumulate, i as u64 * 10).unwrap(),
+                    rmsnorm::check(gpu(), rows, cols, w_bf16, accumulate, i as u64 * 10).unwrap(),
                 );
             }
         }
@@ -33,7 +33,7 @@ fn matches_cpu_on_split_tensors() {
         for (i, (rows, cols)) in cases.into_iter().enumerate() {
             for w_bf16 in [false, true] {
                 assert_passed(
-                    &rmsnorm::check(&gpu, rows, cols, w_bf16, i % 2 == 0, 7 + i as u64).unwrap(),
+                    rmsnorm::check(gpu, rows, cols, w_bf16, i % 2 == 0, 7 + i as u64).unwrap(),
                 );
             }
         }
@@ -84,22 +84,22 @@ fn cpu_backward_matches_finite_differences() {
 fn weight_gradient_is_deterministic() {
     let gpu = split_gpu(4096);
     let (rows, cols) = (300, 100);
-    let x = Tensor::from_f32(&gpu, &[rows, cols], &random(1, rows * cols, 1.0)).unwrap();
-    let dy = Tensor::from_f32(&gpu, &[rows, cols], &random(2, rows * cols, 1.0)).unwrap();
-    let w = Tensor::from_f32_as_bf16(&gpu, &[cols], &random(3, cols, 1.0)).unwrap();
+    let x = Tensor::from_f32(gpu, &[rows, cols], &random(1, rows * cols, 1.0)).unwrap();
+    let dy = Tensor::from_f32(gpu, &[rows, cols], &random(2, rows * cols, 1.0)).unwrap();
+    let w = Tensor::from_f32_as_bf16(gpu, &[cols], &random(3, cols, 1.0)).unwrap();
     let (y, dx) = (
-        Tensor::zeros(&gpu, &[rows, cols], DType::F32).unwrap(),
-        Tensor::zeros(&gpu, &[rows, cols], DType::F32).unwrap(),
+        Tensor::zeros(gpu, &[rows, cols], DType::F32).unwrap(),
+        Tensor::zeros(gpu, &[rows, cols], DType::F32).unwrap(),
     );
-    let rstd = Tensor::zeros(&gpu, &[rows], DType::F32).unwrap();
+    let rstd = Tensor::zeros(gpu, &[rows], DType::F32).unwrap();
     let run = || {
-        let dw = Tensor::zeros(&gpu, &[cols], DType::F32).unwrap();
+        let dw = Tensor::zeros(gpu, &[cols], DType::F32).unwrap();
         let mut batch = gpu.batch();
         rmsnorm::rmsnorm_forward(&mut batch, &x, &w, 1e-6, &y, &rstd).unwrap();
         rmsnorm::rmsnorm_backward(&mut batch, &dy, &x, &w, &rstd, &dx, 0.0, Some((&dw, 0.0)))
             .unwrap();
         batch.submit();
-        (dx.to_bytes(&gpu).unwrap(), dw.to_bytes(&gpu).unwrap())
+        (dx.to_bytes(gpu).unwrap(), dw.to_bytes(gpu).unwrap())
     };
     assert_eq!(run(), run());
 }

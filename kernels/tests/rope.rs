@@ -36,12 +36,12 @@ fn backward_is_the_transpose() {
         random(7, rows * heads * d, 1.0),
         random(8, rows * heads * d, 1.0),
     );
-    let rope = Rope::new(&gpu, d, 1e6).unwrap();
+    let rope = Rope::new(gpu, d, 1e6).unwrap();
     let positions: Vec<u32> = (0..rows as u32).map(|r| 1000 * r + 3).collect();
-    let table = Tensor::from_u32(&gpu, &[rows], &positions).unwrap();
+    let table = Tensor::from_u32(gpu, &[rows], &positions).unwrap();
     let (x, y) = (
-        Tensor::from_f32(&gpu, &shape, &xv).unwrap(),
-        Tensor::from_f32(&gpu, &shape, &yv).unwrap(),
+        Tensor::from_f32(gpu, &shape, &xv).unwrap(),
+        Tensor::from_f32(gpu, &shape, &yv).unwrap(),
     );
     let mut batch = gpu.batch();
     rope_forward(&mut batch, &rope, &x, heads, &Positions::PerRow(&table)).unwrap();
@@ -53,7 +53,7 @@ fn backward_is_the_transpose() {
             .map(|(&p, &q)| p as f64 * q as f64)
             .sum::<f64>()
     };
-    let (rx, rty) = (x.to_f32(&gpu).unwrap(), y.to_f32(&gpu).unwrap());
+    let (rx, rty) = (x.to_f32(gpu).unwrap(), y.to_f32(gpu).unwrap());
     let (lhs, rhs) = (dot(&rx, &yv), dot(&xv, &rty));
     assert!(
         (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),

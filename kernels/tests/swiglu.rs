@@ -13,7 +13,7 @@ fn matches_cpu_on_odd_shapes() {
         .into_iter()
         .enumerate()
     {
-        assert_passed(&swiglu::check(gpu(), rows, cols, i as u64).unwrap());
+        assert_passed(swiglu::check(gpu(), rows, cols, i as u64).unwrap());
     }
 }
 
@@ -25,7 +25,7 @@ fn matches_cpu_on_split_tensors() {
     };
     let gpu = Gpu::new(&options).unwrap();
     for (i, (rows, cols)) in [(37, 130), (1, 256), (9, 3)].into_iter().enumerate() {
-        assert_passed(&swiglu::check(&gpu, rows, cols, 10 + i as u64).unwrap());
+        assert_passed(swiglu::check(&gpu, rows, cols, 10 + i as u64).unwrap());
     }
 }
 

@@ -159,7 +159,7 @@ pub fn convert(batch: &mut Batch, src: &Tensor, dst: &Tensor) -> Result<()> {
     same_shape("convert", src, dst)?;
     let entry = match (src.dtype(), dst.dtype()) {
         (DType::BF16, DType::F32) => "bf16_to_f32",
-        (DType::F32, DType::BF16) if src.row_len() % 2 == 0 => "f32_to_bf16",
+        (DType::F32, DType::BF16) if src.row_len().is_multiple_of(2) => "f32_to_bf16",
         (DType::F32, DType::BF16) => bail!(
             "convert to bf16 needs an even row length, got {:?}",
             src.shape()
@@ -288,7 +288,7 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
             tolerance: 0.0,
         },
     ];
-    if cols % 2 == 0 {
+    if cols.is_multiple_of(2) {
         let narrowed = Tensor::zeros(gpu, &shape, DType::BF16)?;
         let mut batch = gpu.batch();
         convert(&mut batch, &a, &narrowed)?;
