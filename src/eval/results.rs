@@ -5,12 +5,12 @@ use super::generations::Generation;
 use super::grader;
 use crate::data::jsonfile;
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-/// A graded generation: a row of `results.jsonl`.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+/// A graded generation: a row of `results.jsonl` (read back when `wgtrain eval --model` resumes).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct GradedRow {
     pub id: Value,
     pub generation: String,
@@ -19,7 +19,7 @@ pub struct GradedRow {
     /// The normalised reference answer it was compared with.
     pub ground_truth: String,
     pub correct: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
 }
 
