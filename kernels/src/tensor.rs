@@ -43,6 +43,18 @@ pub struct RowAt<'a> {
 }
 
 impl Tensor {
+    /// Fills the tensor with zeros (a buffer clear submitted on the queue, ordered after every
+    /// batch submitted before it); e.g. gradients at the start of an optimizer step.
+    pub fn clear(&self, gpu: &Gpu) {
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+        for chunk in self.chunks() {
+            encoder.clear_buffer(chunk, 0, None);
+        }
+        gpu.queue.submit([encoder.finish()]);
+    }
+
     /// A zero-filled tensor (wgpu zero-initialises new buffers).
     pub fn zeros(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let row_len = *shape.last().unwrap_or(&1);

@@ -71,7 +71,7 @@ pub fn devices(args: DevicesArgs) -> Result<i32> {
         );
         println!(
             "    max storage binding {}, max buffer {}, workgroup storage {} KiB, invocations/workgroup {}, storage buffers/stage {}",
-            mib(l.max_storage_buffer_binding_size as u64),
+            mib(l.max_storage_buffer_binding_size),
             mib(l.max_buffer_size),
             l.max_compute_workgroup_storage_size / 1024,
             l.max_compute_invocations_per_workgroup,

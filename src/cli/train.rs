@@ -7,7 +7,8 @@ use anyhow::Result;
 use clap::Args;
 
 use super::device::DeviceArgs;
-use crate::train::config::{read_llama_factory_yaml, TrainConfig, TrainSettings};
+use crate::train::config::{read_llama_factory_yaml, AdapterKind, TrainConfig, TrainSettings};
+use crate::train::trainer;
 
 /// Fine-tune a Qwen2 model (LoRA or full) on a chat dataset.
 #[derive(Args, Debug)]
@@ -29,8 +30,46 @@ impl TrainArgs {
             .as_deref()
             .map(read_llama_factory_yaml)
             .transpose()?;
+        let file = match self.settings.model.is_none() && self.settings.data.is_empty() {
+            true => {
+                let (yaml, warnings) = file.unwrap_or_default();
+                Some((yaml.over(demo_recipe()), warnings))
+            }
+            false => file,
+        };
         TrainConfig::resolve(self.settings.clone(), file)
     }
+}
+
+/// The built-in demo's defaults (under any flag or YAML value): a short full fine-tune at a high
+/// learning rate, so the tiny random model's loss visibly falls within minutes on a CPU device.
+fn demo_recipe() -> TrainSettings {
+    TrainSettings {
+        adapter: Some(AdapterKind::Full),
+        lr: Some(3e-3),
+        batch_size: Some(2),
+        max_steps: Some(40),
+        warmup_ratio: Some(0.05),
+        ..TrainSettings::default()
+    }
+}
+
+/// `wgtrain train`: runs the training and prints a one-line summary.
+pub fn run(args: TrainArgs) -> Result<i32> {
+    let config = args.resolve()?;
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
+    let gpu = args.device.open()?;
+    let summary = trainer::train(&config, &gpu)?;
+    println!(
+        "done: {} steps, loss {:.4} -> {:.4}, written to {}",
+        summary.steps,
+        summary.first_loss,
+        summary.last_loss,
+        summary.output.display()
+    );
+    Ok(0)
 }
 
 #[cfg(test)]

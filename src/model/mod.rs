@@ -1,6 +1,7 @@
 //! The Qwen2 model family: config, safetensors weights, tokenizer, the forward pass on the GPU
 //! kernels, PEFT LoRA adapters and token sampling.
 pub mod adapter;
+pub mod backward;
 pub mod config;
 pub mod generate;
 pub mod qwen2;
@@ -9,6 +10,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use adapter::{Adapter, AdapterConfig, LoraPair, TargetModules};
+pub use backward::{Grads, Param};
 pub use config::{GenerationConfig, Qwen2Config, TorchDType};
 pub use generate::{generate, GenerateOptions, Generation, StreamDecoder};
 pub use qwen2::{next_token_targets, KvCache, LayerActs, LossSum, Proj, Qwen2, IGNORE};

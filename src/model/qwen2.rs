@@ -145,7 +145,7 @@ pub struct Qwen2 {
     pub norm: Tensor,
     /// None when tied to `embed`.
     pub lm_head: Option<Tensor>,
-    rope: Rope,
+    pub(crate) rope: Rope,
 }
 
 /// Every intermediate of one decoder layer over `rows` tokens: what its backward reads.
@@ -299,13 +299,13 @@ impl KvCache {
 
 /// The rows of one forward: `batch_size` sequences of `seq_len` new tokens, each following `past`
 /// tokens already in `cache`.
-struct Step<'a> {
-    batch_size: usize,
-    seq_len: usize,
-    past: usize,
+pub(crate) struct Step<'a> {
+    pub(crate) batch_size: usize,
+    pub(crate) seq_len: usize,
+    pub(crate) past: usize,
     /// u32 [batch_size]: every entry `past` (RoPE positions start there).
-    starts: Tensor,
-    cache: Option<&'a KvCache>,
+    pub(crate) starts: Tensor,
+    pub(crate) cache: Option<&'a KvCache>,
 }
 
 /// Next-token targets of a row: `targets[t] = ids[t + 1]` where token t + 1 is supervised, else
@@ -444,7 +444,7 @@ impl Qwen2 {
     }
 
     /// LoRA rank of each projection (the same in every layer that has one), by `Proj as usize`.
-    fn lora_ranks(&self) -> [Option<usize>; 7] {
+    pub(crate) fn lora_ranks(&self) -> [Option<usize>; 7] {
         let mut ranks = [None; 7];
         for layer in &self.layers {
             for (rank, linear) in ranks.iter_mut().zip(&layer.proj) {
@@ -487,7 +487,7 @@ impl Qwen2 {
 
     /// Records decoder layer `l`: reads the residual stream `x` [rows, hidden], writes the next
     /// one into `out`, and leaves the layer's intermediates in `acts`.
-    fn layer_forward(
+    pub(crate) fn layer_forward(
         &self,
         batch: &mut Batch,
         l: usize,

@@ -4,7 +4,8 @@
 //!
 //! Grouping policy (transformers' `LengthGroupedSampler`, with whole micro-batches moved):
 //! 1. Epoch `e` permutes all rows with a Fisher–Yates shuffle driven by ChaCha8 seeded with `seed`
-//!    on stream `e` (identity order without shuffling).
+//!    on stream `e`. Without shuffling, rows run in file order with no grouping (transformers'
+//!    SequentialSampler; the PEFT fixtures' curves depend on it) and steps 2–3 do not apply.
 //! 2. The permutation is cut into mega-batches of `batch_size × m` rows, with
 //!    `m = clamp(rows / (4 × batch_size), 1, 50)`; each mega-batch is sorted by length, longest
 //!    first (stable), and cut into micro-batches of `batch_size` rows (the epoch's last one may be
@@ -235,11 +236,13 @@ impl DataOrder {
         let n = self.lengths.len();
         let batch_size = self.settings.batch_size;
         let mut order: Vec<usize> = (0..n).collect();
-        if self.settings.shuffle {
-            let mut rng = ChaCha8Rng::seed_from_u64(self.settings.seed);
-            rng.set_stream(epoch as u64);
-            shuffle(&mut order, &mut rng);
+        if !self.settings.shuffle {
+            // transformers' SequentialSampler: file order, no length grouping.
+            return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
         }
+        let mut rng = ChaCha8Rng::seed_from_u64(self.settings.seed);
+        rng.set_stream(epoch as u64);
+        shuffle(&mut order, &mut rng);
         let mega = batch_size * (n / (4 * batch_size)).clamp(1, 50);
         let mut batches: Vec<Vec<usize>> = Vec::with_capacity(self.micro_batches_per_epoch);
         for chunk in order.chunks_mut(mega) {
@@ -446,14 +449,12 @@ mod tests {
     }
 
     #[test]
-    fn without_shuffle_order_is_by_length_in_mega_batches() {
-        // 8 rows, batch size 1: mega-batches of 8 / 4 = 2 rows, each sorted longest first, then
-        // the micro-batch of the longest row (row 5) swapped to the front.
+    fn without_shuffle_order_is_file_order() {
         let lens = vec![5, 4, 1, 7, 3, 9, 2, 6];
-        let mut s = settings(1, 1, Duration::Epochs(1.0));
+        let mut s = settings(2, 1, Duration::Epochs(1.0));
         s.shuffle = false;
         let order = DataOrder::new(lens, s).unwrap();
-        let expected: Vec<Vec<usize>> = [5, 1, 3, 2, 0, 4, 7, 6].iter().map(|&i| vec![i]).collect();
+        let expected = vec![vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7]];
         assert_eq!(order.epoch_micro_batches(0), expected);
     }
 

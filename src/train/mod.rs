@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod metrics;
 pub mod schedule;
+pub mod trainer;
 
 pub use batching::{BatchSettings, DataOrder, DataPosition, Overlong, RowCounts, Step};
 pub use checkpoint::{NamedTensor, RngState, TrainState};

@@ -1,0 +1,501 @@
+//! The Qwen2 backward pass, written out per layer like the forward (llm.c style, no autograd).
+//!
+//! One micro-batch: embed, run every layer keeping only its input (the residual stream), final
+//! norm, chunked LM-head cross-entropy forward and backward, then for each layer from the last:
+//! recompute it into one [`LayerActs`] from its saved input (per-layer activation recomputation)
+//! and run its backward, which turns `dres` — dL/d(layer output) — into dL/d(layer input) in place.
+//!
+//! Gradients accumulate (`beta = 1`) into [`Grads`], zeroed once per optimizer step, so the
+//! micro-batches of a step add up; the loss gradient is scaled by 1 / (supervised tokens of the
+//! whole step) so the sum is the gradient of the step's mean loss.
+use std::path::Path;
+
+use anyhow::{ensure, Context, Result};
+use wgtrain_kernels::ops::attention::{attention_backward, AttentionDims};
+use wgtrain_kernels::ops::cross_entropy::{
+    cross_entropy_backward, cross_entropy_forward, Chunking, Grad,
+};
+use wgtrain_kernels::ops::elementwise::sum_rows;
+use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
+use wgtrain_kernels::ops::lora::{lora_backward, InputGrad, Lora, LoraGrads};
+use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
+use wgtrain_kernels::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use wgtrain_kernels::ops::rope::{rope_backward, Positions};
+use wgtrain_kernels::ops::swiglu::swiglu_backward;
+use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
+
+use super::adapter::tensor_name;
+use super::config::Qwen2Config;
+use super::qwen2::{LayerActs, LossSum, Proj, Qwen2, Step, IGNORE};
+use super::weights::{to_device, Weights};
+
+/// Gradients of one layer's weights under full fine-tuning.
+pub struct LayerGrads {
+    pub input_norm: Tensor,
+    pub post_norm: Tensor,
+    /// By `Proj as usize`.
+    pub weight: [Tensor; 7],
+    pub bias: [Option<Tensor>; 7],
+}
+
+/// Gradients of every weight (full fine-tuning; the tied LM head's lands in `embed`).
+pub struct FullGrads {
+    pub embed: Tensor,
+    pub layers: Vec<LayerGrads>,
+    pub norm: Tensor,
+    pub lm_head: Option<Tensor>,
+}
+
+/// Gradient buffers shaped like the trainable parameters: LoRA factors, or every weight.
+pub enum Grads {
+    /// (dA, dB) per layer, by `Proj as usize`, where the projection has a LoRA.
+    Lora(Vec<[Option<(Tensor, Tensor)>; 7]>),
+    Full(Box<FullGrads>),
+}
+
+/// A trainable tensor, its gradient and its name (PEFT key for LoRA, HF name for full).
+pub struct Param<'a> {
+    pub name: String,
+    pub value: &'a Tensor,
+    pub grad: &'a Tensor,
+}
+
+impl Param<'_> {
+    /// transformers' Trainer (4.46) exempts biases from weight decay.
+    pub fn decays(&self) -> bool {
+        !self.name.ends_with(".bias")
+    }
+}
+
+fn zeros_like(gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
+    Tensor::zeros(gpu, t.shape(), DType::F32)
+}
+
+impl Grads {
+    /// LoRA gradients when any projection has a LoRA applied, else gradients of every weight
+    /// (the model must then hold f32 weights, see [`Qwen2::load_f32`]).
+    pub fn new(gpu: &Gpu, model: &Qwen2) -> Result<Grads> {
+        let has_lora = model
+            .layers
+            .iter()
+            .any(|l| l.proj.iter().any(|p| p.lora.is_some()));
+        if has_lora {
+            let layers = model
+                .layers
+                .iter()
+                .map(|layer| {
+                    let mut g: [Option<(Tensor, Tensor)>; 7] = Default::default();
+                    for (slot, linear) in g.iter_mut().zip(&layer.proj) {
+                        if let Some(l) = &linear.lora {
+                            *slot = Some((zeros_like(gpu, &l.a)?, zeros_like(gpu, &l.b)?));
+                        }
+                    }
+                    Ok(g)
+                })
+                .collect::<Result<_>>()?;
+            return Ok(Grads::Lora(layers));
+        }
+        ensure!(
+            model.embed.dtype() == DType::F32,
+            "full fine-tuning needs f32 master weights (Qwen2::load_f32)"
+        );
+        let layers = model
+            .layers
+            .iter()
+            .map(|layer| {
+                let weight = [0, 1, 2, 3, 4, 5, 6]
+                    .map(|p| zeros_like(gpu, &layer.proj[p].weight))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?;
+                let mut bias: [Option<Tensor>; 7] = Default::default();
+                for (slot, linear) in bias.iter_mut().zip(&layer.proj) {
+                    *slot = linear
+                        .bias
+                        .as_ref()
+                        .map(|b| zeros_like(gpu, b))
+                        .transpose()?;
+                }
+                Ok(LayerGrads {
+                    input_norm: zeros_like(gpu, &layer.input_norm)?,
+                    post_norm: zeros_like(gpu, &layer.post_norm)?,
+                    weight: weight
+                        .try_into()
+                        .map_err(|_| anyhow::anyhow!("seven projections expected"))?,
+                    bias,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Grads::Full(Box::new(FullGrads {
+            embed: zeros_like(gpu, &model.embed)?,
+            layers,
+            norm: zeros_like(gpu, &model.norm)?,
+            lm_head: model
+                .lm_head
+                .as_ref()
+                .map(|t| zeros_like(gpu, t))
+                .transpose()?,
+        })))
+    }
+
+    /// Every trainable parameter of `model` with its gradient, in a fixed order.
+    pub fn params<'a>(&'a self, model: &'a Qwen2) -> Vec<Param<'a>> {
+        let mut out = Vec::new();
+        match self {
+            Grads::Lora(layers) => {
+                for (l, (g, layer)) in layers.iter().zip(&model.layers).enumerate() {
+                    for (p, (g, linear)) in g.iter().zip(&layer.proj).enumerate() {
+                        if let (Some((da, db)), Some(lora)) = (g, &linear.lora) {
+                            let proj = Proj::ALL[p];
+                            out.push(Param {
+                                name: tensor_name(l, proj, "A"),
+                                value: &lora.a,
+                                grad: da,
+                            });
+                            out.push(Param {
+                                name: tensor_name(l, proj, "B"),
+                                value: &lora.b,
+                                grad: db,
+                            });
+                        }
+                    }
+                }
+            }
+            Grads::Full(g) => {
+                let mut push = |name: String, value: &'a Tensor, grad: &'a Tensor| {
+                    out.push(Param { name, value, grad })
+                };
+                push("model.embed_tokens.weight".into(), &model.embed, &g.embed);
+                for (l, (lg, layer)) in g.layers.iter().zip(&model.layers).enumerate() {
+                    let pre = format!("model.layers.{l}");
+                    push(
+                        format!("{pre}.input_layernorm.weight"),
+                        &layer.input_norm,
+                        &lg.input_norm,
+                    );
+                    push(
+                        format!("{pre}.post_attention_layernorm.weight"),
+                        &layer.post_norm,
+                        &lg.post_norm,
+                    );
+                    for (p, linear) in layer.proj.iter().enumerate() {
+                        let path = format!("{pre}.{}", Proj::ALL[p].path());
+                        push(format!("{path}.weight"), &linear.weight, &lg.weight[p]);
+                        if let (Some(b), Some(gb)) = (&linear.bias, &lg.bias[p]) {
+                            push(format!("{path}.bias"), b, gb);
+                        }
+                    }
+                }
+                push("model.norm.weight".into(), &model.norm, &g.norm);
+                if let (Some(w), Some(gw)) = (&model.lm_head, &g.lm_head) {
+                    push("lm_head.weight".into(), w, gw);
+                }
+            }
+        }
+        out
+    }
+
+    /// Zeroes every gradient (start of an optimizer step).
+    pub fn zero(&self, gpu: &Gpu, model: &Qwen2) {
+        for p in self.params(model) {
+            p.grad.clear(gpu);
+        }
+    }
+
+    fn lora(&self, l: usize, p: Proj) -> Option<&(Tensor, Tensor)> {
+        match self {
+            Grads::Lora(layers) => layers[l][p as usize].as_ref(),
+            Grads::Full(_) => None,
+        }
+    }
+
+    fn full(&self) -> Option<&FullGrads> {
+        match self {
+            Grads::Full(g) => Some(g),
+            Grads::Lora(_) => None,
+        }
+    }
+}
+
+/// Activation gradients of one layer, reused by every layer of a micro-batch.
+struct Scratch {
+    d_act: Tensor,
+    d_gate: Tensor,
+    d_up: Tensor,
+    d_xn: Tensor,
+    d_attn: Tensor,
+    dq: Tensor,
+    dk: Tensor,
+    dv: Tensor,
+}
+
+impl Scratch {
+    fn new(gpu: &Gpu, c: &Qwen2Config, rows: usize) -> Result<Scratch> {
+        let z = |cols: usize| Tensor::zeros(gpu, &[rows, cols], DType::F32);
+        Ok(Scratch {
+            d_act: z(c.intermediate_size)?,
+            d_gate: z(c.intermediate_size)?,
+            d_up: z(c.intermediate_size)?,
+            d_xn: z(c.hidden_size)?,
+            d_attn: z(c.q_dim())?,
+            dq: z(c.q_dim())?,
+            dk: z(c.kv_dim())?,
+            dv: z(c.kv_dim())?,
+        })
+    }
+}
+
+impl Qwen2 {
+    /// Loads a checkpoint with every tensor f32 on the device: the master weights of full
+    /// fine-tuning, updated in place by the optimizer.
+    pub fn load_f32(gpu: &Gpu, dir: impl AsRef<Path>) -> Result<Qwen2> {
+        let dir = dir.as_ref();
+        ensure!(
+            dir.is_dir(),
+            "model directory {} does not exist",
+            dir.display()
+        );
+        let config = Qwen2Config::load(dir)?;
+        let weights = Weights::open(dir)?;
+        weights.validate(&config)?;
+        Qwen2::build(gpu, config, |spec, _| {
+            to_device(gpu, &weights.get(&spec.name)?, DType::F32)
+        })
+    }
+
+    /// One micro-batch of `rows` — (ids, targets) pairs, padded to the longest with unsupervised
+    /// tokens — forward and backward: adds `grad_scale ·` d(summed loss) to `grads` and returns
+    /// the summed loss.
+    pub fn forward_backward(
+        &self,
+        gpu: &Gpu,
+        grads: &Grads,
+        rows: &[(&[u32], &[u32])],
+        grad_scale: f32,
+    ) -> Result<LossSum> {
+        let c = &self.config;
+        let seq_len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+        ensure!(seq_len > 0, "a micro-batch without tokens");
+        let (mut ids, mut targets) = (Vec::new(), Vec::new());
+        for (row_ids, row_targets) in rows {
+            ensure!(
+                row_ids.len() == row_targets.len(),
+                "a row has {} ids and {} targets",
+                row_ids.len(),
+                row_targets.len()
+            );
+            ids.extend_from_slice(row_ids);
+            ids.resize(ids.len() + seq_len - row_ids.len(), 0);
+            targets.extend_from_slice(row_targets);
+            targets.resize(ids.len(), IGNORE);
+        }
+        let (n, h) = (ids.len(), c.hidden_size);
+        let step = Step {
+            batch_size: rows.len(),
+            seq_len,
+            past: 0,
+            starts: Tensor::from_u32(gpu, &[rows.len()], &vec![0; rows.len()])?,
+            cache: None,
+        };
+        let token_ids = TokenIds::new(gpu, &ids)?;
+        let mut batch = gpu.batch();
+
+        // Forward, keeping each layer's input: xs[l] feeds layer l, xs[L] the final norm.
+        let xs = (0..=self.layers.len())
+            .map(|_| Tensor::zeros(gpu, &[n, h], DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        let acts = LayerActs::new(gpu, self, n)?;
+        embedding_forward(&mut batch, &token_ids, &self.embed, &xs[0])?;
+        for l in 0..self.layers.len() {
+            self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
+        }
+        let eps = c.rms_norm_eps as f32;
+        let hidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
+        let rstd = Tensor::zeros(gpu, &[n], DType::F32)?;
+        let last = &xs[self.layers.len()];
+        rmsnorm_forward(&mut batch, last, &self.norm, eps, &hidden, &rstd)?;
+
+        let targets_t = Tensor::from_u32(gpu, &[n], &targets)?;
+        let lse = Tensor::zeros(gpu, &[n], DType::F32)?;
+        let loss = Tensor::zeros(gpu, &[1], DType::F32)?;
+        let count = Tensor::zeros(gpu, &[1], DType::U32)?;
+        let full = grads.full();
+        cross_entropy_forward(
+            &mut batch,
+            &hidden,
+            self.lm_head(),
+            &targets_t,
+            &lse,
+            &loss,
+            &count,
+            Chunking::default(),
+        )?;
+        let dhidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
+        // The tied head's gradient goes to the embedding's, which the embedding backward adds to.
+        let dw_lm = full.map(|g| Grad {
+            tensor: g.lm_head.as_ref().unwrap_or(&g.embed),
+            beta: 1.0,
+        });
+        cross_entropy_backward(
+            &mut batch,
+            &hidden,
+            self.lm_head(),
+            &targets_t,
+            &lse,
+            grad_scale,
+            Grad {
+                tensor: &dhidden,
+                beta: 0.0,
+            },
+            dw_lm,
+            Chunking::default(),
+        )?;
+        let dres = Tensor::zeros(gpu, &[n, h], DType::F32)?;
+        rmsnorm_backward(
+            &mut batch,
+            &dhidden,
+            last,
+            &self.norm,
+            &rstd,
+            &dres,
+            0.0,
+            full.map(|g| (&g.norm, 1.0)),
+        )?;
+
+        let scratch = Scratch::new(gpu, c, n)?;
+        // Recomputing layer l overwrites xs[l + 1], which is no longer needed.
+        for l in (0..self.layers.len()).rev() {
+            self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
+            self.layer_backward(&mut batch, l, &xs[l], &acts, &step, &scratch, &dres, grads)
+                .with_context(|| format!("backward of layer {l}"))?;
+        }
+        if let Some(g) = full {
+            embedding_backward(&mut batch, &token_ids, &dres, &g.embed)?;
+        }
+        batch.submit();
+        Ok(LossSum {
+            sum: loss.to_f32(gpu)?[0] as f64,
+            tokens: count.to_u32(gpu)?[0] as u64,
+        })
+    }
+
+    /// Backward of layer `l` given its input `x` and recomputed `acts`: `dres` holds dL/d(output)
+    /// on entry and dL/d(input) on return.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        batch: &mut Batch,
+        l: usize,
+        x: &Tensor,
+        a: &LayerActs,
+        step: &Step,
+        s: &Scratch,
+        dres: &Tensor,
+        grads: &Grads,
+    ) -> Result<()> {
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let lg = grads.full().map(|g| &g.layers[l]);
+        let proj = |batch: &mut Batch, p: Proj, dy: &Tensor, x: &Tensor, dx: &Tensor, beta| {
+            self.proj_backward(batch, l, p, dy, x, a, dx, beta, grads)
+                .with_context(|| format!("layer {l} {}", p.path()))
+        };
+
+        // MLP: out = mid + down(swiglu(gate(xn2), up(xn2))).
+        proj(batch, Proj::Down, dres, &a.act, &s.d_act, 0.0)?;
+        swiglu_backward(batch, &s.d_act, &a.gate, &a.up, &s.d_gate, &s.d_up)?;
+        proj(batch, Proj::Gate, &s.d_gate, &a.xn2, &s.d_xn, 0.0)?;
+        proj(batch, Proj::Up, &s.d_up, &a.xn2, &s.d_xn, 1.0)?;
+        rmsnorm_backward(
+            batch,
+            &s.d_xn,
+            &a.mid,
+            &layer.post_norm,
+            &a.rstd2,
+            dres,
+            1.0,
+            lg.map(|g| (&g.post_norm, 1.0)),
+        )?;
+
+        // Attention: mid = x + o(attn(rope(q(xn)), rope(k(xn)), v(xn))).
+        proj(batch, Proj::O, dres, &a.attn, &s.d_attn, 0.0)?;
+        let dims = AttentionDims {
+            batch_size: step.batch_size,
+            tq: step.seq_len,
+            tk: step.seq_len,
+            hq: c.num_attention_heads,
+            hkv: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
+        };
+        attention_backward(
+            batch, &a.q, &a.k, &a.v, &a.attn, &a.lse, &s.d_attn, &s.dq, &s.dk, &s.dv, dims,
+        )?;
+        let positions = Positions::Sequential {
+            seq_len: step.seq_len,
+            starts: &step.starts,
+        };
+        rope_backward(batch, &self.rope, &s.dq, c.num_attention_heads, &positions)?;
+        rope_backward(batch, &self.rope, &s.dk, c.num_key_value_heads, &positions)?;
+        proj(batch, Proj::Q, &s.dq, &a.xn, &s.d_xn, 0.0)?;
+        proj(batch, Proj::K, &s.dk, &a.xn, &s.d_xn, 1.0)?;
+        proj(batch, Proj::V, &s.dv, &a.xn, &s.d_xn, 1.0)?;
+        rmsnorm_backward(
+            batch,
+            &s.d_xn,
+            x,
+            &layer.input_norm,
+            &a.rstd1,
+            dres,
+            1.0,
+            lg.map(|g| (&g.input_norm, 1.0)),
+        )
+    }
+
+    /// Backward of projection `p` of layer `l` (`y = x·Wᵀ + b [+ s·u·Bᵀ]`): `dx = dy·W [+ LoRA's
+    /// part] + beta·dx`, and the trainable weights' gradients accumulated.
+    #[allow(clippy::too_many_arguments)]
+    fn proj_backward(
+        &self,
+        batch: &mut Batch,
+        l: usize,
+        p: Proj,
+        dy: &Tensor,
+        x: &Tensor,
+        a: &LayerActs,
+        dx: &Tensor,
+        beta: f32,
+        grads: &Grads,
+    ) -> Result<()> {
+        let linear = &self.layers[l].proj[p as usize];
+        if let (Some(lora), Some((da, db))) = (&linear.lora, grads.lora(l, p)) {
+            let u = a.u[p as usize]
+                .as_ref()
+                .context("LoRA activation u missing")?;
+            let lora = Lora {
+                a: &lora.a,
+                b: &lora.b,
+                scale: lora.scale,
+            };
+            let g = LoraGrads {
+                a: da,
+                b: db,
+                beta: 1.0,
+            };
+            let input = InputGrad {
+                dx,
+                beta,
+                frozen: Some(&linear.weight),
+            };
+            return lora_backward(batch, dy, x, u, &lora, &g, Some(input));
+        }
+        matmul_backward_input(batch, dy, &linear.weight, dx, beta)?;
+        if let Some(g) = grads.full() {
+            let lg = &g.layers[l];
+            matmul_backward_weight(batch, dy, x, &lg.weight[p as usize], 1.0)?;
+            if let Some(db) = &lg.bias[p as usize] {
+                sum_rows(batch, dy, db, 1.0, 1.0)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,267 @@
+//! `wgtrain train` against transformers 4.46.3 / PEFT 0.13.2 on the tiny fixtures
+//! (scripts/fixtures/tiny_qwen2.py): one SGD step's LoRA update and full fine-tuning gradients,
+//! the 4-step AdamW loss curve, the written adapter reloading to the training loss, refusing to
+//! clobber a run, and the built-in demo's falling loss.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+use wgtrain::model::{Adapter, Qwen2Config};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+fn reference(name: &str) -> Value {
+    let path = model_dir(name).join("reference.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// Every F32 tensor of a safetensors file by name.
+fn read_f32(path: &Path) -> HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    file.tensors()
+        .into_iter()
+        .filter(|(_, v)| v.dtype() == safetensors::Dtype::F32)
+        .map(|(name, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (name, data)
+        })
+        .collect()
+}
+
+fn wgtrain(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wgtrain"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    stdout.into_owned()
+}
+
+/// `max |got − want| / max |want|`.
+fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs()));
+    diff / scale.max(1e-12)
+}
+
+/// The first two rows of the fixture dataset (the reference's SGD batch) in `dir`.
+fn two_rows(dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(fixtures().join("tiny_sft.jsonl")).unwrap();
+    let path = dir.join("two.jsonl");
+    let rows: Vec<&str> = text.lines().take(2).collect();
+    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
+    path
+}
+
+fn sgd_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--output",
+        out,
+        "--optimizer",
+        "sgd",
+        "--lr",
+        "1",
+        "--max-grad-norm",
+        "0",
+        "--max-steps",
+        "1",
+        "--scheduler",
+        "constant",
+        "--warmup-ratio",
+        "0",
+        "--batch-size",
+        "2",
+        "--no-shuffle",
+        "--progress",
+        "plain",
+    ]
+}
+
+fn metrics(dir: &Path) -> Vec<Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn lora_sgd_step_matches_peft_and_adapter_reloads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = two_rows(tmp.path());
+    let name = "tiny-qwen2-tied";
+    let model = model_dir(name);
+    let init = model.join("adapter-random");
+    let out = tmp.path().join("run");
+    let (m, d, o, i) = (
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        init.to_str().unwrap(),
+    );
+    let mut args = sgd_args(m, d, o);
+    args.extend(["--init-adapter", i]);
+    ok(wgtrain(&args));
+
+    let old = read_f32(&init.join("adapter_model.safetensors"));
+    let new = read_f32(&out.join("adapter_model.safetensors"));
+    let reference = read_f32(&model.join("reference.safetensors"));
+    assert_eq!(old.len(), new.len());
+    let mut worst = 0f64;
+    for (key, before) in &old {
+        let delta =
+            |after: &[f32]| -> Vec<f32> { after.iter().zip(before).map(|(a, b)| a - b).collect() };
+        let got = delta(&new[key]);
+        let want = delta(&reference[&format!("sgd_adapter.{key}")]);
+        let err = rel_error(&got, &want);
+        assert!(err < 1e-3, "{key}: update off by {err:.2e} relative");
+        worst = worst.max(err);
+    }
+    eprintln!("LoRA SGD step: worst relative error of an update {worst:.2e}");
+
+    // The adapter loads back, and `wgtrain loss` before the step equals the training loss.
+    let config = Qwen2Config::load(&model).unwrap();
+    Adapter::load(&out, &config).unwrap();
+    let loss: Value = serde_json::from_str(&ok(wgtrain(&[
+        "loss",
+        "--model",
+        m,
+        "--adapter",
+        i,
+        "--data",
+        d,
+    ])))
+    .unwrap();
+    let trained = metrics(&out)[0]["loss"].as_f64().unwrap();
+    let eval = loss["loss"].as_f64().unwrap();
+    assert!(
+        (trained - eval).abs() < 1e-4 * eval,
+        "training loss {trained} vs wgtrain loss {eval}"
+    );
+
+    // A second run into the same directory is refused without --overwrite.
+    let refused = wgtrain(&args);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--overwrite"), "{stderr}");
+}
+
+#[test]
+fn adamw_loss_curve_matches_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let name = "tiny-qwen2-untied";
+    let model = model_dir(name);
+    let init = model.join("adapter-random");
+    let data = fixtures().join("tiny_sft.jsonl");
+    let out = tmp.path().join("run");
+    #[rustfmt::skip]
+    ok(wgtrain(&[
+        "train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(),
+        "--output", out.to_str().unwrap(), "--init-adapter", init.to_str().unwrap(),
+        "--optimizer", "adamw", "--lr", "1e-3", "--scheduler", "cosine", "--warmup-ratio", "0.1",
+        "--max-grad-norm", "1", "--batch-size", "1", "--grad-accum", "2", "--max-steps", "4",
+        "--no-shuffle", "--progress", "plain",
+    ]));
+    let want: Vec<f64> = reference(name)["adamw"]["losses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let got: Vec<f64> = metrics(&out)
+        .iter()
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect();
+    eprintln!("AdamW losses: wgtrain {got:?}, transformers {want:?}");
+    assert_eq!(got.len(), want.len());
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() < 1e-3 * w,
+            "step {}: loss {g} vs {w}",
+            step + 1
+        );
+    }
+}
+
+#[test]
+fn full_finetuning_gradients_match_transformers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = two_rows(tmp.path());
+    let name = "tiny-qwen2-untied";
+    let model = model_dir(name);
+    let out = tmp.path().join("run");
+    let mut args = sgd_args(
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    args.extend(["--adapter", "full"]);
+    ok(wgtrain(&args));
+
+    // lr 1 SGD: new − old = −grad.
+    let base = wgtrain::model::Weights::open(&model).unwrap();
+    let new = read_f32(&out.join("model.safetensors"));
+    let reference = read_f32(&model.join("reference.safetensors"));
+    let grads: Vec<_> = reference
+        .iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("full_grad.")?, v)))
+        .collect();
+    assert!(!grads.is_empty());
+    let mut worst = 0f64;
+    for (param, want) in grads {
+        let old: Vec<f32> = base.get(param).unwrap().values().collect();
+        let got: Vec<f32> = old.iter().zip(&new[param]).map(|(o, n)| o - n).collect();
+        let err = rel_error(&got, want);
+        assert!(err < 1e-3, "{param}: gradient off by {err:.2e} relative");
+        worst = worst.max(err);
+    }
+    eprintln!("full fine-tuning: worst relative gradient error {worst:.2e}");
+}
+
+#[test]
+fn demo_loss_falls() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    // A shortened demo (the full one runs 40 steps of 2 rows).
+    #[rustfmt::skip]
+    ok(wgtrain(&[
+        "train", "--output", out.to_str().unwrap(), "--batch-size", "1", "--max-steps", "6",
+        "--warmup-ratio", "0", "--progress", "plain",
+    ]));
+    let losses: Vec<f64> = metrics(&out)
+        .iter()
+        .map(|m| m["loss"].as_f64().unwrap())
+        .collect();
+    eprintln!("demo losses {losses:?}");
+    assert!(losses[5] < losses[0] - 0.3, "{losses:?}");
+    assert!(out.join("model.safetensors").is_file() && out.join("loss.svg").is_file());
+}
