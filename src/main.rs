@@ -27,6 +27,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Fine-tune a model (LoRA or full) on a chat dataset; no --model/--data runs a built-in demo.
     Train(Box<cli::train::TrainArgs>),
+    /// Merge a LoRA adapter into its base model and write a Hugging Face checkpoint.
+    Merge(cli::merge::MergeArgs),
 }
 
 fn main() {
@@ -39,6 +41,7 @@ fn main() {
         Command::Loss(args) => cli::loss::run(args),
         Command::Generate(args) => cli::generate::run(args),
         Command::Train(args) => cli::train::run(*args),
+        Command::Merge(args) => cli::merge::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -3,5 +3,6 @@ pub mod device;
 pub mod eval;
 pub mod generate;
 pub mod loss;
+pub mod merge;
 pub mod perturb;
 pub mod train;

@@ -2,8 +2,10 @@
 //! (flattened here), every one optional so that a `--config` YAML value applies unless the flag
 //! is given; defaults and validation are `TrainConfig::resolve`'s.
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use super::device::DeviceArgs;
@@ -54,14 +56,44 @@ fn demo_recipe() -> TrainSettings {
     }
 }
 
-/// `wgtrain train`: runs the training and prints a one-line summary.
+/// The exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
+pub const INTERRUPTED_EXIT: i32 = 130;
+
+/// `wgtrain train`: runs the training and prints a one-line summary. The first Ctrl-C lets the
+/// step under way finish and writes a checkpoint; a second one exits at once (checkpoints are
+/// written atomically, so none is left half-written under its final name).
 pub fn run(args: TrainArgs) -> Result<i32> {
     let config = args.resolve()?;
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(INTERRUPTED_EXIT);
+        }
+        eprintln!(
+            "\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit now)"
+        );
+    })
+    .context("installing the Ctrl-C handler")?;
     let gpu = args.device.open()?;
-    let summary = trainer::train(&config, &gpu)?;
+    let summary = trainer::train(&config, &gpu, &stop)?;
+    if summary.interrupted {
+        let checkpoint = summary
+            .last_checkpoint
+            .as_ref()
+            .map_or("(none)".to_string(), |c| c.display().to_string());
+        eprintln!(
+            "interrupted after step {}/{}: checkpoint {checkpoint}\nresume with the same \
+             settings plus: --output {} --resume {checkpoint}",
+            summary.steps,
+            summary.total_steps,
+            summary.output.display()
+        );
+        return Ok(INTERRUPTED_EXIT);
+    }
     println!(
         "done: {} steps, loss {:.4} -> {:.4}, written to {}",
         summary.steps,

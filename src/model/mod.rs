@@ -16,4 +16,6 @@ pub use generate::{generate, GenerateOptions, Generation, StreamDecoder};
 pub use qwen2::{next_token_targets, KvCache, LayerActs, LossSum, Proj, Qwen2, IGNORE};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{Encoding, SpecialTokens, Tokenizer};
-pub use weights::{qwen2_tensors, to_device, TensorSpec, WeightDType, WeightView, Weights};
+pub use weights::{
+    qwen2_tensors, to_device, TensorSpec, WeightDType, WeightView, Weights, HF_SIDE_FILES,
+};

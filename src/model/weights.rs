@@ -71,6 +71,21 @@ impl WeightView<'_> {
     }
 }
 
+/// The files of a Hugging Face checkpoint besides its weights that a copy of it needs (those
+/// present are copied): config, generation defaults, tokenizer and chat template.
+pub const HF_SIDE_FILES: [&str; 10] = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+];
+
 struct SafetensorsFile {
     path: PathBuf,
     mmap: Mmap,

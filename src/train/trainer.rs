@@ -5,8 +5,9 @@
 //! fine-tuning loads every weight as f32 master weights and updates them in place (a tied LM head
 //! is the embedding, one parameter). The loss of a step is the mean over the supervised tokens of
 //! all its micro-batches: every micro-batch's gradient is scaled by 1 / (that total).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -17,26 +18,40 @@ use wgtrain_kernels::ops::optim::{adamw_step, grad_norm_sq, sgd_step, AdamW};
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
 use super::batching::{filter_rows, BatchSettings, DataOrder, RowCounts};
-use super::checkpoint::{prepare_output_dir, save_f32_tensors, NamedTensor};
+use super::checkpoint::{
+    checkpoint_dir, config_hash, latest_checkpoint, load_f32_tensors, prepare_output_dir,
+    save_f32_tensors, write_dir_atomically, NamedTensor, RngState, TrainState, OPTIMIZER_FILE,
+    STATE_FILE, STATE_FORMAT_VERSION,
+};
 use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
 use super::demo::{write_demo_dataset, write_demo_model, DEMO_ROWS};
-use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics};
+use super::metrics::{read_metrics, write_loss_svg, MetricsWriter, Progress, StepMetrics};
 use super::schedule::Schedule;
 use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
 use crate::model::{
-    next_token_targets, Adapter, AdapterConfig, Grads, LoraPair, Proj, Qwen2, TargetModules,
+    next_token_targets, Adapter, AdapterConfig, Grads, LoraPair, Param, Proj, Qwen2, TargetModules,
+    HF_SIDE_FILES,
 };
 
-/// What a finished run reports.
+/// What a finished (or interrupted) run reports.
 #[derive(Debug)]
 pub struct TrainSummary {
+    /// Optimizer steps done, counting those before a resume.
     pub steps: usize,
+    pub total_steps: usize,
     pub first_loss: f64,
     pub last_loss: f64,
     pub rows: RowCounts,
     pub output: PathBuf,
+    /// Stopped early on request (Ctrl-C); the final adapter or weights were not written.
+    pub interrupted: bool,
+    /// The last checkpoint written by this process.
+    pub last_checkpoint: Option<PathBuf>,
 }
+
+/// The stream of the training RNG (stream 0 of the seed draws the fresh LoRA factors).
+const TRAIN_RNG_STREAM: u64 = 1;
 
 /// The model directory and dataset files of a run (made in the output directory for the demo).
 fn inputs(config: &TrainConfig) -> Result<(PathBuf, Vec<PathBuf>)> {
@@ -121,6 +136,57 @@ fn adapter_from_device(gpu: &Gpu, model: &Qwen2, config: &AdapterConfig) -> Resu
     })
 }
 
+/// What is being trained, to write it out (final output or checkpoint).
+struct Trained<'a> {
+    gpu: &'a Gpu,
+    model: &'a Qwen2,
+    grads: &'a Grads,
+    /// LoRA: the adapter's config; full fine-tuning: None.
+    adapter: Option<&'a AdapterConfig>,
+    /// The base checkpoint (its config and tokenizer files go with full weights).
+    base: &'a Path,
+}
+
+impl Trained<'_> {
+    /// The adapter (PEFT layout) or the full model (f32 safetensors with the base's config and
+    /// tokenizer files) into `dir`.
+    fn save(&self, dir: &Path) -> Result<()> {
+        match self.adapter {
+            Some(ac) => adapter_from_device(self.gpu, self.model, ac)?.save(dir),
+            None => save_full(self.gpu, self.model, self.grads, self.base, dir),
+        }
+    }
+
+    /// `checkpoint-<step>`: the trained values, AdamW's moments and the state, written atomically.
+    fn save_checkpoint(
+        &self,
+        moments: &[Option<Moments>],
+        state: &TrainState,
+        dir: &Path,
+    ) -> Result<()> {
+        write_dir_atomically(dir, |tmp| {
+            self.save(tmp)?;
+            let mut tensors = Vec::new();
+            for (p, moments) in self.grads.params(self.model).iter().zip(moments) {
+                if let Some(Moments { m, v }) = moments {
+                    for (suffix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
+                        tensors.push(NamedTensor {
+                            name: format!("{}.{suffix}", p.name),
+                            shape: t.shape().to_vec(),
+                            data: t.to_f32(self.gpu)?,
+                        });
+                    }
+                }
+            }
+            if !tensors.is_empty() {
+                let metadata = [("format".to_string(), "wgtrain-adamw".to_string())].into();
+                save_f32_tensors(&tmp.join(OPTIMIZER_FILE), &tensors, Some(metadata))?;
+            }
+            state.save(tmp)
+        })
+    }
+}
+
 /// Writes the fully fine-tuned model as a Hugging Face checkpoint (f32 weights, the base's config
 /// and tokenizer files).
 fn save_full(gpu: &Gpu, model: &Qwen2, grads: &Grads, base: &Path, dir: &Path) -> Result<()> {
@@ -137,33 +203,22 @@ fn save_full(gpu: &Gpu, model: &Qwen2, grads: &Grads, base: &Path, dir: &Path) -
         .collect::<Result<Vec<_>>>()?;
     let metadata = [("format".to_string(), "pt".to_string())].into();
     save_f32_tensors(&dir.join("model.safetensors"), &tensors, Some(metadata))?;
-    let config_path = base.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&config_path)
-            .with_context(|| format!("reading {}", config_path.display()))?,
-    )
-    .with_context(|| format!("parsing {}", config_path.display()))?;
-    config["torch_dtype"] = json!("float32");
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
-    )
-    .with_context(|| format!("writing {}", dir.join("config.json").display()))?;
-    for name in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "vocab.json",
-        "merges.txt",
-        "special_tokens_map.json",
-        "generation_config.json",
-    ] {
+    for name in HF_SIDE_FILES {
         let src = base.join(name);
         if src.is_file() {
             std::fs::copy(&src, dir.join(name))
                 .with_context(|| format!("copying {} into {}", src.display(), dir.display()))?;
         }
     }
-    Ok(())
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading {}", config_path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", config_path.display()))?;
+    config["torch_dtype"] = json!("float32");
+    std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
+        .with_context(|| format!("writing {}", config_path.display()))
 }
 
 /// AdamW's moments of one parameter.
@@ -172,18 +227,90 @@ struct Moments {
     v: Tensor,
 }
 
-/// Runs the training `config` describes on `gpu`.
-pub fn train(config: &TrainConfig, gpu: &Gpu) -> Result<TrainSummary> {
-    ensure!(
-        config.resume.is_none(),
-        "--resume is not implemented yet in this build"
-    );
-    prepare_output_dir(
-        &config.output,
-        config.overwrite,
-        false,
-        &config.resume_summary(),
-    )?;
+/// Fresh AdamW moments (zeros) or, for SGD, none.
+fn new_moments(gpu: &Gpu, params: &[Param], kind: OptimizerKind) -> Result<Vec<Option<Moments>>> {
+    params
+        .iter()
+        .map(|p| match kind {
+            OptimizerKind::Adamw => Ok(Some(Moments {
+                m: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
+                v: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
+            })),
+            OptimizerKind::Sgd => Ok(None),
+        })
+        .collect()
+}
+
+/// AdamW's moments as a checkpoint saved them, checked against the parameters.
+fn load_moments(gpu: &Gpu, params: &[Param], path: &Path) -> Result<Vec<Option<Moments>>> {
+    let mut saved: HashMap<String, NamedTensor> = load_f32_tensors(path)?
+        .into_iter()
+        .map(|t| (t.name.clone(), t))
+        .collect();
+    let moments = params
+        .iter()
+        .map(|p| {
+            let mut take = |suffix: &str| -> Result<Tensor> {
+                let name = format!("{}.{suffix}", p.name);
+                let t = saved
+                    .remove(&name)
+                    .with_context(|| format!("{}: tensor {name} is missing", path.display()))?;
+                ensure!(
+                    t.shape == p.value.shape(),
+                    "{}: tensor {name} has shape {:?}, but the parameter has {:?}",
+                    path.display(),
+                    t.shape,
+                    p.value.shape()
+                );
+                Tensor::from_f32(gpu, &t.shape, &t.data)
+            };
+            Ok(Some(Moments {
+                m: take("exp_avg")?,
+                v: take("exp_avg_sq")?,
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(name) = saved.keys().min() {
+        bail!(
+            "{}: tensor {name} belongs to no parameter being trained",
+            path.display()
+        );
+    }
+    Ok(moments)
+}
+
+/// The checkpoint `--resume` names: the directory itself, or a run directory's latest complete
+/// checkpoint.
+fn resume_dir(path: &Path) -> Result<PathBuf> {
+    if path.join(STATE_FILE).is_file() {
+        return Ok(path.to_path_buf());
+    }
+    match latest_checkpoint(path)? {
+        Some((_, dir)) => Ok(dir),
+        None => bail!(
+            "--resume {}: neither a checkpoint (no {STATE_FILE}) nor a run directory holding a \
+             complete checkpoint-<step>",
+            path.display()
+        ),
+    }
+}
+
+/// Runs the training `config` describes on `gpu`. Once `stop` is set, the step under way is
+/// finished, a checkpoint is written and the run returns as interrupted.
+pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<TrainSummary> {
+    let summary = config.resume_summary();
+    let resume = match &config.resume {
+        Some(path) => {
+            let dir = resume_dir(path)?;
+            let state = TrainState::load(&dir)?;
+            state
+                .check_config(&summary)
+                .with_context(|| format!("resuming from {}", dir.display()))?;
+            Some((dir, state))
+        }
+        None => None,
+    };
+    prepare_output_dir(&config.output, config.overwrite, resume.is_some(), &summary)?;
     let (model_dir, files) = inputs(config)?;
     let encoder = ChatEncoder::load(&model_dir)?;
     let (rows, counts) = filter_rows(encode_rows(&encoder, &files, config)?, config.overlong);
@@ -202,40 +329,6 @@ pub fn train(config: &TrainConfig, gpu: &Gpu) -> Result<TrainSummary> {
         .map(|r| next_token_targets(&r.ids, &r.labels_mask))
         .collect();
 
-    let (model, adapter_config) = match &config.method {
-        Method::Full => (Qwen2::load_f32(gpu, &model_dir)?, None),
-        Method::Lora(lora) => {
-            ensure!(
-                lora.dropout == 0.0,
-                "--lora-dropout {} is not supported: LoRA dropout is not implemented (use 0)",
-                lora.dropout
-            );
-            let mut model = Qwen2::load(gpu, &model_dir)?;
-            let adapter = match &config.init_adapter {
-                Some(dir) => Adapter::load(dir, &model.config)?,
-                None => new_adapter(&model, lora, config.seed)?,
-            };
-            model.apply_adapter(gpu, &adapter)?;
-            let mut adapter_config = adapter.config.clone();
-            adapter_config.base_model = Some(model_dir.display().to_string());
-            (model, Some(adapter_config))
-        }
-    };
-    let grads = Grads::new(gpu, &model)?;
-    let params = grads.params(&model);
-    let moments = match config.optimizer.kind {
-        OptimizerKind::Adamw => params
-            .iter()
-            .map(|p| {
-                Ok(Some(Moments {
-                    m: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
-                    v: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
-                }))
-            })
-            .collect::<Result<Vec<_>>>()?,
-        OptimizerKind::Sgd => params.iter().map(|_| None).collect(),
-    };
-
     let mut order = DataOrder::new(
         rows.iter().map(EncodedRow::len).collect(),
         BatchSettings {
@@ -247,24 +340,107 @@ pub fn train(config: &TrainConfig, gpu: &Gpu) -> Result<TrainSummary> {
         },
     )?;
     let total_steps = order.total_steps();
+    if let Some((dir, state)) = &resume {
+        ensure!(
+            state.data_fingerprint == order.fingerprint(),
+            "resuming from {}: the data changed since the checkpoint (it was {}, now {})",
+            dir.display(),
+            state.data_fingerprint,
+            order.fingerprint()
+        );
+        ensure!(
+            state.scheduler_step == state.step && state.total_steps == total_steps,
+            "resuming from {}: step {} of {} (scheduler step {}) does not fit this run of {} steps",
+            dir.display(),
+            state.step,
+            state.total_steps,
+            state.scheduler_step,
+            total_steps
+        );
+        order
+            .seek(state.data_position)
+            .with_context(|| format!("resuming from {}", dir.display()))?;
+    }
+    // The training RNG: nothing draws from it while LoRA dropout is refused, but checkpoints
+    // carry its position so that a resumed run continues its stream once something does.
+    let rng = match &resume {
+        Some((_, state)) => state.rng.restore()?,
+        None => {
+            let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+            rng.set_stream(TRAIN_RNG_STREAM);
+            rng
+        }
+    };
+
+    let resume_from = resume.as_ref().map(|(dir, _)| dir.as_path());
+    let (model, adapter_config) = match &config.method {
+        Method::Full => (
+            Qwen2::load_f32(gpu, resume_from.unwrap_or(&model_dir))?,
+            None,
+        ),
+        Method::Lora(lora) => {
+            ensure!(
+                lora.dropout == 0.0,
+                "--lora-dropout {} is not supported: LoRA dropout is not implemented (use 0)",
+                lora.dropout
+            );
+            let mut model = Qwen2::load(gpu, &model_dir)?;
+            let adapter = match resume_from.or(config.init_adapter.as_deref()) {
+                Some(dir) => Adapter::load(dir, &model.config)?,
+                None => new_adapter(&model, lora, config.seed)?,
+            };
+            model.apply_adapter(gpu, &adapter)?;
+            let mut adapter_config = adapter.config.clone();
+            adapter_config.base_model = Some(model_dir.display().to_string());
+            (model, Some(adapter_config))
+        }
+    };
+    let grads = Grads::new(gpu, &model)?;
+    let params = grads.params(&model);
+    let moments = match (resume_from, config.optimizer.kind) {
+        (Some(dir), OptimizerKind::Adamw) => load_moments(gpu, &params, &dir.join(OPTIMIZER_FILE))?,
+        _ => new_moments(gpu, &params, config.optimizer.kind)?,
+    };
+    let trained = Trained {
+        gpu,
+        model: &model,
+        grads: &grads,
+        adapter: adapter_config.as_ref(),
+        base: &model_dir,
+    };
+
     let schedule = Schedule::new(
         config.scheduler,
         config.optimizer.lr,
         config.warmup,
         total_steps,
     )?;
-    let mut metrics = MetricsWriter::create(config.output.join("metrics.jsonl"))?;
-    let mut progress = Progress::new(config.progress, total_steps, 0, 0.0);
+    let metrics_path = config.output.join("metrics.jsonl");
+    let (mut metrics, mut history, earlier_s, mut tokens_seen) = match &resume {
+        Some((_, state)) => {
+            let writer = MetricsWriter::resume(&metrics_path, state.step)?;
+            let kept = read_metrics(&metrics_path)?;
+            (writer, kept, state.elapsed_s, state.tokens_seen)
+        }
+        None => (MetricsWriter::create(&metrics_path)?, Vec::new(), 0.0, 0),
+    };
+    let done_before = order.position().step;
+    let mut progress = Progress::new(config.progress, total_steps, done_before, earlier_s);
     progress.println(&format!(
-        "training {} rows ({} truncated, {} dropped) for {total_steps} steps on {}",
+        "training {} rows ({} truncated, {} dropped) for {total_steps} steps on {}{}",
         counts.kept,
         counts.truncated,
         counts.dropped_overlong + counts.dropped_unsupervised,
-        gpu.describe()
+        gpu.describe(),
+        resume_from.map_or(String::new(), |dir| format!(
+            ", resuming after step {done_before} from {}",
+            dir.display()
+        ))
     ));
     let norm_sq = Tensor::zeros(gpu, &[1], DType::F32)?;
     let start = Instant::now();
-    let mut history: Vec<StepMetrics> = Vec::new();
+    let mut last_checkpoint = None;
+    let mut interrupted = false;
 
     while let Some(step) = order.next_step() {
         let step_start = Instant::now();
@@ -304,12 +480,18 @@ pub fn train(config: &TrainConfig, gpu: &Gpu) -> Result<TrainSummary> {
         batch.submit();
         let grad_norm = (norm_sq.to_f32(gpu)?[0] as f64).sqrt();
         if !loss.is_finite() || !grad_norm.is_finite() {
+            let kept = match latest_checkpoint(&config.output)? {
+                Some((at, dir)) => format!(
+                    "the last checkpoint (step {at}) is kept in {}",
+                    dir.display()
+                ),
+                None => "no checkpoint had been written yet".to_string(),
+            };
             bail!(
                 "step {}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; \
-                 training stopped before applying it (the weights and any checkpoint in {} are \
-                 from the last good step). Try a lower --lr or --max-grad-norm",
-                step.index + 1,
-                config.output.display()
+                 training stopped before applying it, and {kept}. A lower --lr or \
+                 --max-grad-norm needs a fresh run (--overwrite): resuming keeps the settings",
+                step.index + 1
             );
         }
 
@@ -337,26 +519,56 @@ pub fn train(config: &TrainConfig, gpu: &Gpu) -> Result<TrainSummary> {
         batch.submit();
         gpu.wait()?;
 
+        let done = step.index + 1;
+        tokens_seen += tokens as u64;
+        let epoch = step.epoch_progress;
+        let elapsed_s = earlier_s + start.elapsed().as_secs_f64();
         let m = StepMetrics {
-            step: step.index + 1,
-            epoch: step.epoch_progress,
+            step: done,
+            epoch,
             loss,
             lr,
             grad_norm,
             supervised_tokens: supervised as u64,
             tokens: tokens as u64,
             tokens_per_s: tokens as f64 / step_start.elapsed().as_secs_f64(),
-            elapsed_s: start.elapsed().as_secs_f64(),
+            elapsed_s,
         };
         metrics.write(&m)?;
         progress.step(&m);
         history.push(m);
+
+        let stopping = stop.load(Ordering::SeqCst);
+        let due = config.save_steps.is_some_and(|n| done % n == 0);
+        if due || stopping || done == total_steps {
+            let state = TrainState {
+                format_version: STATE_FORMAT_VERSION,
+                step: done,
+                total_steps,
+                epoch,
+                data_position: order.position(),
+                scheduler_step: done,
+                rng: RngState::capture(&rng),
+                data_fingerprint: order.fingerprint(),
+                config_hash: config_hash(&summary),
+                config: summary.clone(),
+                elapsed_s,
+                tokens_seen,
+            };
+            let dir = checkpoint_dir(&config.output, done);
+            trained.save_checkpoint(&moments, &state, &dir)?;
+            last_checkpoint = Some(dir);
+        }
+        if stopping && done < total_steps {
+            interrupted = true;
+            break;
+        }
     }
     progress.finish();
 
-    match &adapter_config {
-        Some(ac) => adapter_from_device(gpu, &model, ac)?.save(&config.output)?,
-        None => save_full(gpu, &model, &grads, &model_dir, &config.output)?,
+    // An interrupted run leaves only its checkpoint: a final adapter would look like a finished run.
+    if !interrupted {
+        trained.save(&config.output)?;
     }
     write_loss_svg(
         config.output.join("loss.svg"),
@@ -364,10 +576,13 @@ pub fn train(config: &TrainConfig, gpu: &Gpu) -> Result<TrainSummary> {
         "wgtrain training loss",
     )?;
     Ok(TrainSummary {
-        steps: history.len(),
+        steps: order.position().step,
+        total_steps,
         first_loss: history.first().map_or(f64::NAN, |m| m.loss),
         last_loss: history.last().map_or(f64::NAN, |m| m.loss),
         rows: counts,
         output: config.output.clone(),
+        interrupted,
+        last_checkpoint,
     })
 }
