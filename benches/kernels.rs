@@ -1,6 +1,7 @@
 //! `cargo bench`: every kernel family at Qwen2.5 model shapes on the default device
 //! (`WGTRAIN_BACKEND` / `WGTRAIN_DEVICE` choose another; `WGTRAIN_BENCH_T`, `WGTRAIN_BENCH_REPS`
-//! size the runs). Prints a Markdown table for docs/benchmarks.md.
+//! size the runs; `WGTRAIN_PEAK_GFLOPS` — the device's FP32 peak — adds a % of peak column).
+//! Prints a Markdown table for docs/benchmarks.md.
 use wgtrain_kernels::bench::BenchConfig;
 use wgtrain_kernels::{ops, Gpu};
 
@@ -19,36 +20,42 @@ fn main() -> anyhow::Result<()> {
         config.reps,
         gpu.has_timestamps()
     );
-    println!("| kernel | shape | time (ms) | GFLOP/s | GB/s |");
-    println!("|---|---|---:|---:|---:|");
+    let peak: Option<f64> = std::env::var("WGTRAIN_PEAK_GFLOPS")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    println!("| kernel | shape | time (ms) | GFLOP/s | GB/s | % FP32 peak |");
+    println!("|---|---|---:|---:|---:|---:|");
     let families = ops::benches();
     let selected = families
         .iter()
         .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| f == name));
-    for r in selected
-        .map(|(_, bench)| bench(&gpu, config))
-        .collect::<anyhow::Result<Vec<_>>>()?
-        .into_iter()
-        .flatten()
-    {
-        let gflops = if r.flops > 0.0 {
-            format!("{:.1}", r.gflops())
-        } else {
-            "-".into()
-        };
-        let gbytes = if r.bytes > 0.0 {
-            format!("{:.1}", r.gbytes())
-        } else {
-            "-".into()
-        };
-        println!(
-            "| {} | {} | {:.3} | {} | {} |",
-            r.kernel,
-            r.shape,
-            r.time.as_secs_f64() * 1e3,
-            gflops,
-            gbytes
-        );
+    for (_, bench) in selected {
+        // Printed family by family: a full run takes minutes on a CPU adapter.
+        for r in bench(&gpu, config)? {
+            let gflops = if r.flops > 0.0 {
+                format!("{:.1}", r.gflops())
+            } else {
+                "-".into()
+            };
+            let gbytes = if r.bytes > 0.0 {
+                format!("{:.1}", r.gbytes())
+            } else {
+                "-".into()
+            };
+            let of_peak = match peak {
+                Some(p) if r.flops > 0.0 => format!("{:.1}", 100.0 * r.gflops() / p),
+                _ => "-".into(),
+            };
+            println!(
+                "| {} | {} | {:.3} | {} | {} | {} |",
+                r.kernel,
+                r.shape,
+                r.time.as_secs_f64() * 1e3,
+                gflops,
+                gbytes,
+                of_peak
+            );
+        }
     }
     Ok(())
 }

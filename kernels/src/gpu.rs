@@ -189,8 +189,9 @@ impl Gpu {
             ..Default::default()
         }))
         .with_context(|| format!("opening device '{}' ({:?})", info.name, info.backend))?;
-        let mut max_binding_bytes =
-            limits.max_storage_buffer_binding_size.min(limits.max_buffer_size);
+        let mut max_binding_bytes = limits
+            .max_storage_buffer_binding_size
+            .min(limits.max_buffer_size);
         if let Some(cap) = options.max_binding_bytes {
             if cap < 1024 || cap % 4 != 0 {
                 bail!("max binding size {cap} must be a multiple of 4 and at least 1024 bytes");

@@ -65,7 +65,11 @@ pub struct Kernel {
 
 impl Kernel {
     pub fn new(shader: &'static Shader, entry: &'static str) -> Self {
-        Kernel { shader, entry, consts: Vec::new() }
+        Kernel {
+            shader,
+            entry,
+            consts: Vec::new(),
+        }
     }
 
     pub fn with(mut self, name: &'static str, value: Const) -> Self {

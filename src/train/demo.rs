@@ -7,8 +7,8 @@
 //!   `\boxed{answer}`. Rows vary in length with the number of operations.
 //! - Model: a tiny random Qwen2 checkpoint directory — the tiny test tokenizer (byte-level BPE,
 //!   414 tokens, Qwen's ChatML template), a small `config.json`, and bf16 weights drawn from a seed
-//!   the way transformers initialises Qwen2 (normal(0, 0.02) matrices and embeddings, norm weights
-//!   1, biases 0).
+//!   the way transformers initialises Qwen2 (normal(0, 0.02) matrices, norm weights 1, biases 0),
+//!   except the (untied) LM head, drawn wider (see [`DEMO_HEAD_STD`]).
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -126,7 +126,7 @@ pub fn demo_config_json() -> Value {
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
         "rope_scaling": null,
-        "tie_word_embeddings": true,
+        "tie_word_embeddings": false,
         "use_sliding_window": false,
         "sliding_window": null,
         "attention_dropout": 0.0,
@@ -167,8 +167,16 @@ fn normal(rng: &mut ChaCha8Rng) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
+/// Standard deviation of the demo's LM head. After the final RMSNorm the hidden state has norm
+/// sqrt(hidden), so a frozen head of std 0.02 (transformers' default) caps every logit near
+/// ±0.02·hidden ≈ ±2.6: no adapter could make a confident prediction, and LoRA, which trains
+/// neither the head nor the embedding, could barely lower the loss. At 0.1 logits reach ±13. The
+/// head is untied: tied to so wide an embedding, each token would predict itself at logit ~13.
+pub const DEMO_HEAD_STD: f64 = 0.1;
+
 /// Writes `dir/model.safetensors` with every tensor of `config`'s Qwen2 in bf16, initialised as
-/// transformers' `Qwen2PreTrainedModel._init_weights` does with initializer_range 0.02.
+/// transformers' `Qwen2PreTrainedModel._init_weights` does with initializer_range 0.02, but for the
+/// LM head, of std [`DEMO_HEAD_STD`].
 pub fn write_random_weights(dir: &Path, config: &Qwen2Config, seed: u64) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let specs = qwen2_tensors(config);
@@ -181,6 +189,8 @@ pub fn write_random_weights(dir: &Path, config: &Qwen2Config, seed: u64) -> Resu
                     1.0
                 } else if spec.name.ends_with(".bias") {
                     0.0
+                } else if spec.name == "lm_head.weight" {
+                    DEMO_HEAD_STD * normal(rng)
                 } else {
                     0.02 * normal(rng)
                 }
@@ -295,10 +305,16 @@ mod tests {
         assert!(norm.to_f32().iter().all(|&x| x == 1.0));
         let bias = weights.get("model.layers.0.self_attn.k_proj.bias").unwrap();
         assert!(bias.to_f32().iter().all(|&x| x == 0.0));
-        let embed = weights.get("model.embed_tokens.weight").unwrap().to_f32();
-        let std =
-            (embed.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / embed.len() as f64).sqrt();
-        assert!((std - 0.02).abs() < 0.001, "std {std}");
+        let std = |name: &str| {
+            let v = weights.get(name).unwrap().to_f32();
+            (v.iter().map(|&x| f64::from(x).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+        };
+        let head = std("lm_head.weight");
+        assert!((head - DEMO_HEAD_STD).abs() < 0.005, "lm_head std {head}");
+        let embed = std("model.embed_tokens.weight");
+        assert!((embed - 0.02).abs() < 0.001, "embedding std {embed}");
+        let q = std("model.layers.0.self_attn.q_proj.weight");
+        assert!((q - 0.02).abs() < 0.001, "q_proj std {q}");
 
         let again = tmp.path().join("again");
         write_demo_model(&again, 1).unwrap();
