@@ -2,7 +2,7 @@
 //! whole and split tensors, at the real Qwen vocabulary, and the backward reference against finite
 //! differences of the forward one.
 mod common;
-use common::{assert_passed, gpus};
+use common::{assert_passed, finite_differences, gpus};
 
 use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, Grad, IGNORE};
 use wgtrain_kernels::ops::{random, to_f64};
@@ -151,17 +151,7 @@ fn backward_reference_matches_finite_differences() {
     let scale = 0.25;
     let loss =
         |h: &[f64], w: &[f64]| scale * cpu::cross_entropy_forward(h, w, &targets, vocab, dim).0;
-    let h = 1e-5;
-    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
-        (0..v.len())
-            .map(|i| {
-                let (mut up, mut down) = (v.to_vec(), v.to_vec());
-                up[i] += h;
-                down[i] -= h;
-                (f(&up) - f(&down)) / (2.0 * h)
-            })
-            .collect()
-    };
+    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| finite_differences(v, 1e-5, f);
     let assert_close = |name: &str, a: &[f64], b: &[f64]| {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!(

@@ -1,7 +1,7 @@
 //! LoRA family: GPU against the f64 CPU reference on odd shapes and ranks, with whole and split
 //! tensors, and the backward reference against finite differences of the forward one.
 mod common;
-use common::{assert_passed, gpus};
+use common::{assert_passed, finite_differences, gpus};
 
 use wgtrain_kernels::ops::lora::{self, cpu, Dims};
 use wgtrain_kernels::ops::{random, to_f64};
@@ -49,17 +49,7 @@ fn backward_reference_matches_finite_differences() {
         let (y, _) = cpu::lora_forward(d, x, &w, Some(&bias), a, b, scale);
         y.iter().zip(&g).map(|(y, g)| y * g).sum()
     };
-    let h = 1e-5;
-    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
-        (0..v.len())
-            .map(|i| {
-                let (mut up, mut down) = (v.to_vec(), v.to_vec());
-                up[i] += h;
-                down[i] -= h;
-                (f(&up) - f(&down)) / (2.0 * h)
-            })
-            .collect()
-    };
+    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| finite_differences(v, 1e-5, f);
     let assert_close = |name: &str, a: &[f64], b: &[f64]| {
         for (i, (x, y)) in a.iter().zip(b).enumerate() {
             assert!(

@@ -1,7 +1,7 @@
 //! Matmul family: GPU against the f64 CPU reference on odd shapes, with whole and split tensors,
 //! and the backward references against finite differences of the forward one.
 mod common;
-use common::{assert_passed, gpus};
+use common::{assert_passed, finite_differences, gpus};
 
 use wgtrain_kernels::ops::matmul::{self, cpu};
 use wgtrain_kernels::ops::{random, to_f64};
@@ -35,6 +35,22 @@ fn matmul_matches_cpu_on_split_tensors() {
     }
 }
 
+/// Decode's few-row products take the `gemv` kernel: odd K exercises bf16 rows that start
+/// mid-word, and the split tensors put chunk boundaries inside W.
+#[test]
+fn matmul_matches_cpu_with_few_rows() {
+    for gpu in gpus() {
+        for (seed, &(m, n, k)) in [(1, 1, 1), (2, 67, 45), (3, 9, 130), (5, 33, 17), (8, 130, 65)]
+            .iter()
+            .enumerate()
+        {
+            for bf16 in [false, true] {
+                assert_passed(matmul::check_matmul(gpu, m, n, k, bf16, seed as u64).unwrap());
+            }
+        }
+    }
+}
+
 #[test]
 fn gemm_handles_every_transpose() {
     for gpu in gpus() {
@@ -50,6 +66,7 @@ fn gemm_accumulates_long_reductions() {
     let [gpu, _] = gpus();
     assert_passed(&[matmul::check_gemm(gpu, 3, 5, 20000, false, false, 8).unwrap()]);
     assert_passed(&[matmul::check_gemm(gpu, 2, 3, 9000, true, true, 9).unwrap()]);
+    assert_passed(&[matmul::check_gemm(gpu, 3, 70, 9001, false, true, 10).unwrap()]);
 }
 
 #[test]
@@ -83,17 +100,7 @@ fn backward_references_match_finite_differences() {
             .map(|(y, g)| y * g)
             .sum()
     };
-    let h = 1e-5;
-    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
-        (0..v.len())
-            .map(|i| {
-                let (mut up, mut down) = (v.to_vec(), v.to_vec());
-                up[i] += h;
-                down[i] -= h;
-                (f(&up) - f(&down)) / (2.0 * h)
-            })
-            .collect()
-    };
+    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| finite_differences(v, 1e-5, f);
     let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(a, b)| (a - b).abs() < 1e-7);
     assert!(close(
         &cpu::matmul_backward_input(&g, &w, m, n, k),

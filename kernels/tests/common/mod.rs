@@ -46,3 +46,19 @@ pub fn assert_passed<C: Borrow<Check>>(checks: impl IntoIterator<Item = C>) {
         );
     }
 }
+
+/// Central finite differences of `f` with respect to each element of `v` (f64, step `h`): the
+/// check that a CPU backward reference is the derivative of its forward reference.
+pub fn finite_differences(v: &[f64], h: f64, f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    let mut point = v.to_vec();
+    (0..v.len())
+        .map(|i| {
+            point[i] = v[i] + h;
+            let up = f(&point);
+            point[i] = v[i] - h;
+            let down = f(&point);
+            point[i] = v[i];
+            (up - down) / (2.0 * h)
+        })
+        .collect()
+}
