@@ -26,7 +26,7 @@ use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
 
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
-use super::qwen2::{LayerActs, LossSum, Proj, Qwen2, Step, IGNORE};
+use super::qwen2::{pad_rows, LayerActs, LossSum, Proj, Qwen2, Step};
 use super::weights::{to_device, Weights};
 
 /// Gradients of one layer's weights under full fine-tuning.
@@ -273,21 +273,7 @@ impl Qwen2 {
         grad_scale: f32,
     ) -> Result<LossSum> {
         let c = &self.config;
-        let seq_len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
-        ensure!(seq_len > 0, "a micro-batch without tokens");
-        let (mut ids, mut targets) = (Vec::new(), Vec::new());
-        for (row_ids, row_targets) in rows {
-            ensure!(
-                row_ids.len() == row_targets.len(),
-                "a row has {} ids and {} targets",
-                row_ids.len(),
-                row_targets.len()
-            );
-            ids.extend_from_slice(row_ids);
-            ids.resize(ids.len() + seq_len - row_ids.len(), 0);
-            targets.extend_from_slice(row_targets);
-            targets.resize(ids.len(), IGNORE);
-        }
+        let (ids, targets, seq_len) = pad_rows(rows)?;
         let (n, h) = (ids.len(), c.hidden_size);
         let step = Step {
             batch_size: rows.len(),

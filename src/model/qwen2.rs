@@ -319,6 +319,27 @@ pub fn next_token_targets(ids: &[u32], labels_mask: &[bool]) -> Vec<u32> {
         .collect()
 }
 
+/// (ids, targets) rows padded to the longest into one [B·T] batch, with T: padding ids are 0 and
+/// unsupervised, and causal attention keeps them from affecting the real tokens.
+pub(crate) fn pad_rows(rows: &[(&[u32], &[u32])]) -> Result<(Vec<u32>, Vec<u32>, usize)> {
+    let seq_len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
+    ensure!(seq_len > 0, "a batch without tokens");
+    let (mut ids, mut targets) = (Vec::new(), Vec::new());
+    for (row_ids, row_targets) in rows {
+        ensure!(
+            row_ids.len() == row_targets.len(),
+            "a row has {} ids and {} targets",
+            row_ids.len(),
+            row_targets.len()
+        );
+        ids.extend_from_slice(row_ids);
+        ids.resize(ids.len() + seq_len - row_ids.len(), 0);
+        targets.extend_from_slice(row_targets);
+        targets.resize(ids.len(), IGNORE);
+    }
+    Ok((ids, targets, seq_len))
+}
+
 /// A masked loss: summed cross-entropy and the number of supervised tokens.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LossSum {
@@ -636,21 +657,7 @@ impl Qwen2 {
     /// [`next_token_targets`] — run as one batch padded to the longest row (padding is
     /// unsupervised, and causal attention keeps it from affecting the real tokens).
     pub fn loss_sum(&self, gpu: &Gpu, rows: &[(&[u32], &[u32])]) -> Result<LossSum> {
-        let seq_len = rows.iter().map(|(ids, _)| ids.len()).max().unwrap_or(0);
-        ensure!(seq_len > 0, "loss of an empty batch");
-        let (mut ids, mut targets) = (Vec::new(), Vec::new());
-        for (row_ids, row_targets) in rows {
-            ensure!(
-                row_ids.len() == row_targets.len(),
-                "a row has {} ids and {} targets",
-                row_ids.len(),
-                row_targets.len()
-            );
-            ids.extend_from_slice(row_ids);
-            ids.resize(ids.len() + seq_len - row_ids.len(), 0);
-            targets.extend_from_slice(row_targets);
-            targets.resize(ids.len(), IGNORE);
-        }
+        let (ids, targets, _) = pad_rows(rows)?;
         let mut batch = gpu.batch();
         let hidden = self.record_hidden(&mut batch, &ids, rows.len(), None)?;
         let tokens = ids.len();
