@@ -207,6 +207,58 @@ fn store_row(i: u32, j: u32, v: vec4<f32>) {
     }
 }
 
+// Few-row kernel for decode's y = x·Wᵀ (TRANS_B, !TRANS_A, !SECOND, M ≤ GV_ROWS): the tiled
+// kernel would spend a 32-row tile on 1..4 rows. Thread t owns column j of the block and walks K
+// in pairs with all threads on the same kk, so each A load has a workgroup-uniform address (one
+// scalar load on CPU drivers) and each thread reads its W row once, two bf16 per u32 word, feeding
+// all M rows from registers.
+const GV_ROWS: u32 = 8u;
+
+// W[j, kk] and W[j, kk + 1] (the second only meaningful when kk + 1 < K).
+fn load_b_pair(j: u32, kk: u32) -> vec2<f32> {
+    let e = p.b_off + j * p.ldb + kk;
+    if !B_BF16 {
+        return vec2(bitcast<f32>(b[e]), bitcast<f32>(b[e + 1u]));
+    }
+    let w = b[e >> 1u];
+    if (e & 1u) == 0u {
+        return vec2(bf16_unpack(w, false), bf16_unpack(w, true));
+    }
+    return vec2(bf16_unpack(w, true), bf16_unpack(b[(e >> 1u) + 1u], false));
+}
+
+@compute @workgroup_size(64)
+fn gemv(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let j = gid.x;
+    // Clamped, not returned from, so all threads keep walking K together; stores are guarded.
+    let jr = min(j, p.n - 1u);
+    var acc: array<f32, GV_ROWS>;
+    for (var kk = 0u; kk < p.k; kk += 2u) {
+        var w = load_b_pair(jr, kk);
+        if kk + 1u >= p.k {
+            w.y = 0.0;
+        }
+        // Constant trip count: unrolled, so `acc` stays in registers.
+        for (var r = 0u; r < GV_ROWS; r++) {
+            if r < p.m {
+                let ar = p.a_off + r * p.lda + kk;
+                var a1 = 0.0;
+                if kk + 1u < p.k {
+                    a1 = a[ar + 1u];
+                }
+                acc[r] += a[ar] * w.x + a1 * w.y;
+            }
+        }
+    }
+    if j < p.n {
+        for (var r = 0u; r < GV_ROWS; r++) {
+            if r < p.m {
+                store_c(r, j, p.alpha * acc[r]);
+            }
+        }
+    }
+}
+
 // One thread per output, straight from global memory: the benchmark's baseline.
 @compute @workgroup_size(16, 16)
 fn gemm_naive(@builtin(global_invocation_id) gid: vec3<u32>) {

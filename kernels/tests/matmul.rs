@@ -40,9 +40,15 @@ fn matmul_matches_cpu_on_split_tensors() {
 #[test]
 fn matmul_matches_cpu_with_few_rows() {
     for gpu in gpus() {
-        for (seed, &(m, n, k)) in [(1, 1, 1), (2, 67, 45), (3, 9, 130), (5, 33, 17), (8, 130, 65)]
-            .iter()
-            .enumerate()
+        for (seed, &(m, n, k)) in [
+            (1, 1, 1),
+            (2, 67, 45),
+            (3, 9, 130),
+            (5, 33, 17),
+            (8, 130, 65),
+        ]
+        .iter()
+        .enumerate()
         {
             for bf16 in [false, true] {
                 assert_passed(matmul::check_matmul(gpu, m, n, k, bf16, seed as u64).unwrap());

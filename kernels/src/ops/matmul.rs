@@ -7,7 +7,8 @@
 //! second product) are compile-time constants of the variant. [`Gemm::run`] walks the tensors'
 //! chunks: output rows and columns are split where an operand indexed by them changes chunk, and a
 //! reduction dimension that spans several chunks becomes several launches that accumulate into C
-//! (`beta = 1` after the first).
+//! (`beta = 1` after the first). Products of at most 8 rows in the forward layout (decode's
+//! `x·Wᵀ`) take a `gemv` entry point instead, which reads each weight row once for all rows.
 use std::ops::Range;
 
 use anyhow::{bail, ensure, Result};
@@ -45,6 +46,20 @@ struct Params {
 /// Output tile of the tiled kernel (rows, columns), and the workgroup edge of the naive one.
 const TILE: (usize, usize) = (32, 256);
 const NAIVE_WG: usize = 16;
+
+/// Most output rows the few-row `gemv` kernel takes (its `GV_ROWS`), and its columns per workgroup.
+const GEMV_ROWS: usize = 8;
+const GEMV_WG: usize = 64;
+
+/// The shader entry point of a launch.
+#[derive(Clone, Copy, PartialEq)]
+enum Entry {
+    Tiled,
+    /// Few rows of `x·Wᵀ`: decode's products, which would waste most of a tiled kernel's tile.
+    Gemv,
+    /// One thread per output (benchmark baseline).
+    Naive,
+}
 
 /// Longest reduction one launch runs; longer ones accumulate over several launches. llvmpipe
 /// (lavapipe) silently ends a shader's loops after 65535 iterations in all per invocation, about
@@ -199,10 +214,10 @@ impl<'a> Gemm<'a> {
         self
     }
 
-    /// The variant these operands need (`naive`: the one-thread-per-output baseline).
-    fn kernel(&self, naive: bool, bias: bool) -> Kernel {
+    /// The variant these operands need.
+    fn kernel(&self, entry: Entry, bias: bool) -> Kernel {
         kernel(
-            naive,
+            entry,
             self.trans_a,
             self.trans_b,
             self.b.tensor.dtype() == DType::BF16,
@@ -211,14 +226,23 @@ impl<'a> Gemm<'a> {
         )
     }
 
-    /// Records the product into `c` with the tiled kernel.
+    /// Records the product into `c` with the tiled kernel, or the few-row one where it applies.
     pub fn run(&self, batch: &mut Batch, c: impl Into<Mat<'a>>) -> Result<()> {
-        self.launch(batch, &c.into(), false)
+        let c = c.into();
+        let gemv =
+            !self.trans_a && self.trans_b && self.second.is_none() && c.rows.len() <= GEMV_ROWS;
+        let entry = if gemv { Entry::Gemv } else { Entry::Tiled };
+        self.launch(batch, &c, entry)
     }
 
     /// Records the product with the naive kernel (benchmark baseline only).
     pub fn run_naive(&self, batch: &mut Batch, c: impl Into<Mat<'a>>) -> Result<()> {
-        self.launch(batch, &c.into(), true)
+        self.launch(batch, &c.into(), Entry::Naive)
+    }
+
+    /// Records the product with the tiled kernel even where `run` would pick another (benchmark).
+    pub fn run_tiled(&self, batch: &mut Batch, c: impl Into<Mat<'a>>) -> Result<()> {
+        self.launch(batch, &c.into(), Entry::Tiled)
     }
 
     /// Checks operands against C and returns K (and K2 of the second product, 0 without one).
@@ -274,7 +298,7 @@ impl<'a> Gemm<'a> {
         Ok((k, k2))
     }
 
-    fn launch(&self, batch: &mut Batch, c: &Mat, naive: bool) -> Result<()> {
+    fn launch(&self, batch: &mut Batch, c: &Mat, entry: Entry) -> Result<()> {
         let (k, k2) = self.dims(c)?;
         let (m, n) = (c.rows.len(), c.cols.len());
         let second = self.second.as_ref();
@@ -371,16 +395,26 @@ impl<'a> Gemm<'a> {
                         buffers[4] = a2.buffer;
                         buffers[5] = b2.buffer;
                     }
-                    let (rows, cols) = if naive { (NAIVE_WG, NAIVE_WG) } else { TILE };
+                    let (rows, cols) = match entry {
+                        Entry::Tiled => TILE,
+                        Entry::Gemv => (GEMV_ROWS, GEMV_WG),
+                        Entry::Naive => (NAIVE_WG, NAIVE_WG),
+                    };
                     let groups = [
                         j.len().div_ceil(cols) as u32,
                         i.len().div_ceil(rows) as u32,
                         1,
                     ];
+                    // `gemv` has no second product, so binds only A, B, C and bias.
+                    let used = if entry == Entry::Gemv {
+                        4
+                    } else {
+                        buffers.len()
+                    };
                     batch.dispatch(
-                        &self.kernel(naive, bias.is_some()),
+                        &self.kernel(entry, bias.is_some()),
                         &params,
-                        &buffers,
+                        &buffers[..used],
                         groups,
                     )?;
                 }
@@ -391,14 +425,19 @@ impl<'a> Gemm<'a> {
 }
 
 fn kernel(
-    naive: bool,
+    entry: Entry,
     trans_a: bool,
     trans_b: bool,
     b_bf16: bool,
     bias: bool,
     second: bool,
 ) -> Kernel {
-    Kernel::new(&MATMUL, if naive { "gemm_naive" } else { "gemm" })
+    let name = match entry {
+        Entry::Tiled => "gemm",
+        Entry::Gemv => "gemv",
+        Entry::Naive => "gemm_naive",
+    };
+    Kernel::new(&MATMUL, name)
         .with("TRANS_A", Const::Bool(trans_a))
         .with("TRANS_B", Const::Bool(trans_b))
         .with("B_BF16", Const::Bool(b_bf16))
@@ -406,12 +445,18 @@ fn kernel(
         .with("SECOND", Const::Bool(second))
 }
 
-/// Every combination of layout constants, for both entry points.
+/// Every combination of layout constants for the general entry points, and those of the forward
+/// form (B transposed, no second product) for `gemv`.
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
-    for bits in 0..64u32 {
+    for bits in 0..32u32 {
         let bit = |i: u32| bits & (1 << i) != 0;
-        all.push(kernel(bit(0), bit(1), bit(2), bit(3), bit(4), bit(5)));
+        for entry in [Entry::Tiled, Entry::Naive] {
+            all.push(kernel(entry, bit(0), bit(1), bit(2), bit(3), bit(4)));
+        }
+        if !bit(0) && bit(1) && !bit(4) {
+            all.push(kernel(Entry::Gemv, false, true, bit(2), bit(3), false));
+        }
     }
     all
 }
@@ -791,5 +836,35 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
         bytes,
         &mut |b| gemm.run_naive(b, &y),
     )?;
+    Ok(results)
+}
+
+/// Decode: `y = x·Wᵀ` for one token (M = 1, bf16 W) at every projection, with the kernel `run`
+/// picks (`gemv`) and, for comparison, the tiled one.
+pub fn bench_decode(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+    let mut results = Vec::new();
+    for model in MODEL_SHAPES {
+        for (name, n, k) in projections(&model) {
+            let x = bench_tensor(gpu, &[1, k], DType::F32)?;
+            let w = bench_tensor(gpu, &[n, k], DType::BF16)?;
+            let y = Tensor::zeros(gpu, &[1, n], DType::F32)?;
+            let gemm = Gemm::new(&x, false, &w, true);
+            for tiled in [false, true] {
+                results.push(BenchResult {
+                    kernel: format!("matmul_forward decode{}", if tiled { " tiled" } else { "" }),
+                    shape: format!("{} {name} 1x{n}x{k}", model.name),
+                    time: time(gpu, config.reps, |b| {
+                        if tiled {
+                            gemm.run_tiled(b, &y)
+                        } else {
+                            gemm.run(b, &y)
+                        }
+                    })?,
+                    flops: 2.0 * (n * k) as f64,
+                    bytes: 4.0 * (k + n) as f64 + 2.0 * (n * k) as f64,
+                });
+            }
+        }
+    }
     Ok(results)
 }

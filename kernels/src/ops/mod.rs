@@ -109,6 +109,7 @@ pub fn benches() -> Vec<(&'static str, BenchFn)> {
     vec![
         ("elementwise", elementwise::bench),
         ("matmul", matmul::bench),
+        ("matmul_decode", matmul::bench_decode),
         ("lora", lora::bench),
         ("cross_entropy", cross_entropy::bench),
         ("attention", attention::bench),
