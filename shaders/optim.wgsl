@@ -43,32 +43,6 @@ struct Params {
 
 const WG: u32 = 256u;
 
-// Threads of the reduction entry points (8 * 8, see workgroup_sum); the updates use WG.
-const SUM_WG: u32 = 64u;
-
-var<workgroup> partial: array<f32, SUM_WG>;
-var<workgroup> sums: array<f32, 8>;
-
-// Sum of `v` over the workgroup in a fixed order: 8 threads add 8 values each, then every thread
-// adds those 8. Two barriers rather than a six-level tree: barriers are what a CPU adapter pays
-// most for. Called once per invocation, from uniform control flow.
-fn workgroup_sum(lid: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    if lid < 8u {
-        var s = 0.0;
-        for (var i = 0u; i < 8u; i++) {
-            s += partial[lid * 8u + i];
-        }
-        sums[lid] = s;
-    }
-    workgroupBarrier();
-    var total = 0.0;
-    for (var i = 0u; i < 8u; i++) {
-        total += sums[i];
-    }
-    return total;
-}
 
 @compute @workgroup_size(64)
 fn sum_squares(
@@ -83,7 +57,7 @@ fn sum_squares(
     }
     let last = min(first + p.per_group, p.n);
     var acc = 0.0;
-    for (var i = first + lid; i < last; i += SUM_WG) {
+    for (var i = first + lid; i < last; i += SUM_THREADS) {
         let g = grad[p.grad_off + i];
         acc += g * g;
     }
@@ -97,7 +71,7 @@ fn sum_squares(
 @compute @workgroup_size(64)
 fn sum_partials(@builtin(local_invocation_index) lid: u32) {
     var acc = 0.0;
-    for (var i = lid; i < p.n; i += SUM_WG) {
+    for (var i = lid; i < p.n; i += SUM_THREADS) {
         acc += partials[i];
     }
     let sum = workgroup_sum(lid, acc);

@@ -29,38 +29,11 @@ struct Params {
 // Threads per row (8 * 8, see workgroup_sum); the entry points' workgroup size.
 const WG: u32 = 64u;
 
-var<workgroup> partial: array<f32, WG>;
-var<workgroup> sums: array<f32, 8>;
-
 fn weight(i: u32) -> f32 {
     if W_BF16 {
         return bf16_unpack(w[i >> 1u], (i & 1u) == 1u);
     }
     return bitcast<f32>(w[i]);
-}
-
-// Sum of `v` over the workgroup in a fixed order: 8 threads add 8 values each, then every
-// thread adds those 8. Two barriers rather than a six-level tree, and 64 threads per row rather
-// than 256: barriers are what a CPU adapter pays most for, and 64 threads still cover a row.
-// Call from uniform control flow.
-fn workgroup_sum(lid: u32, v: f32) -> f32 {
-    partial[lid] = v;
-    workgroupBarrier();
-    if lid < 8u {
-        var s = 0.0;
-        for (var i = 0u; i < 8u; i++) {
-            s += partial[lid * 8u + i];
-        }
-        sums[lid] = s;
-    }
-    workgroupBarrier();
-    var total = 0.0;
-    for (var i = 0u; i < 8u; i++) {
-        total += sums[i];
-    }
-    // A following call first writes `partial`, then passes a barrier before writing `sums`, by
-    // which time every thread has read these.
-    return total;
 }
 
 @compute @workgroup_size(64)
