@@ -16,66 +16,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use wgtrain::model::{KvCache, LayerActs, Qwen2, Qwen2Config};
-use wgtrain_kernels::{DType, Gpu, Tensor};
+use wgtrain::model::{KvCache, LayerActs, Qwen2};
+use wgtrain_kernels::Gpu;
 
-/// (name, hidden, intermediate, layers, heads, kv heads) of the Qwen2.5 checkpoints.
-const MODELS: [(&str, usize, usize, usize, usize, usize); 2] = [
-    ("0.5B", 896, 4864, 24, 14, 2),
-    ("1.5B", 1536, 8960, 28, 12, 2),
-];
-const VOCAB: usize = 151936;
-
-fn config(m: &(&str, usize, usize, usize, usize, usize)) -> Result<Qwen2Config> {
-    let &(_, hidden, inter, layers, heads, kv) = m;
-    Qwen2Config::parse(
-        &serde_json::json!({
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": VOCAB,
-            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
-            "max_position_embeddings": 32768,
-        })
-        .to_string(),
-    )
-}
-
-/// Random weights: bf16 matrices of magnitude 2^-10..2^-5 with random signs (cheap to make by
-/// their bits), norm weights 1, biases 0.01.
-fn random_model(gpu: &Gpu, config: Qwen2Config) -> Result<Qwen2> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    Qwen2::build(gpu, config, |spec, dtype| match dtype {
-        DType::BF16 => {
-            let n: usize = spec.shape.iter().product();
-            let bytes: Vec<u8> = (0..n)
-                .flat_map(|_| {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    let bits = ((state >> 48) as u16 & 0x807f) | ((117 + (state % 6) as u16) << 7);
-                    bits.to_le_bytes()
-                })
-                .collect();
-            Tensor::from_bytes(gpu, &spec.shape, DType::BF16, &bytes)
-        }
-        _ => {
-            let value = if spec.name.ends_with("norm.weight") {
-                1.0
-            } else {
-                0.01
-            };
-            Tensor::from_f32(gpu, &spec.shape, &vec![value; spec.shape[0]])
-        }
-    })
-}
-
-fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
-    std::env::var(name)
-        .ok()
-        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
-        .filter(|v: &Vec<usize>| !v.is_empty())
-        .unwrap_or_else(|| default.to_vec())
-}
+mod common;
+use common::{config, env_list, random_model, MODELS, VOCAB};
 
 /// Prefill `t` tokens, then decode `n`; the two durations.
 fn run(gpu: &Gpu, model: &Qwen2, t: usize, n: usize) -> Result<(Duration, Duration)> {
@@ -101,8 +46,7 @@ fn main() -> Result<()> {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let gpu = Gpu::from_env()?;
-    // wgpu is not a dependency of this crate; its DeviceType prints as "Cpu" for lavapipe.
-    let cpu = format!("{:?}", gpu.info.device_type) == "Cpu";
+    let cpu = gpu.is_cpu();
     let lengths = env_list("WGTRAIN_BENCH_T", if cpu { &[32] } else { &[512, 4096] });
     let decode = env_list("WGTRAIN_BENCH_DECODE", if cpu { &[4] } else { &[64] })[0];
     println!("device: {}", gpu.describe());
@@ -113,7 +57,7 @@ fn main() -> Result<()> {
         .iter()
         .filter(|m| filter.is_empty() || filter.iter().any(|f| f == m.0))
     {
-        let model = random_model(&gpu, config(m)?)?;
+        let model = random_model(&gpu, config(m)?, false)?;
         run(&gpu, &model, 8, 1)?; // compiles every pipeline
         for &t in &lengths {
             let (prefill, dec) = run(&gpu, &model, t, decode)?;

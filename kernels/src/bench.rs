@@ -99,7 +99,7 @@ pub struct BenchConfig {
 
 impl BenchConfig {
     pub fn for_gpu(gpu: &Gpu) -> BenchConfig {
-        let cpu = gpu.info.device_type == wgpu::DeviceType::Cpu;
+        let cpu = gpu.is_cpu();
         let env = |name: &str, default: usize| {
             std::env::var(name)
                 .ok()

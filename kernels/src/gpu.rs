@@ -214,6 +214,11 @@ impl Gpu {
         Gpu::new(&GpuOptions::from_env()?)
     }
 
+    /// A CPU adapter (e.g. lavapipe): benchmarks size themselves down there.
+    pub fn is_cpu(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     pub fn has_timestamps(&self) -> bool {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
     }

@@ -812,11 +812,7 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
         }
     }
     // A square f32 product, tiled and naive; 1024³ on a CPU adapter, where 4096³ takes minutes.
-    let s = if gpu.info.device_type == wgpu::DeviceType::Cpu {
-        1024
-    } else {
-        4096
-    };
+    let s = if gpu.is_cpu() { 1024 } else { 4096 };
     let x = bench_tensor(gpu, &[s, s], DType::F32)?;
     let w = bench_tensor(gpu, &[s, s], DType::F32)?;
     let y = Tensor::zeros(gpu, &[s, s], DType::F32)?;
