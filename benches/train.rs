@@ -43,6 +43,7 @@ fn random_adapter(model: &Qwen2) -> Result<Adapter> {
     let config = AdapterConfig {
         r: RANK,
         lora_alpha: 2.0 * RANK as f64,
+        lora_dropout: 0.0,
         target_modules: TargetModules::List(
             Proj::ALL.iter().map(|p| p.module().to_string()).collect(),
         ),
@@ -115,9 +116,13 @@ impl<'a> Trainer<'a> {
         gpu.wait()?;
         let start = Instant::now();
         self.grads.zero(gpu, self.model);
-        let loss =
-            self.model
-                .forward_backward(gpu, &self.grads, &[(&ids, &targets)], 1.0 / t as f32)?;
+        let loss = self.model.forward_backward(
+            gpu,
+            &self.grads,
+            &[(&ids, &targets)],
+            1.0 / t as f32,
+            None,
+        )?;
         let mut batch = gpu.batch();
         grad_norm_sq(&mut batch, &grad_list, &self.norm_sq)?;
         batch.submit();

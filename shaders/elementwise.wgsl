@@ -1,4 +1,5 @@
-// Elementwise and small reduction kernels: residual add, axpy, scale, bf16 <-> f32, bias-grad sums.
+// Elementwise and small reduction kernels: residual add, axpy, scale, bf16 <-> f32, bias-grad sums,
+// seeded dropout.
 // Flat kernels see one chunk of each tensor; `*_off` are element offsets inside the bound chunk.
 
 struct Params {
@@ -10,6 +11,12 @@ struct Params {
     beta: f32,
     cols: u32,
     rows: u32,
+    // dropout: the mask's seed, its drop threshold (p·2³²) and the tensor-wide element index of
+    // element 0 of this launch.
+    seed: u32,
+    threshold: u32,
+    first: u32,
+    pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -79,4 +86,32 @@ fn sum_rows(@builtin(global_invocation_id) gid: vec3<u32>) {
         acc += a[p.a_off + r * p.cols + c];
     }
     out[p.out_off + c] = p.alpha * acc + p.beta * out[p.out_off + c];
+}
+
+// PCG-RXS-M-XS hash (Jarzynski and Olano, "Hash Functions for GPU Rendering", JCGT 2020).
+fn pcg_hash(x: u32) -> u32 {
+    let state = x * 747796405u + 2891336453u;
+    let word = ((state >> ((state >> 28u) + 4u)) ^ state) * 277803737u;
+    return (word >> 22u) ^ word;
+}
+
+// Inverted dropout: out = (kept ? alpha * a : 0) + beta * out, alpha = 1 / (1 - p). Element e of
+// the tensor is kept iff hash(hash(e) ^ seed) >= threshold: a counter-based mask that any launch
+// regenerates exactly (forward, recomputation, backward) without storing it.
+@compute @workgroup_size(256)
+fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if i >= p.n {
+        return;
+    }
+    let o = p.out_off + i;
+    var v = 0.0;
+    if pcg_hash(pcg_hash(p.first + i) ^ p.seed) >= p.threshold {
+        v = p.alpha * a[p.a_off + i];
+    }
+    // beta = 0 overwrites without reading, so stale NaNs in out cannot leak in.
+    if p.beta != 0.0 {
+        v += p.beta * out[o];
+    }
+    out[o] = v;
 }

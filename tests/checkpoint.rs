@@ -107,8 +107,9 @@ fn assert_complete_checkpoint(dir: &Path, adamw: bool) {
     assert_eq!(dir.join("optimizer.safetensors").is_file(), adamw);
 }
 
-/// Trains 4 AdamW steps (2 micro-batches each, shuffled) with a checkpoint every 2, then resumes
-/// the same run from checkpoint-2 in the same directory: steps 3–4 and the adapter are identical.
+/// Trains 4 AdamW steps (2 micro-batches each, shuffled, LoRA dropout drawing its masks from the
+/// training RNG) with a checkpoint every 2, then resumes the same run from checkpoint-2 in the same
+/// directory: steps 3–4 and the adapter are identical.
 #[test]
 fn lora_resume_continues_the_same_run() {
     let tmp = tempfile::tempdir().unwrap();
@@ -118,8 +119,13 @@ fn lora_resume_continues_the_same_run() {
     let args = run_args(&out, &[
         "--init-adapter", init.to_str().unwrap(), "--optimizer", "adamw", "--lr", "1e-3",
         "--batch-size", "1", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
+        "--lora-dropout", "0.1",
     ]);
     ok(wgtrain(&strs(&args)));
+    let adapter_config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter_config["lora_dropout"], 0.1);
     for step in [2, 4] {
         let dir = out.join(format!("checkpoint-{step}"));
         assert_complete_checkpoint(&dir, true);

@@ -84,3 +84,58 @@ fn unknown_device_names_the_adapters() {
         .to_string()
         .contains("device 99 does not exist"));
 }
+
+#[test]
+fn dropout_keeps_the_expected_fraction_with_independent_seeds() {
+    let gpu = common::gpu();
+    let (rows, cols) = (250, 400);
+    let ones = Tensor::from_f32(gpu, &[rows, cols], &vec![1.0; rows * cols]).unwrap();
+    let run = |p: f32, seed: u32| {
+        let out = Tensor::zeros(gpu, &[rows, cols], DType::F32).unwrap();
+        let mut batch = gpu.batch();
+        let mask = elementwise::Dropout { p, seed };
+        elementwise::dropout(&mut batch, &ones, &out, &mask, 0.0).unwrap();
+        batch.submit();
+        out.to_f32(gpu).unwrap()
+    };
+    let n = (rows * cols) as f64;
+    for p in [0.05f32, 0.1, 0.5] {
+        let out = run(p, 7);
+        let kept = out.iter().filter(|&&v| v != 0.0).count() as f64;
+        // Binomial(n, 1 - p): 5 standard deviations.
+        let sd = (n * p as f64 * (1.0 - p as f64)).sqrt();
+        assert!(
+            (kept - n * (1.0 - p as f64)).abs() < 5.0 * sd,
+            "p {p}: kept {kept} of {n}"
+        );
+        let scale = 1.0 / (1.0 - p);
+        assert!(out.iter().all(|&v| v == 0.0 || v == scale));
+        // The same seed regenerates the mask; another seed draws an independent one.
+        assert_eq!(run(p, 7), out);
+        let other = run(p, 8);
+        let both_dropped = out
+            .iter()
+            .zip(&other)
+            .filter(|(a, b)| **a == 0.0 && **b == 0.0)
+            .count() as f64;
+        let expected = n * (p as f64).powi(2);
+        assert!(
+            (both_dropped - expected).abs() < 5.0 * expected.sqrt() + 5.0,
+            "p {p}: {both_dropped} dropped by both seeds, {expected} expected if independent"
+        );
+    }
+    assert!(
+        run(0.0, 3).iter().all(|&v| v == 1.0),
+        "p = 0 keeps everything"
+    );
+    let mut batch = gpu.batch();
+    let err = elementwise::dropout(
+        &mut batch,
+        &ones,
+        &ones,
+        &elementwise::Dropout { p: 1.0, seed: 0 },
+        0.0,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("[0, 1)"), "{err}");
+}

@@ -1,9 +1,10 @@
 //! LoRA family: GPU against the f64 CPU reference on odd shapes and ranks, with whole and split
-//! tensors, and the backward reference against finite differences of the forward one.
+//! tensors, with and without dropout, and the backward reference against finite differences of
+//! the forward one.
 mod common;
 use common::{assert_passed, finite_differences, gpus};
 
-use wgtrain_kernels::ops::lora::{self, cpu, Dims};
+use wgtrain_kernels::ops::lora::{self, cpu, Dims, Dropout};
 use wgtrain_kernels::ops::{random, to_f64};
 
 #[test]
@@ -14,8 +15,15 @@ fn lora_matches_cpu_on_odd_shapes() {
         .enumerate()
     {
         for r in [1, 8, 16] {
-            assert_passed(lora::check_lora(whole, Dims { m, n, k, r }, seed as u64).unwrap());
+            let d = Dims { m, n, k, r };
+            assert_passed(lora::check_lora(whole, d, seed as u64, None).unwrap());
         }
+        let dropout = Dropout {
+            p: 0.25,
+            seed: seed as u32,
+        };
+        let d = Dims { m, n, k, r: 8 };
+        assert_passed(lora::check_lora(whole, d, seed as u64, Some(dropout)).unwrap());
     }
 }
 
@@ -24,12 +32,16 @@ fn lora_matches_cpu_on_split_tensors() {
     let [_, split] = gpus();
     for (seed, &(m, n, k)) in [(1, 9, 7), (37, 21, 19), (70, 33, 66)].iter().enumerate() {
         for r in [1, 8, 16] {
-            assert_passed(lora::check_lora(split, Dims { m, n, k, r }, seed as u64).unwrap());
+            let dropout = (r == 8).then_some(Dropout { p: 0.5, seed: 11 });
+            assert_passed(
+                lora::check_lora(split, Dims { m, n, k, r }, seed as u64, dropout).unwrap(),
+            );
         }
     }
 }
 
-/// Loss L = Σ g ⊙ y: dL/dx, dL/dA and dL/dB by central differences equal the reference.
+/// Loss L = Σ g ⊙ y: dL/dx, dL/dA and dL/dB by central differences equal the reference, with a
+/// fixed dropout mask and without.
 #[test]
 fn backward_reference_matches_finite_differences() {
     let d = Dims {
@@ -45,21 +57,28 @@ fn backward_reference_matches_finite_differences() {
     let a = to_f64(&random(4, d.r * d.k, 1.0));
     let b = to_f64(&random(5, d.n * d.r, 1.0));
     let g = to_f64(&random(6, d.m * d.n, 1.0));
-    let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
-        let (y, _) = cpu::lora_forward(d, x, &w, Some(&bias), a, b, scale);
-        y.iter().zip(&g).map(|(y, g)| y * g).sum()
-    };
-    let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| finite_differences(v, 1e-5, f);
-    let assert_close = |name: &str, a: &[f64], b: &[f64]| {
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!(
-                (x - y).abs() < 1e-6,
-                "{name}[{i}]: analytic {x} vs finite difference {y}"
-            );
-        }
-    };
-    let (dx, da, db) = cpu::lora_backward(d, &g, &x, Some(&w), &a, &b, scale);
-    assert_close("dx", &dx, &fd(&x, &|x| loss(x, &a, &b)));
-    assert_close("dA", &da, &fd(&a, &|a| loss(&x, a, &b)));
-    assert_close("dB", &db, &fd(&b, &|b| loss(&x, &a, b)));
+    let dropout = Dropout { p: 0.4, seed: 9 };
+    let factors: Vec<f64> = (0..d.m * d.k)
+        .map(|e| dropout.factor(e as u32) as f64)
+        .collect();
+    assert!(factors.contains(&0.0) && factors.iter().any(|&f| f > 1.0));
+    for mask in [None, Some(factors.as_slice())] {
+        let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
+            let (y, _) = cpu::lora_forward(d, x, &w, Some(&bias), a, b, scale, mask);
+            y.iter().zip(&g).map(|(y, g)| y * g).sum()
+        };
+        let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| finite_differences(v, 1e-5, f);
+        let assert_close = |name: &str, a: &[f64], b: &[f64]| {
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert!(
+                    (x - y).abs() < 1e-6,
+                    "{name}[{i}]: analytic {x} vs finite difference {y}"
+                );
+            }
+        };
+        let (dx, da, db) = cpu::lora_backward(d, &g, &x, Some(&w), &a, &b, scale, mask);
+        assert_close("dx", &dx, &fd(&x, &|x| loss(x, &a, &b)));
+        assert_close("dA", &da, &fd(&a, &|a| loss(&x, a, &b)));
+        assert_close("dB", &db, &fd(&b, &|b| loss(&x, &a, b)));
+    }
 }

@@ -38,11 +38,13 @@ impl TargetModules {
     }
 }
 
-/// The parts of `adapter_config.json` that change what the adapter computes.
+/// The parts of `adapter_config.json` that change what the adapter computes, and the dropout it
+/// was trained with (training only: inference ignores it, as PEFT's eval mode does).
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterConfig {
     pub r: usize,
     pub lora_alpha: f64,
+    pub lora_dropout: f64,
     pub target_modules: TargetModules,
     pub use_rslora: bool,
     /// Written back as PEFT's `base_model_name_or_path`.
@@ -73,6 +75,13 @@ impl AdapterConfig {
         let lora_alpha = match field("lora_alpha") {
             None => 8.0, // PEFT's default
             Some(v) => v.as_f64().context("\"lora_alpha\" must be a number")?,
+        };
+        let lora_dropout = match field("lora_dropout") {
+            None => 0.0,
+            Some(v) => v
+                .as_f64()
+                .filter(|p| (0.0..1.0).contains(p))
+                .context("\"lora_dropout\" must be a number in [0, 1)")?,
         };
         let target_modules = match field("target_modules") {
             Some(Value::String(s)) if s == "all-linear" => {
@@ -123,6 +132,7 @@ impl AdapterConfig {
         Ok(AdapterConfig {
             r,
             lora_alpha,
+            lora_dropout,
             target_modules,
             use_rslora: flag("use_rslora"),
             base_model: field("base_model_name_or_path")
@@ -143,7 +153,7 @@ impl AdapterConfig {
             "base_model_name_or_path": self.base_model,
             "r": self.r,
             "lora_alpha": self.lora_alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.lora_dropout,
             "target_modules": targets,
             "use_rslora": self.use_rslora,
             "use_dora": false,
@@ -336,6 +346,7 @@ mod tests {
         let cfg = |t: TargetModules| AdapterConfig {
             r: 4,
             lora_alpha: 8.0,
+            lora_dropout: 0.0,
             target_modules: t,
             use_rslora: false,
             base_model: None,
@@ -403,6 +414,7 @@ mod tests {
             config: AdapterConfig {
                 r: 2,
                 lora_alpha: 4.0,
+                lora_dropout: 0.0,
                 target_modules: TargetModules::List(vec!["q_proj".into()]),
                 use_rslora: false,
                 base_model: None,

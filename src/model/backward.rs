@@ -17,7 +17,7 @@ use wgtrain_kernels::ops::cross_entropy::{
 };
 use wgtrain_kernels::ops::elementwise::sum_rows;
 use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
-use wgtrain_kernels::ops::lora::{lora_backward, InputGrad, Lora, LoraGrads};
+use wgtrain_kernels::ops::lora::{lora_backward, Dropout, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
 use wgtrain_kernels::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use wgtrain_kernels::ops::rope::{rope_backward, Positions};
@@ -26,7 +26,7 @@ use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
 
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
-use super::qwen2::{pad_rows, LayerActs, LossSum, Proj, Qwen2, Step};
+use super::qwen2::{pad_rows, LayerActs, LoraDropout, LossSum, Proj, Qwen2, Step};
 use super::weights::{to_device, Weights};
 
 /// Gradients of one layer's weights under full fine-tuning.
@@ -264,13 +264,14 @@ impl Qwen2 {
 
     /// One micro-batch of `rows` — (ids, targets) pairs, padded to the longest with unsupervised
     /// tokens — forward and backward: adds `grad_scale ·` d(summed loss) to `grads` and returns
-    /// the summed loss.
+    /// the summed loss. `dropout` applies LoRA dropout with this micro-batch's seed.
     pub fn forward_backward(
         &self,
         gpu: &Gpu,
         grads: &Grads,
         rows: &[(&[u32], &[u32])],
         grad_scale: f32,
+        dropout: Option<LoraDropout>,
     ) -> Result<LossSum> {
         let c = &self.config;
         let (ids, targets, seq_len) = pad_rows(rows)?;
@@ -281,6 +282,7 @@ impl Qwen2 {
             past: 0,
             starts: Tensor::from_u32(gpu, &[rows.len()], &vec![0; rows.len()])?,
             cache: None,
+            dropout,
         };
         let token_ids = TokenIds::new(gpu, &ids)?;
         let mut batch = gpu.batch();
@@ -382,7 +384,8 @@ impl Qwen2 {
         let layer = &self.layers[l];
         let lg = grads.full().map(|g| &g.layers[l]);
         let proj = |batch: &mut Batch, p: Proj, dy: &Tensor, x: &Tensor, dx: &Tensor, beta| {
-            self.proj_backward(batch, l, p, dy, x, a, dx, beta, grads)
+            let dropout = step.dropout.and_then(|d| d.mask(l, p));
+            self.proj_backward(batch, l, p, dy, x, a, dx, beta, grads, dropout)
                 .with_context(|| format!("layer {l} {}", p.path()))
         };
 
@@ -438,7 +441,8 @@ impl Qwen2 {
     }
 
     /// Backward of projection `p` of layer `l` (`y = x·Wᵀ + b [+ s·u·Bᵀ]`): `dx = dy·W [+ LoRA's
-    /// part] + beta·dx`, and the trainable weights' gradients accumulated.
+    /// part] + beta·dx`, and the trainable weights' gradients accumulated; `dropout` is the mask
+    /// the forward applied to the LoRA's input.
     #[allow(clippy::too_many_arguments)]
     fn proj_backward(
         &self,
@@ -451,6 +455,7 @@ impl Qwen2 {
         dx: &Tensor,
         beta: f32,
         grads: &Grads,
+        dropout: Option<Dropout>,
     ) -> Result<()> {
         let linear = &self.layers[l].proj[p as usize];
         if let (Some(lora), Some((da, db))) = (&linear.lora, grads.lora(l, p)) {
@@ -461,6 +466,7 @@ impl Qwen2 {
                 a: &lora.a,
                 b: &lora.b,
                 scale: lora.scale,
+                dropout,
             };
             let g = LoraGrads {
                 a: da,

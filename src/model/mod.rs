@@ -13,7 +13,9 @@ pub use adapter::{Adapter, AdapterConfig, LoraPair, TargetModules};
 pub use backward::{Grads, Param};
 pub use config::{GenerationConfig, Qwen2Config, TorchDType};
 pub use generate::{generate, GenerateOptions, Generation, StreamDecoder};
-pub use qwen2::{next_token_targets, KvCache, LayerActs, LossSum, Proj, Qwen2, IGNORE};
+pub use qwen2::{
+    next_token_targets, KvCache, LayerActs, LoraDropout, LossSum, Proj, Qwen2, IGNORE,
+};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{Encoding, SpecialTokens, Tokenizer};
 pub use weights::{

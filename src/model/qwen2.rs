@@ -28,7 +28,7 @@ pub use wgtrain_kernels::ops::cross_entropy::IGNORE;
 use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking};
 use wgtrain_kernels::ops::elementwise::{add, copy_rows};
 use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
-use wgtrain_kernels::ops::lora::{lora_forward, Lora};
+use wgtrain_kernels::ops::lora::{lora_forward, Dropout, Lora};
 use wgtrain_kernels::ops::matmul::{matmul_forward, Gemm, Mat};
 use wgtrain_kernels::ops::rmsnorm::rmsnorm_forward;
 use wgtrain_kernels::ops::rope::{rope_forward, Positions, Rope};
@@ -113,8 +113,16 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `u` ([rows, r]) receives `x·Aᵀ` when a LoRA is applied (its backward needs it).
-    fn forward(&self, batch: &mut Batch, x: &Tensor, u: Option<&Tensor>, y: &Tensor) -> Result<()> {
+    /// `u` ([rows, r]) receives `x·Aᵀ` when a LoRA is applied (its backward needs it), x passing
+    /// through `dropout` first when training with LoRA dropout.
+    fn forward(
+        &self,
+        batch: &mut Batch,
+        x: &Tensor,
+        u: Option<&Tensor>,
+        y: &Tensor,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
         match (&self.lora, u) {
             (None, _) => matmul_forward(batch, x, &self.weight, self.bias.as_ref(), y),
             (Some(l), Some(u)) => {
@@ -122,6 +130,7 @@ impl Linear {
                     a: &l.a,
                     b: &l.b,
                     scale: l.scale,
+                    dropout,
                 };
                 lora_forward(batch, x, &self.weight, self.bias.as_ref(), &lora, u, y)
             }
@@ -297,6 +306,35 @@ impl KvCache {
     }
 }
 
+/// LoRA dropout of one training micro-batch (PEFT's `lora_dropout`): the probability and a seed
+/// from which every layer and projection derives its own mask, so the per-layer recomputation and
+/// the backward regenerate exactly the masks of the forward.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LoraDropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl LoraDropout {
+    /// The mask of projection `proj` of layer `layer` (independent across modules, as PEFT's
+    /// separate `lora_dropout` modules are); None when p = 0, which keeps the fused launches.
+    pub(crate) fn mask(&self, layer: usize, proj: Proj) -> Option<Dropout> {
+        let module = (layer * Proj::ALL.len() + proj as usize) as u64;
+        (self.p > 0.0).then(|| Dropout {
+            p: self.p,
+            seed: splitmix64(self.seed ^ splitmix64(module)) as u32,
+        })
+    }
+}
+
+/// SplitMix64's finaliser: decorrelates the seeds of neighbouring modules and micro-batches.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// The rows of one forward: `batch_size` sequences of `seq_len` new tokens, each following `past`
 /// tokens already in `cache`.
 pub(crate) struct Step<'a> {
@@ -306,6 +344,8 @@ pub(crate) struct Step<'a> {
     /// u32 [batch_size]: every entry `past` (RoPE positions start there).
     pub(crate) starts: Tensor,
     pub(crate) cache: Option<&'a KvCache>,
+    /// Training only: None for inference.
+    pub(crate) dropout: Option<LoraDropout>,
 }
 
 /// Next-token targets of a row: `targets[t] = ids[t + 1]` where token t + 1 is supervised, else
@@ -521,8 +561,9 @@ impl Qwen2 {
         let (layer, a) = (&self.layers[l], acts);
         let eps = c.rms_norm_eps as f32;
         let proj = |batch: &mut Batch, p: Proj, x: &Tensor, y: &Tensor| {
+            let dropout = step.dropout.and_then(|d| d.mask(l, p));
             layer.proj[p as usize]
-                .forward(batch, x, a.u[p as usize].as_ref(), y)
+                .forward(batch, x, a.u[p as usize].as_ref(), y, dropout)
                 .with_context(|| format!("layer {l} {}", p.path()))
         };
 
@@ -594,6 +635,7 @@ impl Qwen2 {
             past,
             starts: Tensor::from_u32(gpu, &[batch_size], &vec![past as u32; batch_size])?,
             cache,
+            dropout: None,
         };
         let ids = TokenIds::new(gpu, ids)?;
         let acts = LayerActs::new(gpu, self, rows)?;

@@ -30,8 +30,8 @@ use super::schedule::Schedule;
 use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
 use crate::model::{
-    next_token_targets, Adapter, AdapterConfig, Grads, LoraPair, Param, Proj, Qwen2, TargetModules,
-    HF_SIDE_FILES,
+    next_token_targets, Adapter, AdapterConfig, Grads, LoraDropout, LoraPair, Param, Proj, Qwen2,
+    TargetModules, HF_SIDE_FILES,
 };
 
 /// What a finished (or interrupted) run reports.
@@ -95,6 +95,7 @@ fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adapter>
     let config = AdapterConfig {
         r: lora.rank,
         lora_alpha: lora.alpha,
+        lora_dropout: lora.dropout,
         target_modules: TargetModules::List(lora.targets.clone()),
         use_rslora: false,
         base_model: None,
@@ -361,15 +362,19 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
             .seek(state.data_position)
             .with_context(|| format!("resuming from {}", dir.display()))?;
     }
-    // The training RNG: nothing draws from it while LoRA dropout is refused, but checkpoints
-    // carry its position so that a resumed run continues its stream once something does.
-    let rng = match &resume {
+    // The training RNG: each micro-batch draws its LoRA-dropout seed from it, and checkpoints
+    // carry its position so that a resumed run draws the same masks.
+    let mut rng = match &resume {
         Some((_, state)) => state.rng.restore()?,
         None => {
             let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
             rng.set_stream(TRAIN_RNG_STREAM);
             rng
         }
+    };
+    let dropout_p = match &config.method {
+        Method::Lora(lora) if lora.dropout > 0.0 => Some(lora.dropout as f32),
+        _ => None,
     };
 
     let resume_from = resume.as_ref().map(|(dir, _)| dir.as_path());
@@ -379,11 +384,6 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
             None,
         ),
         Method::Lora(lora) => {
-            ensure!(
-                lora.dropout == 0.0,
-                "--lora-dropout {} is not supported: LoRA dropout is not implemented (use 0)",
-                lora.dropout
-            );
             let mut model = Qwen2::load(gpu, &model_dir)?;
             let adapter = match resume_from.or(config.init_adapter.as_deref()) {
                 Some(dir) => Adapter::load(dir, &model.config)?,
@@ -392,6 +392,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
             model.apply_adapter(gpu, &adapter)?;
             let mut adapter_config = adapter.config.clone();
             adapter_config.base_model = Some(model_dir.display().to_string());
+            adapter_config.lora_dropout = lora.dropout;
             (model, Some(adapter_config))
         }
     };
@@ -468,8 +469,12 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
                 .iter()
                 .map(|&i| (rows[i].ids.as_slice(), targets[i].as_slice()))
                 .collect();
+            let dropout = dropout_p.map(|p| LoraDropout {
+                p,
+                seed: rng.next_u64(),
+            });
             loss_sum += model
-                .forward_backward(gpu, &grads, &mb, 1.0 / supervised as f32)
+                .forward_backward(gpu, &grads, &mb, 1.0 / supervised as f32, dropout)
                 .with_context(|| format!("step {}", step.index + 1))?
                 .sum;
         }

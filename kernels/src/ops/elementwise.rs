@@ -1,4 +1,5 @@
-//! Residual add, axpby, bf16 <-> f32 conversion and bias-gradient sums (`shaders/elementwise.wgsl`).
+//! Residual add, axpby, bf16 <-> f32 conversion, bias-gradient sums and seeded dropout
+//! (`shaders/elementwise.wgsl`).
 use anyhow::{bail, Result};
 use bytemuck::{Pod, Zeroable};
 
@@ -9,7 +10,7 @@ use crate::shader::{Kernel, ELEMENTWISE};
 use crate::tensor::{row_segments, DType, Tensor};
 
 #[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
+#[derive(Clone, Copy, Default, Pod, Zeroable)]
 struct Params {
     n: u32,
     a_off: u32,
@@ -19,15 +20,26 @@ struct Params {
     beta: f32,
     cols: u32,
     rows: u32,
+    seed: u32,
+    threshold: u32,
+    first: u32,
+    pad: u32,
 }
 
 const WG: u32 = 256;
 
 pub fn variants() -> Vec<Kernel> {
-    ["add", "axpby", "bf16_to_f32", "f32_to_bf16", "sum_rows"]
-        .into_iter()
-        .map(|entry| Kernel::new(&ELEMENTWISE, entry))
-        .collect()
+    [
+        "add",
+        "axpby",
+        "bf16_to_f32",
+        "f32_to_bf16",
+        "sum_rows",
+        "dropout",
+    ]
+    .into_iter()
+    .map(|entry| Kernel::new(&ELEMENTWISE, entry))
+    .collect()
 }
 
 fn same_shape(role: &str, a: &Tensor, b: &Tensor) -> Result<()> {
@@ -59,8 +71,7 @@ pub fn add(
             out_off: ro.offset,
             alpha,
             beta,
-            cols: 0,
-            rows: 0,
+            ..Default::default()
         };
         let groups = linear_groups(batch.gpu, n.div_ceil(WG));
         batch.dispatch(
@@ -83,12 +94,10 @@ pub fn axpby(batch: &mut Batch, alpha: f32, a: &Tensor, beta: f32, out: &Tensor)
         let params = Params {
             n,
             a_off: ra.offset,
-            b_off: 0,
             out_off: ro.offset,
             alpha,
             beta,
-            cols: 0,
-            rows: 0,
+            ..Default::default()
         };
         let groups = linear_groups(batch.gpu, n.div_ceil(WG));
         batch.dispatch(
@@ -139,9 +148,7 @@ pub fn copy_rows(batch: &mut Batch, src: &Tensor, dst: &Tensor, dst_row: usize) 
             b_off: rs.offset,
             out_off: rd.offset,
             alpha: 1.0,
-            beta: 0.0,
-            cols: 0,
-            rows: 0,
+            ..Default::default()
         };
         let groups = linear_groups(batch.gpu, n.div_ceil(WG));
         batch.dispatch(
@@ -173,12 +180,8 @@ pub fn convert(batch: &mut Batch, src: &Tensor, dst: &Tensor) -> Result<()> {
         let params = Params {
             n,
             a_off: rs.offset,
-            b_off: 0,
             out_off: rd.offset,
-            alpha: 0.0,
-            beta: 0.0,
-            cols: 0,
-            rows: 0,
+            ..Default::default()
         };
         let threads = if entry == "f32_to_bf16" { n / 2 } else { n };
         let groups = linear_groups(batch.gpu, threads.div_ceil(WG));
@@ -204,14 +207,13 @@ pub fn sum_rows(batch: &mut Batch, a: &Tensor, out: &Tensor, alpha: f32, beta: f
         let ra = a.row(seg.start);
         let beta = if i == 0 { beta } else { 1.0 };
         let params = Params {
-            n: 0,
             a_off: ra.offset,
-            b_off: 0,
             out_off: ro.offset,
             alpha,
             beta,
             cols: cols as u32,
             rows: seg.len() as u32,
+            ..Default::default()
         };
         batch.dispatch(
             &Kernel::new(&ELEMENTWISE, "sum_rows"),
@@ -223,9 +225,93 @@ pub fn sum_rows(batch: &mut Batch, a: &Tensor, out: &Tensor, alpha: f32, beta: f
     Ok(())
 }
 
+/// Inverted dropout with a counter-based mask: element e (row-major over the whole tensor) is
+/// dropped iff `hash(hash(e) ^ seed) < p·2³²`, kept elements are scaled by 1 / (1 - p). Nothing is
+/// stored: the forward, its per-layer recomputation and the backward regenerate the same mask from
+/// the seed, and since dropout is linear and diagonal its backward is the same call on the gradient.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// Drop probability, in [0, 1).
+    pub p: f32,
+    pub seed: u32,
+}
+
+impl Dropout {
+    fn threshold(&self) -> u32 {
+        (self.p as f64 * 4294967296.0).round().min(u32::MAX as f64) as u32
+    }
+
+    /// The multiplier of element `index`: 0 when dropped, else 1 / (1 - p) (the CPU mirror of the
+    /// kernel's mask).
+    pub fn factor(&self, index: u32) -> f32 {
+        if pcg_hash(pcg_hash(index) ^ self.seed) >= self.threshold() {
+            1.0 / (1.0 - self.p)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// PCG-RXS-M-XS, the same 32-bit hash as `pcg_hash` in `shaders/elementwise.wgsl`.
+fn pcg_hash(x: u32) -> u32 {
+    let state = x.wrapping_mul(747796405).wrapping_add(2891336453);
+    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277803737);
+    (word >> 22) ^ word
+}
+
+/// `out = dropout(a) + beta * out` (f32, same shape, at most 2³² elements).
+pub fn dropout(
+    batch: &mut Batch,
+    a: &Tensor,
+    out: &Tensor,
+    mask: &Dropout,
+    beta: f32,
+) -> Result<()> {
+    same_shape("dropout", a, out)?;
+    if !(0.0..1.0).contains(&mask.p) {
+        bail!("dropout probability must lie in [0, 1), got {}", mask.p);
+    }
+    if a.numel() > u32::MAX as usize {
+        bail!("dropout: {:?} has more than 2^32 elements", a.shape());
+    }
+    let cols = a.row_len();
+    for seg in row_segments(a.rows(), &[a, out]) {
+        let (ra, ro) = (a.row(seg.start), out.row(seg.start));
+        let n = (seg.len() * cols) as u32;
+        let params = Params {
+            n,
+            a_off: ra.offset,
+            out_off: ro.offset,
+            alpha: 1.0 / (1.0 - mask.p),
+            beta,
+            seed: mask.seed,
+            threshold: mask.threshold(),
+            first: (seg.start * cols) as u32,
+            ..Default::default()
+        };
+        let groups = linear_groups(batch.gpu, n.div_ceil(WG));
+        batch.dispatch(
+            &Kernel::new(&ELEMENTWISE, "dropout"),
+            &params,
+            &[ra.buffer, ro.buffer],
+            groups,
+        )?;
+    }
+    Ok(())
+}
+
 pub mod cpu {
     pub fn add(a: &[f64], b: &[f64], alpha: f64, beta: f64) -> Vec<f64> {
         a.iter().zip(b).map(|(x, y)| alpha * x + beta * y).collect()
+    }
+
+    /// `dropout(a) + beta * out`.
+    pub fn dropout(a: &[f64], out: &[f64], mask: &super::Dropout, beta: f64) -> Vec<f64> {
+        a.iter()
+            .zip(out)
+            .enumerate()
+            .map(|(i, (a, o))| mask.factor(i as u32) as f64 * a + beta * o)
+            .collect()
     }
 
     pub fn sum_rows(a: &[f64], cols: usize) -> Vec<f64> {
@@ -251,11 +337,17 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
     let bias = Tensor::from_f32(gpu, &[cols], &bv[..cols])?;
     let a_bf16 = Tensor::from_f32_as_bf16(gpu, &shape, &av)?;
     let widened = Tensor::zeros(gpu, &shape, DType::F32)?;
+    let dropped = Tensor::from_f32(gpu, &shape, &bv)?;
+    let mask = Dropout {
+        p: 0.3,
+        seed: seed as u32 ^ 0x9e37_79b9,
+    };
     let mut batch = gpu.batch();
     add(&mut batch, &a, &b, &sum, 1.0, 1.0)?;
     axpby(&mut batch, 0.5, &a, -2.0, &acc)?;
     sum_rows(&mut batch, &a, &bias, 2.0, 1.0)?;
     convert(&mut batch, &a_bf16, &widened)?;
+    dropout(&mut batch, &a, &dropped, &mask, 0.5)?;
     batch.submit();
     let (a64, b64) = (to_f64(&av), to_f64(&bv));
     let label = format!("{rows}x{cols}");
@@ -280,6 +372,12 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
                 &cpu::add(&cpu::sum_rows(&a64, cols), &b64[..cols], 2.0, 1.0),
             ),
             tolerance: 1e-5,
+        },
+        Check {
+            kernel: "dropout".into(),
+            shape: label.clone(),
+            max_err: max_error(&dropped.to_f32(gpu)?, &cpu::dropout(&a64, &b64, &mask, 0.5)),
+            tolerance: 1e-6,
         },
         Check {
             kernel: "bf16_to_f32".into(),

@@ -12,8 +12,15 @@
 //! - dx = dy·W + s·v·A in one launch, the same fusion as forward; or only s·v·A when the caller
 //!   handles the frozen path itself. Either may be added into dx (beta = 1), so the three
 //!   projections that read the same normed input (q/k/v, gate/up) sum their dx in place.
+//!
+//! LoRA dropout (PEFT's `lora_dropout`) applies to the adapter's input only: u = d(x)·Aᵀ with d an
+//! inverted dropout whose mask is regenerated from its seed ([`Dropout`]). Forward and backward
+//! then materialise d(x) in one [M, K] temporary; backward reads dA = s·vᵀ·d(x) and
+//! dx = dy·W + d(s·v·A), the mask applied to the adapter's part only (so no longer one launch).
 use anyhow::{ensure, Result};
 
+use super::elementwise::dropout;
+pub use super::elementwise::Dropout;
 use super::matmul::{self, bench_tensor, expect_f32_matrix, matrix, plus_scaled, weight, Gemm};
 use super::{max_error, random, to_f64, Check};
 use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
@@ -21,12 +28,14 @@ use crate::gpu::{Batch, Gpu};
 use crate::shader::Kernel;
 use crate::tensor::{DType, Tensor};
 
-/// A LoRA adapter: A [r, K] and B [N, r] (f32) and the scale s = alpha / r.
+/// A LoRA adapter: A [r, K] and B [N, r] (f32), the scale s = alpha / r, and the dropout of its
+/// input while training.
 #[derive(Clone, Copy)]
 pub struct Lora<'a> {
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scale: f32,
+    pub dropout: Option<Dropout>,
 }
 
 impl Lora<'_> {
@@ -80,7 +89,14 @@ pub fn lora_forward(
     lora.check("lora_forward", n, k)?;
     expect_f32_matrix(y, "lora_forward y", m, n)?;
     expect_f32_matrix(u, "lora_forward u", m, lora.rank())?;
-    Gemm::new(x, false, lora.a, true).run(batch, u)?;
+    match lora.dropout {
+        Some(mask) => {
+            let dropped = Tensor::zeros(batch.gpu, &[m, k], DType::F32)?;
+            dropout(batch, x, &dropped, &mask, 0.0)?;
+            Gemm::new(&dropped, false, lora.a, true).run(batch, u)?;
+        }
+        None => Gemm::new(x, false, lora.a, true).run(batch, u)?,
+    }
     Gemm::new(x, false, w, true)
         .bias(bias)
         .second(u, lora.b, lora.scale)
@@ -111,7 +127,17 @@ pub fn lora_backward(
     expect_f32_matrix(grads.b, "lora_backward dB", n, r)?;
     let v = Tensor::zeros(batch.gpu, &[m, r], DType::F32)?;
     Gemm::new(dy, false, lora.b, false).run(batch, &v)?;
-    Gemm::new(&v, true, x, false)
+    // The adapter's input d(x), regenerated; it doubles as the scratch of s·v·A below.
+    let dropped = match lora.dropout {
+        Some(mask) => {
+            let t = Tensor::zeros(batch.gpu, &[m, k], DType::F32)?;
+            dropout(batch, x, &t, &mask, 0.0)?;
+            Some((t, mask))
+        }
+        None => None,
+    };
+    let adapter_input = dropped.as_ref().map_or(x, |(t, _)| t);
+    Gemm::new(&v, true, adapter_input, false)
         .alpha(lora.scale)
         .beta(grads.beta)
         .run(batch, grads.a)?;
@@ -123,22 +149,33 @@ pub fn lora_backward(
         return Ok(());
     };
     expect_f32_matrix(dx, "lora_backward dx", m, k)?;
-    match frozen {
-        Some(w) => {
-            ensure!(
-                matrix(w) == (n, k),
-                "lora_backward: w {:?} is not [{n}, {k}]",
-                w.shape()
-            );
-            Gemm::new(dy, false, w, false)
-                .second(&v, lora.a, lora.scale)
-                .beta(beta)
-                .run(batch, dx)
-        }
-        None => Gemm::new(&v, false, lora.a, false)
+    if let Some(w) = frozen {
+        ensure!(
+            matrix(w) == (n, k),
+            "lora_backward: w {:?} is not [{n}, {k}]",
+            w.shape()
+        );
+    }
+    match (frozen, dropped) {
+        (Some(w), None) => Gemm::new(dy, false, w, false)
+            .second(&v, lora.a, lora.scale)
+            .beta(beta)
+            .run(batch, dx),
+        (None, None) => Gemm::new(&v, false, lora.a, false)
             .alpha(lora.scale)
             .beta(beta)
             .run(batch, dx),
+        (frozen, Some((scratch, mask))) => {
+            let mut beta = beta;
+            if let Some(w) = frozen {
+                Gemm::new(dy, false, w, false).beta(beta).run(batch, dx)?;
+                beta = 1.0;
+            }
+            Gemm::new(&v, false, lora.a, false)
+                .alpha(lora.scale)
+                .run(batch, &scratch)?;
+            dropout(batch, &scratch, dx, &mask, beta)
+        }
     }
 }
 
@@ -160,7 +197,17 @@ pub mod cpu {
     use super::Dims;
     use crate::ops::matmul::cpu::{gemm, matmul_forward};
 
-    /// (y, u): y = x·wᵀ + bias + scale·u·bᵀ with u = x·aᵀ.
+    /// x ⊙ mask, the adapter's input (x itself without dropout).
+    fn masked(x: &[f64], mask: Option<&[f64]>) -> Vec<f64> {
+        match mask {
+            Some(mask) => x.iter().zip(mask).map(|(x, f)| x * f).collect(),
+            None => x.to_vec(),
+        }
+    }
+
+    /// (y, u): y = x·wᵀ + bias + scale·u·bᵀ with u = (x ⊙ mask)·aᵀ, `mask` holding the dropout
+    /// factors (0 or 1 / (1 - p)) of x.
+    #[allow(clippy::too_many_arguments)]
     pub fn lora_forward(
         d: Dims,
         x: &[f64],
@@ -169,8 +216,9 @@ pub mod cpu {
         a: &[f64],
         b: &[f64],
         scale: f64,
+        mask: Option<&[f64]>,
     ) -> (Vec<f64>, Vec<f64>) {
-        let u = gemm(x, false, a, true, d.m, d.r, d.k);
+        let u = gemm(&masked(x, mask), false, a, true, d.m, d.r, d.k);
         let mut y = matmul_forward(x, w, bias, d.m, d.n, d.k);
         let up = gemm(&u, false, b, true, d.m, d.n, d.r);
         y.iter_mut().zip(up).for_each(|(y, v)| *y += scale * v);
@@ -178,6 +226,7 @@ pub mod cpu {
     }
 
     /// (dx, dA, dB), dx including the frozen path dy·w when `w` is given.
+    #[allow(clippy::too_many_arguments)]
     pub fn lora_backward(
         d: Dims,
         dy: &[f64],
@@ -186,10 +235,12 @@ pub mod cpu {
         a: &[f64],
         b: &[f64],
         scale: f64,
+        mask: Option<&[f64]>,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        let u = gemm(x, false, a, true, d.m, d.r, d.k);
+        let xd = masked(x, mask);
+        let u = gemm(&xd, false, a, true, d.m, d.r, d.k);
         let v = gemm(dy, false, b, false, d.m, d.r, d.n);
-        let da = gemm(&v, true, x, false, d.r, d.k, d.m)
+        let da = gemm(&v, true, &xd, false, d.r, d.k, d.m)
             .iter()
             .map(|g| scale * g)
             .collect();
@@ -197,10 +248,11 @@ pub mod cpu {
             .iter()
             .map(|g| scale * g)
             .collect();
-        let mut dx: Vec<f64> = gemm(&v, false, a, false, d.m, d.k, d.r)
+        let adapter_dx: Vec<f64> = gemm(&v, false, a, false, d.m, d.k, d.r)
             .iter()
             .map(|g| scale * g)
             .collect();
+        let mut dx = masked(&adapter_dx, mask);
         if let Some(w) = w {
             let frozen = gemm(dy, false, w, false, d.m, d.k, d.n);
             dx.iter_mut().zip(frozen).for_each(|(g, f)| *g += f);
@@ -209,10 +261,10 @@ pub mod cpu {
     }
 }
 
-/// Runs forward (bf16 W with bias) and backward on random inputs and compares with the CPU
-/// reference: gradients accumulate (beta = 1) onto random values, dx once with and once without
-/// the frozen path.
-pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64) -> Result<Vec<Check>> {
+/// Runs forward (bf16 W with bias) and backward on random inputs, with `dropout` on the adapter's
+/// input, and compares with the CPU reference: gradients accumulate (beta = 1) onto random values,
+/// dx once with and once without the frozen path.
+pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64, dropout: Option<Dropout>) -> Result<Vec<Check>> {
     let Dims { m, n, k, r } = d;
     let scale = 2.0;
     let f32_tensor = |shape: &[usize], s: u64, amp: f32| -> Result<(Tensor, Vec<f32>)> {
@@ -235,7 +287,11 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64) -> Result<Vec<Check>> {
         a: &a,
         b: &b,
         scale,
+        dropout,
     };
+    let mask: Option<Vec<f64>> =
+        dropout.map(|mask| (0..m * k).map(|e| mask.factor(e as u32) as f64).collect());
+    let mask = mask.as_deref();
     let mut batch = gpu.batch();
     lora_forward(&mut batch, &x, &w, Some(&bias), &lora, &u, &y)?;
     let grads = LoraGrads {
@@ -266,10 +322,14 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64) -> Result<Vec<Check>> {
         &a64,
         &b64,
         scale as f64,
+        mask,
     );
     let (dx_ref, da_ref, db_ref) =
-        cpu::lora_backward(d, &dy64, &x64, Some(&w64), &a64, &b64, scale as f64);
-    let shape = format!("{m}x{n}x{k} r{r}");
+        cpu::lora_backward(d, &dy64, &x64, Some(&w64), &a64, &b64, scale as f64, mask);
+    let shape = match dropout {
+        Some(mask) => format!("{m}x{n}x{k} r{r} dropout {}", mask.p),
+        None => format!("{m}x{n}x{k} r{r}"),
+    };
     let check = |kernel: &str, gpu_values: Vec<f32>, reference: Vec<f64>| Check {
         kernel: kernel.into(),
         shape: shape.clone(),
@@ -309,7 +369,8 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64) -> Result<Vec<Check>> {
     });
     lora_backward(&mut batch, &dy, &x, &u, &lora, &overwrite, adapter_only)?;
     batch.submit();
-    let (dx_ref, da_ref, _) = cpu::lora_backward(d, &dy64, &x64, None, &a64, &b64, scale as f64);
+    let (dx_ref, da_ref, _) =
+        cpu::lora_backward(d, &dy64, &x64, None, &a64, &b64, scale as f64, mask);
     checks.push(check(
         "lora_backward dx adapter",
         dx_lora.to_f32(gpu)?,
@@ -320,16 +381,16 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64) -> Result<Vec<Check>> {
 }
 
 pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
-    check_lora(
-        gpu,
-        Dims {
-            m: 37,
-            n: 70,
-            k: 45,
-            r: 8,
-        },
-        1,
-    )
+    let dims = Dims {
+        m: 37,
+        n: 70,
+        k: 45,
+        r: 8,
+    };
+    let mut checks = check_lora(gpu, dims, 1, None)?;
+    let dropout = Dropout { p: 0.1, seed: 5 };
+    checks.extend(check_lora(gpu, dims, 2, Some(dropout))?);
+    Ok(checks)
 }
 
 /// Forward and backward (dx with the frozen path) of every projection at rank 64.
@@ -352,6 +413,7 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
                 a: &a,
                 b: &b,
                 scale: 2.0,
+                dropout: None,
             };
             let grads = LoraGrads {
                 a: &da,
