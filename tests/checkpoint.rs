@@ -192,6 +192,23 @@ fn full_resume_continues_the_same_run() {
     );
 }
 
+/// `--save-total-limit 2` with a checkpoint every step keeps the two newest.
+#[test]
+fn save_total_limit_keeps_the_newest_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    #[rustfmt::skip]
+    let args = run_args(&out, &[
+        "--optimizer", "sgd", "--lr", "0.1", "--max-steps", "3", "--save-steps", "1",
+        "--save-total-limit", "2",
+    ]);
+    ok(wgtrain(&strs(&args)));
+    assert!(!out.join("checkpoint-1").exists());
+    for step in [2, 3] {
+        assert_complete_checkpoint(&out.join(format!("checkpoint-{step}")), false);
+    }
+}
+
 /// SIGINT mid-run: the step finishes, a checkpoint is written, the exit code is 130, and
 /// resuming from the run directory completes the run.
 #[cfg(unix)]

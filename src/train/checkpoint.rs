@@ -83,14 +83,14 @@ pub fn checkpoint_dir(output: &Path, step: usize) -> PathBuf {
     output.join(format!("{CHECKPOINT_PREFIX}{step}"))
 }
 
-/// The complete checkpoint with the most steps in `output`, if any.
-pub fn latest_checkpoint(output: &Path) -> Result<Option<(usize, PathBuf)>> {
-    let mut best = None;
+/// The complete checkpoints in `output` (those holding a train state), by step.
+pub fn checkpoints(output: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let entries = match std::fs::read_dir(output) {
         Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", output.display())),
     };
+    let mut found = Vec::new();
     for entry in entries {
         let entry = entry.with_context(|| format!("reading {}", output.display()))?;
         let name = entry.file_name();
@@ -99,14 +99,33 @@ pub fn latest_checkpoint(output: &Path) -> Result<Option<(usize, PathBuf)>> {
             .and_then(|n| n.strip_prefix(CHECKPOINT_PREFIX))
             .and_then(|n| n.parse::<usize>().ok());
         if let Some(step) = step {
-            if entry.path().join(STATE_FILE).is_file()
-                && best.as_ref().is_none_or(|(s, _)| step > *s)
-            {
-                best = Some((step, entry.path()));
+            if entry.path().join(STATE_FILE).is_file() {
+                found.push((step, entry.path()));
             }
         }
     }
-    Ok(best)
+    found.sort();
+    Ok(found)
+}
+
+/// The complete checkpoint with the most steps in `output`, if any.
+pub fn latest_checkpoint(output: &Path) -> Result<Option<(usize, PathBuf)>> {
+    Ok(checkpoints(output)?.pop())
+}
+
+/// Deletes all but the `keep` most recent checkpoints (transformers' `save_total_limit`). Each is
+/// renamed aside before its files go, so a crash midway cannot leave a checkpoint that looks
+/// complete but is not.
+pub fn remove_old_checkpoints(output: &Path, keep: usize) -> Result<()> {
+    let all = checkpoints(output)?;
+    for (_, dir) in &all[..all.len().saturating_sub(keep)] {
+        let doomed = sibling(dir, "removing")?;
+        std::fs::rename(dir, &doomed)
+            .with_context(|| format!("removing the old checkpoint {}", dir.display()))?;
+        std::fs::remove_dir_all(&doomed)
+            .with_context(|| format!("removing {}", doomed.display()))?;
+    }
+    Ok(())
 }
 
 fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
@@ -478,6 +497,33 @@ mod tests {
             latest_checkpoint(&out.path().join("missing")).unwrap(),
             None
         );
+    }
+
+    #[test]
+    fn old_checkpoints_are_removed_beyond_the_limit() {
+        let out = tempfile::tempdir().unwrap();
+        for step in [2, 4, 6, 8] {
+            write_dir_atomically(&checkpoint_dir(out.path(), step), |tmp| {
+                state(step).save(tmp)
+            })
+            .unwrap();
+        }
+        // Not a complete checkpoint: neither counted nor touched.
+        std::fs::create_dir(out.path().join("checkpoint-1")).unwrap();
+        remove_old_checkpoints(out.path(), 2).unwrap();
+        let left: Vec<usize> = checkpoints(out.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(left, [6, 8]);
+        assert!(out.path().join("checkpoint-1").is_dir());
+        let mut names: Vec<String> = std::fs::read_dir(out.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["checkpoint-1", "checkpoint-6", "checkpoint-8"]);
     }
 
     #[test]

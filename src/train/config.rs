@@ -138,6 +138,9 @@ pub struct TrainSettings {
     /// Write a checkpoint every N optimizer steps; 0 only at the end [default: 500].
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Keep only the N most recent checkpoints, deleting older ones [default: keep all].
+    #[arg(long)]
+    pub save_total_limit: Option<usize>,
     /// Continue from this checkpoint directory, taking exactly the steps the uninterrupted run
     /// would have taken.
     #[arg(long)]
@@ -195,6 +198,7 @@ impl TrainSettings {
             max_samples: self.max_samples.or(base.max_samples),
             seed: self.seed.or(base.seed),
             save_steps: self.save_steps.or(base.save_steps),
+            save_total_limit: self.save_total_limit.or(base.save_total_limit),
             resume: self.resume.or(base.resume),
             no_shuffle: self.no_shuffle || base.no_shuffle,
             progress: self.progress.or(base.progress),
@@ -263,6 +267,8 @@ pub struct TrainConfig {
     pub shuffle: bool,
     /// None: a checkpoint only at the end (and on Ctrl-C).
     pub save_steps: Option<usize>,
+    /// None: every checkpoint is kept.
+    pub save_total_limit: Option<usize>,
     pub resume: Option<PathBuf>,
     pub progress: ProgressMode,
     /// Keys of the YAML file accepted without effect, to show the user.
@@ -443,6 +449,7 @@ impl TrainConfig {
             seed: s.seed.unwrap_or(42),
             shuffle: !s.no_shuffle,
             save_steps: Some(s.save_steps.unwrap_or(500)).filter(|&n| n > 0),
+            save_total_limit: s.save_total_limit.filter(|&n| n > 0),
             resume: s.resume,
             progress: s.progress.unwrap_or(ProgressMode::Auto),
             warnings,
@@ -561,7 +568,6 @@ pub const IGNORED_KEYS: &[(&str, &str)] = &[
         "save_only_model",
         "checkpoints always hold what a resume needs",
     ),
-    ("save_total_limit", "every checkpoint is kept"),
     (
         "per_device_eval_batch_size",
         "no evaluation during training",
@@ -734,6 +740,8 @@ pub fn read_llama_factory_yaml(path: &Path) -> Result<(TrainSettings, Vec<String
             "max_samples" => {}
             "seed" => s.seed = Some(count()? as u64),
             "save_steps" => s.save_steps = Some(count()?),
+            "save_total_limit" if !is_null => s.save_total_limit = Some(count()?),
+            "save_total_limit" => {}
             "save_strategy" => match string()?.as_str() {
                 "steps" => {}
                 "no" => s.save_steps = Some(0),
@@ -1022,9 +1030,10 @@ mod tests {
             tmp.path(),
             "learning_rate: '1e-4'\nmax_steps: -1\nnum_train_epochs: 2\n\
              lr_scheduler_type: constant\nwarmup_ratio: 0.1\nlora_target: [q_proj, v_proj]\n\
-             save_strategy: 'no'\n",
+             save_strategy: 'no'\nsave_total_limit: 3\n",
         );
         let (s, _) = read_llama_factory_yaml(&path).unwrap();
+        assert_eq!(s.save_total_limit, Some(3));
         assert_eq!(s.lr, Some(1e-4));
         assert_eq!((s.max_steps, s.epochs), (None, Some(2.0)));
         assert_eq!((s.warmup_steps, s.warmup_ratio), (Some(0), None));

@@ -20,8 +20,8 @@ use wgtrain_kernels::{DType, Gpu, Tensor};
 use super::batching::{filter_rows, BatchSettings, DataOrder, RowCounts};
 use super::checkpoint::{
     checkpoint_dir, config_hash, latest_checkpoint, load_f32_tensors, prepare_output_dir,
-    save_f32_tensors, write_dir_atomically, NamedTensor, RngState, TrainState, OPTIMIZER_FILE,
-    STATE_FILE, STATE_FORMAT_VERSION,
+    remove_old_checkpoints, save_f32_tensors, write_dir_atomically, NamedTensor, RngState,
+    TrainState, OPTIMIZER_FILE, STATE_FILE, STATE_FORMAT_VERSION,
 };
 use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
 use super::demo::{write_demo_dataset, write_demo_model, DEMO_ROWS};
@@ -562,6 +562,9 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
             };
             let dir = checkpoint_dir(&config.output, done);
             trained.save_checkpoint(&moments, &state, &dir)?;
+            if let Some(keep) = config.save_total_limit {
+                remove_old_checkpoints(&config.output, keep)?;
+            }
             last_checkpoint = Some(dir);
         }
         if stopping && done < total_steps {
