@@ -32,6 +32,12 @@ pub struct StepMetrics {
     pub tokens: u64,
     /// `tokens` per second of this step.
     pub tokens_per_s: f64,
+    /// Model FLOPs of the step (see `train::flops`) per second.
+    #[serde(default)]
+    pub flops_per_s: f64,
+    /// `flops_per_s` over the device's peak, when `WGTRAIN_PEAK_GFLOPS` gives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
     /// Seconds since the run started (across resumes).
     pub elapsed_s: f64,
 }
@@ -166,10 +172,11 @@ impl Progress {
             Some(bar) => {
                 bar.set_position(m.step as u64);
                 bar.set_message(format!(
-                    "| loss {:.4} | lr {} | {:.0} tok/s | ETA {}",
+                    "| loss {:.4} | lr {} | {:.0} tok/s | {} | ETA {}",
                     m.loss,
                     sci(m.lr),
                     m.tokens_per_s,
+                    flops_rate(m.flops_per_s),
                     duration(eta)
                 ));
             }
@@ -200,20 +207,32 @@ pub fn eta_seconds(seconds: f64, steps: usize, remaining: usize) -> f64 {
     seconds.max(0.0) / steps as f64 * remaining as f64
 }
 
-/// llm.c-style log line:
-/// `step 12/300 | loss 1.2345 | lr 1.00e-04 | grad_norm 0.83 | 1234 tok/s | 12.3s | ETA 5m`.
+/// llm.c-style log line: `step 12/300 | loss 1.2345 | lr 1.00e-04 | grad_norm 0.83 |
+/// 1234 tok/s | 5.1 TFLOP/s | MFU 7.6% | 12.3s | ETA 5m` (MFU when the peak is known).
 pub fn plain_line(m: &StepMetrics, total_steps: usize, eta: f64) -> String {
     format!(
-        "step {}/{} | loss {:.4} | lr {} | grad_norm {:.2} | {:.0} tok/s | {:.1}s | ETA {}",
+        "step {}/{} | loss {:.4} | lr {} | grad_norm {:.2} | {:.0} tok/s | {}{} | {:.1}s | ETA {}",
         m.step,
         total_steps,
         m.loss,
         sci(m.lr),
         m.grad_norm,
         m.tokens_per_s,
+        flops_rate(m.flops_per_s),
+        m.mfu
+            .map_or(String::new(), |f| format!(" | MFU {:.1}%", 100.0 * f)),
         m.elapsed_s,
         duration(eta)
     )
+}
+
+/// FLOP/s with a unit that keeps a few digits: `2.5 GFLOP/s`, `312.0 TFLOP/s`.
+pub fn flops_rate(x: f64) -> String {
+    if x >= 1e12 {
+        format!("{:.1} TFLOP/s", x / 1e12)
+    } else {
+        format!("{:.1} GFLOP/s", x / 1e9)
+    }
 }
 
 /// C's `%.2e`: two decimals and an exponent of at least two digits (`1.00e-04`).
@@ -414,6 +433,8 @@ mod tests {
             supervised_tokens: 100,
             tokens: 1234,
             tokens_per_s: 1234.0,
+            flops_per_s: 5.1e12,
+            mfu: Some(0.0762),
             elapsed_s: step as f64,
         }
     }
@@ -440,9 +461,11 @@ mod tests {
             [
                 "elapsed_s",
                 "epoch",
+                "flops_per_s",
                 "grad_norm",
                 "loss",
                 "lr",
+                "mfu",
                 "step",
                 "supervised_tokens",
                 "tokens",
@@ -476,8 +499,12 @@ mod tests {
         m.elapsed_s = 12.34;
         assert_eq!(
             plain_line(&m, 300, 300.0),
-            "step 12/300 | loss 1.2345 | lr 1.00e-04 | grad_norm 0.83 | 1234 tok/s | 12.3s | ETA 5m"
+            "step 12/300 | loss 1.2345 | lr 1.00e-04 | grad_norm 0.83 | 1234 tok/s | 5.1 TFLOP/s \
+             | MFU 7.6% | 12.3s | ETA 5m"
         );
+        m.mfu = None;
+        m.flops_per_s = 2.5e9;
+        assert!(plain_line(&m, 300, 300.0).contains("| 2.5 GFLOP/s | 12.3s"));
         assert_eq!(sci(2.5e-5), "2.50e-05");
         assert_eq!(sci(3.0), "3.00e+00");
         assert_eq!(sci(1.5e-100), "1.50e-100");

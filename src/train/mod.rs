@@ -5,6 +5,7 @@ pub mod batching;
 pub mod checkpoint;
 pub mod config;
 pub mod demo;
+pub mod flops;
 pub mod metrics;
 pub mod schedule;
 pub mod trainer;

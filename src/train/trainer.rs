@@ -25,6 +25,7 @@ use super::checkpoint::{
 };
 use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
 use super::demo::{write_demo_dataset, write_demo_model, DEMO_ROWS};
+use super::flops::{row_flops, Trainable};
 use super::metrics::{read_metrics, write_loss_svg, MetricsWriter, Progress, StepMetrics};
 use super::schedule::Schedule;
 use crate::data::chat::{ChatEncoder, EncodedRow};
@@ -115,6 +116,21 @@ fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adapter>
         modules.insert((l, proj), LoraPair { a, b });
     }
     Ok(Adapter { config, modules })
+}
+
+/// The device's peak FLOP/s for MFU, from `WGTRAIN_PEAK_GFLOPS` (wgpu cannot tell it; the kernels
+/// run in f32, so the FP32 peak is the fair one).
+fn peak_gflops() -> Result<Option<f64>> {
+    match std::env::var("WGTRAIN_PEAK_GFLOPS") {
+        Err(_) => Ok(None),
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|g| *g > 0.0)
+            .map(Some)
+            .with_context(|| format!("WGTRAIN_PEAK_GFLOPS = {v:?} is not a positive number")),
+    }
 }
 
 /// The trained adapter, read back from the device.
@@ -438,6 +454,19 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
             dir.display()
         ))
     ));
+    let lora_targets: Vec<Proj> = Proj::ALL
+        .into_iter()
+        .zip(model.lora_ranks())
+        .filter_map(|(p, r)| r.map(|_| p))
+        .collect();
+    let trained_kind = match &config.method {
+        Method::Full => Trainable::Full,
+        Method::Lora(lora) => Trainable::Lora {
+            rank: lora.rank,
+            targets: &lora_targets,
+        },
+    };
+    let peak_flops = peak_gflops()?.map(|g| g * 1e9);
     let norm_sq = Tensor::zeros(gpu, &[1], DType::F32)?;
     let start = Instant::now();
     let mut last_checkpoint = None;
@@ -461,6 +490,12 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
             .iter()
             .flatten()
             .map(|&i| rows[i].len())
+            .sum();
+        let flops: f64 = step
+            .micro_batches
+            .iter()
+            .flatten()
+            .map(|&i| row_flops(&model.config, &trained_kind, rows[i].len()))
             .sum();
         grads.zero(gpu, &model);
         let mut loss_sum = 0.0;
@@ -525,6 +560,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
         gpu.wait()?;
 
         let done = step.index + 1;
+        let seconds = step_start.elapsed().as_secs_f64();
         tokens_seen += tokens as u64;
         let epoch = step.epoch_progress;
         let elapsed_s = earlier_s + start.elapsed().as_secs_f64();
@@ -536,7 +572,9 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
             grad_norm,
             supervised_tokens: supervised as u64,
             tokens: tokens as u64,
-            tokens_per_s: tokens as f64 / step_start.elapsed().as_secs_f64(),
+            tokens_per_s: tokens as f64 / seconds,
+            flops_per_s: flops / seconds,
+            mfu: peak_flops.map(|peak| flops / seconds / peak),
             elapsed_s,
         };
         metrics.write(&m)?;
