@@ -1,12 +1,14 @@
 //! Adapter selection, the pipeline cache and command batches.
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::shader::Kernel;
+use crate::tensor::Tensor;
 
 /// Which graphics API to run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -54,6 +56,10 @@ pub struct GpuOptions {
     /// Split tensors at this many bytes instead of the adapter's `max_storage_buffer_binding_size`
     /// (tests use a tiny value so that every kernel runs on split tensors).
     pub max_binding_bytes: Option<u64>,
+    /// Allocate every tensor but execute nothing: dispatches are validated and dropped, uploads
+    /// and clears skipped, readbacks return zeros. [`Gpu::memory`] then tells what a workload
+    /// needs without running it (e.g. `wgtrain train --dry-run`).
+    pub dry_run: bool,
 }
 
 impl GpuOptions {
@@ -74,6 +80,7 @@ impl GpuOptions {
             backend,
             device: std::env::var("WGTRAIN_DEVICE").ok(),
             max_binding_bytes,
+            dry_run: false,
         })
     }
 }
@@ -147,6 +154,36 @@ struct Pipeline {
     storage_bindings: Vec<u32>,
 }
 
+/// Device bytes held by tensors: now, and the most at once since the last [`Gpu::reset_peak`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Memory {
+    pub live: u64,
+    pub peak: u64,
+}
+
+/// Counts the device bytes of every [`crate::Tensor`] (including those a [`Batch`] keeps until it
+/// is submitted). Not counted: each batch's uniform parameter buffer (256 bytes per dispatch),
+/// readback staging buffers and timestamp queries, which live only while a batch is encoded or a
+/// tensor is read back. Shared (`Arc`) so that a tensor releases its bytes when dropped.
+#[derive(Debug, Default)]
+struct MemoryCounter {
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+/// Bytes counted as live until this is dropped.
+#[derive(Debug)]
+pub(crate) struct Allocation {
+    bytes: u64,
+    counter: Arc<MemoryCounter>,
+}
+
+impl Drop for Allocation {
+    fn drop(&mut self) {
+        self.counter.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
 /// The device, its queue, and the compiled pipelines.
 pub struct Gpu {
     pub device: wgpu::Device,
@@ -156,6 +193,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     /// Largest byte size of one tensor chunk (one storage binding).
     pub max_binding_bytes: u64,
+    dry_run: bool,
+    memory: Arc<MemoryCounter>,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
 }
 
@@ -205,6 +244,8 @@ impl Gpu {
             features,
             limits,
             max_binding_bytes,
+            dry_run: options.dry_run,
+            memory: Arc::default(),
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -217,6 +258,35 @@ impl Gpu {
     /// A CPU adapter (e.g. lavapipe): benchmarks size themselves down there.
     pub fn is_cpu(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// Opened with [`GpuOptions::dry_run`]: nothing executes.
+    pub fn is_dry_run(&self) -> bool {
+        self.dry_run
+    }
+
+    /// Device bytes of the tensors alive now, and the peak since the last [`Gpu::reset_peak`].
+    pub fn memory(&self) -> Memory {
+        Memory {
+            live: self.memory.live.load(Ordering::Relaxed),
+            peak: self.memory.peak.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Starts a new peak from what is alive now (e.g. at the start of a training step).
+    pub fn reset_peak(&self) {
+        let live = self.memory.live.load(Ordering::Relaxed);
+        self.memory.peak.store(live, Ordering::Relaxed);
+    }
+
+    /// Counts `bytes` as live until the returned allocation is dropped.
+    pub(crate) fn allocate(&self, bytes: u64) -> Allocation {
+        let live = self.memory.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.memory.peak.fetch_max(live, Ordering::Relaxed);
+        Allocation {
+            bytes,
+            counter: self.memory.clone(),
+        }
     }
 
     pub fn has_timestamps(&self) -> bool {
@@ -241,6 +311,7 @@ impl Gpu {
             gpu: self,
             records: Vec::new(),
             params: Vec::new(),
+            kept: Vec::new(),
         }
     }
 
@@ -417,6 +488,8 @@ pub struct Batch<'g> {
     pub gpu: &'g Gpu,
     records: Vec<Record>,
     params: Vec<u8>,
+    /// Temporaries of recorded dispatches, held until the batch is submitted.
+    kept: Vec<Tensor>,
 }
 
 impl<'g> Batch<'g> {
@@ -455,7 +528,8 @@ impl<'g> Batch<'g> {
                 kernel.key()
             );
         }
-        if groups.contains(&0) {
+        // A dry run stops here, the dispatch validated.
+        if groups.contains(&0) || self.gpu.dry_run {
             return Ok(());
         }
         self.records.push(Record {
@@ -465,6 +539,19 @@ impl<'g> Batch<'g> {
             groups,
         });
         Ok(())
+    }
+
+    /// Holds `tensor` until the batch is submitted: a temporary that recorded dispatches use.
+    /// Dropping it at once would not free the device memory (the recorded dispatches hold its
+    /// buffers), so it stays counted in [`Gpu::memory`] until then.
+    pub fn keep(&mut self, tensor: Tensor) {
+        self.kept.push(tensor);
+    }
+
+    /// Submits what has been recorded so far and goes on with an empty batch, releasing the kept
+    /// temporaries (e.g. once per layer, so that they do not pile up over a whole model).
+    pub fn flush(&mut self) {
+        std::mem::replace(self, self.gpu.batch()).submit();
     }
 
     /// Number of dispatches recorded so far.
@@ -547,17 +634,21 @@ impl<'g> Batch<'g> {
         Some((encoder.finish(), read))
     }
 
-    /// Submits the recorded dispatches without waiting for them.
-    pub fn submit(self) {
+    /// Submits the recorded dispatches without waiting for them (nothing in a dry run: nothing
+    /// was recorded), then drops the kept temporaries. The device frees their memory once the
+    /// work is done; [`Gpu::memory`] stops counting them now.
+    pub fn submit(mut self) {
         let gpu = self.gpu;
+        let kept = std::mem::take(&mut self.kept);
         if let Some((cmd, _)) = self.encode(None) {
             gpu.queue.submit([cmd]);
         }
+        drop(kept);
     }
 
     /// Submits, waits, and returns the GPU time of the pass (timestamp queries where the adapter
     /// has them, wall-clock time around submit-and-wait otherwise).
-    pub fn submit_timed(self) -> Result<Duration> {
+    pub fn submit_timed(mut self) -> Result<Duration> {
         let gpu = self.gpu;
         if !gpu.has_timestamps() {
             let start = Instant::now();
@@ -570,10 +661,12 @@ impl<'g> Batch<'g> {
             ty: wgpu::QueryType::Timestamp,
             count: 2,
         });
+        let kept = std::mem::take(&mut self.kept);
         let Some((cmd, Some(read))) = self.encode(Some(&queries)) else {
             return Ok(Duration::ZERO);
         };
         gpu.queue.submit([cmd]);
+        drop(kept);
         let ticks: Vec<u64> =
             bytemuck::cast_slice(&crate::tensor::read_buffer(gpu, &read, 16)?).to_vec();
         let ns = ticks[1].saturating_sub(ticks[0]) as f64 * gpu.queue.get_timestamp_period() as f64;

@@ -1,8 +1,9 @@
 //! wgtrain-kernels: the GPU layer of wgtrain.
 //!
 //! It knows devices, tensors and compute kernels, nothing of Qwen or training:
-//! - [`gpu`]: adapter selection, the pipeline cache and [`gpu::Batch`], which records dispatches and
-//!   submits them together;
+//! - [`gpu`]: adapter selection, the pipeline cache, [`gpu::Batch`], which records dispatches and
+//!   submits them together, the count of device memory ([`Gpu::memory`]) and dry runs, which
+//!   allocate but execute nothing;
 //! - [`tensor`]: device tensors (f32, bf16 packed two per u32, u32 ids), split across several
 //!   buffers when larger than one storage binding;
 //! - [`bench`]: model shapes and GPU timing for `cargo bench`;
@@ -15,6 +16,6 @@ pub mod ops;
 pub mod shader;
 pub mod tensor;
 
-pub use gpu::{Backend, Batch, Gpu, GpuOptions};
+pub use gpu::{Backend, Batch, Gpu, GpuOptions, Memory};
 pub use ops::Check;
 pub use tensor::{DType, Tensor};

@@ -8,7 +8,7 @@ use std::ops::Range;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::gpu::Gpu;
+use crate::gpu::{Allocation, Gpu};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -32,6 +32,8 @@ pub struct Tensor {
     dtype: DType,
     rows_per_chunk: usize,
     chunks: Vec<wgpu::Buffer>,
+    /// The chunks' bytes, counted in [`Gpu::memory`] while the tensor lives.
+    _allocation: Allocation,
 }
 
 /// Where a row lives: the chunk's buffer and the element offset of the row inside it.
@@ -44,8 +46,12 @@ pub struct RowAt<'a> {
 
 impl Tensor {
     /// Fills the tensor with zeros (a buffer clear submitted on the queue, ordered after every
-    /// batch submitted before it); e.g. gradients at the start of an optimizer step.
+    /// batch submitted before it); e.g. gradients at the start of an optimizer step. Nothing in a
+    /// dry run.
     pub fn clear(&self, gpu: &Gpu) {
+        if gpu.is_dry_run() {
+            return;
+        }
         let mut encoder = gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
@@ -57,13 +63,33 @@ impl Tensor {
 
     /// A zero-filled tensor (wgpu zero-initialises new buffers).
     pub fn zeros(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        Tensor::zeros_within(gpu, shape, dtype, gpu.max_binding_bytes)
+    }
+
+    /// A 1-D f32 scratch tensor of `len` elements in one buffer, up to the device's binding limit
+    /// rather than `max_binding_bytes`: for a kernel that indexes its scratch as a whole.
+    pub(crate) fn scratch(gpu: &Gpu, len: usize) -> Result<Tensor> {
+        let limit = gpu
+            .limits
+            .max_storage_buffer_binding_size
+            .min(gpu.limits.max_buffer_size);
+        Tensor::zeros_within(gpu, &[len], DType::F32, limit)
+    }
+
+    /// A zero-filled tensor in chunks of at most `binding_bytes`.
+    fn zeros_within(
+        gpu: &Gpu,
+        shape: &[usize],
+        dtype: DType,
+        binding_bytes: u64,
+    ) -> Result<Tensor> {
         let row_len = *shape.last().unwrap_or(&1);
         let rows: usize = shape.iter().rev().skip(1).product();
         if shape.contains(&0) {
             bail!("tensor shape {shape:?} has a zero dimension");
         }
         let row_bytes = (row_len * dtype.bytes()) as u64;
-        let mut rows_per_chunk = (gpu.max_binding_bytes / row_bytes) as usize;
+        let mut rows_per_chunk = (binding_bytes / row_bytes) as usize;
         // bf16 chunks must start on a word boundary.
         if dtype == DType::BF16 && row_len % 2 == 1 && rows_per_chunk < rows {
             rows_per_chunk &= !1;
@@ -76,8 +102,7 @@ impl Tensor {
             };
             bail!(
                 "{what} of tensor {shape:?} ({row_bytes} bytes per row) do not fit one storage \
-                 binding ({} bytes) on this device",
-                gpu.max_binding_bytes
+                 binding ({binding_bytes} bytes) on this device"
             );
         }
         let rows_per_chunk = rows_per_chunk.min(rows);
@@ -94,16 +119,19 @@ impl Tensor {
                 mapped_at_creation: false,
             }));
         }
+        let bytes = chunks.iter().map(wgpu::Buffer::size).sum();
         Ok(Tensor {
             shape: shape.to_vec(),
             dtype,
             rows_per_chunk,
             chunks,
+            _allocation: gpu.allocate(bytes),
         })
     }
 
     /// A tensor holding `bytes` (the raw little-endian elements, e.g. straight from a memory-mapped
-    /// safetensors file); written chunk by chunk without an intermediate copy.
+    /// safetensors file); written chunk by chunk without an intermediate copy. A dry run checks
+    /// the length and writes nothing.
     pub fn from_bytes(gpu: &Gpu, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
         let t = Tensor::zeros(gpu, shape, dtype)?;
         if bytes.len() != t.numel() * dtype.bytes() {
@@ -112,6 +140,9 @@ impl Tensor {
                 t.numel() * dtype.bytes(),
                 bytes.len()
             );
+        }
+        if gpu.is_dry_run() {
+            return Ok(t);
         }
         let chunk_bytes = t.rows_per_chunk * t.row_len() * dtype.bytes();
         for (buffer, part) in t.chunks.iter().zip(bytes.chunks(chunk_bytes)) {
@@ -252,8 +283,11 @@ pub fn row_segments(rows: usize, tensors: &[&Tensor]) -> Vec<Range<usize>> {
     cuts.windows(2).map(|w| w[0]..w[1]).collect()
 }
 
-/// Maps a buffer and copies `size` bytes out (blocking).
+/// Maps a buffer and copies `size` bytes out (blocking); zeros in a dry run.
 pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+    if gpu.is_dry_run() {
+        return Ok(vec![0; size as usize]);
+    }
     let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
         label: Some("readback"),
         size,

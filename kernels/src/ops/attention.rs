@@ -376,15 +376,6 @@ fn decode_split_keys(gpu: &Gpu, dims: &AttentionDims) -> Option<usize> {
     Some(dims.tk.div_ceil(splits).next_multiple_of(BLOCK_K))
 }
 
-fn storage_buffer(gpu: &Gpu, label: &str, bytes: u64) -> wgpu::Buffer {
-    gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size: bytes.next_multiple_of(4),
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    })
-}
-
 fn forward_split_keys(
     batch: &mut Batch,
     [q, k, v, out, lse]: [&Tensor; 5],
@@ -398,16 +389,9 @@ fn forward_split_keys(
     let n_splits = dims.tk.div_ceil(split_keys);
     let slot_lse = rows * dims.hq;
     let slot_out = slot_lse * d4;
-    let part_out = storage_buffer(
-        batch.gpu,
-        "attention split outputs",
-        (n_splits * slot_out * 16) as u64,
-    );
-    let part_lse = storage_buffer(
-        batch.gpu,
-        "attention split lse",
-        (n_splits * slot_lse * 4) as u64,
-    );
+    // The splits' vec4 partial outputs and f32 partial lse.
+    let part_out = Tensor::scratch(batch.gpu, n_splits * slot_out * 4)?;
+    let part_lse = Tensor::scratch(batch.gpu, n_splits * slot_lse)?;
     let fwd = kernel("attn_fwd", dims.head_dim, true);
     for kp in kv_pieces {
         let split_first = kp.lo / split_keys;
@@ -434,8 +418,8 @@ fn forward_split_keys(
                 q.row(qp.row0).buffer,
                 k.row(kp.row0).buffer,
                 v.row(kp.row0).buffer,
-                &part_out,
-                &part_lse,
+                &part_out.chunks()[0],
+                &part_lse.chunks()[0],
             ];
             let groups = [splits as u32, (dims.hkv * row_blocks) as u32, count as u32];
             batch.dispatch(&fwd, &params, &buffers, groups)?;
@@ -458,8 +442,8 @@ fn forward_split_keys(
         let buffers = [
             out.row(seg.start).buffer,
             lse.row(seg.start).buffer,
-            &part_out,
-            &part_lse,
+            &part_out.chunks()[0],
+            &part_lse.chunks()[0],
         ];
         batch.dispatch(
             &merge,
@@ -468,6 +452,8 @@ fn forward_split_keys(
             linear_groups(batch.gpu, n.div_ceil(WG)),
         )?;
     }
+    batch.keep(part_out);
+    batch.keep(part_lse);
     Ok(())
 }
 
@@ -598,6 +584,7 @@ pub fn attention_backward(
             batch.dispatch(&dkv_kernel, &offsets(qp, kp, b0), &buffers, groups)?;
         }
     }
+    batch.keep(drow);
     Ok(())
 }
 

@@ -280,7 +280,11 @@ pub fn cross_entropy_forward(
         &params,
         &buffers,
         [1, 1, 1],
-    )
+    )?;
+    for temporary in [problem.logits, sumexp, target_logit] {
+        batch.keep(temporary);
+    }
+    Ok(())
 }
 
 /// A gradient output: `tensor = gradient + beta·tensor` (beta = 0 writes, 1 accumulates).
@@ -361,6 +365,7 @@ pub fn cross_entropy_backward(
             }
         }
     }
+    batch.keep(problem.logits);
     Ok(())
 }
 

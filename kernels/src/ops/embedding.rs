@@ -204,6 +204,9 @@ pub fn embedding_backward(
             )?;
         }
     }
+    for index in [uniq, starts, positions] {
+        batch.keep(index);
+    }
     Ok(())
 }
 

@@ -94,6 +94,7 @@ pub fn lora_forward(
             let dropped = Tensor::zeros(batch.gpu, &[m, k], DType::F32)?;
             dropout(batch, x, &dropped, &mask, 0.0)?;
             Gemm::new(&dropped, false, lora.a, true).run(batch, u)?;
+            batch.keep(dropped);
         }
         None => Gemm::new(x, false, lora.a, true).run(batch, u)?,
     }
@@ -145,9 +146,28 @@ pub fn lora_backward(
         .alpha(lora.scale)
         .beta(grads.beta)
         .run(batch, grads.b)?;
-    let Some(InputGrad { dx, beta, frozen }) = dx else {
-        return Ok(());
+    let recorded = match dx {
+        Some(dx) => input_grad(batch, dy, &v, lora, dropped.as_ref(), dx),
+        None => Ok(()),
     };
+    batch.keep(v);
+    if let Some((t, _)) = dropped {
+        batch.keep(t);
+    }
+    recorded
+}
+
+/// lora_backward's dx from dy [M, N], v = dy·B [M, r] and, with dropout, the [M, K] scratch and
+/// the mask.
+fn input_grad(
+    batch: &mut Batch,
+    dy: &Tensor,
+    v: &Tensor,
+    lora: &Lora,
+    dropped: Option<&(Tensor, Dropout)>,
+    InputGrad { dx, beta, frozen }: InputGrad,
+) -> Result<()> {
+    let ((m, n), k) = (matrix(dy), lora.a.row_len());
     expect_f32_matrix(dx, "lora_backward dx", m, k)?;
     if let Some(w) = frozen {
         ensure!(
@@ -158,10 +178,10 @@ pub fn lora_backward(
     }
     match (frozen, dropped) {
         (Some(w), None) => Gemm::new(dy, false, w, false)
-            .second(&v, lora.a, lora.scale)
+            .second(v, lora.a, lora.scale)
             .beta(beta)
             .run(batch, dx),
-        (None, None) => Gemm::new(&v, false, lora.a, false)
+        (None, None) => Gemm::new(v, false, lora.a, false)
             .alpha(lora.scale)
             .beta(beta)
             .run(batch, dx),
@@ -171,10 +191,10 @@ pub fn lora_backward(
                 Gemm::new(dy, false, w, false).beta(beta).run(batch, dx)?;
                 beta = 1.0;
             }
-            Gemm::new(&v, false, lora.a, false)
+            Gemm::new(v, false, lora.a, false)
                 .alpha(lora.scale)
-                .run(batch, &scratch)?;
-            dropout(batch, &scratch, dx, &mask, beta)
+                .run(batch, scratch)?;
+            dropout(batch, scratch, dx, mask, beta)
         }
     }
 }

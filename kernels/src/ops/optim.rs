@@ -132,7 +132,9 @@ pub fn grad_norm_sq(batch: &mut Batch, grads: &[&Tensor], out: &Tensor) -> Resul
         &params,
         &[&partials.chunks()[0], &out.chunks()[0]],
         [1, 1, 1],
-    )
+    )?;
+    batch.keep(partials);
+    Ok(())
 }
 
 /// Checks the shapes of an update and the clip input; returns the norm tensor and max_norm.

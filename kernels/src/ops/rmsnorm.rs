@@ -192,7 +192,9 @@ pub fn rmsnorm_backward(
         }
         first_block += seg_blocks;
     }
-    elementwise::sum_rows(batch, &partials, dw, 1.0, dw_beta)
+    elementwise::sum_rows(batch, &partials, dw, 1.0, dw_beta)?;
+    batch.keep(partials);
+    Ok(())
 }
 
 /// f64 references on row-major [rows, cols] data.
