@@ -16,15 +16,19 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use wgtrain::model::{KvCache, LayerActs, Qwen2};
+use wgtrain::model::{KvCache, LayerActs, Qwen2, Qwen2Config};
 use wgtrain_kernels::Gpu;
 
 mod common;
-use common::{config, env_list, random_model, MODELS, VOCAB};
+use common::{env_list, random_model};
+
+/// The sizes measured.
+const MODELS: [&str; 2] = ["0.5B", "1.5B"];
 
 /// Prefill `t` tokens, then decode `n`; the two durations.
 fn run(gpu: &Gpu, model: &Qwen2, t: usize, n: usize) -> Result<(Duration, Duration)> {
-    let prompt: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % VOCAB as u32).collect();
+    let vocab = model.config.vocab_size as u32;
+    let prompt: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % vocab).collect();
     let mut cache = KvCache::new(gpu, model, t + n)?;
     let start = Instant::now();
     model.forward_cached(gpu, &mut cache, &prompt)?;
@@ -50,14 +54,14 @@ fn main() -> Result<()> {
     let lengths = env_list("WGTRAIN_BENCH_T", if cpu { &[32] } else { &[512, 4096] });
     let decode = env_list("WGTRAIN_BENCH_DECODE", if cpu { &[4] } else { &[64] })[0];
     println!("device: {}", gpu.describe());
-    println!("random bf16 weights, all layers, vocab {VOCAB}; decode: {decode} tokens after the prompt\n");
+    println!("random bf16 weights, all layers, real vocabulary; decode: {decode} tokens after the prompt\n");
     println!("| model | T | prefill (ms) | prefill tok/s | decode tok/s | weights MiB | KV cache MiB | activations MiB | total MiB |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for m in MODELS
-        .iter()
-        .filter(|m| filter.is_empty() || filter.iter().any(|f| f == m.0))
+    for name in MODELS
+        .into_iter()
+        .filter(|m| filter.is_empty() || filter.iter().any(|f| f == m))
     {
-        let model = random_model(&gpu, config(m)?, false)?;
+        let model = random_model(&gpu, Qwen2Config::qwen25(name)?, false)?;
         run(&gpu, &model, 8, 1)?; // compiles every pipeline
         for &t in &lengths {
             let (prefill, dec) = run(&gpu, &model, t, decode)?;
@@ -65,10 +69,10 @@ fn main() -> Result<()> {
             let weights = model.device_bytes();
             let cache = 2 * (c.num_hidden_layers * (t + decode) * c.kv_dim() * 4) as u64;
             // Layer activations, two residual streams + the final norm, last-row logits.
-            let acts = LayerActs::bytes(&model, t) + (3 * t * c.hidden_size * 4 + VOCAB * 4) as u64;
+            let acts =
+                LayerActs::bytes(&model, t) + (3 * t * c.hidden_size * 4 + c.vocab_size * 4) as u64;
             println!(
-                "| {} | {t} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {} |",
-                m.0,
+                "| {name} | {t} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {} |",
                 prefill.as_secs_f64() * 1e3,
                 t as f64 / prefill.as_secs_f64(),
                 decode as f64 / dec.as_secs_f64(),

@@ -1,41 +1,57 @@
-//! `cargo bench --bench train`: one optimizer step of training at Qwen2.5-0.5B and 1.5B shapes
-//! (all layers, real vocabulary, tied embeddings) with random weights, so nothing is downloaded:
+//! `cargo bench --bench train`: one optimizer step of training at Qwen2.5 shapes
+//! (`Qwen2Config::qwen25`: all layers, real vocabulary) with random weights, so nothing is
+//! downloaded:
 //! - LoRA r 64 (alpha 128) on all 7 projections of every layer, over the frozen bf16 model
-//!   (0.5B and 1.5B);
-//! - full fine-tuning with f32 master weights (0.5B).
+//!   (0.5B, 1.5B, 3B, 7B);
+//! - full fine-tuning with f32 master weights (0.5B, 1.5B).
 //!
-//! A step is what the trainer does for one micro-batch of one row of T tokens (every target
-//! supervised): zero the gradients, forward + backward ([`Qwen2::forward_backward`]), the global
-//! gradient norm (read back), then AdamW on every parameter, timed wall-clock from an idle device
-//! (`gpu.wait()`) to the optimizer step's completion (`gpu.wait()`). One warm-up step compiles the
-//! pipelines; the median of the following steps is reported.
+//! A step is the trainer's ([`wgtrain::train::step`]) for one micro-batch of one row of T tokens
+//! (every target supervised): zero the gradients, forward + backward, the global gradient norm
+//! (read back), then AdamW on every parameter, timed wall-clock from an idle device (`gpu.wait()`)
+//! to the optimizer step's completion. One warm-up step compiles the pipelines; the median of the
+//! following steps is reported.
 //!
-//! Memory is the sum of the device tensors the step allocates: weights (+ adapter), gradients,
-//! AdamW moments, and the activations of `forward_backward` (every layer's input, one set of layer
-//! activations and backward scratch for T rows, final norm and its gradients); the cross-entropy's
-//! chunked logits and the attention's split-key scratch (transient, bounded) are not counted.
+//! Memory is counted by the device (`Gpu::memory`): the weights (+ adapter), the gradients and
+//! AdamW moments, and the step's peak — everything allocated at once during it, activations and
+//! the kernels' temporaries included.
+//!
+//! `WGTRAIN_BENCH_DRY=1` runs the steps on a dry-run device with zero weights: every tensor is
+//! allocated and nothing executes, so it reports the memory of any size in seconds, on any device
+//! (timing columns "-"). Its numbers are allocation counts; docs/training.md lists what fits where.
 //!
 //! GPUs default to T = 1024, 4096, 16384 and 3 timed steps; CPU adapters (lavapipe) to T = 16 and
-//! 1 step (a 0.5B step at T = 1024 is ~3 TFLOP). Override with `WGTRAIN_BENCH_T`
-//! (comma-separated) and `WGTRAIN_BENCH_REPS`; `cargo bench --bench train -- 0.5B` runs one model,
-//! `-- lora` or `-- full` one method (arguments combine).
+//! 1 step (a 0.5B step at T = 1024 is ~3 TFLOP); dry runs to T = 4096, 16384. Override with
+//! `WGTRAIN_BENCH_T` (comma-separated) and `WGTRAIN_BENCH_REPS`. Timed runs default to the
+//! 0.5B and 1.5B LoRA and 0.5B full rows, dry runs to every row; `cargo bench --bench train --
+//! 0.5B` runs one model, `-- lora` or `-- full` one method (arguments combine).
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use wgtrain::model::{
-    Adapter, AdapterConfig, Grads, LayerActs, LoraPair, Proj, Qwen2, TargetModules,
+    Adapter, AdapterConfig, Grads, LoraPair, Proj, Qwen2, Qwen2Config, TargetModules,
 };
-use wgtrain_kernels::ops::optim::{adamw_step, grad_norm_sq, AdamW};
-use wgtrain_kernels::{DType, Gpu, Tensor};
+use wgtrain::train::config::{OptimizerKind, OptimizerSettings};
+use wgtrain::train::step::{gradients, new_moments, update, MemoryReport, MicroBatch, Moments};
+
+use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
 
 mod common;
-use common::{config, env_list, random_model, MODELS, VOCAB};
+use common::{env_list, random_model};
 
 const RANK: usize = 64;
 
-/// (model, method) pairs benchmarked: `true` is full fine-tuning.
-const CASES: [(&str, bool); 3] = [("0.5B", false), ("1.5B", false), ("0.5B", true)];
+/// (model, method) pairs benchmarked: `true` is full fine-tuning. Timed runs default to the first
+/// [`TIMED_CASES`] (the others need more memory than a CPU adapter's host or most GPUs have).
+const CASES: [(&str, bool); 6] = [
+    ("0.5B", false),
+    ("1.5B", false),
+    ("0.5B", true),
+    ("3B", false),
+    ("7B", false),
+    ("1.5B", true),
+];
+const TIMED_CASES: usize = 3;
 
 /// A LoRA of rank [`RANK`] on every projection: A small and random, B small and non-zero (so the
 /// step's arithmetic is that of a trained adapter; the time does not depend on the values).
@@ -64,27 +80,27 @@ fn random_adapter(model: &Qwen2) -> Result<Adapter> {
     Ok(Adapter { config, modules })
 }
 
-/// The trainable parameters with their gradients and AdamW moments.
+const ADAMW: OptimizerSettings = OptimizerSettings {
+    kind: OptimizerKind::Adamw,
+    lr: 1e-5,
+    beta1: 0.9,
+    beta2: 0.999,
+    eps: 1e-8,
+    weight_decay: 0.01,
+};
+
+/// The trainable parameters' gradients and AdamW moments.
 struct Trainer<'a> {
     model: &'a Qwen2,
     grads: Grads,
-    moments: Vec<(Tensor, Tensor)>,
+    moments: Vec<Option<Moments>>,
     norm_sq: Tensor,
 }
 
 impl<'a> Trainer<'a> {
     fn new(gpu: &Gpu, model: &'a Qwen2) -> Result<Trainer<'a>> {
         let grads = Grads::new(gpu, model)?;
-        let moments = grads
-            .params(model)
-            .iter()
-            .map(|p| {
-                Ok((
-                    Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
-                    Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let moments = new_moments(gpu, &grads.params(model), OptimizerKind::Adamw)?;
         Ok(Trainer {
             model,
             grads,
@@ -93,79 +109,39 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// Device bytes of the gradients and the AdamW moments.
-    fn state_bytes(&self) -> (u64, u64) {
+    /// One optimizer step on one row of `t` tokens, as the trainer runs it: its wall-clock time
+    /// and memory.
+    fn step(&self, gpu: &Gpu, t: usize, index: usize) -> Result<(Duration, MemoryReport)> {
+        let vocab = self.model.config.vocab_size as u32;
+        let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % vocab).collect();
+        let targets: Vec<u32> = (0..t as u32).map(|i| (i * 7919 + 7919) % vocab).collect();
         let params = self.grads.params(self.model);
-        let grads = params.iter().map(|p| p.grad.device_bytes()).sum();
-        let moments = self
-            .moments
-            .iter()
-            .map(|(m, v)| m.device_bytes() + v.device_bytes())
-            .sum();
-        (grads, moments)
-    }
-
-    /// One optimizer step on one row of `t` tokens, as the trainer runs it; its wall-clock time.
-    fn step(&self, gpu: &Gpu, t: usize, index: u32) -> Result<Duration> {
-        let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % VOCAB as u32).collect();
-        let targets: Vec<u32> = (0..t as u32)
-            .map(|i| (i * 7919 + 7919) % VOCAB as u32)
-            .collect();
-        let params = self.grads.params(self.model);
-        let grad_list: Vec<&Tensor> = params.iter().map(|p| p.grad).collect();
         gpu.wait()?;
         let start = Instant::now();
-        self.grads.zero(gpu, self.model);
-        let loss = self.model.forward_backward(
-            gpu,
-            &self.grads,
-            &[(&ids, &targets)],
-            1.0 / t as f32,
-            None,
-        )?;
-        let mut batch = gpu.batch();
-        grad_norm_sq(&mut batch, &grad_list, &self.norm_sq)?;
-        batch.submit();
-        let norm = (self.norm_sq.to_f32(gpu)?[0] as f64).sqrt();
+        gpu.reset_peak();
+        let micro = MicroBatch {
+            rows: vec![(&ids, &targets)],
+            dropout: None,
+        };
+        let g = gradients(gpu, self.model, &self.grads, &[micro], &self.norm_sq)?;
         anyhow::ensure!(
-            loss.sum.is_finite() && norm.is_finite(),
-            "loss {} or gradient norm {norm} is not finite",
-            loss.sum
+            g.loss.is_finite() && g.grad_norm.is_finite(),
+            "loss {} or gradient norm {} is not finite",
+            g.loss,
+            g.grad_norm
         );
-        let mut batch = gpu.batch();
-        for (p, (m, v)) in params.iter().zip(&self.moments) {
-            let hyper = AdamW {
-                lr: 1e-5,
-                beta1: 0.9,
-                beta2: 0.999,
-                eps: 1e-8,
-                weight_decay: if p.decays() { 0.01 } else { 0.0 },
-                step: index,
-            };
-            adamw_step(
-                &mut batch,
-                p.value,
-                p.grad,
-                m,
-                v,
-                &hyper,
-                Some((&self.norm_sq, 1.0)),
-            )?;
-        }
-        batch.submit();
-        gpu.wait()?;
-        Ok(start.elapsed())
+        let clip = Some((&self.norm_sq, 1.0));
+        update(gpu, &params, &self.moments, &ADAMW, ADAMW.lr, index, clip)?;
+        let time = start.elapsed();
+        let memory = MemoryReport::new(
+            self.model,
+            &params,
+            &self.moments,
+            (1, t),
+            gpu.memory().peak,
+        );
+        Ok((time, memory))
     }
-}
-
-/// Device bytes of what `forward_backward` allocates for `n` rows (see the module docs).
-fn activation_bytes(model: &Qwen2, n: usize) -> u64 {
-    let c = &model.config;
-    let (h, i) = (c.hidden_size, c.intermediate_size);
-    // Layer inputs xs[0..=L]; final norm output, its gradient, dres; backward scratch.
-    let rows =
-        (c.num_hidden_layers + 1) * h + 3 * h + 3 * i + h + 2 * c.q_dim() + 2 * c.kv_dim() + 4; // ids, targets, rstd, lse
-    LayerActs::bytes(model, n) + (n * rows * 4) as u64
 }
 
 fn mib(bytes: u64) -> String {
@@ -179,57 +155,89 @@ fn main() -> Result<()> {
         .collect();
     let model_filter: Vec<&String> = filter.iter().filter(|f| f.ends_with('B')).collect();
     let method_filter: Vec<&String> = filter.iter().filter(|f| !f.ends_with('B')).collect();
-    let gpu = Gpu::from_env()?;
-    let cpu = gpu.is_cpu();
-    let lengths = env_list(
-        "WGTRAIN_BENCH_T",
-        if cpu { &[16] } else { &[1024, 4096, 16384] },
-    );
-    let reps = env_list("WGTRAIN_BENCH_REPS", if cpu { &[1] } else { &[3] })[0].max(1);
+    let dry = std::env::var("WGTRAIN_BENCH_DRY").is_ok_and(|v| v == "1");
+    let gpu = Gpu::new(&GpuOptions {
+        dry_run: dry,
+        ..GpuOptions::from_env()?
+    })?;
+    let default_t: &[usize] = match (dry, gpu.is_cpu()) {
+        (true, _) => &[4096, 16384],
+        (false, true) => &[16],
+        (false, false) => &[1024, 4096, 16384],
+    };
+    let lengths = env_list("WGTRAIN_BENCH_T", default_t);
+    let reps = env_list("WGTRAIN_BENCH_REPS", if gpu.is_cpu() { &[1] } else { &[3] })[0].max(1);
     println!("device: {}", gpu.describe());
-    println!(
-        "random weights, all layers, vocab {VOCAB}, batch 1; LoRA r {RANK} on all 7 projections \
-         (bf16 base), full = f32 master weights; AdamW; median of {reps} step(s) after a warm-up\n"
-    );
-    println!("| model | method | T | step (ms) | tokens/s | weights MiB | grads + AdamW MiB | activations MiB | total MiB |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
-    for &(name, full) in &CASES {
+    if dry {
+        println!(
+            "dry run: zero weights, every tensor allocated, nothing executed (memory only); \
+             batch 1; LoRA r {RANK} on all 7 projections (bf16 base), full = f32 master weights; \
+             AdamW\n"
+        );
+    } else {
+        println!(
+            "random weights, all layers, real vocabulary, batch 1; LoRA r {RANK} on all 7 \
+             projections (bf16 base), full = f32 master weights; AdamW; median of {reps} step(s) \
+             after a warm-up\n"
+        );
+    }
+    println!("| model | method | T | step (ms) | tokens/s | weights MiB | grads + AdamW MiB | peak MiB |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    // Without a filter the defaults run; a filter picks out of every case.
+    let defaults = if dry { CASES.len() } else { TIMED_CASES };
+    for (i, &(name, full)) in CASES.iter().enumerate() {
         let method = if full { "full" } else { "lora" };
-        if !model_filter.is_empty() && !model_filter.iter().any(|f| *f == name)
-            || !method_filter.is_empty() && !method_filter.iter().any(|f| *f == method)
-        {
+        let picked = match filter.is_empty() {
+            true => i < defaults,
+            false => {
+                (model_filter.is_empty() || model_filter.iter().any(|f| *f == name))
+                    && (method_filter.is_empty() || method_filter.iter().any(|f| *f == method))
+            }
+        };
+        if !picked {
             continue;
         }
-        let m = MODELS.iter().find(|m| m.0 == name).expect("known model");
-        let mut model = random_model(&gpu, config(m)?, full)?;
+        let config = Qwen2Config::qwen25(name)?;
+        let mut model = match dry {
+            true => Qwen2::zeroed(&gpu, config, full)?,
+            false => random_model(&gpu, config, full)?,
+        };
         if !full {
             let adapter = random_adapter(&model)?;
             model.apply_adapter(&gpu, &adapter)?;
         }
         let trainer = Trainer::new(&gpu, &model)?;
-        let (grads, moments) = trainer.state_bytes();
-        let weights = model.device_bytes();
-        let mut index = 1;
-        trainer.step(&gpu, 8, index)?; // compiles every pipeline
+        let mut index = 0;
+        if !dry {
+            trainer.step(&gpu, 8, index)?; // compiles every pipeline
+        }
         for &t in &lengths {
+            let row = |time: &str, rate: &str, m: &MemoryReport| {
+                println!(
+                    "| {name} | {method} | {t} | {time} | {rate} | {} | {} | {} |",
+                    mib(m.frozen + m.trainable),
+                    mib(m.gradients + m.optimizer),
+                    mib(m.peak),
+                )
+            };
+            if dry {
+                row("-", "-", &trainer.step(&gpu, t, index)?.1);
+                continue;
+            }
             trainer.step(&gpu, t, index)?; // warm-up at this length
-            let mut times: Vec<Duration> = (0..reps)
+            let mut steps: Vec<(Duration, MemoryReport)> = (0..reps)
                 .map(|_| {
                     index += 1;
                     trainer.step(&gpu, t, index)
                 })
                 .collect::<Result<_>>()?;
-            times.sort();
-            let median = times[reps / 2].as_secs_f64();
-            let acts = activation_bytes(&model, t);
-            println!(
-                "| {name} | {method} | {t} | {:.1} | {:.1} | {} | {} | {} | {} |",
-                median * 1e3,
-                t as f64 / median,
-                mib(weights),
-                mib(grads + moments),
-                mib(acts),
-                mib(weights + grads + moments + acts),
+            steps.sort_by_key(|s| s.0);
+            let (median, memory) = &steps[reps / 2];
+            let median = median.as_secs_f64();
+            row(
+                &format!("{:.1}", median * 1e3),
+                &format!("{:.1}", t as f64 / median),
+                memory,
             );
         }
     }

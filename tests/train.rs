@@ -1,7 +1,7 @@
 //! `wgtrain train` against transformers 4.46.3 / PEFT 0.13.2 on the tiny fixtures
 //! (scripts/fixtures/tiny_qwen2.py): one SGD step's LoRA update and full fine-tuning gradients,
 //! the 4-step AdamW loss curve, the written adapter reloading to the training loss, refusing to
-//! clobber a run, and the built-in demo's falling loss.
+//! clobber a run, the built-in demo's falling loss, and `--dry-run`'s memory report.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -264,4 +264,46 @@ fn demo_loss_falls() {
     eprintln!("demo losses {losses:?}");
     assert!(losses[5] < losses[0] - 0.3, "{losses:?}");
     assert!(out.join("model.safetensors").is_file() && out.join("loss.svg").is_file());
+}
+
+/// The MiB figure on the report line that starts with `label`.
+fn report_mib(report: &str, label: &str) -> f64 {
+    let line = report
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(label))
+        .unwrap_or_else(|| panic!("no '{label}' line in:\n{report}"));
+    line.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// `--dry-run` sets the run up, measures one step on its largest micro-batch and writes nothing.
+/// Two rows in one micro-batch: the real run's only step pads both to the longer row, the shape the
+/// dry run measures, so its peak is the one the real run reports.
+#[test]
+fn dry_run_reports_the_steps_memory_and_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = two_rows(tmp.path());
+    let model = model_dir("tiny-qwen2-tied");
+    let out = tmp.path().join("run");
+    #[rustfmt::skip]
+    let args = vec![
+        "train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(),
+        "--output", out.to_str().unwrap(), "--batch-size", "2", "--max-steps", "1",
+        "--progress", "plain",
+    ];
+    let report = ok(wgtrain(&[args.as_slice(), &["--dry-run"]].concat()));
+    eprintln!("{report}");
+    assert!(!out.exists(), "a dry run created {}", out.display());
+    assert!(report.contains("2 row(s) x"), "{report}");
+    let frozen = report_mib(&report, "frozen weights");
+    let state = report_mib(&report, "trainable + gradients + optimizer");
+    let peak = report_mib(&report, "peak device memory during the step");
+    assert!(frozen > 0.0 && state > 0.0, "{report}");
+    assert!(peak >= frozen + state, "{report}");
+
+    ok(wgtrain(&args));
+    let real = metrics(&out)[0]["peak_mem_mib"].as_f64().unwrap();
+    assert!(
+        (real - peak).abs() < 0.06,
+        "dry run {peak} MiB, real run {real} MiB"
+    );
 }

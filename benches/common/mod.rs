@@ -1,28 +1,9 @@
-//! What the model and training benchmarks share: Qwen2.5 shapes and random weights at them.
+//! What the model and training benchmarks share: random weights at real shapes (the shapes are
+//! `Qwen2Config::qwen25`'s) and the environment's lists.
 #![allow(dead_code)]
 use anyhow::Result;
 use wgtrain::model::{Qwen2, Qwen2Config};
 use wgtrain_kernels::{DType, Gpu, Tensor};
-
-/// (name, hidden, intermediate, layers, heads, kv heads) of the Qwen2.5 checkpoints.
-pub const MODELS: [(&str, usize, usize, usize, usize, usize); 2] = [
-    ("0.5B", 896, 4864, 24, 14, 2),
-    ("1.5B", 1536, 8960, 28, 12, 2),
-];
-pub const VOCAB: usize = 151936;
-pub fn config(m: &(&str, usize, usize, usize, usize, usize)) -> Result<Qwen2Config> {
-    let &(_, hidden, inter, layers, heads, kv) = m;
-    Qwen2Config::parse(
-        &serde_json::json!({
-            "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-            "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
-            "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": VOCAB,
-            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": true,
-            "max_position_embeddings": 32768,
-        })
-        .to_string(),
-    )
-}
 
 /// Random weights: matrices of magnitude 2^-10..2^-5 with random
 /// signs (cheap to make by their bf16 bits), norm weights 1, biases 0.01. `f32` widens the

@@ -16,11 +16,16 @@ pub struct DeviceArgs {
 }
 
 impl DeviceArgs {
-    pub fn open(&self) -> Result<Gpu> {
+    /// The options these flags (and the `WGTRAIN_*` variables) give.
+    pub fn options(&self) -> Result<GpuOptions> {
         let mut options = GpuOptions::from_env()?;
         options.backend = self.backend;
         options.device = self.device.clone();
-        Gpu::new(&options)
+        Ok(options)
+    }
+
+    pub fn open(&self) -> Result<Gpu> {
+        Gpu::new(&self.options()?)
     }
 }
 

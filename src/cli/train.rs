@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use wgtrain_kernels::Gpu;
 
 use super::device::DeviceArgs;
 use crate::train::config::{read_llama_factory_yaml, AdapterKind, TrainConfig, TrainSettings};
-use crate::train::trainer;
+use crate::train::trainer::{self, Outcome};
 
 /// Fine-tune a Qwen2 model (LoRA or full) on a chat dataset.
 #[derive(Args, Debug)]
@@ -22,6 +23,11 @@ pub struct TrainArgs {
     pub settings: TrainSettings,
     #[command(flatten)]
     pub device: DeviceArgs,
+    /// Check that the run fits the device, training nothing: set it up as usual, run one
+    /// optimizer step on its largest micro-batch with every tensor allocated but no kernel
+    /// executed, print the device memory that takes and exit without touching --output.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 impl TrainArgs {
@@ -78,8 +84,19 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         );
     })
     .context("installing the Ctrl-C handler")?;
-    let gpu = args.device.open()?;
-    let summary = trainer::train(&config, &gpu, &stop)?;
+    let mut options = args.device.options()?;
+    options.dry_run = args.dry_run;
+    let gpu = Gpu::new(&options)?;
+    let summary = match trainer::train(&config, &gpu, &stop)? {
+        Outcome::Trained(summary) => summary,
+        Outcome::DryRun(report) => {
+            println!(
+                "dry run on the run's largest micro-batch (every tensor allocated, no kernel run; \
+                 nothing written)\n{report}"
+            );
+            return Ok(0);
+        }
+    };
     if summary.interrupted {
         let checkpoint = summary
             .last_checkpoint

@@ -262,6 +262,16 @@ impl Qwen2 {
         })
     }
 
+    /// A model of `config`'s shapes with zero weights (nothing is uploaded): f32 everywhere when
+    /// `f32_master` (full fine-tuning's master weights), else bf16 matrices as [`Qwen2::load`]
+    /// keeps them. For dry runs at real shapes without a checkpoint.
+    pub fn zeroed(gpu: &Gpu, config: Qwen2Config, f32_master: bool) -> Result<Qwen2> {
+        Qwen2::build(gpu, config, |spec, dtype| {
+            let dtype = if f32_master { DType::F32 } else { dtype };
+            Tensor::zeros(gpu, &spec.shape, dtype)
+        })
+    }
+
     /// One micro-batch of `rows` — (ids, targets) pairs, padded to the longest with unsupervised
     /// tokens — forward and backward: adds `grad_scale ·` d(summed loss) to `grads` and returns
     /// the summed loss. `dropout` applies LoRA dropout with this micro-batch's seed.
@@ -293,8 +303,11 @@ impl Qwen2 {
             .collect::<Result<Vec<_>>>()?;
         let acts = LayerActs::new(gpu, self, n)?;
         embedding_forward(&mut batch, &token_ids, &self.embed, &xs[0])?;
+        // One submit per layer, so that the temporaries each layer's ops keep (Batch::keep) are
+        // released layer by layer rather than piling up over the whole model.
         for l in 0..self.layers.len() {
             self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
+            batch.flush();
         }
         let eps = c.rms_norm_eps as f32;
         let hidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
@@ -317,6 +330,8 @@ impl Qwen2 {
             &count,
             Chunking::default(),
         )?;
+        // Releases the forward's logits temporary before the backward makes its own.
+        batch.flush();
         let dhidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
         // The tied head's gradient goes to the embedding's, which the embedding backward adds to.
         let dw_lm = full.map(|g| Grad {
@@ -355,6 +370,7 @@ impl Qwen2 {
             self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
             self.layer_backward(&mut batch, l, &xs[l], &acts, &step, &scratch, &dres, grads)
                 .with_context(|| format!("backward of layer {l}"))?;
+            batch.flush();
         }
         if let Some(g) = full {
             embedding_backward(&mut batch, &token_ids, &dres, &g.embed)?;

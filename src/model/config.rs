@@ -6,6 +6,15 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{Map, Value};
 
+/// The Qwen2.5 checkpoints' sizes: (name, [hidden, intermediate, layers, heads, KV heads,
+/// vocabulary], tied embeddings). See [`Qwen2Config::qwen25`].
+pub const QWEN25_SIZES: [(&str, [usize; 6], bool); 4] = [
+    ("0.5B", [896, 4864, 24, 14, 2, 151936], true),
+    ("1.5B", [1536, 8960, 28, 12, 2, 151936], true),
+    ("3B", [2048, 11008, 36, 16, 2, 151936], true),
+    ("7B", [3584, 18944, 28, 28, 4, 152064], false),
+];
+
 /// Storage dtype the checkpoint was saved in (`torch_dtype`, or `dtype` in newer transformers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TorchDType {
@@ -138,6 +147,39 @@ impl Qwen2Config {
             config.rms_norm_eps
         );
         Ok(config)
+    }
+
+    /// The config of a Qwen2.5 checkpoint by size name (`QWEN25_SIZES`: "0.5B", "1.5B", "3B",
+    /// "7B"): benchmarks and memory estimates at real shapes without a download. The sizes are the
+    /// checkpoints'; token ids and sliding-window fields, which no tensor depends on, are left out.
+    pub fn qwen25(name: &str) -> Result<Qwen2Config> {
+        let Some(&(_, [hidden, inter, layers, heads, kv_heads, vocab], tied)) =
+            QWEN25_SIZES.iter().find(|s| s.0 == name)
+        else {
+            let names: Vec<&str> = QWEN25_SIZES.iter().map(|s| s.0).collect();
+            bail!(
+                "no Qwen2.5 size {name:?}: expected one of {}",
+                names.join(", ")
+            );
+        };
+        Ok(Qwen2Config {
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim: hidden / heads,
+            vocab_size: vocab,
+            rope_theta: 1e6,
+            rms_norm_eps: 1e-6,
+            tie_word_embeddings: tied,
+            max_position_embeddings: 32768,
+            torch_dtype: Some(TorchDType::BF16),
+            sliding_window: None,
+            max_window_layers: None,
+            bos_token_id: None,
+            eos_token_id: Vec::new(),
+        })
     }
 
     /// Width of the concatenated query heads (q_proj's output).
@@ -276,5 +318,23 @@ impl GenerationConfig {
             }
         }
         ids
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qwen25_sizes_by_name() {
+        let c = Qwen2Config::qwen25("7B").unwrap();
+        assert_eq!((c.hidden_size, c.head_dim, c.kv_dim()), (3584, 128, 512));
+        assert!(!c.tie_word_embeddings && c.vocab_size == 152064);
+        assert_eq!(Qwen2Config::qwen25("0.5B").unwrap().head_dim, 64);
+        let err = Qwen2Config::qwen25("13B").unwrap_err().to_string();
+        assert!(
+            err.contains("\"13B\"") && err.contains("0.5B, 1.5B, 3B, 7B"),
+            "{err}"
+        );
     }
 }

@@ -42,6 +42,21 @@ pub fn prepare_output_dir(
     resuming: bool,
     settings: &serde_json::Value,
 ) -> Result<()> {
+    if check_output_dir(dir, overwrite, resuming)? {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing the earlier run in {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::data::jsonfile::write_atomically(
+        &dir.join(RUN_MARKER),
+        serde_json::to_string_pretty(settings)?.as_bytes(),
+        true,
+    )
+}
+
+/// The checks of [`prepare_output_dir`], touching nothing; true when an earlier run in `dir` is
+/// to be replaced (`overwrite`).
+pub fn check_output_dir(dir: &Path, overwrite: bool, resuming: bool) -> Result<bool> {
     let non_empty = dir.is_dir()
         && std::fs::read_dir(dir)
             .with_context(|| format!("reading {}", dir.display()))?
@@ -66,16 +81,10 @@ pub fn prepare_output_dir(
                     dir.display()
                 );
             }
-            std::fs::remove_dir_all(dir)
-                .with_context(|| format!("removing the earlier run in {}", dir.display()))?;
+            return Ok(true);
         }
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    crate::data::jsonfile::write_atomically(
-        &dir.join(RUN_MARKER),
-        serde_json::to_string_pretty(settings)?.as_bytes(),
-        true,
-    )
+    Ok(false)
 }
 
 /// Where the checkpoint after `step` optimizer steps goes.

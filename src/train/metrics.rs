@@ -38,6 +38,9 @@ pub struct StepMetrics {
     /// `flops_per_s` over the device's peak, when `WGTRAIN_PEAK_GFLOPS` gives it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// The most device memory the step held at once (MiB); 0 in lines of older runs.
+    #[serde(default)]
+    pub peak_mem_mib: f64,
     /// Seconds since the run started (across resumes).
     pub elapsed_s: f64,
 }
@@ -172,11 +175,12 @@ impl Progress {
             Some(bar) => {
                 bar.set_position(m.step as u64);
                 bar.set_message(format!(
-                    "| loss {:.4} | lr {} | {:.0} tok/s | {} | ETA {}",
+                    "| loss {:.4} | lr {} | {:.0} tok/s | {} | peak {:.0} MiB | ETA {}",
                     m.loss,
                     sci(m.lr),
                     m.tokens_per_s,
                     flops_rate(m.flops_per_s),
+                    m.peak_mem_mib,
                     duration(eta)
                 ));
             }
@@ -208,10 +212,12 @@ pub fn eta_seconds(seconds: f64, steps: usize, remaining: usize) -> f64 {
 }
 
 /// llm.c-style log line: `step 12/300 | loss 1.2345 | lr 1.00e-04 | grad_norm 0.83 |
-/// 1234 tok/s | 5.1 TFLOP/s | MFU 7.6% | 12.3s | ETA 5m` (MFU when the peak is known).
+/// 1234 tok/s | 5.1 TFLOP/s | MFU 7.6% | peak 512 MiB | 12.3s | ETA 5m` (MFU when the peak FLOP/s
+/// is known).
 pub fn plain_line(m: &StepMetrics, total_steps: usize, eta: f64) -> String {
     format!(
-        "step {}/{} | loss {:.4} | lr {} | grad_norm {:.2} | {:.0} tok/s | {}{} | {:.1}s | ETA {}",
+        "step {}/{} | loss {:.4} | lr {} | grad_norm {:.2} | {:.0} tok/s | {}{} | peak {:.0} MiB \
+         | {:.1}s | ETA {}",
         m.step,
         total_steps,
         m.loss,
@@ -221,6 +227,7 @@ pub fn plain_line(m: &StepMetrics, total_steps: usize, eta: f64) -> String {
         flops_rate(m.flops_per_s),
         m.mfu
             .map_or(String::new(), |f| format!(" | MFU {:.1}%", 100.0 * f)),
+        m.peak_mem_mib,
         m.elapsed_s,
         duration(eta)
     )
@@ -435,6 +442,7 @@ mod tests {
             tokens_per_s: 1234.0,
             flops_per_s: 5.1e12,
             mfu: Some(0.0762),
+            peak_mem_mib: 512.0,
             elapsed_s: step as f64,
         }
     }
@@ -466,6 +474,7 @@ mod tests {
                 "loss",
                 "lr",
                 "mfu",
+                "peak_mem_mib",
                 "step",
                 "supervised_tokens",
                 "tokens",
@@ -500,11 +509,11 @@ mod tests {
         assert_eq!(
             plain_line(&m, 300, 300.0),
             "step 12/300 | loss 1.2345 | lr 1.00e-04 | grad_norm 0.83 | 1234 tok/s | 5.1 TFLOP/s \
-             | MFU 7.6% | 12.3s | ETA 5m"
+             | MFU 7.6% | peak 512 MiB | 12.3s | ETA 5m"
         );
         m.mfu = None;
         m.flops_per_s = 2.5e9;
-        assert!(plain_line(&m, 300, 300.0).contains("| 2.5 GFLOP/s | 12.3s"));
+        assert!(plain_line(&m, 300, 300.0).contains("| 2.5 GFLOP/s | peak 512 MiB | 12.3s"));
         assert_eq!(sci(2.5e-5), "2.50e-05");
         assert_eq!(sci(3.0), "3.00e+00");
         assert_eq!(sci(1.5e-100), "1.50e-100");

@@ -8,6 +8,7 @@ pub mod demo;
 pub mod flops;
 pub mod metrics;
 pub mod schedule;
+pub mod step;
 pub mod trainer;
 
 pub use batching::{BatchSettings, DataOrder, DataPosition, Overlong, RowCounts, Step};

@@ -1,10 +1,15 @@
 //! The training loop: data → micro-batches → forward/backward ([`Qwen2::forward_backward`]) →
-//! global gradient norm → NaN check → clipped SGD / AdamW update on the device → metrics.
+//! global gradient norm → NaN check → clipped SGD / AdamW update on the device → metrics
+//! ([`super::step`] holds the device work of a step).
 //!
 //! LoRA trains f32 factors over the frozen bf16 model (PEFT's layout and initialisation); full
 //! fine-tuning loads every weight as f32 master weights and updates them in place (a tied LM head
 //! is the embedding, one parameter). The loss of a step is the mean over the supervised tokens of
 //! all its micro-batches: every micro-batch's gradient is scaled by 1 / (that total).
+//!
+//! On a dry-run device ([`Gpu::is_dry_run`], `wgtrain train --dry-run`) the set-up runs as usual,
+//! then one step on the run's largest micro-batch, and [`train`] returns the device memory that
+//! took ([`MemoryReport`]) without writing anything to the output directory.
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,20 +19,20 @@ use anyhow::{bail, ensure, Context, Result};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::json;
-use wgtrain_kernels::ops::optim::{adamw_step, grad_norm_sq, sgd_step, AdamW};
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
-use super::batching::{filter_rows, BatchSettings, DataOrder, RowCounts};
+use super::batching::{filter_rows, BatchSettings, DataOrder, RowCounts, Step};
 use super::checkpoint::{
-    checkpoint_dir, config_hash, latest_checkpoint, load_f32_tensors, prepare_output_dir,
-    remove_old_checkpoints, save_f32_tensors, write_dir_atomically, NamedTensor, RngState,
-    TrainState, OPTIMIZER_FILE, STATE_FILE, STATE_FORMAT_VERSION,
+    check_output_dir, checkpoint_dir, config_hash, latest_checkpoint, load_f32_tensors,
+    prepare_output_dir, remove_old_checkpoints, save_f32_tensors, write_dir_atomically,
+    NamedTensor, RngState, TrainState, OPTIMIZER_FILE, STATE_FILE, STATE_FORMAT_VERSION,
 };
 use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
 use super::demo::{write_demo_dataset, write_demo_model, DEMO_ROWS};
 use super::flops::{row_flops, Trainable};
 use super::metrics::{read_metrics, write_loss_svg, MetricsWriter, Progress, StepMetrics};
 use super::schedule::Schedule;
+use super::step::{gradients, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments};
 use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
 use crate::model::{
@@ -51,17 +56,24 @@ pub struct TrainSummary {
     pub last_checkpoint: Option<PathBuf>,
 }
 
+/// What [`train`] did.
+pub enum Outcome {
+    Trained(TrainSummary),
+    /// On a dry-run device: one step measured, nothing trained or written.
+    DryRun(MemoryReport),
+}
+
 /// The stream of the training RNG (stream 0 of the seed draws the fresh LoRA factors).
 const TRAIN_RNG_STREAM: u64 = 1;
 
-/// The model directory and dataset files of a run (made in the output directory for the demo).
-fn inputs(config: &TrainConfig) -> Result<(PathBuf, Vec<PathBuf>)> {
+/// The model directory and dataset files of a run (made in `demo_dir` for the demo).
+fn inputs(config: &TrainConfig, demo_dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     if !config.demo {
         let model = config.model.clone().context("--model is required")?;
         return Ok((model, config.data.clone()));
     }
-    let model = config.output.join("demo-model");
-    let data = config.output.join("demo-data.jsonl");
+    let model = demo_dir.join("demo-model");
+    let data = demo_dir.join("demo-data.jsonl");
     write_demo_model(&model, config.seed)?;
     write_demo_dataset(&data, DEMO_ROWS, config.seed)?;
     Ok((model, vec![data]))
@@ -92,7 +104,7 @@ fn encode_rows(
 }
 
 /// PEFT's fresh LoRA: A Kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, drawn from `seed`.
-fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adapter> {
+pub fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adapter> {
     let config = AdapterConfig {
         r: lora.rank,
         lora_alpha: lora.alpha,
@@ -238,26 +250,6 @@ fn save_full(gpu: &Gpu, model: &Qwen2, grads: &Grads, base: &Path, dir: &Path) -
         .with_context(|| format!("writing {}", config_path.display()))
 }
 
-/// AdamW's moments of one parameter.
-struct Moments {
-    m: Tensor,
-    v: Tensor,
-}
-
-/// Fresh AdamW moments (zeros) or, for SGD, none.
-fn new_moments(gpu: &Gpu, params: &[Param], kind: OptimizerKind) -> Result<Vec<Option<Moments>>> {
-    params
-        .iter()
-        .map(|p| match kind {
-            OptimizerKind::Adamw => Ok(Some(Moments {
-                m: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
-                v: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
-            })),
-            OptimizerKind::Sgd => Ok(None),
-        })
-        .collect()
-}
-
 /// AdamW's moments as a checkpoint saved them, checked against the parameters.
 fn load_moments(gpu: &Gpu, params: &[Param], path: &Path) -> Result<Vec<Option<Moments>>> {
     let mut saved: HashMap<String, NamedTensor> = load_f32_tensors(path)?
@@ -313,8 +305,9 @@ fn resume_dir(path: &Path) -> Result<PathBuf> {
 }
 
 /// Runs the training `config` describes on `gpu`. Once `stop` is set, the step under way is
-/// finished, a checkpoint is written and the run returns as interrupted.
-pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<TrainSummary> {
+/// finished, a checkpoint is written and the run returns as interrupted. On a dry-run device,
+/// measures one step instead (see the module documentation).
+pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outcome> {
     let summary = config.resume_summary();
     let resume = match &config.resume {
         Some(path) => {
@@ -327,8 +320,22 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
         }
         None => None,
     };
-    prepare_output_dir(&config.output, config.overwrite, resume.is_some(), &summary)?;
-    let (model_dir, files) = inputs(config)?;
+    let dry_run = gpu.is_dry_run();
+    // A dry run leaves --output alone (the demo's model and data go to a temporary directory),
+    // but refuses what the run would refuse.
+    let scratch = match dry_run && config.demo {
+        true => Some(tempfile::tempdir().context("creating a temporary directory")?),
+        false => None,
+    };
+    if dry_run {
+        check_output_dir(&config.output, config.overwrite, resume.is_some())?;
+    } else {
+        prepare_output_dir(&config.output, config.overwrite, resume.is_some(), &summary)?;
+    }
+    let demo_dir = scratch
+        .as_ref()
+        .map_or(config.output.as_path(), |d| d.path());
+    let (model_dir, files) = inputs(config, demo_dir)?;
     let encoder = ChatEncoder::load(&model_dir)?;
     let (rows, counts) = filter_rows(encode_rows(&encoder, &files, config)?, config.overlong);
     ensure!(
@@ -432,6 +439,66 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
         config.warmup,
         total_steps,
     )?;
+    let norm_sq = Tensor::zeros(gpu, &[1], DType::F32)?;
+    // The device work of one step (each micro-batch drawing its dropout seed from `rng`); returns
+    // its gradients, learning rate and peak device memory.
+    let run_step = |step: &Step, rng: &mut ChaCha8Rng| -> Result<(Gradients, f64, u64)> {
+        let micro_batches: Vec<MicroBatch> = step
+            .micro_batches
+            .iter()
+            .map(|micro| MicroBatch {
+                rows: micro
+                    .iter()
+                    .map(|&i| (rows[i].ids.as_slice(), targets[i].as_slice()))
+                    .collect(),
+                dropout: dropout_p.map(|p| LoraDropout {
+                    p,
+                    seed: rng.next_u64(),
+                }),
+            })
+            .collect();
+        gpu.reset_peak();
+        let g = gradients(gpu, &model, &grads, &micro_batches, &norm_sq)
+            .with_context(|| format!("step {}", step.index + 1))?;
+        if !g.loss.is_finite() || !g.grad_norm.is_finite() {
+            let kept = match latest_checkpoint(&config.output)? {
+                Some((at, dir)) => format!(
+                    "the last checkpoint (step {at}) is kept in {}",
+                    dir.display()
+                ),
+                None => "no checkpoint had been written yet".to_string(),
+            };
+            bail!(
+                "step {}: the loss ({}) or gradient norm ({}) is not finite; training stopped \
+                 before applying it, and {kept}. A lower --lr or --max-grad-norm needs a fresh \
+                 run (--overwrite): resuming keeps the settings",
+                step.index + 1,
+                g.loss,
+                g.grad_norm
+            );
+        }
+        let lr = schedule.lr(step.index);
+        let clip = config.max_grad_norm.map(|max| (&norm_sq, max));
+        let o = &config.optimizer;
+        update(gpu, &params, &moments, o, lr, step.index, clip)?;
+        Ok((g, lr, gpu.memory().peak))
+    };
+    if dry_run {
+        // The largest micro-batch: batch-size rows as long as the longest row (gradient
+        // accumulation repeats micro-batches; it does not hold more at once).
+        let longest = (0..rows.len()).max_by_key(|&i| rows[i].len()).unwrap_or(0);
+        let step = Step {
+            index: 0,
+            epoch: 0,
+            micro_batches: vec![vec![longest; config.batch_size.min(rows.len())]],
+            epoch_progress: 0.0,
+        };
+        let (_, _, peak) = run_step(&step, &mut rng)?;
+        let shape = (step.micro_batches[0].len(), rows[longest].len());
+        return Ok(Outcome::DryRun(MemoryReport::new(
+            &model, &params, &moments, shape, peak,
+        )));
+    }
     let metrics_path = config.output.join("metrics.jsonl");
     let (mut metrics, mut history, earlier_s, mut tokens_seen) = match &resume {
         Some((_, state)) => {
@@ -467,24 +534,12 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
         },
     };
     let peak_flops = peak_gflops()?.map(|g| g * 1e9);
-    let norm_sq = Tensor::zeros(gpu, &[1], DType::F32)?;
     let start = Instant::now();
     let mut last_checkpoint = None;
     let mut interrupted = false;
 
     while let Some(step) = order.next_step() {
         let step_start = Instant::now();
-        let supervised: usize = step
-            .micro_batches
-            .iter()
-            .flatten()
-            .map(|&i| {
-                targets[i]
-                    .iter()
-                    .filter(|&&t| t != crate::model::IGNORE)
-                    .count()
-            })
-            .sum();
         let tokens: usize = step
             .micro_batches
             .iter()
@@ -497,67 +552,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
             .flatten()
             .map(|&i| row_flops(&model.config, &trained_kind, rows[i].len()))
             .sum();
-        grads.zero(gpu, &model);
-        let mut loss_sum = 0.0;
-        for micro in &step.micro_batches {
-            let mb: Vec<(&[u32], &[u32])> = micro
-                .iter()
-                .map(|&i| (rows[i].ids.as_slice(), targets[i].as_slice()))
-                .collect();
-            let dropout = dropout_p.map(|p| LoraDropout {
-                p,
-                seed: rng.next_u64(),
-            });
-            loss_sum += model
-                .forward_backward(gpu, &grads, &mb, 1.0 / supervised as f32, dropout)
-                .with_context(|| format!("step {}", step.index + 1))?
-                .sum;
-        }
-        let loss = loss_sum / supervised as f64;
-        let grad_list: Vec<&Tensor> = params.iter().map(|p| p.grad).collect();
-        let mut batch = gpu.batch();
-        grad_norm_sq(&mut batch, &grad_list, &norm_sq)?;
-        batch.submit();
-        let grad_norm = (norm_sq.to_f32(gpu)?[0] as f64).sqrt();
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            let kept = match latest_checkpoint(&config.output)? {
-                Some((at, dir)) => format!(
-                    "the last checkpoint (step {at}) is kept in {}",
-                    dir.display()
-                ),
-                None => "no checkpoint had been written yet".to_string(),
-            };
-            bail!(
-                "step {}: the loss ({loss}) or gradient norm ({grad_norm}) is not finite; \
-                 training stopped before applying it, and {kept}. A lower --lr or \
-                 --max-grad-norm needs a fresh run (--overwrite): resuming keeps the settings",
-                step.index + 1
-            );
-        }
-
-        let lr = schedule.lr(step.index);
-        let clip = config.max_grad_norm.map(|max| (&norm_sq, max));
-        let o = &config.optimizer;
-        let mut batch = gpu.batch();
-        for (p, moments) in params.iter().zip(&moments) {
-            let wd = if p.decays() { o.weight_decay } else { 0.0 };
-            match moments {
-                Some(Moments { m, v }) => {
-                    let hyper = AdamW {
-                        lr,
-                        beta1: o.beta1,
-                        beta2: o.beta2,
-                        eps: o.eps,
-                        weight_decay: wd,
-                        step: step.index as u32 + 1,
-                    };
-                    adamw_step(&mut batch, p.value, p.grad, m, v, &hyper, clip)?
-                }
-                None => sgd_step(&mut batch, p.value, p.grad, lr, wd, clip)?,
-            }
-        }
-        batch.submit();
-        gpu.wait()?;
+        let (g, lr, peak) = run_step(&step, &mut rng)?;
 
         let done = step.index + 1;
         let seconds = step_start.elapsed().as_secs_f64();
@@ -567,14 +562,15 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
         let m = StepMetrics {
             step: done,
             epoch,
-            loss,
+            loss: g.loss,
             lr,
-            grad_norm,
-            supervised_tokens: supervised as u64,
+            grad_norm: g.grad_norm,
+            supervised_tokens: g.supervised as u64,
             tokens: tokens as u64,
             tokens_per_s: tokens as f64 / seconds,
             flops_per_s: flops / seconds,
             mfu: peak_flops.map(|peak| flops / seconds / peak),
+            peak_mem_mib: peak as f64 / (1u64 << 20) as f64,
             elapsed_s,
         };
         metrics.write(&m)?;
@@ -621,7 +617,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
         &history,
         "wgtrain training loss",
     )?;
-    Ok(TrainSummary {
+    Ok(Outcome::Trained(TrainSummary {
         steps: order.position().step,
         total_steps,
         first_loss: history.first().map_or(f64::NAN, |m| m.loss),
@@ -630,5 +626,5 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Train
         output: config.output.clone(),
         interrupted,
         last_checkpoint,
-    })
+    }))
 }

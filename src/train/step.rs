@@ -1,0 +1,199 @@
+//! One optimizer step on the device, shared by the trainer (and its `--dry-run`), the training
+//! benchmark and the memory tests: clear the gradients, forward + backward of every micro-batch
+//! ([`Qwen2::forward_backward`], gradients of the mean loss over the step's supervised tokens), the
+//! global gradient norm read back ([`gradients`]); then, once the caller has checked that loss and
+//! norm are finite, the clipped SGD / AdamW update of every parameter ([`update`]). A
+//! [`MemoryReport`] sums up the device memory of such a step.
+use std::fmt;
+
+use anyhow::Result;
+use wgtrain_kernels::ops::optim::{adamw_step, grad_norm_sq, sgd_step, AdamW};
+use wgtrain_kernels::{DType, Gpu, Tensor};
+
+use super::config::{OptimizerKind, OptimizerSettings};
+use crate::model::{Grads, LoraDropout, Param, Qwen2, IGNORE};
+
+/// AdamW's moments of one parameter.
+pub struct Moments {
+    pub m: Tensor,
+    pub v: Tensor,
+}
+
+/// Fresh AdamW moments (zeros) or, for SGD, none.
+pub fn new_moments(
+    gpu: &Gpu,
+    params: &[Param],
+    kind: OptimizerKind,
+) -> Result<Vec<Option<Moments>>> {
+    params
+        .iter()
+        .map(|p| match kind {
+            OptimizerKind::Adamw => Ok(Some(Moments {
+                m: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
+                v: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
+            })),
+            OptimizerKind::Sgd => Ok(None),
+        })
+        .collect()
+}
+
+/// One micro-batch of a step: (token ids, next-token targets) rows
+/// ([`crate::model::next_token_targets`]), and the LoRA dropout of its forward and backward.
+pub struct MicroBatch<'a> {
+    pub rows: Vec<(&'a [u32], &'a [u32])>,
+    pub dropout: Option<LoraDropout>,
+}
+
+/// What the backward half of a step found.
+#[derive(Clone, Copy, Debug)]
+pub struct Gradients {
+    /// Mean loss over the step's supervised tokens.
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Supervised tokens (targets of the loss) in the step.
+    pub supervised: usize,
+}
+
+/// Clears `grads` and accumulates the gradient of the step's mean loss over `micro_batches`,
+/// then writes the squared global norm into `norm_sq` ([1] f32) and reads it back.
+pub fn gradients(
+    gpu: &Gpu,
+    model: &Qwen2,
+    grads: &Grads,
+    micro_batches: &[MicroBatch],
+    norm_sq: &Tensor,
+) -> Result<Gradients> {
+    let supervised: usize = micro_batches
+        .iter()
+        .flat_map(|micro| &micro.rows)
+        .map(|(_, targets)| targets.iter().filter(|&&t| t != IGNORE).count())
+        .sum();
+    grads.zero(gpu, model);
+    let mut loss_sum = 0.0;
+    for micro in micro_batches {
+        let scale = 1.0 / supervised as f32;
+        loss_sum += model
+            .forward_backward(gpu, grads, &micro.rows, scale, micro.dropout)?
+            .sum;
+    }
+    let params = grads.params(model);
+    let grad_list: Vec<&Tensor> = params.iter().map(|p| p.grad).collect();
+    let mut batch = gpu.batch();
+    grad_norm_sq(&mut batch, &grad_list, norm_sq)?;
+    batch.submit();
+    Ok(Gradients {
+        loss: loss_sum / supervised as f64,
+        grad_norm: (norm_sq.to_f32(gpu)?[0] as f64).sqrt(),
+        supervised,
+    })
+}
+
+/// Updates every parameter at learning rate `lr` as step `index` (0-based) of the run: AdamW where
+/// it has moments, else SGD; weight decay where the parameter decays; the gradient clipped to
+/// `clip = (norm_sq, max_norm)` if given. Waits for the update to finish.
+pub fn update(
+    gpu: &Gpu,
+    params: &[Param],
+    moments: &[Option<Moments>],
+    o: &OptimizerSettings,
+    lr: f64,
+    index: usize,
+    clip: Option<(&Tensor, f64)>,
+) -> Result<()> {
+    let mut batch = gpu.batch();
+    for (p, moments) in params.iter().zip(moments) {
+        let wd = if p.decays() { o.weight_decay } else { 0.0 };
+        match moments {
+            Some(Moments { m, v }) => {
+                let hyper = AdamW {
+                    lr,
+                    beta1: o.beta1,
+                    beta2: o.beta2,
+                    eps: o.eps,
+                    weight_decay: wd,
+                    step: index as u32 + 1,
+                };
+                adamw_step(&mut batch, p.value, p.grad, m, v, &hyper, clip)?
+            }
+            None => sgd_step(&mut batch, p.value, p.grad, lr, wd, clip)?,
+        }
+    }
+    batch.submit();
+    gpu.wait()
+}
+
+/// The device memory of one optimizer step on a run's largest micro-batch (`--dry-run`).
+#[derive(Clone, Debug)]
+pub struct MemoryReport {
+    /// The micro-batch: rows of `tokens` tokens (the run's longest row).
+    pub rows: usize,
+    pub tokens: usize,
+    /// Device bytes of the weights that are not trained (the base model under LoRA; none under
+    /// full fine-tuning, whose weights are the trainable parameters).
+    pub frozen: u64,
+    pub trainable: u64,
+    pub gradients: u64,
+    /// AdamW's moments (none for SGD).
+    pub optimizer: u64,
+    /// The most device memory held at once during the step: all of the above, the activations and
+    /// the kernels' temporaries.
+    pub peak: u64,
+}
+
+impl MemoryReport {
+    /// The report of a step on a micro-batch of `(rows, tokens)` that peaked at `peak` bytes.
+    pub fn new(
+        model: &Qwen2,
+        params: &[Param],
+        moments: &[Option<Moments>],
+        (rows, tokens): (usize, usize),
+        peak: u64,
+    ) -> MemoryReport {
+        let trainable: u64 = params.iter().map(|p| p.value.device_bytes()).sum();
+        MemoryReport {
+            rows,
+            tokens,
+            frozen: model.device_bytes() - trainable,
+            trainable,
+            gradients: params.iter().map(|p| p.grad.device_bytes()).sum(),
+            optimizer: moments
+                .iter()
+                .flatten()
+                .map(|m| m.m.device_bytes() + m.v.device_bytes())
+                .sum(),
+            peak,
+        }
+    }
+}
+
+impl fmt::Display for MemoryReport {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
+        let size = |bytes| format!("{:10.1} MiB {:7.2} GiB", mib(bytes), mib(bytes) / 1024.0);
+        let state = self.trainable + self.gradients + self.optimizer;
+        writeln!(
+            f,
+            "device memory of one optimizer step on {} row(s) x {} tokens:",
+            self.rows, self.tokens
+        )?;
+        writeln!(
+            f,
+            "  frozen weights                        {}",
+            size(self.frozen)
+        )?;
+        writeln!(
+            f,
+            "  trainable + gradients + optimizer     {}   ({:.1} + {:.1} + {:.1} MiB)",
+            size(state),
+            mib(self.trainable),
+            mib(self.gradients),
+            mib(self.optimizer)
+        )?;
+        write!(
+            f,
+            "  peak device memory during the step    {}",
+            size(self.peak)
+        )
+    }
+}
