@@ -303,8 +303,9 @@ impl Qwen2 {
             .collect::<Result<Vec<_>>>()?;
         let acts = LayerActs::new(gpu, self, n)?;
         embedding_forward(&mut batch, &token_ids, &self.embed, &xs[0])?;
-        // One submit per layer, so that the temporaries each layer's ops keep (Batch::keep) are
-        // released layer by layer rather than piling up over the whole model.
+        // A submit after each layer's forward (and, below, its recomputation and its backward),
+        // so that the temporaries its ops keep (Batch::keep; e.g. LoRA dropout's inputs) are
+        // released as it goes rather than piling up over the whole model.
         for l in 0..self.layers.len() {
             self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
             batch.flush();
@@ -368,6 +369,7 @@ impl Qwen2 {
         // Recomputing layer l overwrites xs[l + 1], which is no longer needed.
         for l in (0..self.layers.len()).rev() {
             self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
+            batch.flush();
             self.layer_backward(&mut batch, l, &xs[l], &acts, &step, &scratch, &dres, grads)
                 .with_context(|| format!("backward of layer {l}"))?;
             batch.flush();
