@@ -323,7 +323,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
     let dry_run = gpu.is_dry_run();
     // A dry run leaves --output alone (the demo's model and data go to a temporary directory),
     // but refuses what the run would refuse.
-    let scratch = match dry_run && config.demo {
+    let demo_tmp = match dry_run && config.demo {
         true => Some(tempfile::tempdir().context("creating a temporary directory")?),
         false => None,
     };
@@ -332,7 +332,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
     } else {
         prepare_output_dir(&config.output, config.overwrite, resume.is_some(), &summary)?;
     }
-    let demo_dir = scratch
+    let demo_dir = demo_tmp
         .as_ref()
         .map_or(config.output.as_path(), |d| d.path());
     let (model_dir, files) = inputs(config, demo_dir)?;
