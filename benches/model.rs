@@ -1,18 +1,20 @@
 //! `cargo bench --bench model`: the whole Qwen2 forward at Qwen2.5-0.5B and 1.5B shapes (all
 //! layers, real vocabulary, tied embeddings as those checkpoints have) with random bf16 weights, so
-//! nothing is downloaded. For each sequence length T it times
-//! - prefill: T prompt tokens through every layer into the KV cache, plus the last row's logits;
-//! - decode: then N single tokens against that cache (each step reads back [vocab] logits, as a
-//!   generation loop does),
+//! nothing is downloaded. For each sequence length T and batch size B it times
+//! - prefill: B prompts of T tokens, each through every layer into its own KV-cache slot, plus its
+//!   last row's logits;
+//! - decode: then N steps that each run one token of every sequence (B rows) through the model
+//!   against the B slots and read back [B, vocab] logits, as batched generation does; decode
+//!   tokens/s counts B tokens per step, and the last column compares it with B = 1,
 //!
 //! as wall-clock time around submit-and-readback (end to end, host recording included), after a
 //! warm-up that compiles the pipelines. Memory is the sum of the device tensors the run allocates:
-//! weights + KV cache + one set of layer activations for T rows + residual streams and logits; the
-//! attention's transient split-key scratch (at most 64 MiB) is not counted.
+//! weights + KV cache + one set of layer activations for the larger of T and B rows + residual
+//! streams and logits; the attention's transient split-key scratch (at most 64 MiB) is not counted.
 //!
-//! GPUs default to T = 512 and 4096 and N = 64; CPU adapters to T = 32 and N = 4. Override with
-//! `WGTRAIN_BENCH_T` (comma-separated) and `WGTRAIN_BENCH_DECODE`; `cargo bench --bench model --
-//! 0.5B` runs one model.
+//! GPUs default to T = 512 and 4096, N = 64; CPU adapters to T = 32 and N = 4; B = 1, 8 and 32 on
+//! both. Override with `WGTRAIN_BENCH_T`, `WGTRAIN_BENCH_DECODE` and `WGTRAIN_BENCH_BATCH`
+//! (comma-separated lists); `cargo bench --bench model -- 0.5B` runs one model.
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -25,17 +27,22 @@ use common::{env_list, random_model};
 /// The sizes measured.
 const MODELS: [&str; 2] = ["0.5B", "1.5B"];
 
-/// Prefill `t` tokens, then decode `n`; the two durations.
-fn run(gpu: &Gpu, model: &Qwen2, t: usize, n: usize) -> Result<(Duration, Duration)> {
-    let vocab = model.config.vocab_size as u32;
-    let prompt: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % vocab).collect();
-    let mut cache = KvCache::new(gpu, model, t + n)?;
+/// Prefill `b` prompts of `t` tokens into their slots, then decode `n` steps of all `b`; the two
+/// durations.
+fn run(gpu: &Gpu, model: &Qwen2, b: usize, t: usize, n: usize) -> Result<(Duration, Duration)> {
+    let vocab = model.config.vocab_size;
+    let token = |i: usize| ((i * 7919) % vocab) as u32;
+    let mut cache = KvCache::with_slots(gpu, model, b, t + n)?;
     let start = Instant::now();
-    model.forward_cached(gpu, &mut cache, &prompt)?;
+    for s in 0..b {
+        let prompt: Vec<u32> = (0..t).map(|i| token(i + 31 * s)).collect();
+        model.prefill_slot(gpu, &mut cache, s, &prompt)?;
+    }
     let prefill = start.elapsed();
     let start = Instant::now();
     for i in 0..n {
-        model.forward_cached(gpu, &mut cache, &[(i * 31) as u32])?;
+        let ids: Vec<u32> = (0..b).map(|s| token(i * 31 + s)).collect();
+        model.decode_slots(gpu, &mut cache, &ids)?;
     }
     Ok((prefill, start.elapsed()))
 }
@@ -53,34 +60,52 @@ fn main() -> Result<()> {
     let cpu = gpu.is_cpu();
     let lengths = env_list("WGTRAIN_BENCH_T", if cpu { &[32] } else { &[512, 4096] });
     let decode = env_list("WGTRAIN_BENCH_DECODE", if cpu { &[4] } else { &[64] })[0];
+    let batches = env_list("WGTRAIN_BENCH_BATCH", &[1, 8, 32]);
     println!("device: {}", gpu.describe());
-    println!("random bf16 weights, all layers, real vocabulary; decode: {decode} tokens after the prompt\n");
-    println!("| model | T | prefill (ms) | prefill tok/s | decode tok/s | weights MiB | KV cache MiB | activations MiB | total MiB |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "random bf16 weights, all layers, real vocabulary; decode: {decode} steps after the prompts\n"
+    );
+    println!("| model | T | B | prefill (ms) | prefill tok/s | decode step (ms) | decode tok/s | vs B = 1 | weights MiB | KV cache MiB | activations MiB | total MiB |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for name in MODELS
         .into_iter()
         .filter(|m| filter.is_empty() || filter.iter().any(|f| f == m))
     {
         let model = random_model(&gpu, Qwen2Config::qwen25(name)?, false)?;
-        run(&gpu, &model, 8, 1)?; // compiles every pipeline
+        // Compiles every pipeline: prefill, and decode with the matrix-vector and tiled products.
+        run(&gpu, &model, 9, 8, 1)?;
         for &t in &lengths {
-            let (prefill, dec) = run(&gpu, &model, t, decode)?;
-            let c = &model.config;
-            let weights = model.device_bytes();
-            let cache = 2 * (c.num_hidden_layers * (t + decode) * c.kv_dim() * 4) as u64;
-            // Layer activations, two residual streams + the final norm, last-row logits.
-            let acts =
-                LayerActs::bytes(&model, t) + (3 * t * c.hidden_size * 4 + c.vocab_size * 4) as u64;
-            println!(
-                "| {name} | {t} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {} |",
-                prefill.as_secs_f64() * 1e3,
-                t as f64 / prefill.as_secs_f64(),
-                decode as f64 / dec.as_secs_f64(),
-                mib(weights),
-                mib(cache),
-                mib(acts),
-                mib(weights + cache + acts),
-            );
+            let mut single = None;
+            for &b in &batches {
+                let (prefill, dec) = run(&gpu, &model, b, t, decode)?;
+                let c = &model.config;
+                let weights = model.device_bytes();
+                let cache = KvCache::bytes(c, b, t + decode);
+                // Layer activations, two residual streams + the final norm, logits: the larger of
+                // a prefill (t rows, one logits row) and a decoding step (b rows, b logits rows).
+                let acts = |rows: usize, logits: usize| {
+                    LayerActs::bytes(&model, rows)
+                        + (3 * rows * c.hidden_size * 4 + logits * c.vocab_size * 4) as u64
+                };
+                let acts = acts(t, 1).max(acts(b, b));
+                let rate = (b * decode) as f64 / dec.as_secs_f64();
+                let speedup = single.map_or("".into(), |s: f64| format!("{:.2}x", rate / s));
+                if b == 1 {
+                    single = Some(rate);
+                }
+                println!(
+                    "| {} | {t} | {b} | {:.1} | {:.1} | {:.1} | {:.2} | {speedup} | {} | {} | {} | {} |",
+                    name,
+                    prefill.as_secs_f64() * 1e3,
+                    (b * t) as f64 / prefill.as_secs_f64(),
+                    dec.as_secs_f64() * 1e3 / decode as f64,
+                    rate,
+                    mib(weights),
+                    mib(cache),
+                    mib(acts),
+                    mib(weights + cache + acts),
+                );
+            }
         }
     }
     Ok(())

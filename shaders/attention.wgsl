@@ -4,9 +4,11 @@
 // side). Query i of a sequence sits at position tk - tq + i and sees keys 0..=tk - tq + i. Query head
 // h reads kv head h / G (G = hq / hkv).
 //
-// Variant constants (prepended): HEAD_DIM (64 or 128: the d loops unroll) and DECODE (attn_fwd only:
+// Variant constants (prepended): HEAD_DIM (64 or 128: the d loops unroll), DECODE (attn_fwd only:
 // rows are the G query heads of one kv head times a few queries, the grid splits the keys, and each
-// split writes a partial result that attn_merge combines).
+// split writes a partial result that attn_merge combines) and RAGGED (attn_fwd only: sequence b has
+// its own key count key_lens[b] <= tk, e.g. the slots of a batched KV cache; its queries are its last
+// tq positions).
 //
 // The score tiles are small register-blocked matrix products. 256 threads = 16 (ty) x 16 (tx);
 // thread (ty, tx) owns rows ty * RQ + a (a < RQ) and tile columns 4 tx + c (c < 4) of a score tile,
@@ -75,6 +77,7 @@ struct Params {
 @group(0) @binding(10) var<storage, read_write> dv: array<vec4<f32>>;
 @group(0) @binding(11) var<storage, read> part_out: array<vec4<f32>>;
 @group(0) @binding(12) var<storage, read> part_lse: array<f32>;
+@group(0) @binding(13) var<storage, read> key_lens: array<u32>;
 
 const RQ: u32 = select(4u, 1u, DECODE);
 const BQ: u32 = 16u * RQ;
@@ -95,6 +98,15 @@ const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
 
 var<workgroup> sm: array<vec4<f32>, SM4>;
+
+// Keys of sequence b: tk, or its own count when RAGGED. A read-only storage load is uniform, so the
+// key loops that depend on it may hold barriers.
+fn key_count(b: u32) -> u32 {
+    if RAGGED {
+        return key_lens[b];
+    }
+    return p.tk;
+}
 
 // Vec4 index of head h of query row (b, i) in a q-row chunk starting at global row q_row0.
 fn q_at(off: u32, b: u32, i: u32, h: u32) -> u32 {
@@ -262,7 +274,9 @@ fn attn_fwd(
         nrows = nq;
     }
     let hkv = select(head / g, head, DECODE);
-    let shift = p.tk - p.tq;
+    // Query i sits at key position shift + i; the causal bound below also stops at the sequence's
+    // last key.
+    let shift = key_count(b) - p.tq;
     kend = min(kend, shift + row_query(min(first + BQ, nrows) - 1u, g) + 1u);
     let merge = p.key_lo > split * p.split_keys;
 

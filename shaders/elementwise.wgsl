@@ -1,5 +1,5 @@
 // Elementwise and small reduction kernels: residual add, axpy, scale, bf16 <-> f32, bias-grad sums,
-// seeded dropout.
+// seeded dropout, row copies and scatters.
 // Flat kernels see one chunk of each tensor; `*_off` are element offsets inside the bound chunk.
 
 struct Params {
@@ -12,7 +12,8 @@ struct Params {
     cols: u32,
     rows: u32,
     // dropout: the mask's seed, its drop threshold (p·2³²) and the tensor-wide element index of
-    // element 0 of this launch.
+    // element 0 of this launch. scatter_rows: first is the global row of the bound out chunk's row
+    // 0 (and rows its row count).
     seed: u32,
     threshold: u32,
     first: u32,
@@ -25,6 +26,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 @group(0) @binding(4) var<storage, read> a_bf16: array<u32>;
 @group(0) @binding(5) var<storage, read_write> out_bf16: array<u32>;
+@group(0) @binding(6) var<storage, read> row_index: array<u32>;
 
 const WG: u32 = 256u;
 
@@ -114,4 +116,32 @@ fn dropout(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroup
         v += p.beta * out[o];
     }
     out[o] = v;
+}
+
+// out[out_off + i] = out[a_off + i]: a copy between two ranges of one chunk that do not overlap
+// (moving rows inside a tensor). One binding: a buffer cannot be bound read-only and read-write in
+// the same dispatch.
+@compute @workgroup_size(256)
+fn copy_within(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let i = gid.x + gid.y * nwg.x * WG;
+    if i >= p.n {
+        return;
+    }
+    out[p.out_off + i] = out[p.a_off + i];
+}
+
+// Row t / cols of a (from a_off) goes to global row row_index[b_off + t / cols] of out, written only
+// when that row lies in the bound out chunk (rows first .. first + rows): the indices live on the
+// device, so each chunk of out gets a launch that writes the rows landing in it.
+@compute @workgroup_size(256)
+fn scatter_rows(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
+    let t = gid.x + gid.y * nwg.x * WG;
+    if t >= p.n {
+        return;
+    }
+    let r = row_index[p.b_off + t / p.cols];
+    if r < p.first || r - p.first >= p.rows {
+        return;
+    }
+    out[p.out_off + (r - p.first) * p.cols + t % p.cols] = a[p.a_off + t];
 }

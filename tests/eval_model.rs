@@ -222,10 +222,14 @@ fn eval_on_aime24_uses_the_sky_t1_prompt_by_default() {
     assert_eq!(run["bench_problems"], 30);
 }
 
-/// Same rows as a fresh run except for timings.
+/// Same rows as a fresh run except for timings (of every sample).
 fn without_seconds(mut rows: Vec<Value>) -> Vec<Value> {
     for row in &mut rows {
         row.as_object_mut().unwrap().remove("seconds");
+        let samples = row.get_mut("more_samples").and_then(Value::as_array_mut);
+        for sample in samples.into_iter().flatten() {
+            sample.as_object_mut().unwrap().remove("seconds");
+        }
     }
     rows
 }
@@ -289,6 +293,37 @@ fn eval_resumes_after_finished_rows_and_refuses_other_runs() {
     std::fs::write(foreign.join("notes.txt"), "mine").unwrap();
     let err = eval_error(&bench, &foreign, &[]);
     assert!(err.contains("has no run.json"), "{err}");
+}
+
+/// Each (problem, sample) sequence has its own slot and sampler: the rows are the same whether
+/// the sequences are generated one at a time or together (greedy, and sampled), and so are the
+/// rows of a run resumed with another batch size.
+#[test]
+fn rows_do_not_depend_on_the_batch_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = write_bench(dir.path(), "tiny.jsonl");
+    let sampled = ["--samples", "2", "--temperature", "1.0", "--seed", "3"];
+    for (name, extra) in [("greedy", &[][..]), ("sampled", &sampled[..])] {
+        let run = |out: &str, batch_size: &str| {
+            let out = dir.path().join(format!("{name}-{out}"));
+            let args = [
+                extra,
+                &["--max-new-tokens", "6", "--batch-size", batch_size],
+            ]
+            .concat();
+            eval(&bench, &out, &args);
+            without_seconds(rows(&out))
+        };
+        let one = run("one", "1");
+        assert_eq!(one.len(), 4);
+        assert_eq!(run("all", "16"), one, "{name}");
+        let out = dir.path().join(format!("{name}-resumed"));
+        let args = [extra, &["--max-new-tokens", "6"]].concat();
+        eval(&bench, &out, &[&args[..], &["--limit", "1"]].concat());
+        let stdout = eval(&bench, &out, &[&args[..], &["--batch-size", "2"]].concat());
+        assert!(stdout.contains("(3 generated now, 1 resumed)"), "{stdout}");
+        assert_eq!(without_seconds(rows(&out)), one, "{name} resumed");
+    }
 }
 
 #[test]

@@ -1,11 +1,12 @@
-//! Attention: the CPU backward reference against finite differences of the CPU forward, and the
-//! GPU kernels (blocked and split-key forward, backward) against the CPU reference on odd shapes,
-//! with the default binding limit and with a tiny one that splits every tensor.
+//! Attention: the CPU backward reference against finite differences of the CPU forward, the ragged
+//! CPU forward against the plain one per sequence, and the GPU kernels (blocked and split-key
+//! forward, with and without per-sequence key counts; backward) against the CPU reference on odd
+//! shapes, with the default binding limit and with a tiny one that splits every tensor.
 mod common;
 use common::{assert_passed, gpu, split_gpu};
-use wgtrain_kernels::ops::attention::{self, cpu, AttentionDims, ForwardPath};
+use wgtrain_kernels::ops::attention::{self, cpu, AttentionDims, ForwardPath, KeyLens};
 use wgtrain_kernels::ops::{random, to_f64};
-use wgtrain_kernels::Gpu;
+use wgtrain_kernels::{DType, Gpu, Tensor};
 
 fn dims(b: usize, tq: usize, tk: usize, hq: usize, hkv: usize, head_dim: usize) -> AttentionDims {
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -128,6 +129,96 @@ fn decode_matches_cpu() {
             );
         }
     }
+}
+
+/// The ragged reference is the plain one run on each sequence alone with its own key count.
+#[test]
+fn cpu_ragged_forward_is_each_sequence_alone() {
+    let (cap, lens) = (6, [3, 6, 4]);
+    let d = AttentionDims {
+        batch_size: 3,
+        tq: 3,
+        tk: 6,
+        hq: 4,
+        hkv: 2,
+        head_dim: 3,
+        scale: 0.7,
+    };
+    let row = d.hq * d.head_dim;
+    let kv_row = d.hkv * d.head_dim;
+    let q = to_f64(&random(1, 3 * d.tq * row, 1.0));
+    let k = to_f64(&random(2, 3 * cap * kv_row, 1.0));
+    let v = to_f64(&random(3, 3 * cap * kv_row, 1.0));
+    let (out, lse) = cpu::forward_ragged(&q, &k, &v, &d, cap, &lens);
+    for (b, &len) in lens.iter().enumerate() {
+        let alone = AttentionDims {
+            batch_size: 1,
+            tk: len,
+            ..d
+        };
+        let qs = &q[b * d.tq * row..][..d.tq * row];
+        let (ks, vs) = (&k[b * cap * kv_row..], &v[b * cap * kv_row..]);
+        let (ks, vs) = (&ks[..len * kv_row], &vs[..len * kv_row]);
+        let (want_out, want_lse) = cpu::forward(qs, ks, vs, &alone, len);
+        assert_eq!(&out[b * d.tq * row..][..d.tq * row], &want_out[..], "{b}");
+        assert_eq!(&lse[b * d.tq * d.hq..][..d.tq * d.hq], &want_lse[..], "{b}");
+    }
+}
+
+/// Batched KV-cache slots of different lengths (1, equal to the capacity, around the 64-key
+/// tiles), one query (decode) or several (extending each slot), on both forward paths, whole and
+/// with every tensor split.
+#[test]
+fn ragged_forward_matches_cpu() {
+    let cases: [(AttentionDims, usize, &[usize]); 6] = [
+        (dims(4, 1, 70, 6, 2, 64), 70, &[1, 70, 64, 65]),
+        (dims(3, 1, 129, 7, 1, 128), 131, &[129, 1, 128]),
+        (dims(3, 3, 40, 4, 2, 128), 45, &[3, 40, 17]),
+        (dims(2, 33, 70, 2, 1, 64), 70, &[33, 70]),
+        (dims(2, 5, 66, 5, 1, 64), 66, &[66, 5]),
+        (dims(1, 5, 9, 4, 1, 64), 12, &[7]),
+    ];
+    let (gpu, tiny) = (gpu(), split_gpu(3584));
+    for (i, (d, cap, lens)) in cases.into_iter().enumerate() {
+        for on in [gpu, tiny] {
+            for path in [ForwardPath::Blocked, ForwardPath::SplitKeys] {
+                let checks = attention::check_forward_ragged(on, d, cap, lens, path, i as u64);
+                assert_passed(checks.unwrap());
+            }
+        }
+    }
+}
+
+#[test]
+fn ragged_forward_refuses_bad_shapes() {
+    let gpu = gpu();
+    let d = dims(2, 3, 10, 2, 2, 64);
+    let t = |rows, cols| Tensor::zeros(gpu, &[rows, cols], DType::F32).unwrap();
+    let (q, out, lse, k, v) = (t(6, 128), t(6, 128), t(6, 2), t(20, 128), t(20, 128));
+    let run = |lens: &[u32], capacity| {
+        let lens = Tensor::from_u32(gpu, &[lens.len()], lens).unwrap();
+        let keys = KeyLens {
+            lens: &lens,
+            capacity,
+        };
+        let mut batch = gpu.batch();
+        attention::attention_forward_ragged(&mut batch, &q, &k, &v, &out, &lse, d, keys)
+            .map_err(|e| e.to_string())
+    };
+    run(&[3, 10], 10).unwrap();
+    // A capacity below tk, or more slots than k / v hold.
+    for capacity in [9, 11] {
+        let err = run(&[3, 10], capacity).unwrap_err();
+        assert!(
+            err.contains("does not hold 2 sequences of at least 10 keys"),
+            "{err}"
+        );
+    }
+    let err = run(&[3, 10, 4], 10).unwrap_err();
+    assert!(
+        err.contains("attention key lengths: expected shape [2]"),
+        "{err}"
+    );
 }
 
 fn backward_cases(gpu: &Gpu, shapes: Vec<AttentionDims>) {

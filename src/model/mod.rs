@@ -12,7 +12,9 @@ pub mod weights;
 pub use adapter::{Adapter, AdapterConfig, LoraPair, TargetModules};
 pub use backward::{Grads, Param};
 pub use config::{GenerationConfig, Qwen2Config, TorchDType, QWEN25_SIZES};
-pub use generate::{generate, GenerateOptions, Generation, StreamDecoder};
+pub use generate::{
+    generate, generate_batch, BatchEvent, BatchRequest, GenerateOptions, Generation, StreamDecoder,
+};
 pub use qwen2::{
     next_token_targets, KvCache, LayerActs, LoraDropout, LossSum, Proj, Qwen2, IGNORE,
 };

@@ -22,11 +22,13 @@ use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
-use wgtrain_kernels::ops::attention::{attention_forward, AttentionDims};
+use wgtrain_kernels::ops::attention::{
+    attention_forward, attention_forward_ragged, AttentionDims, KeyLens,
+};
 /// The target of an unsupervised position.
 pub use wgtrain_kernels::ops::cross_entropy::IGNORE;
 use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking};
-use wgtrain_kernels::ops::elementwise::{add, copy_rows};
+use wgtrain_kernels::ops::elementwise::{add, copy_rows, scatter_rows};
 use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_forward, Dropout, Lora};
 use wgtrain_kernels::ops::matmul::{matmul_forward, Gemm, Mat};
@@ -263,46 +265,141 @@ impl LayerActs {
     }
 }
 
-/// Keys and values of one sequence's past tokens, per layer [capacity, kv_dim] f32, after RoPE.
+/// Keys and values of past tokens, after RoPE: per layer [slots * capacity, kv_dim] f32, slot s
+/// holding one sequence of up to `capacity` tokens at rows s * capacity.., each slot of its own
+/// length. One slot serves [`Qwen2::forward_cached`]; batched generation decodes slots 0..B
+/// together and keeps its active sequences in the first slots ([`KvCache::move_slot`]).
 pub struct KvCache {
     k: Vec<Tensor>,
     v: Vec<Tensor>,
-    len: usize,
+    lens: Vec<usize>,
     capacity: usize,
 }
 
 impl KvCache {
+    /// A one-sequence cache.
     pub fn new(gpu: &Gpu, model: &Qwen2, capacity: usize) -> Result<KvCache> {
-        ensure!(capacity > 0, "a KV cache needs a positive capacity");
+        KvCache::with_slots(gpu, model, 1, capacity)
+    }
+
+    /// `slots` sequences of up to `capacity` tokens each.
+    pub fn with_slots(gpu: &Gpu, model: &Qwen2, slots: usize, capacity: usize) -> Result<KvCache> {
+        ensure!(
+            slots > 0 && capacity > 0,
+            "a KV cache needs a positive slot count and capacity, got {slots} x {capacity}"
+        );
         let c = &model.config;
         let tensors = || -> Result<Vec<Tensor>> {
             (0..c.num_hidden_layers)
-                .map(|_| Tensor::zeros(gpu, &[capacity, c.kv_dim()], DType::F32))
+                .map(|_| Tensor::zeros(gpu, &[slots * capacity, c.kv_dim()], DType::F32))
                 .collect()
         };
         Ok(KvCache {
             k: tensors()?,
             v: tensors()?,
-            len: 0,
+            lens: vec![0; slots],
             capacity,
         })
     }
 
-    /// Tokens cached so far.
+    /// Tokens cached in slot 0 (a one-sequence cache's sequence).
     pub fn len(&self) -> usize {
-        self.len
+        self.lens[0]
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
+    /// Tokens cached in each slot.
+    pub fn lens(&self) -> &[usize] {
+        &self.lens
+    }
+
+    /// Tokens one slot holds.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
     pub fn device_bytes(&self) -> u64 {
         self.k.iter().chain(&self.v).map(Tensor::device_bytes).sum()
+    }
+
+    /// Device bytes of a cache of `slots` x `capacity` tokens for `config`.
+    pub fn bytes(config: &Qwen2Config, slots: usize, capacity: usize) -> u64 {
+        (2 * config.num_hidden_layers * slots * capacity * config.kv_dim() * 4) as u64
+    }
+
+    /// Forgets slot `slot`'s tokens (the next prefill overwrites its rows).
+    pub fn clear(&mut self, slot: usize) {
+        self.lens[slot] = 0;
+    }
+
+    /// Moves the tokens of slot `from` into the empty slot `to`, leaving `from` empty: batched
+    /// generation fills the hole a finished sequence leaves with its last active one, so the
+    /// active sequences stay slots 0..B and cost nothing once finished.
+    pub fn move_slot(&mut self, gpu: &Gpu, from: usize, to: usize) -> Result<()> {
+        let slots = self.lens.len();
+        ensure!(
+            from < slots && to < slots && from != to && self.lens[to] == 0,
+            "cannot move KV cache slot {from} into slot {to} ({slots} slots, lengths {:?})",
+            self.lens
+        );
+        let (len, cap) = (self.lens[from], self.capacity);
+        let mut batch = gpu.batch();
+        for t in self.k.iter().chain(&self.v) {
+            copy_rows(&mut batch, t, from * cap..from * cap + len, t, to * cap)?;
+        }
+        batch.submit();
+        self.lens[to] = len;
+        self.lens[from] = 0;
+        Ok(())
+    }
+
+    /// Where `seq_len` new tokens of each slot in `slots` go, checked to fit. A step that reads
+    /// cached keys (any slot non-empty) runs slots 0..B in order: the attention's sequence b reads
+    /// slot b.
+    fn step(
+        &self,
+        gpu: &Gpu,
+        slots: &[usize],
+        seq_len: usize,
+    ) -> Result<(Vec<u32>, CacheStep<'_>)> {
+        let mut seen = vec![false; self.lens.len()];
+        for &s in slots {
+            ensure!(
+                s < seen.len() && !std::mem::replace(&mut seen[s], true),
+                "KV cache slots {slots:?}: each must be one of the {} slots, once",
+                seen.len()
+            );
+            ensure!(
+                self.lens[s] + seq_len <= self.capacity,
+                "KV cache slot {s} holds {} tokens; {} cached + {seq_len} new do not fit",
+                self.capacity,
+                self.lens[s]
+            );
+        }
+        let pasts: Vec<usize> = slots.iter().map(|&s| self.lens[s]).collect();
+        ensure!(
+            pasts.iter().all(|&p| p == 0) || slots.iter().enumerate().all(|(b, &s)| b == s),
+            "KV cache slots {slots:?}: extending cached sequences needs slots 0..{} in order",
+            slots.len()
+        );
+        let rows: Vec<u32> = slots
+            .iter()
+            .zip(&pasts)
+            .flat_map(|(&s, &past)| {
+                let first = s * self.capacity + past;
+                (first..first + seq_len).map(|r| r as u32)
+            })
+            .collect();
+        let lens: Vec<u32> = pasts.iter().map(|&p| (p + seq_len) as u32).collect();
+        let step = CacheStep {
+            cache: self,
+            rows: Tensor::from_u32(gpu, &[rows.len()], &rows)?,
+            lens: Tensor::from_u32(gpu, &[lens.len()], &lens)?,
+        };
+        Ok((pasts.iter().map(|&p| p as u32).collect(), step))
     }
 }
 
@@ -335,15 +432,26 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The rows of one forward: `batch_size` sequences of `seq_len` new tokens, each following `past`
-/// tokens already in `cache`.
+/// Where one forward writes its new keys and values in a KV cache.
+pub(crate) struct CacheStep<'a> {
+    pub(crate) cache: &'a KvCache,
+    /// u32 [rows]: the cache row of each new token.
+    pub(crate) rows: Tensor,
+    /// u32 [batch_size]: each sequence's keys after this step.
+    pub(crate) lens: Tensor,
+}
+
+/// The rows of one forward: `batch_size` sequences of `seq_len` new tokens, each following the
+/// tokens it already has in `cache`.
 pub(crate) struct Step<'a> {
     pub(crate) batch_size: usize,
     pub(crate) seq_len: usize,
+    /// Cached tokens of the longest sequence; 0 when every sequence starts empty, so that its new
+    /// keys are all it attends to.
     pub(crate) past: usize,
-    /// u32 [batch_size]: every entry `past` (RoPE positions start there).
+    /// u32 [batch_size]: each sequence's cached tokens (RoPE positions start there).
     pub(crate) starts: Tensor,
-    pub(crate) cache: Option<&'a KvCache>,
+    pub(crate) cache: Option<CacheStep<'a>>,
     /// Training only: None for inference.
     pub(crate) dropout: Option<LoraDropout>,
 }
@@ -586,12 +694,20 @@ impl Qwen2 {
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
-        match step.cache {
-            Some(cache) => {
-                copy_rows(batch, &a.k, &cache.k[l], step.past)?;
-                copy_rows(batch, &a.v, &cache.v[l], step.past)?;
-                attention_forward(batch, &a.q, &cache.k[l], &cache.v[l], &a.attn, &a.lse, dims)?;
+        if let Some(kv) = &step.cache {
+            scatter_rows(batch, &a.k, &kv.cache.k[l], &kv.rows)?;
+            scatter_rows(batch, &a.v, &kv.cache.v[l], &kv.rows)?;
+        }
+        match step.cache.as_ref().filter(|_| step.past > 0) {
+            Some(kv) => {
+                let keys = KeyLens {
+                    lens: &kv.lens,
+                    capacity: kv.cache.capacity,
+                };
+                let (k, v) = (&kv.cache.k[l], &kv.cache.v[l]);
+                attention_forward_ragged(batch, &a.q, k, v, &a.attn, &a.lse, dims, keys)?;
             }
+            // No cache, or every sequence starts empty: the new keys are all there is.
             None => attention_forward(batch, &a.q, &a.k, &a.v, &a.attn, &a.lse, dims)?,
         }
         proj(batch, Proj::O, &a.attn, &a.o)?;
@@ -606,13 +722,14 @@ impl Qwen2 {
     }
 
     /// Records embedding, every layer and the final norm over `ids` (`batch_size` sequences of
-    /// equal length, stacked); returns the normed final hidden states [rows, hidden].
+    /// equal length, stacked; with a cache, the next tokens of the sequences in the given slots);
+    /// returns the normed final hidden states [rows, hidden].
     fn record_hidden(
         &self,
         batch: &mut Batch,
         ids: &[u32],
         batch_size: usize,
-        cache: Option<&KvCache>,
+        cache: Option<(&KvCache, &[usize])>,
     ) -> Result<Tensor> {
         let gpu = batch.gpu;
         let (rows, h) = (ids.len(), self.config.hidden_size);
@@ -620,20 +737,24 @@ impl Qwen2 {
             rows > 0 && batch_size > 0 && rows % batch_size == 0,
             "{rows} tokens are not {batch_size} equal sequences"
         );
-        let past = cache.map_or(0, KvCache::len);
-        if let Some(cache) = cache {
-            ensure!(batch_size == 1, "a KV cache holds one sequence");
-            ensure!(
-                past + rows <= cache.capacity,
-                "the KV cache holds {} tokens; {past} cached + {rows} new do not fit",
-                cache.capacity
-            );
-        }
+        let seq_len = rows / batch_size;
+        let (starts, cache) = match cache {
+            Some((cache, slots)) => {
+                ensure!(
+                    slots.len() == batch_size,
+                    "{batch_size} sequences in {} KV cache slots",
+                    slots.len()
+                );
+                let (starts, step) = cache.step(gpu, slots, seq_len)?;
+                (starts, Some(step))
+            }
+            None => (vec![0; batch_size], None),
+        };
         let step = Step {
             batch_size,
-            seq_len: rows / batch_size,
-            past,
-            starts: Tensor::from_u32(gpu, &[batch_size], &vec![past as u32; batch_size])?,
+            seq_len,
+            past: starts.iter().copied().max().unwrap_or(0) as usize,
+            starts: Tensor::from_u32(gpu, &[batch_size], &starts)?,
             cache,
             dropout: None,
         };
@@ -684,14 +805,59 @@ impl Qwen2 {
         logits.to_f32(gpu)
     }
 
-    /// Runs `ids`, the next tokens of the cached sequence, appending their keys and values to the
-    /// cache; returns the logits of the last of them [vocab].
+    /// Runs `ids`, the next tokens of the sequence in slot 0 of `cache`, appending their keys and
+    /// values; returns the logits of the last of them [vocab].
     pub fn forward_cached(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        self.forward_slots(gpu, cache, &[0], ids)
+    }
+
+    /// Prefills the prompt `ids` into the empty slot `slot` of `cache` (it attends to its own keys
+    /// only); returns the logits of its last token [vocab].
+    pub fn prefill_slot(
+        &self,
+        gpu: &Gpu,
+        cache: &mut KvCache,
+        slot: usize,
+        ids: &[u32],
+    ) -> Result<Vec<f32>> {
+        ensure!(
+            cache.lens.get(slot) == Some(&0),
+            "KV cache slot {slot} is not an empty slot (lengths {:?})",
+            cache.lens
+        );
+        self.forward_slots(gpu, cache, &[slot], ids)
+    }
+
+    /// One decoding step of the sequences in slots 0..ids.len(): `ids[b]` is slot b's next token.
+    /// The rows run through every matrix product together, and one attention launch reads each
+    /// slot's own cached keys. Returns the next-token logits [ids.len(), vocab].
+    pub fn decode_slots(&self, gpu: &Gpu, cache: &mut KvCache, ids: &[u32]) -> Result<Vec<f32>> {
+        let slots: Vec<usize> = (0..ids.len()).collect();
+        self.forward_slots(gpu, cache, &slots, ids)
+    }
+
+    /// The next `ids.len() / slots.len()` tokens of each sequence in `slots` (one token each, or
+    /// one sequence: the logits rows are then contiguous); the logits of each one's last token.
+    fn forward_slots(
+        &self,
+        gpu: &Gpu,
+        cache: &mut KvCache,
+        slots: &[usize],
+        ids: &[u32],
+    ) -> Result<Vec<f32>> {
+        let n = slots.len();
+        ensure!(
+            n == 1 || ids.len() == n,
+            "{} tokens for {n} KV cache slots: several slots take one token each",
+            ids.len()
+        );
         let mut batch = gpu.batch();
-        let hidden = self.record_hidden(&mut batch, ids, 1, Some(cache))?;
-        let logits = self.record_logits(&mut batch, &hidden, ids.len() - 1..ids.len())?;
+        let hidden = self.record_hidden(&mut batch, ids, n, Some((cache, slots)))?;
+        let logits = self.record_logits(&mut batch, &hidden, ids.len() - n..ids.len())?;
         batch.submit();
-        cache.len += ids.len();
+        for &s in slots {
+            cache.lens[s] += ids.len() / n;
+        }
         logits.to_f32(gpu)
     }
 

@@ -3,7 +3,9 @@
 //! Activations are [B * T, H * D] (B sequences of T rows stacked; a row holds one token's heads side
 //! by side): q and out [B * tq, hq * D], k and v [B * tk, hkv * D], lse [B * tq, hq]. Query head h
 //! reads kv head h / (hq / hkv). Query i of a sequence sits at position tk - tq + i and sees keys
-//! 0..=tk - tq + i, so tq = tk is training / prefill and tq < tk extends a KV cache.
+//! 0..=tk - tq + i, so tq = tk is training / prefill and tq < tk extends a KV cache. With
+//! [`KeyLens`] each sequence has its own key count in place of tk (the slots of a batched KV cache
+//! decoded together), read by the forward kernels from a u32 [B] buffer.
 //!
 //! - Forward, blocked: a workgroup takes 64 queries of one head and streams 64-key tiles through
 //!   workgroup memory with an online softmax; scores, probabilities and the output accumulators
@@ -127,6 +129,19 @@ impl AttentionDims {
     }
 }
 
+/// Per-sequence key counts of a batched KV cache: sequence b's queries are the last tq of its
+/// `lens[b]` keys, so query i sees keys 0..lens[b] - tq + i (inclusive). `AttentionDims::tk` is then
+/// the longest (it sizes the key splits and bounds the keys read).
+#[derive(Clone, Copy)]
+pub struct KeyLens<'a> {
+    /// u32 [B], each in tq..=tk. Not read back: a count outside that range gives wrong results
+    /// (never an out-of-bounds read).
+    pub lens: &'a Tensor,
+    /// Rows of k / v per sequence (>= tk): sequence b's keys start at row b * capacity. k / v may
+    /// hold more rows than B * capacity (slots past the B sequences of this call).
+    pub capacity: usize,
+}
+
 /// Which forward kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ForwardPath {
@@ -136,19 +151,21 @@ pub enum ForwardPath {
     SplitKeys,
 }
 
-fn kernel(entry: &'static str, head_dim: usize, decode: bool) -> Kernel {
+fn kernel(entry: &'static str, head_dim: usize, decode: bool, ragged: bool) -> Kernel {
     Kernel::new(&ATTENTION, entry)
         .with("HEAD_DIM", Const::U32(head_dim as u32))
         .with("DECODE", Const::Bool(decode))
+        .with("RAGGED", Const::Bool(ragged))
 }
 
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
     for d in [64, 128] {
-        all.push(kernel("attn_fwd", d, false));
-        all.push(kernel("attn_fwd", d, true));
+        for (decode, ragged) in [(false, false), (true, false), (false, true), (true, true)] {
+            all.push(kernel("attn_fwd", d, decode, ragged));
+        }
         for entry in ["attn_merge", "attn_bwd_prep", "attn_bwd_dq", "attn_bwd_dkv"] {
-            all.push(kernel(entry, d, false));
+            all.push(kernel(entry, d, false, false));
         }
     }
     all
@@ -233,7 +250,8 @@ fn expect_f32(role: &str, t: &Tensor, rows: usize, cols: usize) -> Result<()> {
     t.expect(role, &[rows, cols], Some(DType::F32))
 }
 
-/// Checks q / out / lse / k / v and returns the rows per sequence of k and v (>= tk).
+/// Checks q / out / lse / k / v (and the key counts) and returns the rows per sequence of k and v
+/// (>= tk).
 fn check_forward_shapes(
     dims: &AttentionDims,
     q: &Tensor,
@@ -241,22 +259,35 @@ fn check_forward_shapes(
     v: &Tensor,
     out: &Tensor,
     lse: &Tensor,
+    keys: Option<&KeyLens>,
 ) -> Result<usize> {
     dims.validate()?;
     let (b, d) = (dims.batch_size, dims.head_dim);
     expect_f32("attention q", q, b * dims.tq, dims.hq * d)?;
     expect_f32("attention out", out, b * dims.tq, dims.hq * d)?;
     expect_f32("attention lse", lse, b * dims.tq, dims.hq)?;
-    let kv_cap = k.shape().first().copied().unwrap_or(0) / b;
-    if kv_cap < dims.tk {
+    let kv_rows = k.shape().first().copied().unwrap_or(0);
+    let kv_cap = match keys {
+        Some(keys) => {
+            keys.lens
+                .expect("attention key lengths", &[b], Some(DType::U32))?;
+            if keys.lens.chunks().len() > 1 {
+                bail!("attention key lengths: {b} counts do not fit one storage binding");
+            }
+            keys.capacity
+        }
+        None => kv_rows / b,
+    };
+    if kv_cap < dims.tk || kv_rows < b * kv_cap {
         bail!(
-            "attention k: {:?} holds fewer than {} keys per sequence",
+            "attention k: {:?} does not hold {b} sequences of at least {} keys",
             k.shape(),
             dims.tk
         );
     }
-    expect_f32("attention k", k, b * kv_cap, dims.hkv * d)?;
-    expect_f32("attention v", v, b * kv_cap, dims.hkv * d)?;
+    let kv_rows = if keys.is_some() { kv_rows } else { b * kv_cap };
+    expect_f32("attention k", k, kv_rows, dims.hkv * d)?;
+    expect_f32("attention v", v, kv_rows, dims.hkv * d)?;
     Ok(kv_cap)
 }
 
@@ -274,10 +305,37 @@ pub fn attention_forward(
     lse: &Tensor,
     dims: AttentionDims,
 ) -> Result<()> {
-    attention_forward_with(batch, q, k, v, out, lse, dims, ForwardPath::Auto)
+    attention_forward_with(batch, q, k, v, out, lse, dims, None, ForwardPath::Auto)
 }
 
-/// [`attention_forward`] with the kernel chosen by the caller (tests run both on every shape).
+/// [`attention_forward`] over sequences with their own key counts (`keys`): B slots of a batched
+/// KV cache, each of its own length, decoded or extended together in one launch.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_forward_ragged(
+    batch: &mut Batch,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dims: AttentionDims,
+    keys: KeyLens,
+) -> Result<()> {
+    attention_forward_with(
+        batch,
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dims,
+        Some(keys),
+        ForwardPath::Auto,
+    )
+}
+
+/// [`attention_forward`] or [`attention_forward_ragged`] with the kernel chosen by the caller
+/// (tests run both on every shape).
 #[allow(clippy::too_many_arguments)]
 pub fn attention_forward_with(
     batch: &mut Batch,
@@ -287,9 +345,10 @@ pub fn attention_forward_with(
     out: &Tensor,
     lse: &Tensor,
     dims: AttentionDims,
+    keys: Option<KeyLens>,
     path: ForwardPath,
 ) -> Result<()> {
-    let kv_cap = check_forward_shapes(&dims, q, k, v, out, lse)?;
+    let kv_cap = check_forward_shapes(&dims, q, k, v, out, lse, keys.as_ref())?;
     let rows = dims.batch_size * dims.tq;
     let q_pieces = pieces(
         &row_segments(rows, &[q, out, lse]),
@@ -307,7 +366,14 @@ pub fn attention_forward_with(
         if let Some(split_keys) = decode_split_keys(batch.gpu, &dims) {
             let tensors = [q, k, v, out, lse];
             return forward_split_keys(
-                batch, tensors, &dims, kv_cap, &q_pieces, &kv_pieces, split_keys,
+                batch,
+                tensors,
+                keys.map(|keys| keys.lens),
+                &dims,
+                kv_cap,
+                &q_pieces,
+                &kv_pieces,
+                split_keys,
             );
         }
         if path == ForwardPath::SplitKeys {
@@ -317,7 +383,7 @@ pub fn attention_forward_with(
             );
         }
     }
-    let fwd = kernel("attn_fwd", dims.head_dim, false);
+    let fwd = kernel("attn_fwd", dims.head_dim, false, keys.is_some());
     // Key chunks in order, so that each sequence's first keys are written before later ones merge.
     for kp in &kv_pieces {
         for qp in &q_pieces {
@@ -338,6 +404,7 @@ pub fn attention_forward_with(
                 v.row(kp.row0).buffer,
                 out.row(qp.row0).buffer,
                 lse.row(qp.row0).buffer,
+                key_lens_buffer(keys.map(|keys| keys.lens), q, qp),
             ];
             let groups = [
                 (qp.hi - qp.lo).div_ceil(BLOCK_Q) as u32,
@@ -348,6 +415,12 @@ pub fn attention_forward_with(
         }
     }
     Ok(())
+}
+
+/// The buffer bound to `key_lens`: the counts, or (not RAGGED) q's chunk, never read — naga counts
+/// a binding under a const-false branch as used. Counts are one binding (4 bytes per sequence).
+fn key_lens_buffer<'t>(lens: Option<&'t Tensor>, q: &'t Tensor, qp: &Piece) -> &'t wgpu::Buffer {
+    lens.map_or(q.row(qp.row0).buffer, |lens| &lens.chunks()[0])
 }
 
 /// Whether `path` asks for the split-key forward.
@@ -376,9 +449,11 @@ fn decode_split_keys(gpu: &Gpu, dims: &AttentionDims) -> Option<usize> {
     Some(dims.tk.div_ceil(splits).next_multiple_of(BLOCK_K))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn forward_split_keys(
     batch: &mut Batch,
     [q, k, v, out, lse]: [&Tensor; 5],
+    key_lens: Option<&Tensor>,
     dims: &AttentionDims,
     kv_cap: usize,
     q_pieces: &[Piece],
@@ -392,7 +467,7 @@ fn forward_split_keys(
     // The splits' vec4 partial outputs and f32 partial lse.
     let part_out = Tensor::scratch(batch.gpu, n_splits * slot_out * 4)?;
     let part_lse = Tensor::scratch(batch.gpu, n_splits * slot_lse)?;
-    let fwd = kernel("attn_fwd", dims.head_dim, true);
+    let fwd = kernel("attn_fwd", dims.head_dim, true, key_lens.is_some());
     for kp in kv_pieces {
         let split_first = kp.lo / split_keys;
         let splits = (kp.hi - 1) / split_keys + 1 - split_first;
@@ -420,12 +495,13 @@ fn forward_split_keys(
                 v.row(kp.row0).buffer,
                 &part_out.chunks()[0],
                 &part_lse.chunks()[0],
+                key_lens_buffer(key_lens, q, qp),
             ];
             let groups = [splits as u32, (dims.hkv * row_blocks) as u32, count as u32];
             batch.dispatch(&fwd, &params, &buffers, groups)?;
         }
     }
-    let merge = kernel("attn_merge", dims.head_dim, false);
+    let merge = kernel("attn_merge", dims.head_dim, false, false);
     for seg in row_segments(rows, &[out, lse]) {
         let n = (seg.len() * dims.hq * d4) as u32;
         let params = Params {
@@ -474,7 +550,7 @@ pub fn attention_backward(
     dv: &Tensor,
     dims: AttentionDims,
 ) -> Result<()> {
-    let kv_cap = check_forward_shapes(&dims, q, k, v, out, lse)?;
+    let kv_cap = check_forward_shapes(&dims, q, k, v, out, lse, None)?;
     if kv_cap != dims.tk {
         bail!(
             "attention backward: k / v must hold exactly tk = {} rows per sequence",
@@ -489,7 +565,7 @@ pub fn attention_backward(
     expect_f32("attention dv", dv, b * dims.tk, dims.hkv * d)?;
     let drow = Tensor::zeros(batch.gpu, &[rows, dims.hq], DType::F32)?;
 
-    let prep = kernel("attn_bwd_prep", d, false);
+    let prep = kernel("attn_bwd_prep", d, false, false);
     for seg in row_segments(rows, &[out, dout, &drow]) {
         let n = (seg.len() * dims.hq) as u32;
         let params = Params {
@@ -531,7 +607,7 @@ pub fn attention_backward(
     };
 
     // dq: key chunks in order (the first writes, later ones add).
-    let dq_kernel = kernel("attn_bwd_dq", d, false);
+    let dq_kernel = kernel("attn_bwd_dq", d, false, false);
     let q_pieces = q_pieces_of(&[q, lse, dout, &drow, dq]);
     for kp in &kv_pieces_of(&[k, v]) {
         for qp in &q_pieces {
@@ -558,7 +634,7 @@ pub fn attention_backward(
     }
 
     // dk, dv: query chunks in order (the first writes, later ones add).
-    let dkv_kernel = kernel("attn_bwd_dkv", d, false);
+    let dkv_kernel = kernel("attn_bwd_dkv", d, false, false);
     let kv_pieces = kv_pieces_of(&[k, v, dk, dv]);
     for qp in &q_pieces_of(&[q, lse, dout, &drow]) {
         for kp in &kv_pieces {
@@ -592,13 +668,15 @@ pub fn attention_backward(
 pub mod cpu {
     use super::AttentionDims;
 
-    /// Softmax probabilities of query row (b, i) and head h over keys 0..=tk - tq + i (k / v with
-    /// `kv_cap` rows per sequence).
+    /// Softmax probabilities of query row (b, i) and head h over keys 0..=keys - tq + i, `keys`
+    /// being the sequence's key count (k / v with `kv_cap` rows per sequence).
+    #[allow(clippy::too_many_arguments)]
     fn probabilities(
         q: &[f64],
         k: &[f64],
         dims: &AttentionDims,
         kv_cap: usize,
+        keys: usize,
         b: usize,
         i: usize,
         h: usize,
@@ -606,7 +684,7 @@ pub mod cpu {
         let d = dims.head_dim;
         let hk = h / dims.group();
         let qrow = &q[((b * dims.tq + i) * dims.hq + h) * d..][..d];
-        let visible = dims.tk - dims.tq + i + 1;
+        let visible = keys - dims.tq + i + 1;
         let scores: Vec<f64> = (0..visible)
             .map(|j| {
                 let krow = &k[((b * kv_cap + j) * dims.hkv + hk) * d..][..d];
@@ -627,6 +705,18 @@ pub mod cpu {
         dims: &AttentionDims,
         kv_cap: usize,
     ) -> (Vec<f64>, Vec<f64>) {
+        forward_ragged(q, k, v, dims, kv_cap, &vec![dims.tk; dims.batch_size])
+    }
+
+    /// [`forward`] with sequence b's own key count `lens[b]` (in tq..=kv_cap) in place of tk.
+    pub fn forward_ragged(
+        q: &[f64],
+        k: &[f64],
+        v: &[f64],
+        dims: &AttentionDims,
+        kv_cap: usize,
+        lens: &[usize],
+    ) -> (Vec<f64>, Vec<f64>) {
         let d = dims.head_dim;
         let rows = dims.batch_size * dims.tq;
         let mut out = vec![0.0; rows * dims.hq * d];
@@ -634,7 +724,7 @@ pub mod cpu {
         for b in 0..dims.batch_size {
             for i in 0..dims.tq {
                 for h in 0..dims.hq {
-                    let (p, l) = probabilities(q, k, dims, kv_cap, b, i, h);
+                    let (p, l) = probabilities(q, k, dims, kv_cap, lens[b], b, i, h);
                     let row = (b * dims.tq + i) * dims.hq + h;
                     lse[row] = l;
                     for (j, pj) in p.iter().enumerate() {
@@ -665,7 +755,7 @@ pub mod cpu {
         for b in 0..dims.batch_size {
             for i in 0..dims.tq {
                 for h in 0..dims.hq {
-                    let (p, _) = probabilities(q, k, dims, tk, b, i, h);
+                    let (p, _) = probabilities(q, k, dims, tk, tk, b, i, h);
                     let row = ((b * dims.tq + i) * dims.hq + h) * d;
                     let kv = |j: usize| ((b * tk + j) * dims.hkv + h / dims.group()) * d;
                     let g = &dout[row..][..d];
@@ -709,18 +799,73 @@ pub fn check_forward(
     path: ForwardPath,
     seed: u64,
 ) -> Result<Vec<Check>> {
+    forward_checks(gpu, dims, kv_cap, None, path, seed)
+}
+
+/// [`check_forward`] with per-sequence key counts `lens` (each in tq..=tk), k / v holding one
+/// spare slot of `kv_cap` rows past the B sequences, as a batched KV cache whose last slots are
+/// free does.
+pub fn check_forward_ragged(
+    gpu: &Gpu,
+    dims: AttentionDims,
+    kv_cap: usize,
+    lens: &[usize],
+    path: ForwardPath,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    if lens.len() != dims.batch_size || lens.iter().any(|&l| l < dims.tq || l > dims.tk) {
+        bail!(
+            "attention check: key counts {lens:?} are not {} values in tq..=tk of {}",
+            dims.batch_size,
+            dims.label()
+        );
+    }
+    forward_checks(gpu, dims, kv_cap, Some(lens), path, seed)
+}
+
+fn forward_checks(
+    gpu: &Gpu,
+    dims: AttentionDims,
+    kv_cap: usize,
+    lens: Option<&[usize]>,
+    path: ForwardPath,
+    seed: u64,
+) -> Result<Vec<Check>> {
     let (b, d) = (dims.batch_size, dims.head_dim);
-    let (qv, kv, vv) = inputs(&dims, kv_cap, seed);
+    let slots = b + usize::from(lens.is_some());
+    let (mut qv, kv, vv) = inputs(
+        &AttentionDims {
+            batch_size: slots,
+            ..dims
+        },
+        kv_cap,
+        seed,
+    );
+    qv.truncate(b * dims.tq * dims.hq * d);
     let q = Tensor::from_f32(gpu, &[b * dims.tq, dims.hq * d], &qv)?;
-    let k = Tensor::from_f32(gpu, &[b * kv_cap, dims.hkv * d], &kv)?;
-    let v = Tensor::from_f32(gpu, &[b * kv_cap, dims.hkv * d], &vv)?;
+    let k = Tensor::from_f32(gpu, &[slots * kv_cap, dims.hkv * d], &kv)?;
+    let v = Tensor::from_f32(gpu, &[slots * kv_cap, dims.hkv * d], &vv)?;
     let out = Tensor::zeros(gpu, &[b * dims.tq, dims.hq * d], DType::F32)?;
     let lse = Tensor::zeros(gpu, &[b * dims.tq, dims.hq], DType::F32)?;
+    let lens_tensor = lens
+        .map(|l| Tensor::from_u32(gpu, &[b], &l.iter().map(|&x| x as u32).collect::<Vec<_>>()))
+        .transpose()?;
+    let keys = lens_tensor.as_ref().map(|lens| KeyLens {
+        lens,
+        capacity: kv_cap,
+    });
     let mut batch = gpu.batch();
-    attention_forward_with(&mut batch, &q, &k, &v, &out, &lse, dims, path)?;
+    attention_forward_with(&mut batch, &q, &k, &v, &out, &lse, dims, keys, path)?;
     batch.submit();
-    let (want_out, want_lse) =
-        cpu::forward(&to_f64(&qv), &to_f64(&kv), &to_f64(&vv), &dims, kv_cap);
+    let all_keys = vec![dims.tk; b];
+    let (want_out, want_lse) = cpu::forward_ragged(
+        &to_f64(&qv),
+        &to_f64(&kv),
+        &to_f64(&vv),
+        &dims,
+        kv_cap,
+        lens.unwrap_or(&all_keys),
+    );
     let mut shape = format!(
         "{} {}",
         dims.label(),
@@ -732,6 +877,9 @@ pub fn check_forward(
     );
     if kv_cap > dims.tk {
         shape += &format!(" cap{kv_cap}");
+    }
+    if let Some(lens) = lens {
+        shape += &format!(" lens{lens:?}");
     }
     Ok(vec![
         Check {
@@ -809,6 +957,14 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
         ForwardPath::SplitKeys,
         2,
     )?);
+    checks.extend(check_forward_ragged(
+        gpu,
+        dims(3, 1, 70, 7, 1, 128),
+        75,
+        &[1, 70, 33],
+        ForwardPath::SplitKeys,
+        4,
+    )?);
     checks.extend(check_backward(gpu, dims(1, 33, 33, 4, 2, 128), 3)?);
     Ok(checks)
 }
@@ -846,7 +1002,7 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
         let label = format!("{} T={t} hq={} hkv={} D={d}", shape.name, dims.hq, dims.hkv);
         let flops = 2.0 * (dims.hq * t * t * d) as f64;
         let time = crate::bench::time(gpu, config.reps, |b| {
-            attention_forward_with(b, &q, &k, &v, &out, &lse, dims, ForwardPath::Blocked)
+            attention_forward_with(b, &q, &k, &v, &out, &lse, dims, None, ForwardPath::Blocked)
         })?;
         results.push(BenchResult {
             kernel: "attention_forward".into(),

@@ -1,5 +1,7 @@
-//! Residual add, axpby, bf16 <-> f32 conversion, bias-gradient sums and seeded dropout
-//! (`shaders/elementwise.wgsl`).
+//! Residual add, axpby, bf16 <-> f32 conversion, bias-gradient sums, seeded dropout, row copies and
+//! scatters (`shaders/elementwise.wgsl`).
+use std::ops::Range;
+
 use anyhow::{bail, Result};
 use bytemuck::{Pod, Zeroable};
 
@@ -36,6 +38,8 @@ pub fn variants() -> Vec<Kernel> {
         "f32_to_bf16",
         "sum_rows",
         "dropout",
+        "copy_within",
+        "scatter_rows",
     ]
     .into_iter()
     .map(|entry| Kernel::new(&ELEMENTWISE, entry))
@@ -110,37 +114,51 @@ pub fn axpby(batch: &mut Batch, alpha: f32, a: &Tensor, beta: f32, out: &Tensor)
     Ok(())
 }
 
-/// Copies the rows of `src` into rows `dst_row..dst_row + src.rows()` of `dst` (f32, same row
-/// length), e.g. appending new keys and values to a KV cache. Runs the `add` kernel with
-/// `alpha = 1, beta = 0`, walking the row ranges inside one chunk of both tensors.
-pub fn copy_rows(batch: &mut Batch, src: &Tensor, dst: &Tensor, dst_row: usize) -> Result<()> {
-    let (rows, cols) = (src.rows(), src.row_len());
+/// Copies rows `src_rows` of `src` into rows `dst_row..` of `dst` (f32, same row length), e.g.
+/// moving a KV-cache slot. `src` and `dst` may be one tensor if the two ranges do not overlap.
+/// Walks the row ranges inside one chunk of both: `add` (alpha = 1, beta = 0) copies between two
+/// chunks, `copy_within` inside one.
+pub fn copy_rows(
+    batch: &mut Batch,
+    src: &Tensor,
+    src_rows: Range<usize>,
+    dst: &Tensor,
+    dst_row: usize,
+) -> Result<()> {
+    let (rows, cols) = (src_rows.len(), src.row_len());
     if src.dtype() != DType::F32
         || dst.dtype() != DType::F32
         || dst.row_len() != cols
+        || src_rows.end > src.rows()
         || dst_row + rows > dst.rows()
     {
         bail!(
-            "copy_rows: cannot copy f32 {:?} into rows {dst_row}.. of {:?} {:?}",
+            "copy_rows: cannot copy rows {src_rows:?} of f32 {:?} into rows {dst_row}.. of {:?} {:?}",
             src.shape(),
             dst.shape(),
             dst.dtype()
         );
     }
-    let mut cuts: Vec<usize> = src
-        .chunk_starts()
-        .chain(
-            dst.chunk_starts()
-                .filter(|&s| s > dst_row)
-                .map(|s| s - dst_row),
-        )
-        .filter(|&r| r < rows)
+    if src.chunks()[0] == dst.chunks()[0]
+        && src_rows.start < dst_row + rows
+        && dst_row < src_rows.end
+    {
+        bail!(
+            "copy_rows: rows {src_rows:?} and {dst_row}..{} of one tensor overlap",
+            dst_row + rows
+        );
+    }
+    // Chunk boundaries of either range, relative to its start.
+    let mut cuts: Vec<usize> = [(src, src_rows.start), (dst, dst_row)]
+        .iter()
+        .flat_map(|&(t, first)| t.chunk_starts().filter_map(move |s| s.checked_sub(first)))
+        .filter(|&r| r > 0 && r < rows)
         .collect();
     cuts.extend([0, rows]);
     cuts.sort_unstable();
     cuts.dedup();
     for w in cuts.windows(2) {
-        let (rs, rd) = (src.row(w[0]), dst.row(dst_row + w[0]));
+        let (rs, rd) = (src.row(src_rows.start + w[0]), dst.row(dst_row + w[0]));
         let n = ((w[1] - w[0]) * cols) as u32;
         let params = Params {
             n,
@@ -151,12 +169,56 @@ pub fn copy_rows(batch: &mut Batch, src: &Tensor, dst: &Tensor, dst_row: usize) 
             ..Default::default()
         };
         let groups = linear_groups(batch.gpu, n.div_ceil(WG));
-        batch.dispatch(
-            &Kernel::new(&ELEMENTWISE, "add"),
-            &params,
-            &[rs.buffer, rs.buffer, rd.buffer],
-            groups,
-        )?;
+        if rs.buffer == rd.buffer {
+            let kernel = Kernel::new(&ELEMENTWISE, "copy_within");
+            batch.dispatch(&kernel, &params, &[rd.buffer], groups)?;
+        } else {
+            let kernel = Kernel::new(&ELEMENTWISE, "add");
+            batch.dispatch(&kernel, &params, &[rs.buffer, rs.buffer, rd.buffer], groups)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes row i of `src` [n, cols] into row `rows[i]` of `dst` (f32, same row length; `rows` u32
+/// [n], distinct rows of `dst`), e.g. appending each sequence's new keys at its own slot of a
+/// batched KV cache. The indices stay on the device (out-of-range ones write nothing), so every
+/// chunk of `dst` gets one launch per chunk of `src`.
+pub fn scatter_rows(batch: &mut Batch, src: &Tensor, dst: &Tensor, rows: &Tensor) -> Result<()> {
+    let cols = src.row_len();
+    if src.dtype() != DType::F32 || dst.dtype() != DType::F32 || dst.row_len() != cols {
+        bail!(
+            "scatter_rows: cannot scatter f32 {:?} into {:?} {:?}",
+            src.shape(),
+            dst.shape(),
+            dst.dtype()
+        );
+    }
+    rows.expect("scatter_rows rows", &[src.rows()], Some(DType::U32))?;
+    let kernel = Kernel::new(&ELEMENTWISE, "scatter_rows");
+    for seg in row_segments(src.rows(), &[src]) {
+        let rs = src.row(seg.start);
+        let n = (seg.len() * cols) as u32;
+        let mut first = 0;
+        while first < dst.rows() {
+            let chunk = dst.chunk_rows(first);
+            let rd = dst.row(chunk.start);
+            let params = Params {
+                n,
+                a_off: rs.offset,
+                b_off: seg.start as u32,
+                out_off: rd.offset,
+                cols: cols as u32,
+                rows: chunk.len() as u32,
+                first: chunk.start as u32,
+                ..Default::default()
+            };
+            let groups = linear_groups(batch.gpu, n.div_ceil(WG));
+            // A 1-D index tensor is one row, so one chunk.
+            let buffers = [rs.buffer, rd.buffer, &rows.chunks()[0]];
+            batch.dispatch(&kernel, &params, &buffers, groups)?;
+            first = chunk.end;
+        }
     }
     Ok(())
 }
@@ -314,6 +376,29 @@ pub mod cpu {
             .collect()
     }
 
+    /// `dst` with row i of `src` written at row `rows[i]`.
+    pub fn scatter_rows(src: &[f64], dst: &[f64], rows: &[u32], cols: usize) -> Vec<f64> {
+        let mut out = dst.to_vec();
+        for (row, &r) in src.chunks(cols).zip(rows) {
+            out[r as usize * cols..][..cols].copy_from_slice(row);
+        }
+        out
+    }
+
+    /// `dst` with rows `src_rows` of `src` copied to rows `dst_row..`.
+    pub fn copy_rows(
+        src: &[f64],
+        src_rows: std::ops::Range<usize>,
+        dst: &[f64],
+        dst_row: usize,
+        cols: usize,
+    ) -> Vec<f64> {
+        let mut out = dst.to_vec();
+        let n = src_rows.len() * cols;
+        out[dst_row * cols..][..n].copy_from_slice(&src[src_rows.start * cols..][..n]);
+        out
+    }
+
     pub fn sum_rows(a: &[f64], cols: usize) -> Vec<f64> {
         let mut out = vec![0.0; cols];
         for row in a.chunks(cols) {
@@ -342,12 +427,19 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
         p: 0.3,
         seed: seed as u32 ^ 0x9e37_79b9,
     };
+    // Moves: b's first half past its second half inside one tensor, and a's rows 1.. to the top of
+    // a copy of b.
+    let half = rows / 2;
+    let moved = Tensor::from_f32(gpu, &shape, &bv)?;
+    let copied = Tensor::from_f32(gpu, &shape, &bv)?;
     let mut batch = gpu.batch();
     add(&mut batch, &a, &b, &sum, 1.0, 1.0)?;
     axpby(&mut batch, 0.5, &a, -2.0, &acc)?;
     sum_rows(&mut batch, &a, &bias, 2.0, 1.0)?;
     convert(&mut batch, &a_bf16, &widened)?;
     dropout(&mut batch, &a, &dropped, &mask, 0.5)?;
+    copy_rows(&mut batch, &moved, 0..half, &moved, rows - half)?;
+    copy_rows(&mut batch, &a, 1..rows, &copied, 0)?;
     batch.submit();
     let (a64, b64) = (to_f64(&av), to_f64(&bv));
     let label = format!("{rows}x{cols}");
@@ -380,12 +472,54 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
             tolerance: 1e-6,
         },
         Check {
+            kernel: "copy_rows (one tensor)".into(),
+            shape: label.clone(),
+            max_err: max_error(
+                &moved.to_f32(gpu)?,
+                &cpu::copy_rows(&b64, 0..half, &b64, rows - half, cols),
+            ),
+            tolerance: 0.0,
+        },
+        Check {
+            kernel: "copy_rows".into(),
+            shape: label.clone(),
+            max_err: max_error(
+                &copied.to_f32(gpu)?,
+                &cpu::copy_rows(&a64, 1..rows, &b64, 0, cols),
+            ),
+            tolerance: 0.0,
+        },
+        Check {
             kernel: "bf16_to_f32".into(),
             shape: label.clone(),
             max_err: max_error(&widened.to_f32(gpu)?, &to_f64(&round_bf16(&av))),
             tolerance: 0.0,
         },
     ];
+    // a's rows to the odd rows of a [2 rows, cols] tensor, last first (the u32 [rows] index is one
+    // binding, so this runs where it fits).
+    if rows * 4 <= gpu.max_binding_bytes as usize {
+        let index: Vec<u32> = (0..rows).map(|i| (2 * (rows - i) - 1) as u32).collect();
+        let before = random(seed + 2, 2 * n, 1.0);
+        let scattered = Tensor::from_f32(gpu, &[2 * rows, cols], &before)?;
+        let mut batch = gpu.batch();
+        scatter_rows(
+            &mut batch,
+            &a,
+            &scattered,
+            &Tensor::from_u32(gpu, &[rows], &index)?,
+        )?;
+        batch.submit();
+        checks.push(Check {
+            kernel: "scatter_rows".into(),
+            shape: label.clone(),
+            max_err: max_error(
+                &scattered.to_f32(gpu)?,
+                &cpu::scatter_rows(&a64, &to_f64(&before), &index, cols),
+            ),
+            tolerance: 0.0,
+        });
+    }
     if cols.is_multiple_of(2) {
         let narrowed = Tensor::zeros(gpu, &shape, DType::BF16)?;
         let mut batch = gpu.batch();
