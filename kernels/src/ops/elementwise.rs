@@ -91,6 +91,23 @@ pub fn add(
 /// `out = alpha * a + beta * out` in place (f32, same shape).
 pub fn axpby(batch: &mut Batch, alpha: f32, a: &Tensor, beta: f32, out: &Tensor) -> Result<()> {
     same_shape("axpby", a, out)?;
+    launch_unary(batch, "axpby", a, out, |_| Params {
+        alpha,
+        beta,
+        ..Default::default()
+    })
+}
+
+/// Runs the flat kernel `entry`, which reads `a` and writes `out` (same shape, f32) one element per
+/// thread, over the chunk segments the two share; `params(first)` fills in what the entry needs
+/// besides the segment's size and offsets, given the tensor-wide index of its first element.
+fn launch_unary(
+    batch: &mut Batch,
+    entry: &'static str,
+    a: &Tensor,
+    out: &Tensor,
+    params: impl Fn(u32) -> Params,
+) -> Result<()> {
     let cols = a.row_len();
     for seg in row_segments(a.rows(), &[a, out]) {
         let (ra, ro) = (a.row(seg.start), out.row(seg.start));
@@ -99,13 +116,11 @@ pub fn axpby(batch: &mut Batch, alpha: f32, a: &Tensor, beta: f32, out: &Tensor)
             n,
             a_off: ra.offset,
             out_off: ro.offset,
-            alpha,
-            beta,
-            ..Default::default()
+            ..params((seg.start * cols) as u32)
         };
         let groups = linear_groups(batch.gpu, n.div_ceil(WG));
         batch.dispatch(
-            &Kernel::new(&ELEMENTWISE, "axpby"),
+            &Kernel::new(&ELEMENTWISE, entry),
             &params,
             &[ra.buffer, ro.buffer],
             groups,
@@ -336,30 +351,14 @@ pub fn dropout(
     if a.numel() > u32::MAX as usize {
         bail!("dropout: {:?} has more than 2^32 elements", a.shape());
     }
-    let cols = a.row_len();
-    for seg in row_segments(a.rows(), &[a, out]) {
-        let (ra, ro) = (a.row(seg.start), out.row(seg.start));
-        let n = (seg.len() * cols) as u32;
-        let params = Params {
-            n,
-            a_off: ra.offset,
-            out_off: ro.offset,
-            alpha: 1.0 / (1.0 - mask.p),
-            beta,
-            seed: mask.seed,
-            threshold: mask.threshold(),
-            first: (seg.start * cols) as u32,
-            ..Default::default()
-        };
-        let groups = linear_groups(batch.gpu, n.div_ceil(WG));
-        batch.dispatch(
-            &Kernel::new(&ELEMENTWISE, "dropout"),
-            &params,
-            &[ra.buffer, ro.buffer],
-            groups,
-        )?;
-    }
-    Ok(())
+    launch_unary(batch, "dropout", a, out, |first| Params {
+        alpha: 1.0 / (1.0 - mask.p),
+        beta,
+        seed: mask.seed,
+        threshold: mask.threshold(),
+        first,
+        ..Default::default()
+    })
 }
 
 pub mod cpu {
