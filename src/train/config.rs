@@ -285,7 +285,7 @@ impl TrainConfig {
         flags: TrainSettings,
         file: Option<(TrainSettings, Vec<String>)>,
     ) -> Result<TrainConfig> {
-        let (base, warnings) = file.unwrap_or_default();
+        let (base, mut warnings) = file.unwrap_or_default();
         let s = flags.over(base);
         let demo = s.model.is_none() && s.data.is_empty();
         ensure!(
@@ -314,6 +314,21 @@ impl TrainConfig {
                     s.init_adapter.is_none(),
                     "--init-adapter (adapter_name_or_path) needs --adapter lora"
                 );
+                let lora_only: Vec<&str> = [
+                    ("--lora-rank (lora_rank)", s.lora_rank.is_some()),
+                    ("--lora-alpha (lora_alpha)", s.lora_alpha.is_some()),
+                    ("--lora-dropout (lora_dropout)", s.lora_dropout.is_some()),
+                    ("--lora-target (lora_target)", !s.lora_target.is_empty()),
+                ]
+                .into_iter()
+                .filter_map(|(name, set)| set.then_some(name))
+                .collect();
+                if !lora_only.is_empty() {
+                    warnings.push(format!(
+                        "{} ignored: full fine-tuning trains every weight (--adapter lora uses them)",
+                        lora_only.join(", ")
+                    ));
+                }
                 Method::Full
             }
             AdapterKind::Lora => {
@@ -1062,6 +1077,25 @@ mod tests {
             let err = format!("{:#}", resolve_datasets(name, &data).unwrap_err());
             assert!(err.contains(needle), "{name}: {err}");
         }
+    }
+
+    #[test]
+    fn lora_settings_under_full_finetuning_are_reported() {
+        let s = TrainSettings {
+            adapter: Some(AdapterKind::Full),
+            lora_dropout: Some(0.1),
+            lora_target: vec!["q_proj".into()],
+            ..TrainSettings::default()
+        };
+        let c = TrainConfig::resolve(s, None).unwrap();
+        assert_eq!(c.method, Method::Full);
+        assert!(
+            c.warnings.iter().any(|w| w.contains("--lora-dropout")
+                && w.contains("--lora-target")
+                && !w.contains("--lora-rank")),
+            "{:?}",
+            c.warnings
+        );
     }
 
     #[test]
