@@ -2,7 +2,7 @@
 //! (`Qwen2Config::qwen25`: all layers, real vocabulary) with random weights, so nothing is
 //! downloaded:
 //! - LoRA r 64 (alpha 128) on all 7 projections of every layer, over the frozen bf16 model
-//!   (0.5B, 1.5B, 3B, 7B);
+//!   (0.5B, 1.5B, 3B, 7B, 14B, 32B);
 //! - full fine-tuning with f32 master weights (0.5B, 1.5B).
 //!
 //! A step is the trainer's ([`wgtrain::train::step`]) for one micro-batch of one row of T tokens
@@ -43,12 +43,14 @@ const RANK: usize = 64;
 
 /// (model, method) pairs benchmarked: `true` is full fine-tuning. Timed runs default to the first
 /// [`TIMED_CASES`] (the others need more memory than a CPU adapter's host or most GPUs have).
-const CASES: [(&str, bool); 6] = [
+const CASES: [(&str, bool); 8] = [
     ("0.5B", false),
     ("1.5B", false),
     ("0.5B", true),
     ("3B", false),
     ("7B", false),
+    ("14B", false),
+    ("32B", false),
     ("1.5B", true),
 ];
 const TIMED_CASES: usize = 3;

@@ -8,11 +8,13 @@ use serde_json::{Map, Value};
 
 /// The Qwen2.5 checkpoints' sizes: (name, [hidden, intermediate, layers, heads, KV heads,
 /// vocabulary], tied embeddings). See [`Qwen2Config::qwen25`].
-pub const QWEN25_SIZES: [(&str, [usize; 6], bool); 4] = [
+pub const QWEN25_SIZES: [(&str, [usize; 6], bool); 6] = [
     ("0.5B", [896, 4864, 24, 14, 2, 151936], true),
     ("1.5B", [1536, 8960, 28, 12, 2, 151936], true),
     ("3B", [2048, 11008, 36, 16, 2, 151936], true),
     ("7B", [3584, 18944, 28, 28, 4, 152064], false),
+    ("14B", [5120, 13824, 48, 40, 8, 152064], false),
+    ("32B", [5120, 27648, 64, 40, 8, 152064], false),
 ];
 
 /// Storage dtype the checkpoint was saved in (`torch_dtype`, or `dtype` in newer transformers).
@@ -149,8 +151,8 @@ impl Qwen2Config {
         Ok(config)
     }
 
-    /// The config of a Qwen2.5 checkpoint by size name (`QWEN25_SIZES`: "0.5B", "1.5B", "3B",
-    /// "7B"): benchmarks and memory estimates at real shapes without a download. The sizes are the
+    /// The config of a Qwen2.5 checkpoint by size name (`QWEN25_SIZES`: "0.5B" to "32B", the
+    /// paper's student): benchmarks and memory estimates at real shapes without a download. The sizes are the
     /// checkpoints'; token ids and sliding-window fields, which no tensor depends on, are left out.
     pub fn qwen25(name: &str) -> Result<Qwen2Config> {
         let Some(&(_, [hidden, inter, layers, heads, kv_heads, vocab], tied)) =
@@ -333,7 +335,7 @@ mod tests {
         assert_eq!(Qwen2Config::qwen25("0.5B").unwrap().head_dim, 64);
         let err = Qwen2Config::qwen25("13B").unwrap_err().to_string();
         assert!(
-            err.contains("\"13B\"") && err.contains("0.5B, 1.5B, 3B, 7B"),
+            err.contains("\"13B\"") && err.contains("0.5B, 1.5B, 3B, 7B, 14B, 32B"),
             "{err}"
         );
     }
