@@ -2,7 +2,7 @@
 //! trainer's step: zero grads, forward + backward, gradient norm, AdamW) on a dry-run device,
 //! which allocates every tensor and executes nothing; zero weights, so nothing is uploaded.
 //! The target: a LoRA step at T = 16384 fits in 8 GiB.
-use wgtrain::model::{Grads, LayerActs, Qwen2, Qwen2Config};
+use wgtrain::model::{Grads, LayerActs, LoraDropout, Qwen2, Qwen2Config};
 use wgtrain::train::config::{LoraSettings, OptimizerKind, OptimizerSettings, LORA_TARGETS};
 use wgtrain::train::step::{gradients, new_moments, update, MemoryReport, MicroBatch};
 use wgtrain::train::trainer::new_adapter;
@@ -19,7 +19,7 @@ fn dry_gpu() -> Gpu {
 }
 
 /// One AdamW step on one row of `t` tokens, every target supervised.
-fn step(gpu: &Gpu, model: &Qwen2, t: usize) -> MemoryReport {
+fn step(gpu: &Gpu, model: &Qwen2, t: usize, dropout: Option<LoraDropout>) -> MemoryReport {
     let grads = Grads::new(gpu, model).unwrap();
     let params = grads.params(model);
     let moments = new_moments(gpu, &params, OptimizerKind::Adamw).unwrap();
@@ -37,7 +37,7 @@ fn step(gpu: &Gpu, model: &Qwen2, t: usize) -> MemoryReport {
     gpu.reset_peak();
     let micro = MicroBatch {
         rows: vec![(&ids, &targets)],
-        dropout: None,
+        dropout,
     };
     gradients(gpu, model, &grads, &[micro], &norm_sq).unwrap();
     let clip = Some((&norm_sq, 1.0));
@@ -64,6 +64,7 @@ fn qwen25_05b_lora_step_at_16k_tokens_fits_8_gib() {
     let gpu = dry_gpu();
     let config = Qwen2Config::qwen25("0.5B").unwrap();
     let (hidden, layers) = (config.hidden_size, config.num_hidden_layers);
+    let config_intermediate = config.intermediate_size;
     let mut model = Qwen2::zeroed(&gpu, config, false).unwrap();
     let lora = LoraSettings {
         rank: 64,
@@ -75,7 +76,7 @@ fn qwen25_05b_lora_step_at_16k_tokens_fits_8_gib() {
         .apply_adapter(&gpu, &new_adapter(&model, &lora, 0).unwrap())
         .unwrap();
     let t = 16384;
-    let r = step(&gpu, &model, t);
+    let r = step(&gpu, &model, t, None);
     eprintln!("{r}");
     // 494M bf16 weights (the tied embedding counted once) and 35M LoRA parameters, ×4 with grads
     // and moments.
@@ -89,6 +90,15 @@ fn qwen25_05b_lora_step_at_16k_tokens_fits_8_gib() {
     let floor = r.frozen + state + layer_inputs + LayerActs::bytes(&model, t);
     assert!(r.peak > floor, "{r:?}");
     assert!(r.peak <= 8 * GIB, "{r:?}");
+    // LoRA dropout adds its materialised inputs of one layer, and still fits.
+    let with_dropout = step(&gpu, &model, t, Some(LoraDropout { p: 0.1, seed: 1 }));
+    eprintln!("with LoRA dropout 0.1: {with_dropout}");
+    let one_layer_inputs = (t * (6 * hidden + config_intermediate) * 4) as u64;
+    assert!(
+        with_dropout.peak >= r.peak + one_layer_inputs / 2,
+        "{with_dropout:?}"
+    );
+    assert!(with_dropout.peak <= 8 * GIB, "{with_dropout:?}");
     if let Some(rss) = rss_bytes() {
         eprintln!("resident set: {} MiB", rss >> 20);
         assert!(
@@ -105,7 +115,7 @@ fn qwen25_05b_full_finetuning_at_4k_tokens_holds_weights_grads_and_moments() {
     let (hidden, layers) = (config.hidden_size, config.num_hidden_layers);
     let model = Qwen2::zeroed(&gpu, config, true).unwrap();
     let t = 4096;
-    let r = step(&gpu, &model, t);
+    let r = step(&gpu, &model, t, None);
     eprintln!("{r}");
     // f32 master weights are the trainable parameters: 494M × 4 bytes, and as much again for the
     // gradients and each AdamW moment.

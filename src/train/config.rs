@@ -138,7 +138,8 @@ pub struct TrainSettings {
     /// Write a checkpoint every N optimizer steps; 0 only at the end [default: 500].
     #[arg(long)]
     pub save_steps: Option<usize>,
-    /// Keep only the N most recent checkpoints, deleting older ones [default: keep all].
+    /// Keep only the N most recent checkpoints, deleting older ones; 0 keeps all [default: keep
+    /// all].
     #[arg(long)]
     pub save_total_limit: Option<usize>,
     /// Continue from this checkpoint directory, taking exactly the steps the uninterrupted run

@@ -9,10 +9,11 @@
 //! forward is 2 · r · (in + out) per token and projection; backward twice that).
 use crate::model::{Proj, Qwen2Config};
 
-/// What a step trains: every weight, or LoRA factors of rank r on `targets`.
-pub enum Trainable<'a> {
+/// What a step trains: every weight, or LoRA factors of the given rank on each projection that
+/// has one (by `Proj as usize`, as [`crate::model::Qwen2::lora_ranks`] reports them).
+pub enum Trainable {
     Full,
-    Lora { rank: usize, targets: &'a [Proj] },
+    Lora([Option<usize>; 7]),
 }
 
 /// Model FLOPs of one training pass over a row of `len` tokens.
@@ -34,13 +35,12 @@ pub fn row_flops(c: &Qwen2Config, trained: &Trainable, len: usize) -> f64 {
     let forward = matmul_forward + attention_forward;
     match trained {
         Trainable::Full => 3.0 * forward,
-        Trainable::Lora { rank, targets } => {
-            let adapter: f64 = targets
+        Trainable::Lora(ranks) => {
+            let adapter: f64 = Proj::ALL
                 .iter()
-                .map(|p| {
-                    let (out_f, in_f) = p.shape(c);
-                    2.0 * (*rank * (in_f + out_f)) as f64
-                })
+                .zip(ranks)
+                .filter_map(|(p, rank)| rank.map(|r| (p.shape(c), r)))
+                .map(|((out_f, in_f), r)| 2.0 * (r * (in_f + out_f)) as f64)
                 .sum();
             let adapter_forward = tokens * layers * adapter;
             2.0 * forward + 3.0 * adapter_forward
@@ -70,11 +70,10 @@ mod tests {
         // Two tokens: keys 1 + 2 = 3.
         let forward = 2.0 * 2.0 * (2.0 * dense + head) + 2.0 * 4.0 * 64.0 * 3.0;
         assert_eq!(row_flops(&c, &Trainable::Full, 2), 3.0 * forward);
-        let targets = [Proj::Q, Proj::Down];
-        let lora = Trainable::Lora {
-            rank: 4,
-            targets: &targets,
-        };
+        let mut ranks = [None; 7];
+        ranks[Proj::Q as usize] = Some(4);
+        ranks[Proj::Down as usize] = Some(4);
+        let lora = Trainable::Lora(ranks);
         let adapter = 2.0 * 4.0 * (128.0 + 224.0);
         assert_eq!(
             row_flops(&c, &lora, 2),

@@ -521,17 +521,9 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
             dir.display()
         ))
     ));
-    let lora_targets: Vec<Proj> = Proj::ALL
-        .into_iter()
-        .zip(model.lora_ranks())
-        .filter_map(|(p, r)| r.map(|_| p))
-        .collect();
     let trained_kind = match &config.method {
         Method::Full => Trainable::Full,
-        Method::Lora(lora) => Trainable::Lora {
-            rank: lora.rank,
-            targets: &lora_targets,
-        },
+        Method::Lora(_) => Trainable::Lora(model.lora_ranks()),
     };
     let peak_flops = peak_gflops()?.map(|g| g * 1e9);
     let start = Instant::now();
