@@ -4,8 +4,8 @@
 mod common;
 use common::{assert_passed, finite_differences, gpus};
 
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, Grad, IGNORE};
-use wgtrain_kernels::ops::{random, to_f64};
 use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
 
 fn case(tokens: usize, vocab: usize, dim: usize, w_bf16: bool, chunking: Chunking) -> Case {

@@ -3,8 +3,8 @@
 mod common;
 use common::{assert_passed, finite_differences, gpus};
 
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::matmul::{self, cpu};
-use wgtrain_kernels::ops::{random, to_f64};
 
 #[test]
 fn matmul_matches_cpu_on_odd_shapes() {

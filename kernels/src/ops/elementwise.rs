@@ -3,30 +3,31 @@
 use std::ops::Range;
 
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{max_error, random, round_bf16, to_f64, Check};
-use crate::bench::{self, BenchConfig, BenchResult, MODEL_SHAPES};
+use super::check::{max_error, random, round_bf16, to_f64, Check};
+use crate::bench::{self, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Kernel, ELEMENTWISE};
+use crate::shader::{params, Kernel, ELEMENTWISE};
 use crate::tensor::{row_segments, DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Default, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    a_off: u32,
-    b_off: u32,
-    out_off: u32,
-    alpha: f32,
-    beta: f32,
-    cols: u32,
-    rows: u32,
-    seed: u32,
-    threshold: u32,
-    first: u32,
-    pad: u32,
-}
+params!(
+    ELEMENTWISE,
+    #[derive(Default)]
+    struct Params {
+        n: u32,
+        a_off: u32,
+        b_off: u32,
+        out_off: u32,
+        alpha: f32,
+        beta: f32,
+        cols: u32,
+        rows: u32,
+        seed: u32,
+        threshold: u32,
+        first: u32,
+        pad: u32,
+    }
+);
 
 const WG: u32 = 256;
 
@@ -539,9 +540,9 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// Residual add at [T, hidden] for each model shape (bandwidth-bound: 3 f32 per element).
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
-    for shape in MODEL_SHAPES {
+    for &shape in &config.shapes {
         let dims = [config.seq_len, shape.hidden];
         let (a, b, out) = (
             Tensor::zeros(gpu, &dims, DType::F32)?,

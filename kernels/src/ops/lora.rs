@@ -19,11 +19,11 @@
 //! dx = dy·W + d(s·v·A), the mask applied to the adapter's part only (so no longer one launch).
 use anyhow::{ensure, Result};
 
+use super::check::{max_error, random, to_f64, Check};
 use super::elementwise::dropout;
 pub use super::elementwise::Dropout;
 use super::matmul::{self, bench_tensor, expect_f32_matrix, matrix, plus_scaled, weight, Gemm};
-use super::{max_error, random, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
+use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{Batch, Gpu};
 use crate::shader::Kernel;
 use crate::tensor::{DType, Tensor};
@@ -414,10 +414,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// Forward and backward (dx with the frozen path) of every projection at rank 64.
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let (m, r) = (config.seq_len, 64);
     let mut results = Vec::new();
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         for (name, n, k) in matmul::projections(&model) {
             let x = bench_tensor(gpu, &[m, k], DType::F32)?;
             let w = bench_tensor(gpu, &[n, k], DType::BF16)?;

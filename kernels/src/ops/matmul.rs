@@ -12,36 +12,36 @@
 use std::ops::Range;
 
 use anyhow::{bail, ensure, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{max_error, random, round_bf16, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, ModelShape, MODEL_SHAPES};
+use super::check::{max_error, random, round_bf16, to_f64, Check};
+use crate::bench::{time, BenchConfig, BenchResult, ModelShape};
 use crate::gpu::{Batch, Gpu};
-use crate::shader::{Const, Kernel, MATMUL};
+use crate::shader::{params, Const, Kernel, MATMUL};
 use crate::tensor::{DType, RowAt, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    k2: u32,
-    a_off: u32,
-    lda: u32,
-    b_off: u32,
-    ldb: u32,
-    c_off: u32,
-    ldc: u32,
-    bias_off: u32,
-    a2_off: u32,
-    lda2: u32,
-    b2_off: u32,
-    ldb2: u32,
-    alpha: f32,
-    alpha2: f32,
-    beta: f32,
-}
+params!(
+    MATMUL,
+    struct Params {
+        m: u32,
+        n: u32,
+        k: u32,
+        k2: u32,
+        a_off: u32,
+        lda: u32,
+        b_off: u32,
+        ldb: u32,
+        c_off: u32,
+        ldc: u32,
+        bias_off: u32,
+        a2_off: u32,
+        lda2: u32,
+        b2_off: u32,
+        ldb2: u32,
+        alpha: f32,
+        alpha2: f32,
+        beta: f32,
+    }
+);
 
 /// Output tile of the tiled kernel (rows, columns), and the workgroup edge of the naive one.
 const TILE: (usize, usize) = (32, 256);
@@ -763,7 +763,7 @@ pub(crate) fn bench_tensor(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<T
     }
 }
 
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let m = config.seq_len;
     let mut record = |kernel: &str,
@@ -782,7 +782,7 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
         });
         Ok(())
     };
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         for (name, n, k) in projections(&model) {
             let x = bench_tensor(gpu, &[m, k], DType::F32)?;
             let w = bench_tensor(gpu, &[n, k], DType::BF16)?;
@@ -837,9 +837,9 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
 
 /// Decode: `y = x·Wᵀ` for one token (M = 1, bf16 W) at every projection, with the kernel `run`
 /// picks (`gemv`) and, for comparison, the tiled one.
-pub fn bench_decode(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench_decode(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         for (name, n, k) in projections(&model) {
             let x = bench_tensor(gpu, &[1, k], DType::F32)?;
             let w = bench_tensor(gpu, &[n, k], DType::BF16)?;

@@ -4,27 +4,28 @@
 //! Per-row vectors such as `rstd` are 1-D tensors `[T]`, hence a single chunk (a [T] tensor larger
 //! than one binding cannot be created); the kernels index them by row.
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{elementwise, max_error, random, round_bf16, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
+use super::check::{max_error, random, round_bf16, to_f64, Check};
+use super::elementwise;
+use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Const, Kernel, RMSNORM};
+use crate::shader::{params, Const, Kernel, RMSNORM};
 use crate::tensor::{row_segments, DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    eps: f32,
-    beta: f32,
-    x_off: u32,
-    dy_off: u32,
-    out_off: u32,
-    rstd_off: u32,
-    block_rows: u32,
-}
+params!(
+    RMSNORM,
+    struct Params {
+        rows: u32,
+        cols: u32,
+        eps: f32,
+        beta: f32,
+        x_off: u32,
+        dy_off: u32,
+        out_off: u32,
+        rstd_off: u32,
+        block_rows: u32,
+    }
+);
 
 /// Columns per workgroup of `rmsnorm_dw_partial`.
 const DW_COLUMNS: u32 = 256;
@@ -329,10 +330,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 
 /// Forward, backward (dx only, accumulating: LoRA) and backward with dW (full fine-tuning) at
 /// [T, hidden] with a bf16 weight.
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let t = config.seq_len;
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         let d = model.hidden;
         let shape = [t, d];
         let x = Tensor::zeros(gpu, &shape, DType::F32)?;
