@@ -18,4 +18,4 @@ pub mod tensor;
 
 pub use gpu::{Backend, Batch, Gpu, GpuOptions, Memory};
 pub use ops::Check;
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Out, Tensor};

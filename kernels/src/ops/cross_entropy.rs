@@ -23,7 +23,7 @@ use super::matmul::{bench_tensor, plus_scaled, weight, Gemm, Mat};
 use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
 use crate::shader::{params, Kernel, CROSS_ENTROPY};
-use crate::tensor::{row_segments, DType, Tensor};
+use crate::tensor::{row_segments, DType, Out, Tensor};
 
 /// The target id of a token that is not supervised (prompt tokens, padding).
 pub const IGNORE: u32 = u32::MAX;
@@ -287,13 +287,6 @@ pub fn cross_entropy_forward(
     Ok(())
 }
 
-/// A gradient output: `tensor = gradient + beta·tensor` (beta = 0 writes, 1 accumulates).
-#[derive(Clone, Copy)]
-pub struct Grad<'a> {
-    pub tensor: &'a Tensor,
-    pub beta: f32,
-}
-
 /// Gradients of `grad_scale ·` (the summed loss) given forward's `lse`: into `dhidden` [T, D] and,
 /// for full fine-tuning, `dw_lm` [V, D] f32. `grad_scale` is 1 / (supervised tokens of the whole
 /// optimizer step) for a mean loss. Unsupervised rows get a zero dhidden.
@@ -305,8 +298,8 @@ pub fn cross_entropy_backward(
     targets: &Tensor,
     lse: &Tensor,
     grad_scale: f32,
-    dhidden: Grad,
-    dw_lm: Option<Grad>,
+    dhidden: Out,
+    dw_lm: Option<Out>,
     chunking: Chunking,
 ) -> Result<()> {
     let gpu = batch.gpu;
@@ -507,11 +500,8 @@ pub fn check_cross_entropy(gpu: &Gpu, case: Case, seed: u64) -> Result<Vec<Check
     cross_entropy_forward(
         &mut batch, &hidden, &w, &targets, &lse, &loss, &count, chunking,
     )?;
-    let dhidden_grad = Grad {
-        tensor: &dhidden,
-        beta: 1.0,
-    };
-    let dw_grad = dw.as_ref().map(|tensor| Grad { tensor, beta: 1.0 });
+    let dhidden_grad = Out::add(&dhidden);
+    let dw_grad = dw.as_ref().map(Out::add);
     cross_entropy_backward(
         &mut batch,
         &hidden,
@@ -614,20 +604,10 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             flops: gemm_flops,
             bytes,
         });
-        let dh = Grad {
-            tensor: &dhidden,
-            beta: 0.0,
-        };
+        let dh = Out::write(&dhidden);
         for (kernel, dw_lm, gemms) in [
             ("cross_entropy_backward", None, 2.0),
-            (
-                "cross_entropy_backward +dw_lm",
-                Some(Grad {
-                    tensor: &dw,
-                    beta: 0.0,
-                }),
-                3.0,
-            ),
+            ("cross_entropy_backward +dw_lm", Some(Out::write(&dw)), 3.0),
         ] {
             let t = time(gpu, config.reps, |batch| {
                 cross_entropy_backward(batch, &hidden, &w, &targets, &lse, 1.0, dh, dw_lm, chunking)

@@ -8,7 +8,7 @@ use super::check::{max_error, random, round_bf16, to_f64, Check};
 use crate::bench::{self, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
 use crate::shader::{params, Kernel, ELEMENTWISE};
-use crate::tensor::{row_segments, DType, Tensor};
+use crate::tensor::{row_segments, DType, Out, Tensor};
 
 params!(
     ELEMENTWISE,
@@ -275,9 +275,10 @@ pub fn convert(batch: &mut Batch, src: &Tensor, dst: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `out[c] = alpha * sum_r a[r, c] + beta * out[c]`: the bias gradient of a [rows, cols] output
-/// gradient (`beta = 1` accumulates across micro-batches).
-pub fn sum_rows(batch: &mut Batch, a: &Tensor, out: &Tensor, alpha: f32, beta: f32) -> Result<()> {
+/// `out[c] = alpha * sum_r a[r, c] (+ beta * out[c])`: the bias gradient of a [rows, cols] output
+/// gradient (accumulated across micro-batches with [`Out::add`]).
+pub fn sum_rows(batch: &mut Batch, a: &Tensor, out: Out, alpha: f32) -> Result<()> {
+    let Out { tensor: out, beta } = out;
     let cols = a.row_len();
     out.expect("sum_rows out", &[cols], Some(DType::F32))?;
     let ro = out.row(0);
@@ -337,14 +338,9 @@ fn pcg_hash(x: u32) -> u32 {
     (word >> 22) ^ word
 }
 
-/// `out = dropout(a) + beta * out` (f32, same shape, at most 2³² elements).
-pub fn dropout(
-    batch: &mut Batch,
-    a: &Tensor,
-    out: &Tensor,
-    mask: &Dropout,
-    beta: f32,
-) -> Result<()> {
+/// `out = dropout(a) (+ beta * out)` (f32, same shape, at most 2³² elements).
+pub fn dropout(batch: &mut Batch, a: &Tensor, out: Out, mask: &Dropout) -> Result<()> {
+    let Out { tensor: out, beta } = out;
     same_shape("dropout", a, out)?;
     if !(0.0..1.0).contains(&mask.p) {
         bail!("dropout probability must lie in [0, 1), got {}", mask.p);
@@ -435,9 +431,9 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
     let mut batch = gpu.batch();
     add(&mut batch, &a, &b, &sum, 1.0, 1.0)?;
     axpby(&mut batch, 0.5, &a, -2.0, &acc)?;
-    sum_rows(&mut batch, &a, &bias, 2.0, 1.0)?;
+    sum_rows(&mut batch, &a, Out::add(&bias), 2.0)?;
     convert(&mut batch, &a_bf16, &widened)?;
-    dropout(&mut batch, &a, &dropped, &mask, 0.5)?;
+    dropout(&mut batch, &a, Out::scaled(&dropped, 0.5), &mask)?;
     copy_rows(&mut batch, &moved, 0..half, &moved, rows - half)?;
     copy_rows(&mut batch, &a, 1..rows, &copied, 0)?;
     batch.submit();
