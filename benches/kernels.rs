@@ -2,8 +2,12 @@
 //! (`WGTRAIN_BACKEND` / `WGTRAIN_DEVICE` choose another; `WGTRAIN_BENCH_T`, `WGTRAIN_BENCH_REPS`
 //! size the runs; `WGTRAIN_PEAK_GFLOPS` — the device's FP32 peak — adds a % of peak column).
 //! Prints a Markdown table for docs/benchmarks.md.
+use wgtrain::model::Qwen2Config;
 use wgtrain_kernels::bench::BenchConfig;
 use wgtrain_kernels::{ops, Gpu};
+
+/// The Qwen2.5 sizes measured, smallest first.
+const SIZES: [&str; 3] = ["0.5B", "1.5B", "7B"];
 
 fn main() -> anyhow::Result<()> {
     // `cargo bench -- <family>...` runs only those families (matmul, attention, ...).
@@ -12,7 +16,11 @@ fn main() -> anyhow::Result<()> {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let gpu = Gpu::from_env()?;
-    let config = BenchConfig::for_gpu(&gpu);
+    let shapes = SIZES
+        .iter()
+        .map(|&name| Ok(Qwen2Config::qwen25(name)?.kernel_shape(name)))
+        .collect::<anyhow::Result<_>>()?;
+    let config = BenchConfig::for_gpu(&gpu, shapes);
     println!("device: {}", gpu.describe());
     println!(
         "sequence length {}, median of {} runs, GPU timestamps: {}\n",
@@ -31,7 +39,7 @@ fn main() -> anyhow::Result<()> {
         .filter(|(name, _)| filter.is_empty() || filter.iter().any(|f| f == name));
     for (_, bench) in selected {
         // Printed family by family: a full run takes minutes on a CPU adapter.
-        for r in bench(&gpu, config)? {
+        for r in bench(&gpu, &config)? {
             let gflops = if r.flops > 0.0 {
                 format!("{:.1}", r.gflops())
             } else {

@@ -5,7 +5,8 @@ use anyhow::Result;
 
 use crate::gpu::{Batch, Gpu};
 
-/// The dimensions of a Qwen2.5 model that set kernel shapes.
+/// The dimensions of a decoder model that set kernel shapes. The kernels crate knows no model:
+/// the caller names the shapes to measure (`benches/kernels.rs` takes Qwen2.5's from the model side).
 #[derive(Clone, Copy, Debug)]
 pub struct ModelShape {
     pub name: &'static str,
@@ -16,35 +17,6 @@ pub struct ModelShape {
     pub head_dim: usize,
     pub vocab: usize,
 }
-
-pub const QWEN25_0_5B: ModelShape = ModelShape {
-    name: "0.5B",
-    hidden: 896,
-    intermediate: 4864,
-    heads: 14,
-    kv_heads: 2,
-    head_dim: 64,
-    vocab: 151936,
-};
-pub const QWEN25_1_5B: ModelShape = ModelShape {
-    name: "1.5B",
-    hidden: 1536,
-    intermediate: 8960,
-    heads: 12,
-    kv_heads: 2,
-    head_dim: 128,
-    vocab: 151936,
-};
-pub const QWEN25_7B: ModelShape = ModelShape {
-    name: "7B",
-    hidden: 3584,
-    intermediate: 18944,
-    heads: 28,
-    kv_heads: 4,
-    head_dim: 128,
-    vocab: 152064,
-};
-pub const MODEL_SHAPES: [ModelShape; 3] = [QWEN25_0_5B, QWEN25_1_5B, QWEN25_7B];
 
 /// One measured kernel: median GPU time over the repetitions, and the work it did.
 #[derive(Clone, Debug)]
@@ -88,17 +60,19 @@ pub fn time(
     Ok(times[times.len() / 2])
 }
 
-/// Benchmark sizing: sequence length and repetitions. Full model shapes at T = 4096 take minutes
-/// per kernel on a CPU adapter, so CPU adapters default to a shorter sequence; `WGTRAIN_BENCH_T`
-/// and `WGTRAIN_BENCH_REPS` override.
-#[derive(Clone, Copy, Debug)]
+/// Benchmark sizing: the model shapes, sequence length and repetitions. Full model shapes at
+/// T = 4096 take minutes per kernel on a CPU adapter, so CPU adapters default to a shorter
+/// sequence; `WGTRAIN_BENCH_T` and `WGTRAIN_BENCH_REPS` override.
+#[derive(Clone, Debug)]
 pub struct BenchConfig {
+    /// Each family measures every shape (the smallest alone where one shape says enough).
+    pub shapes: Vec<ModelShape>,
     pub seq_len: usize,
     pub reps: usize,
 }
 
 impl BenchConfig {
-    pub fn for_gpu(gpu: &Gpu) -> BenchConfig {
+    pub fn for_gpu(gpu: &Gpu, shapes: Vec<ModelShape>) -> BenchConfig {
         let cpu = gpu.is_cpu();
         let env = |name: &str, default: usize| {
             std::env::var(name)
@@ -107,6 +81,7 @@ impl BenchConfig {
                 .unwrap_or(default)
         };
         BenchConfig {
+            shapes,
             seq_len: env("WGTRAIN_BENCH_T", if cpu { 128 } else { 4096 }),
             reps: env("WGTRAIN_BENCH_REPS", if cpu { 2 } else { 10 }),
         }

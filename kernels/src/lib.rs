@@ -6,7 +6,7 @@
 //!   allocate but execute nothing;
 //! - [`tensor`]: device tensors (f32, bf16 packed two per u32, u32 ids), split across several
 //!   buffers when larger than one storage binding;
-//! - [`bench`]: model shapes and GPU timing for `cargo bench`;
+//! - [`bench`]: GPU timing for `cargo bench`, at model shapes the caller names;
 //! - [`shader`]: the WGSL sources in `shaders/` and how a kernel variant is assembled from them;
 //! - [`ops`]: one module per kernel family, each with typed launchers, a CPU reference (`cpu`) and
 //!   the selftest cases `wgtrain selftest` runs.
@@ -18,4 +18,4 @@ pub mod tensor;
 
 pub use gpu::{Backend, Batch, Gpu, GpuOptions, Memory};
 pub use ops::Check;
-pub use tensor::{DType, Tensor};
+pub use tensor::{DType, Out, Tensor};

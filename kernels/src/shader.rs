@@ -102,3 +102,43 @@ impl Kernel {
         src
     }
 }
+
+/// A family's uniform parameter struct as Rust lays it out: the shader whose `struct Params` it
+/// mirrors, its members (name, byte offset, byte size) in declaration order and its size.
+/// `kernels/tests/params.rs` holds it against the WGSL struct through naga's layouter.
+#[derive(Debug)]
+pub struct ParamsLayout {
+    pub shader: &'static Shader,
+    pub members: Vec<(&'static str, usize, usize)>,
+    pub size: usize,
+}
+
+/// Declares a family's `Params`, the uniform its shader reads as `p` (plain `#[repr(C)]` Pod), and
+/// `params_layout()`, which describes it for the Rust/WGSL agreement test: the struct is written
+/// once in Rust and once in WGSL, and nothing but that test sees a member out of step.
+macro_rules! params {
+    ($shader:expr, $(#[$attr:meta])* struct Params {
+        $($(#[$doc:meta])* $field:ident: $ty:ty),* $(,)?
+    }) => {
+        #[repr(C)]
+        #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+        $(#[$attr])*
+        struct Params {
+            $($(#[$doc])* $field: $ty),*
+        }
+
+        /// This family's `Params` as Rust lays it out (see [`crate::shader::ParamsLayout`]).
+        pub fn params_layout() -> $crate::shader::ParamsLayout {
+            $crate::shader::ParamsLayout {
+                shader: &$shader,
+                members: vec![$((
+                    stringify!($field),
+                    std::mem::offset_of!(Params, $field),
+                    std::mem::size_of::<$ty>(),
+                )),*],
+                size: std::mem::size_of::<Params>(),
+            }
+        }
+    };
+}
+pub(crate) use params;

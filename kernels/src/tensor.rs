@@ -313,3 +313,30 @@ pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result
     staging.unmap();
     Ok(data)
 }
+
+/// Where a launcher puts a result: `tensor = result + beta · tensor`. Every launcher that can
+/// accumulate takes its outputs this way, so a call says at the call site whether it overwrites
+/// ([`Out::write`]) or adds ([`Out::add`]: gradients summed over micro-batches, chunks, or the
+/// several consumers of one activation).
+#[derive(Clone, Copy)]
+pub struct Out<'a> {
+    pub tensor: &'a Tensor,
+    pub beta: f32,
+}
+
+impl<'a> Out<'a> {
+    /// `tensor = result` (beta = 0).
+    pub fn write(tensor: &'a Tensor) -> Self {
+        Out { tensor, beta: 0.0 }
+    }
+
+    /// `tensor += result` (beta = 1).
+    pub fn add(tensor: &'a Tensor) -> Self {
+        Out { tensor, beta: 1.0 }
+    }
+
+    /// `tensor = result + beta · tensor`.
+    pub fn scaled(tensor: &'a Tensor, beta: f32) -> Self {
+        Out { tensor, beta }
+    }
+}

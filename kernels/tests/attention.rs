@@ -5,7 +5,7 @@
 mod common;
 use common::{assert_passed, gpu, split_gpu};
 use wgtrain_kernels::ops::attention::{self, cpu, AttentionDims, ForwardPath, KeyLens};
-use wgtrain_kernels::ops::{random, to_f64};
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
 fn dims(b: usize, tq: usize, tk: usize, hq: usize, hkv: usize, head_dim: usize) -> AttentionDims {

@@ -4,9 +4,9 @@
 mod common;
 use common::{assert_passed, finite_differences, gpus};
 
-use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, Grad, IGNORE};
-use wgtrain_kernels::ops::{random, to_f64};
-use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
+use wgtrain_kernels::ops::check::{random, to_f64};
+use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, IGNORE};
+use wgtrain_kernels::{DType, Gpu, GpuOptions, Out, Tensor};
 
 fn case(tokens: usize, vocab: usize, dim: usize, w_bf16: bool, chunking: Chunking) -> Case {
     Case {
@@ -127,10 +127,7 @@ fn ignored_tokens_add_nothing() {
         &mut batch, &hidden, &w, &targets, &lse, &loss, &count, chunking,
     )
     .unwrap();
-    let dh = Grad {
-        tensor: &dhidden,
-        beta: 0.0,
-    };
+    let dh = Out::write(&dhidden);
     cross_entropy::cross_entropy_backward(
         &mut batch, &hidden, &w, &targets, &lse, 1.0, dh, None, chunking,
     )

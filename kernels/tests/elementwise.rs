@@ -2,7 +2,7 @@
 mod common;
 use common::{gpus, split_gpu};
 use wgtrain_kernels::ops::elementwise;
-use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
+use wgtrain_kernels::{DType, Gpu, GpuOptions, Out, Tensor};
 
 #[test]
 fn elementwise_matches_cpu_whole_and_split() {
@@ -94,7 +94,7 @@ fn dropout_keeps_the_expected_fraction_with_independent_seeds() {
         let out = Tensor::zeros(gpu, &[rows, cols], DType::F32).unwrap();
         let mut batch = gpu.batch();
         let mask = elementwise::Dropout { p, seed };
-        elementwise::dropout(&mut batch, &ones, &out, &mask, 0.0).unwrap();
+        elementwise::dropout(&mut batch, &ones, Out::write(&out), &mask).unwrap();
         batch.submit();
         out.to_f32(gpu).unwrap()
     };
@@ -132,9 +132,8 @@ fn dropout_keeps_the_expected_fraction_with_independent_seeds() {
     let err = elementwise::dropout(
         &mut batch,
         &ones,
-        &ones,
+        Out::write(&ones),
         &elementwise::Dropout { p: 1.0, seed: 0 },
-        0.0,
     )
     .unwrap_err();
     assert!(err.to_string().contains("[0, 1)"), "{err}");

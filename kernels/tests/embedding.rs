@@ -3,8 +3,8 @@
 mod common;
 use common::{assert_passed, gpu, split_gpu};
 
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::embedding::{self, cpu, TokenIds};
-use wgtrain_kernels::ops::{random, to_f64};
 use wgtrain_kernels::{DType, Tensor};
 
 #[test]

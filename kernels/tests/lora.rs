@@ -4,8 +4,8 @@
 mod common;
 use common::{assert_passed, finite_differences, gpus};
 
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::lora::{self, cpu, Dims, Dropout};
-use wgtrain_kernels::ops::{random, to_f64};
 
 #[test]
 fn lora_matches_cpu_on_odd_shapes() {

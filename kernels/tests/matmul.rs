@@ -3,8 +3,9 @@
 mod common;
 use common::{assert_passed, finite_differences, gpus};
 
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::matmul::{self, cpu};
-use wgtrain_kernels::ops::{random, to_f64};
+use wgtrain_kernels::Out;
 
 #[test]
 fn matmul_matches_cpu_on_odd_shapes() {
@@ -85,10 +86,13 @@ fn launchers_reject_mismatched_shapes() {
     let err = matmul::matmul_forward(&mut batch, &t(&[4, 3]), &t(&[5, 2]), None, &t(&[4, 5]))
         .unwrap_err();
     assert!(err.to_string().contains("matmul_forward"), "{err}");
-    assert!(
-        matmul::matmul_backward_weight(&mut batch, &t(&[4, 5]), &t(&[4, 3]), &t(&[3, 5]), 0.0)
-            .is_err()
-    );
+    assert!(matmul::matmul_backward_weight(
+        &mut batch,
+        &t(&[4, 5]),
+        &t(&[4, 3]),
+        Out::write(&t(&[3, 5]))
+    )
+    .is_err());
 }
 
 /// Loss L = Σ g ⊙ (x·wᵀ + bias): dL/dx and dL/dw by central differences equal the references.

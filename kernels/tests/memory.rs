@@ -3,7 +3,7 @@
 //! execute nothing.
 use wgtrain_kernels::ops::lora::{lora_backward, Dropout, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::optim::grad_norm_sq;
-use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
+use wgtrain_kernels::{DType, Gpu, GpuOptions, Out, Tensor};
 
 fn open(dry_run: bool) -> Gpu {
     Gpu::new(&GpuOptions {
@@ -68,13 +68,11 @@ fn kept_temporaries_are_counted_until_submit() {
         dropout: None,
     };
     let grads = LoraGrads {
-        a: &da,
-        b: &db,
-        beta: 0.0,
+        a: Out::write(&da),
+        b: Out::write(&db),
     };
     let input = InputGrad {
-        dx: &dx,
-        beta: 0.0,
+        dx: Out::write(&dx),
         frozen: Some(&w),
     };
     lora_backward(&mut batch, &dy, &x, &u, &lora, &grads, Some(input)).unwrap();

@@ -4,8 +4,8 @@
 mod common;
 use common::{assert_passed, gpu, split_gpu};
 
+use wgtrain_kernels::ops::check::random;
 use wgtrain_kernels::ops::optim::{self, cpu, AdamW, Optimizer, TEST_ADAMW};
-use wgtrain_kernels::ops::random;
 use wgtrain_kernels::{DType, Tensor};
 
 /// Odd sizes that fit the split device (1-D tensors of at most 256 elements).

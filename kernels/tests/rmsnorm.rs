@@ -3,9 +3,9 @@
 mod common;
 use common::{assert_passed, finite_differences, gpu, split_gpu};
 
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::rmsnorm::{self, cpu};
-use wgtrain_kernels::ops::{random, to_f64};
-use wgtrain_kernels::{DType, Tensor};
+use wgtrain_kernels::{DType, Out, Tensor};
 
 #[test]
 fn matches_cpu_on_odd_shapes() {
@@ -78,8 +78,16 @@ fn weight_gradient_is_deterministic() {
         let dw = Tensor::zeros(gpu, &[cols], DType::F32).unwrap();
         let mut batch = gpu.batch();
         rmsnorm::rmsnorm_forward(&mut batch, &x, &w, 1e-6, &y, &rstd).unwrap();
-        rmsnorm::rmsnorm_backward(&mut batch, &dy, &x, &w, &rstd, &dx, 0.0, Some((&dw, 0.0)))
-            .unwrap();
+        rmsnorm::rmsnorm_backward(
+            &mut batch,
+            &dy,
+            &x,
+            &w,
+            &rstd,
+            Out::write(&dx),
+            Some(Out::write(&dw)),
+        )
+        .unwrap();
         batch.submit();
         (dx.to_bytes(gpu).unwrap(), dw.to_bytes(gpu).unwrap())
     };

@@ -2,8 +2,8 @@
 //! forward's transpose, and the reference against transformers' convention on a hand-made case.
 mod common;
 use common::{assert_passed, split_gpu};
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::rope::{self, cpu, rope_backward, rope_forward, Positions, Rope};
-use wgtrain_kernels::ops::{random, to_f64};
 use wgtrain_kernels::{Gpu, Tensor};
 
 fn run_cases(gpu: &Gpu) {

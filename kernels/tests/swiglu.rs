@@ -3,8 +3,8 @@
 mod common;
 use common::{assert_passed, gpu};
 
+use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::swiglu::{self, cpu};
-use wgtrain_kernels::ops::{random, to_f64};
 use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
 
 #[test]

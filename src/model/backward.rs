@@ -13,7 +13,7 @@ use std::path::Path;
 use anyhow::{ensure, Context, Result};
 use wgtrain_kernels::ops::attention::{attention_backward, AttentionDims};
 use wgtrain_kernels::ops::cross_entropy::{
-    cross_entropy_backward, cross_entropy_forward, Chunking, Grad,
+    cross_entropy_backward, cross_entropy_forward, Chunking,
 };
 use wgtrain_kernels::ops::elementwise::sum_rows;
 use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
@@ -22,7 +22,7 @@ use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight
 use wgtrain_kernels::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
 use wgtrain_kernels::ops::rope::{rope_backward, Positions};
 use wgtrain_kernels::ops::swiglu::swiglu_backward;
-use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
+use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
@@ -335,10 +335,7 @@ impl Qwen2 {
         batch.flush();
         let dhidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
         // The tied head's gradient goes to the embedding's, which the embedding backward adds to.
-        let dw_lm = full.map(|g| Grad {
-            tensor: g.lm_head.as_ref().unwrap_or(&g.embed),
-            beta: 1.0,
-        });
+        let dw_lm = full.map(|g| Out::add(g.lm_head.as_ref().unwrap_or(&g.embed)));
         cross_entropy_backward(
             &mut batch,
             &hidden,
@@ -346,10 +343,7 @@ impl Qwen2 {
             &targets_t,
             &lse,
             grad_scale,
-            Grad {
-                tensor: &dhidden,
-                beta: 0.0,
-            },
+            Out::write(&dhidden),
             dw_lm,
             Chunking::default(),
         )?;
@@ -360,9 +354,8 @@ impl Qwen2 {
             last,
             &self.norm,
             &rstd,
-            &dres,
-            0.0,
-            full.map(|g| (&g.norm, 1.0)),
+            Out::write(&dres),
+            full.map(|g| Out::add(&g.norm)),
         )?;
 
         let scratch = Scratch::new(gpu, c, n)?;
@@ -401,30 +394,29 @@ impl Qwen2 {
         let c = &self.config;
         let layer = &self.layers[l];
         let lg = grads.full().map(|g| &g.layers[l]);
-        let proj = |batch: &mut Batch, p: Proj, dy: &Tensor, x: &Tensor, dx: &Tensor, beta| {
+        let proj = |batch: &mut Batch, p: Proj, dy: &Tensor, x: &Tensor, dx: Out| {
             let dropout = step.dropout.and_then(|d| d.mask(l, p));
-            self.proj_backward(batch, l, p, dy, x, a, dx, beta, grads, dropout)
+            self.proj_backward(batch, l, p, dy, x, a, dx, grads, dropout)
                 .with_context(|| format!("layer {l} {}", p.path()))
         };
 
         // MLP: out = mid + down(swiglu(gate(xn2), up(xn2))).
-        proj(batch, Proj::Down, dres, &a.act, &s.d_act, 0.0)?;
+        proj(batch, Proj::Down, dres, &a.act, Out::write(&s.d_act))?;
         swiglu_backward(batch, &s.d_act, &a.gate, &a.up, &s.d_gate, &s.d_up)?;
-        proj(batch, Proj::Gate, &s.d_gate, &a.xn2, &s.d_xn, 0.0)?;
-        proj(batch, Proj::Up, &s.d_up, &a.xn2, &s.d_xn, 1.0)?;
+        proj(batch, Proj::Gate, &s.d_gate, &a.xn2, Out::write(&s.d_xn))?;
+        proj(batch, Proj::Up, &s.d_up, &a.xn2, Out::add(&s.d_xn))?;
         rmsnorm_backward(
             batch,
             &s.d_xn,
             &a.mid,
             &layer.post_norm,
             &a.rstd2,
-            dres,
-            1.0,
-            lg.map(|g| (&g.post_norm, 1.0)),
+            Out::add(dres),
+            lg.map(|g| Out::add(&g.post_norm)),
         )?;
 
         // Attention: mid = x + o(attn(rope(q(xn)), rope(k(xn)), v(xn))).
-        proj(batch, Proj::O, dres, &a.attn, &s.d_attn, 0.0)?;
+        proj(batch, Proj::O, dres, &a.attn, Out::write(&s.d_attn))?;
         let dims = AttentionDims {
             batch_size: step.batch_size,
             tq: step.seq_len,
@@ -443,23 +435,22 @@ impl Qwen2 {
         };
         rope_backward(batch, &self.rope, &s.dq, c.num_attention_heads, &positions)?;
         rope_backward(batch, &self.rope, &s.dk, c.num_key_value_heads, &positions)?;
-        proj(batch, Proj::Q, &s.dq, &a.xn, &s.d_xn, 0.0)?;
-        proj(batch, Proj::K, &s.dk, &a.xn, &s.d_xn, 1.0)?;
-        proj(batch, Proj::V, &s.dv, &a.xn, &s.d_xn, 1.0)?;
+        proj(batch, Proj::Q, &s.dq, &a.xn, Out::write(&s.d_xn))?;
+        proj(batch, Proj::K, &s.dk, &a.xn, Out::add(&s.d_xn))?;
+        proj(batch, Proj::V, &s.dv, &a.xn, Out::add(&s.d_xn))?;
         rmsnorm_backward(
             batch,
             &s.d_xn,
             x,
             &layer.input_norm,
             &a.rstd1,
-            dres,
-            1.0,
-            lg.map(|g| (&g.input_norm, 1.0)),
+            Out::add(dres),
+            lg.map(|g| Out::add(&g.input_norm)),
         )
     }
 
     /// Backward of projection `p` of layer `l` (`y = x·Wᵀ + b [+ s·u·Bᵀ]`): `dx = dy·W [+ LoRA's
-    /// part] + beta·dx`, and the trainable weights' gradients accumulated; `dropout` is the mask
+    /// part] (+ beta·dx)`, and the trainable weights' gradients accumulated; `dropout` is the mask
     /// the forward applied to the LoRA's input.
     #[allow(clippy::too_many_arguments)]
     fn proj_backward(
@@ -470,8 +461,7 @@ impl Qwen2 {
         dy: &Tensor,
         x: &Tensor,
         a: &LayerActs,
-        dx: &Tensor,
-        beta: f32,
+        dx: Out,
         grads: &Grads,
         dropout: Option<Dropout>,
     ) -> Result<()> {
@@ -487,23 +477,21 @@ impl Qwen2 {
                 dropout,
             };
             let g = LoraGrads {
-                a: da,
-                b: db,
-                beta: 1.0,
+                a: Out::add(da),
+                b: Out::add(db),
             };
             let input = InputGrad {
                 dx,
-                beta,
                 frozen: Some(&linear.weight),
             };
             return lora_backward(batch, dy, x, u, &lora, &g, Some(input));
         }
-        matmul_backward_input(batch, dy, &linear.weight, dx, beta)?;
+        matmul_backward_input(batch, dy, &linear.weight, dx)?;
         if let Some(g) = grads.full() {
             let lg = &g.layers[l];
-            matmul_backward_weight(batch, dy, x, &lg.weight[p as usize], 1.0)?;
+            matmul_backward_weight(batch, dy, x, Out::add(&lg.weight[p as usize]))?;
             if let Some(db) = &lg.bias[p as usize] {
-                sum_rows(batch, dy, db, 1.0, 1.0)?;
+                sum_rows(batch, dy, Out::add(db), 1.0)?;
             }
         }
         Ok(())

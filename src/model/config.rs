@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{Map, Value};
+use wgtrain_kernels::bench::ModelShape;
 
 /// The Qwen2.5 checkpoints' sizes: (name, [hidden, intermediate, layers, heads, KV heads,
 /// vocabulary], tied embeddings). See [`Qwen2Config::qwen25`].
@@ -149,6 +150,19 @@ impl Qwen2Config {
             config.rms_norm_eps
         );
         Ok(config)
+    }
+
+    /// The dimensions that set this model's kernel shapes, for the kernel benchmarks.
+    pub fn kernel_shape(&self, name: &'static str) -> ModelShape {
+        ModelShape {
+            name,
+            hidden: self.hidden_size,
+            intermediate: self.intermediate_size,
+            heads: self.num_attention_heads,
+            kv_heads: self.num_key_value_heads,
+            head_dim: self.head_dim,
+            vocab: self.vocab_size,
+        }
     }
 
     /// The config of a Qwen2.5 checkpoint by size name (`QWEN25_SIZES`: "0.5B" to "32B", the

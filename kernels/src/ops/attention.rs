@@ -27,50 +27,50 @@
 use std::ops::Range;
 
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{max_error, random, to_f64, Check};
-use crate::bench::{BenchConfig, BenchResult, MODEL_SHAPES};
+use super::check::{max_error, random, to_f64, Check};
+use crate::bench::{BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Const, Kernel, ATTENTION};
+use crate::shader::{params, Const, Kernel, ATTENTION};
 use crate::tensor::{row_segments, DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    tq: u32,
-    tk: u32,
-    hq: u32,
-    hkv: u32,
-    b0: u32,
-    i_lo: u32,
-    i_hi: u32,
-    key_lo: u32,
-    key_hi: u32,
-    kv_cap: u32,
-    q_row0: u32,
-    kv_row0: u32,
-    q_off: u32,
-    out_off: u32,
-    lse_off: u32,
-    dout_off: u32,
-    drow_off: u32,
-    dq_off: u32,
-    k_off: u32,
-    v_off: u32,
-    dk_off: u32,
-    dv_off: u32,
-    out_row0: u32,
-    out_split_stride: u32,
-    lse_split_stride: u32,
-    split_keys: u32,
-    split_first: u32,
-    row_blocks: u32,
-    n_splits: u32,
-    n: u32,
-    scale: f32,
-    _pad: u32,
-}
+params!(
+    ATTENTION,
+    struct Params {
+        tq: u32,
+        tk: u32,
+        hq: u32,
+        hkv: u32,
+        b0: u32,
+        i_lo: u32,
+        i_hi: u32,
+        key_lo: u32,
+        key_hi: u32,
+        kv_cap: u32,
+        q_row0: u32,
+        kv_row0: u32,
+        q_off: u32,
+        out_off: u32,
+        lse_off: u32,
+        dout_off: u32,
+        drow_off: u32,
+        dq_off: u32,
+        k_off: u32,
+        v_off: u32,
+        dk_off: u32,
+        dv_off: u32,
+        out_row0: u32,
+        out_split_stride: u32,
+        lse_split_stride: u32,
+        split_keys: u32,
+        split_first: u32,
+        row_blocks: u32,
+        n_splits: u32,
+        n: u32,
+        scale: f32,
+        _pad: u32,
+    }
+);
 
 /// Queries per workgroup of the blocked kernels, keys per tile, rows per decode workgroup.
 const BLOCK_Q: usize = 64;
@@ -242,7 +242,7 @@ fn dims_params(dims: &AttentionDims, kv_cap: usize, qp: &Piece, kp: &Piece, b0: 
         kv_row0: kp.row0 as u32,
         out_row0: qp.row0 as u32,
         scale: dims.scale,
-        ..Params::zeroed()
+        ..bytemuck::Zeroable::zeroed()
     }
 }
 
@@ -513,7 +513,7 @@ fn forward_split_keys(
             lse_split_stride: slot_lse as u32,
             n_splits: n_splits as u32,
             n,
-            ..Params::zeroed()
+            ..bytemuck::Zeroable::zeroed()
         };
         let buffers = [
             out.row(seg.start).buffer,
@@ -573,7 +573,7 @@ pub fn attention_backward(
             dout_off: vec4_offset(dout, seg.start),
             drow_off: drow.row(seg.start).offset,
             n,
-            ..Params::zeroed()
+            ..bytemuck::Zeroable::zeroed()
         };
         let buffers = [
             out.row(seg.start).buffer,
@@ -971,10 +971,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 
 /// Forward and backward at T = seq_len (causal: forward 4 B hq T^2 D / 2 flops, backward 2.5x
 /// that, the usual count of its five products) and one decode step against a seq_len cache.
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let t = config.seq_len;
     let mut results = Vec::new();
-    for shape in MODEL_SHAPES {
+    for &shape in &config.shapes {
         let d = shape.head_dim;
         let dims = AttentionDims {
             batch_size: 1,

@@ -17,31 +17,31 @@
 use std::ops::Range;
 
 use anyhow::{ensure, Result};
-use bytemuck::{Pod, Zeroable};
 
+use super::check::{max_error, random, to_f64, Check};
 use super::matmul::{bench_tensor, plus_scaled, weight, Gemm, Mat};
-use super::{max_error, random, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
+use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Kernel, CROSS_ENTROPY};
-use crate::tensor::{row_segments, DType, Tensor};
+use crate::shader::{params, Kernel, CROSS_ENTROPY};
+use crate::tensor::{row_segments, DType, Out, Tensor};
 
 /// The target id of a token that is not supervised (prompt tokens, padding).
 pub const IGNORE: u32 = u32::MAX;
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    ld: u32,
-    l_off: u32,
-    t0: u32,
-    v0: u32,
-    vocab: u32,
-    first: u32,
-    grad_scale: f32,
-}
+params!(
+    CROSS_ENTROPY,
+    struct Params {
+        rows: u32,
+        cols: u32,
+        ld: u32,
+        l_off: u32,
+        t0: u32,
+        v0: u32,
+        vocab: u32,
+        first: u32,
+        grad_scale: f32,
+    }
+);
 
 const WG: u32 = 256;
 
@@ -249,7 +249,7 @@ pub fn cross_entropy_forward(
             problem.logits(batch, hidden, w_lm, rows, cols)?;
             let params = Params {
                 first: u32::from(c == 0),
-                ..Params::zeroed()
+                ..bytemuck::Zeroable::zeroed()
             };
             problem.over_block(
                 batch,
@@ -265,7 +265,7 @@ pub fn cross_entropy_forward(
     let params = Params {
         rows: tokens as u32,
         vocab: problem.vocab as u32,
-        ..Params::zeroed()
+        ..bytemuck::Zeroable::zeroed()
     };
     let buffers = [
         targets_buf,
@@ -287,13 +287,6 @@ pub fn cross_entropy_forward(
     Ok(())
 }
 
-/// A gradient output: `tensor = gradient + beta·tensor` (beta = 0 writes, 1 accumulates).
-#[derive(Clone, Copy)]
-pub struct Grad<'a> {
-    pub tensor: &'a Tensor,
-    pub beta: f32,
-}
-
 /// Gradients of `grad_scale ·` (the summed loss) given forward's `lse`: into `dhidden` [T, D] and,
 /// for full fine-tuning, `dw_lm` [V, D] f32. `grad_scale` is 1 / (supervised tokens of the whole
 /// optimizer step) for a mean loss. Unsupervised rows get a zero dhidden.
@@ -305,8 +298,8 @@ pub fn cross_entropy_backward(
     targets: &Tensor,
     lse: &Tensor,
     grad_scale: f32,
-    dhidden: Grad,
-    dw_lm: Option<Grad>,
+    dhidden: Out,
+    dw_lm: Option<Out>,
     chunking: Chunking,
 ) -> Result<()> {
     let gpu = batch.gpu;
@@ -333,7 +326,7 @@ pub fn cross_entropy_backward(
     }
     let params = Params {
         grad_scale,
-        ..Params::zeroed()
+        ..bytemuck::Zeroable::zeroed()
     };
     for (b, rows) in problem.row_blocks.iter().enumerate() {
         for (c, cols) in problem.vocab_chunks.iter().enumerate() {
@@ -507,11 +500,8 @@ pub fn check_cross_entropy(gpu: &Gpu, case: Case, seed: u64) -> Result<Vec<Check
     cross_entropy_forward(
         &mut batch, &hidden, &w, &targets, &lse, &loss, &count, chunking,
     )?;
-    let dhidden_grad = Grad {
-        tensor: &dhidden,
-        beta: 1.0,
-    };
-    let dw_grad = dw.as_ref().map(|tensor| Grad { tensor, beta: 1.0 });
+    let dhidden_grad = Out::add(&dhidden);
+    let dw_grad = dw.as_ref().map(Out::add);
     cross_entropy_backward(
         &mut batch,
         &hidden,
@@ -587,10 +577,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// Forward, backward without dw_lm (LoRA: a frozen head) and with it (full fine-tuning).
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let tokens = config.seq_len;
     let mut results = Vec::new();
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         let (vocab, dim) = (model.vocab, model.hidden);
         let hidden = bench_tensor(gpu, &[tokens, dim], DType::F32)?;
         let w = bench_tensor(gpu, &[vocab, dim], DType::BF16)?;
@@ -614,20 +604,10 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
             flops: gemm_flops,
             bytes,
         });
-        let dh = Grad {
-            tensor: &dhidden,
-            beta: 0.0,
-        };
+        let dh = Out::write(&dhidden);
         for (kernel, dw_lm, gemms) in [
             ("cross_entropy_backward", None, 2.0),
-            (
-                "cross_entropy_backward +dw_lm",
-                Some(Grad {
-                    tensor: &dw,
-                    beta: 0.0,
-                }),
-                3.0,
-            ),
+            ("cross_entropy_backward +dw_lm", Some(Out::write(&dw)), 3.0),
         ] {
             let t = time(gpu, config.reps, |batch| {
                 cross_entropy_backward(batch, &hidden, &w, &targets, &lse, 1.0, dh, dw_lm, chunking)

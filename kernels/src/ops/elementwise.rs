@@ -3,30 +3,31 @@
 use std::ops::Range;
 
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{max_error, random, round_bf16, to_f64, Check};
-use crate::bench::{self, BenchConfig, BenchResult, MODEL_SHAPES};
+use super::check::{max_error, random, round_bf16, to_f64, Check};
+use crate::bench::{self, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Kernel, ELEMENTWISE};
-use crate::tensor::{row_segments, DType, Tensor};
+use crate::shader::{params, Kernel, ELEMENTWISE};
+use crate::tensor::{row_segments, DType, Out, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Default, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    a_off: u32,
-    b_off: u32,
-    out_off: u32,
-    alpha: f32,
-    beta: f32,
-    cols: u32,
-    rows: u32,
-    seed: u32,
-    threshold: u32,
-    first: u32,
-    pad: u32,
-}
+params!(
+    ELEMENTWISE,
+    #[derive(Default)]
+    struct Params {
+        n: u32,
+        a_off: u32,
+        b_off: u32,
+        out_off: u32,
+        alpha: f32,
+        beta: f32,
+        cols: u32,
+        rows: u32,
+        seed: u32,
+        threshold: u32,
+        first: u32,
+        pad: u32,
+    }
+);
 
 const WG: u32 = 256;
 
@@ -274,9 +275,10 @@ pub fn convert(batch: &mut Batch, src: &Tensor, dst: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `out[c] = alpha * sum_r a[r, c] + beta * out[c]`: the bias gradient of a [rows, cols] output
-/// gradient (`beta = 1` accumulates across micro-batches).
-pub fn sum_rows(batch: &mut Batch, a: &Tensor, out: &Tensor, alpha: f32, beta: f32) -> Result<()> {
+/// `out[c] = alpha * sum_r a[r, c] (+ beta * out[c])`: the bias gradient of a [rows, cols] output
+/// gradient (accumulated across micro-batches with [`Out::add`]).
+pub fn sum_rows(batch: &mut Batch, a: &Tensor, out: Out, alpha: f32) -> Result<()> {
+    let Out { tensor: out, beta } = out;
     let cols = a.row_len();
     out.expect("sum_rows out", &[cols], Some(DType::F32))?;
     let ro = out.row(0);
@@ -336,14 +338,9 @@ fn pcg_hash(x: u32) -> u32 {
     (word >> 22) ^ word
 }
 
-/// `out = dropout(a) + beta * out` (f32, same shape, at most 2³² elements).
-pub fn dropout(
-    batch: &mut Batch,
-    a: &Tensor,
-    out: &Tensor,
-    mask: &Dropout,
-    beta: f32,
-) -> Result<()> {
+/// `out = dropout(a) (+ beta * out)` (f32, same shape, at most 2³² elements).
+pub fn dropout(batch: &mut Batch, a: &Tensor, out: Out, mask: &Dropout) -> Result<()> {
+    let Out { tensor: out, beta } = out;
     same_shape("dropout", a, out)?;
     if !(0.0..1.0).contains(&mask.p) {
         bail!("dropout probability must lie in [0, 1), got {}", mask.p);
@@ -434,9 +431,9 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
     let mut batch = gpu.batch();
     add(&mut batch, &a, &b, &sum, 1.0, 1.0)?;
     axpby(&mut batch, 0.5, &a, -2.0, &acc)?;
-    sum_rows(&mut batch, &a, &bias, 2.0, 1.0)?;
+    sum_rows(&mut batch, &a, Out::add(&bias), 2.0)?;
     convert(&mut batch, &a_bf16, &widened)?;
-    dropout(&mut batch, &a, &dropped, &mask, 0.5)?;
+    dropout(&mut batch, &a, Out::scaled(&dropped, 0.5), &mask)?;
     copy_rows(&mut batch, &moved, 0..half, &moved, rows - half)?;
     copy_rows(&mut batch, &a, 1..rows, &copied, 0)?;
     batch.submit();
@@ -539,9 +536,9 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// Residual add at [T, hidden] for each model shape (bandwidth-bound: 3 f32 per element).
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
-    for shape in MODEL_SHAPES {
+    for &shape in &config.shapes {
         let dims = [config.seq_len, shape.hidden];
         let (a, b, out) = (
             Tensor::zeros(gpu, &dims, DType::F32)?,

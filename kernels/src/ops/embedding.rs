@@ -9,27 +9,27 @@
 use std::ops::Range;
 
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
-use super::{max_error, random, round_bf16, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
+use super::check::{max_error, random, round_bf16, to_f64, Check};
+use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Const, Kernel, EMBEDDING};
+use crate::shader::{params, Const, Kernel, EMBEDDING};
 use crate::tensor::{row_segments, DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    tokens: u32,
-    cols: u32,
-    token_start: u32,
-    token_off: u32,
-    vocab_start: u32,
-    vocab_rows: u32,
-    first_id: u32,
-    id_count: u32,
-}
+params!(
+    EMBEDDING,
+    struct Params {
+        tokens: u32,
+        cols: u32,
+        token_start: u32,
+        token_off: u32,
+        vocab_start: u32,
+        vocab_rows: u32,
+        first_id: u32,
+        id_count: u32,
+    }
+);
 
 /// Token ids, uploaded as a [T] u32 tensor, with the host copy the launchers check and index.
 pub struct TokenIds {
@@ -342,10 +342,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 /// Forward (bf16 table) and backward (f32 gradient table) at [T, hidden] with the model's
 /// vocabulary and random ids. Minimal bytes: the ids, the rows read and written; the backward
 /// reads and writes each distinct id's gradient row once (the host-built index is not timed).
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let t = config.seq_len;
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         let (vocab, dim) = (model.vocab, model.hidden);
         let ids_host: Vec<u32> = {
             let mut rng = StdRng::seed_from_u64(1);

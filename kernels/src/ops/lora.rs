@@ -19,14 +19,14 @@
 //! dx = dy·W + d(s·v·A), the mask applied to the adapter's part only (so no longer one launch).
 use anyhow::{ensure, Result};
 
+use super::check::{max_error, random, to_f64, Check};
 use super::elementwise::dropout;
 pub use super::elementwise::Dropout;
 use super::matmul::{self, bench_tensor, expect_f32_matrix, matrix, plus_scaled, weight, Gemm};
-use super::{max_error, random, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
+use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{Batch, Gpu};
 use crate::shader::Kernel;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Out, Tensor};
 
 /// A LoRA adapter: A [r, K] and B [N, r] (f32), the scale s = alpha / r, and the dropout of its
 /// input while training.
@@ -51,20 +51,18 @@ impl Lora<'_> {
     }
 }
 
-/// Gradients of A and B: `grad = new + beta·grad`.
+/// Gradients of A and B.
 #[derive(Clone, Copy)]
 pub struct LoraGrads<'a> {
-    pub a: &'a Tensor,
-    pub b: &'a Tensor,
-    pub beta: f32,
+    pub a: Out<'a>,
+    pub b: Out<'a>,
 }
 
-/// The gradient of the layer input: `dx = [dy·W] + s·(dy·B)·A + beta·dx`, where the frozen path
+/// The gradient of the layer input: `dx = [dy·W] + s·(dy·B)·A (+ beta·dx)`, where the frozen path
 /// dy·W is included when `frozen` holds W [N, K].
 #[derive(Clone, Copy)]
 pub struct InputGrad<'a> {
-    pub dx: &'a Tensor,
-    pub beta: f32,
+    pub dx: Out<'a>,
     pub frozen: Option<&'a Tensor>,
 }
 
@@ -92,7 +90,7 @@ pub fn lora_forward(
     match lora.dropout {
         Some(mask) => {
             let dropped = Tensor::zeros(batch.gpu, &[m, k], DType::F32)?;
-            dropout(batch, x, &dropped, &mask, 0.0)?;
+            dropout(batch, x, Out::write(&dropped), &mask)?;
             Gemm::new(&dropped, false, lora.a, true).run(batch, u)?;
             batch.keep(dropped);
         }
@@ -124,15 +122,15 @@ pub fn lora_backward(
     );
     lora.check("lora_backward", n, k)?;
     expect_f32_matrix(u, "lora_backward u", m, r)?;
-    expect_f32_matrix(grads.a, "lora_backward dA", r, k)?;
-    expect_f32_matrix(grads.b, "lora_backward dB", n, r)?;
+    expect_f32_matrix(grads.a.tensor, "lora_backward dA", r, k)?;
+    expect_f32_matrix(grads.b.tensor, "lora_backward dB", n, r)?;
     let v = Tensor::zeros(batch.gpu, &[m, r], DType::F32)?;
     Gemm::new(dy, false, lora.b, false).run(batch, &v)?;
     // The adapter's input d(x), regenerated; it doubles as the scratch of s·v·A below.
     let dropped = match lora.dropout {
         Some(mask) => {
             let t = Tensor::zeros(batch.gpu, &[m, k], DType::F32)?;
-            dropout(batch, x, &t, &mask, 0.0)?;
+            dropout(batch, x, Out::write(&t), &mask)?;
             Some((t, mask))
         }
         None => None,
@@ -140,12 +138,12 @@ pub fn lora_backward(
     let adapter_input = dropped.as_ref().map_or(x, |(t, _)| t);
     Gemm::new(&v, true, adapter_input, false)
         .alpha(lora.scale)
-        .beta(grads.beta)
-        .run(batch, grads.a)?;
+        .beta(grads.a.beta)
+        .run(batch, grads.a.tensor)?;
     Gemm::new(dy, true, u, false)
         .alpha(lora.scale)
-        .beta(grads.beta)
-        .run(batch, grads.b)?;
+        .beta(grads.b.beta)
+        .run(batch, grads.b.tensor)?;
     let recorded = match dx {
         Some(dx) => input_grad(batch, dy, &v, lora, dropped.as_ref(), dx),
         None => Ok(()),
@@ -165,7 +163,10 @@ fn input_grad(
     v: &Tensor,
     lora: &Lora,
     dropped: Option<&(Tensor, Dropout)>,
-    InputGrad { dx, beta, frozen }: InputGrad,
+    InputGrad {
+        dx: Out { tensor: dx, beta },
+        frozen,
+    }: InputGrad,
 ) -> Result<()> {
     let ((m, n), k) = (matrix(dy), lora.a.row_len());
     expect_f32_matrix(dx, "lora_backward dx", m, k)?;
@@ -194,7 +195,7 @@ fn input_grad(
             Gemm::new(v, false, lora.a, false)
                 .alpha(lora.scale)
                 .run(batch, scratch)?;
-            dropout(batch, scratch, dx, mask, beta)
+            dropout(batch, scratch, Out::scaled(dx, beta), mask)
         }
     }
 }
@@ -315,9 +316,8 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64, dropout: Option<Dropout>) -> Re
     let mut batch = gpu.batch();
     lora_forward(&mut batch, &x, &w, Some(&bias), &lora, &u, &y)?;
     let grads = LoraGrads {
-        a: &da,
-        b: &db,
-        beta: 1.0,
+        a: Out::add(&da),
+        b: Out::add(&db),
     };
     lora_backward(
         &mut batch,
@@ -327,8 +327,7 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64, dropout: Option<Dropout>) -> Re
         &lora,
         &grads,
         Some(InputGrad {
-            dx: &dx,
-            beta: 1.0,
+            dx: Out::add(&dx),
             frozen: Some(&w),
         }),
     )?;
@@ -378,13 +377,11 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64, dropout: Option<Dropout>) -> Re
     // Again without the frozen path, overwriting the adapter gradients (beta = 0).
     let mut batch = gpu.batch();
     let overwrite = LoraGrads {
-        a: &da,
-        b: &db,
-        beta: 0.0,
+        a: Out::write(&da),
+        b: Out::write(&db),
     };
     let adapter_only = Some(InputGrad {
-        dx: &dx_lora,
-        beta: 0.0,
+        dx: Out::write(&dx_lora),
         frozen: None,
     });
     lora_backward(&mut batch, &dy, &x, &u, &lora, &overwrite, adapter_only)?;
@@ -414,10 +411,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// Forward and backward (dx with the frozen path) of every projection at rank 64.
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let (m, r) = (config.seq_len, 64);
     let mut results = Vec::new();
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         for (name, n, k) in matmul::projections(&model) {
             let x = bench_tensor(gpu, &[m, k], DType::F32)?;
             let w = bench_tensor(gpu, &[n, k], DType::BF16)?;
@@ -436,9 +433,8 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
                 dropout: None,
             };
             let grads = LoraGrads {
-                a: &da,
-                b: &db,
-                beta: 0.0,
+                a: Out::write(&da),
+                b: Out::write(&db),
             };
             let shape = format!("{} {name} {m}x{n}x{k} r{r}", model.name);
             let f = |a: usize, b: usize, c: usize| 2.0 * (a * b * c) as f64;
@@ -458,8 +454,7 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
             });
             let dx = Tensor::zeros(gpu, &[m, k], DType::F32)?;
             let input_grad = Some(InputGrad {
-                dx: &dx,
-                beta: 0.0,
+                dx: Out::write(&dx),
                 frozen: Some(&w),
             });
             let time_bwd = time(gpu, config.reps, |batch| {

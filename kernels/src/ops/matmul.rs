@@ -12,36 +12,36 @@
 use std::ops::Range;
 
 use anyhow::{bail, ensure, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{max_error, random, round_bf16, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, ModelShape, MODEL_SHAPES};
+use super::check::{max_error, random, round_bf16, to_f64, Check};
+use crate::bench::{time, BenchConfig, BenchResult, ModelShape};
 use crate::gpu::{Batch, Gpu};
-use crate::shader::{Const, Kernel, MATMUL};
-use crate::tensor::{DType, RowAt, Tensor};
+use crate::shader::{params, Const, Kernel, MATMUL};
+use crate::tensor::{DType, Out, RowAt, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    m: u32,
-    n: u32,
-    k: u32,
-    k2: u32,
-    a_off: u32,
-    lda: u32,
-    b_off: u32,
-    ldb: u32,
-    c_off: u32,
-    ldc: u32,
-    bias_off: u32,
-    a2_off: u32,
-    lda2: u32,
-    b2_off: u32,
-    ldb2: u32,
-    alpha: f32,
-    alpha2: f32,
-    beta: f32,
-}
+params!(
+    MATMUL,
+    struct Params {
+        m: u32,
+        n: u32,
+        k: u32,
+        k2: u32,
+        a_off: u32,
+        lda: u32,
+        b_off: u32,
+        ldb: u32,
+        c_off: u32,
+        ldc: u32,
+        bias_off: u32,
+        a2_off: u32,
+        lda2: u32,
+        b2_off: u32,
+        ldb2: u32,
+        alpha: f32,
+        alpha2: f32,
+        beta: f32,
+    }
+);
 
 /// Output tile of the tiled kernel (rows, columns), and the workgroup edge of the naive one.
 const TILE: (usize, usize) = (32, 256);
@@ -497,15 +497,10 @@ pub fn matmul_forward(
     Gemm::new(x, false, w, true).bias(bias).run(batch, y)
 }
 
-/// `dx = dy·w + beta·dx`: dy [M, N], w [N, K] bf16 or f32, dx [M, K] (beta = 1 adds to the
+/// `dx = dy·w (+ beta·dx)`: dy [M, N], w [N, K] bf16 or f32, dx [M, K] ([`Out::add`] adds to the
 /// gradient of another consumer of x).
-pub fn matmul_backward_input(
-    batch: &mut Batch,
-    dy: &Tensor,
-    w: &Tensor,
-    dx: &Tensor,
-    beta: f32,
-) -> Result<()> {
+pub fn matmul_backward_input(batch: &mut Batch, dy: &Tensor, w: &Tensor, dx: Out) -> Result<()> {
+    let Out { tensor: dx, beta } = dx;
     let ((m, n), (wn, k)) = (matrix(dy), matrix(w));
     if wn != n || matrix(dx) != (m, k) {
         bail!(
@@ -518,14 +513,10 @@ pub fn matmul_backward_input(
     Gemm::new(dy, false, w, false).beta(beta).run(batch, dx)
 }
 
-/// `dw = dyᵀ·x + beta·dw`: dy [M, N], x [M, K], dw [N, K] f32 (beta = 1 accumulates micro-batches).
-pub fn matmul_backward_weight(
-    batch: &mut Batch,
-    dy: &Tensor,
-    x: &Tensor,
-    dw: &Tensor,
-    beta: f32,
-) -> Result<()> {
+/// `dw = dyᵀ·x (+ beta·dw)`: dy [M, N], x [M, K], dw [N, K] f32 ([`Out::add`] accumulates
+/// micro-batches).
+pub fn matmul_backward_weight(batch: &mut Batch, dy: &Tensor, x: &Tensor, dw: Out) -> Result<()> {
+    let Out { tensor: dw, beta } = dw;
     let ((m, n), (xm, k)) = (matrix(dy), matrix(x));
     if xm != m || matrix(dw) != (n, k) {
         bail!(
@@ -643,8 +634,8 @@ pub fn check_matmul(
     let dw = Tensor::from_f32(gpu, &[n, k], &dw0)?;
     let mut batch = gpu.batch();
     matmul_forward(&mut batch, &x, &w, Some(&bias), &y)?;
-    matmul_backward_input(&mut batch, &dy, &w, &dx, 1.0)?;
-    matmul_backward_weight(&mut batch, &dy, &x, &dw, 1.0)?;
+    matmul_backward_input(&mut batch, &dy, &w, Out::add(&dx))?;
+    matmul_backward_weight(&mut batch, &dy, &x, Out::add(&dw))?;
     batch.submit();
     let (x64, dy64) = (to_f64(&xv), to_f64(&dyv));
     let shape = format!("{m}x{n}x{k}{}", if w_bf16 { " bf16" } else { "" });
@@ -763,7 +754,7 @@ pub(crate) fn bench_tensor(gpu: &Gpu, shape: &[usize], dtype: DType) -> Result<T
     }
 }
 
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let m = config.seq_len;
     let mut record = |kernel: &str,
@@ -782,7 +773,7 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
         });
         Ok(())
     };
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         for (name, n, k) in projections(&model) {
             let x = bench_tensor(gpu, &[m, k], DType::F32)?;
             let w = bench_tensor(gpu, &[n, k], DType::BF16)?;
@@ -800,14 +791,14 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
                 shape.clone(),
                 flops,
                 bytes,
-                &mut |b| matmul_backward_input(b, &y, &w, &x, 0.0),
+                &mut |b| matmul_backward_input(b, &y, &w, Out::write(&x)),
             )?;
             record(
                 "matmul_backward_weight",
                 shape,
                 flops,
                 io(m * n, m * k, n * k),
-                &mut |b| matmul_backward_weight(b, &y, &x, &dw, 0.0),
+                &mut |b| matmul_backward_weight(b, &y, &x, Out::write(&dw)),
             )?;
         }
     }
@@ -837,9 +828,9 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
 
 /// Decode: `y = x·Wᵀ` for one token (M = 1, bf16 W) at every projection, with the kernel `run`
 /// picks (`gemv`) and, for comparison, the tiled one.
-pub fn bench_decode(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench_decode(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         for (name, n, k) in projections(&model) {
             let x = bench_tensor(gpu, &[1, k], DType::F32)?;
             let w = bench_tensor(gpu, &[n, k], DType::BF16)?;

@@ -9,35 +9,36 @@
 //! infinite gradient makes the norm NaN or infinite; the trainer reads it to stop (the clip scale
 //! of a NaN norm is not defined).
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{max_error, random, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, QWEN25_0_5B};
+use super::check::{max_error, random, to_f64, Check};
+use crate::bench::{time, BenchConfig, BenchResult, ModelShape};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Kernel, OPTIM};
+use crate::shader::{params, Kernel, OPTIM};
 use crate::tensor::{row_segments, DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Default, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    param_off: u32,
-    grad_off: u32,
-    m_off: u32,
-    v_off: u32,
-    per_group: u32,
-    slot: u32,
-    lr: f32,
-    weight_decay: f32,
-    decay: f32,
-    m_weight: f32,
-    beta2: f32,
-    v_weight: f32,
-    bc2_sqrt: f32,
-    step_size: f32,
-    eps: f32,
-    max_norm: f32,
-}
+params!(
+    OPTIM,
+    #[derive(Default)]
+    struct Params {
+        n: u32,
+        param_off: u32,
+        grad_off: u32,
+        m_off: u32,
+        v_off: u32,
+        per_group: u32,
+        slot: u32,
+        lr: f32,
+        weight_decay: f32,
+        decay: f32,
+        m_weight: f32,
+        beta2: f32,
+        v_weight: f32,
+        bc2_sqrt: f32,
+        step_size: f32,
+        eps: f32,
+        max_norm: f32,
+    }
+);
 
 const WG: u32 = 256;
 /// At most this many partial sums for the norm: `sum_partials` runs in one 64-thread workgroup,
@@ -464,10 +465,9 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// The parameter shapes of one Qwen2.5-0.5B decoder layer: LoRA r = 16 on all seven projections
+/// The parameter shapes of one decoder layer of `m`: LoRA r = 16 on all seven projections
 /// (A [r, in], B [out, r]), or the full layer (weights, q/k/v biases, two norms).
-fn layer_shapes(lora: bool) -> Vec<Vec<usize>> {
-    let m = QWEN25_0_5B;
+fn layer_shapes(m: &ModelShape, lora: bool) -> Vec<Vec<usize>> {
     let (q, kv) = (m.heads * m.head_dim, m.kv_heads * m.head_dim);
     let linears = [
         (q, m.hidden),
@@ -489,13 +489,14 @@ fn layer_shapes(lora: bool) -> Vec<Vec<usize>> {
     shapes
 }
 
-/// The global norm and a clipped AdamW step over a LoRA-sized and a full 0.5B-layer-sized
-/// parameter set. Minimal bytes: the norm reads each gradient once; AdamW reads param, grad and
+/// The global norm and a clipped AdamW step over a LoRA-sized and a full layer-sized parameter
+/// set of the first (smallest) shape. Minimal bytes: the norm reads each gradient once; AdamW reads param, grad and
 /// both moments and writes param and both moments.
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
+    let model = &config.shapes[0];
     for (lora, name) in [(true, "LoRA r=16"), (false, "full")] {
-        let shapes = layer_shapes(lora);
+        let shapes = layer_shapes(model, lora);
         let zeros = || {
             shapes
                 .iter()
@@ -506,7 +507,8 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
         let norm = Tensor::zeros(gpu, &[1], DType::F32)?;
         let elements: usize = shapes.iter().map(|s| s.iter().product::<usize>()).sum();
         let label = format!(
-            "0.5B layer {name}: {} tensors, {:.2}M",
+            "{} layer {name}: {} tensors, {:.2}M",
+            model.name,
             shapes.len(),
             elements as f64 / 1e6
         );

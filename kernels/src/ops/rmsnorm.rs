@@ -4,27 +4,28 @@
 //! Per-row vectors such as `rstd` are 1-D tensors `[T]`, hence a single chunk (a [T] tensor larger
 //! than one binding cannot be created); the kernels index them by row.
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{elementwise, max_error, random, round_bf16, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
+use super::check::{max_error, random, round_bf16, to_f64, Check};
+use super::elementwise;
+use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Const, Kernel, RMSNORM};
-use crate::tensor::{row_segments, DType, Tensor};
+use crate::shader::{params, Const, Kernel, RMSNORM};
+use crate::tensor::{row_segments, DType, Out, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    rows: u32,
-    cols: u32,
-    eps: f32,
-    beta: f32,
-    x_off: u32,
-    dy_off: u32,
-    out_off: u32,
-    rstd_off: u32,
-    block_rows: u32,
-}
+params!(
+    RMSNORM,
+    struct Params {
+        rows: u32,
+        cols: u32,
+        eps: f32,
+        beta: f32,
+        x_off: u32,
+        dy_off: u32,
+        out_off: u32,
+        rstd_off: u32,
+        block_rows: u32,
+    }
+);
 
 /// Columns per workgroup of `rmsnorm_dw_partial`.
 const DW_COLUMNS: u32 = 256;
@@ -104,21 +105,23 @@ pub fn rmsnorm_forward(
 }
 
 /// Gradients of [`rmsnorm_forward`] from `dy`, with the forward's `x`, `w` and `rstd`:
-/// `dx = g + dx_beta · dx` (`dx_beta = 0` writes and never reads dx, 1 adds to the residual
-/// stream's gradient), and if given `dw = Σ_t dy ⊙ x · rstd + beta · dw` ([D] f32; summed over
-/// rows in a fixed order, so runs are bit-identical; `beta = 0` still reads dw as `0 · dw`, so it
+/// `dx = g (+ beta · dx)` ([`Out::write`] never reads dx, [`Out::add`] adds to the residual
+/// stream's gradient), and if given `dw = Σ_t dy ⊙ x · rstd (+ beta · dw)` ([D] f32; summed over
+/// rows in a fixed order, so runs are bit-identical; beta = 0 still reads dw as `0 · dw`, so it
 /// must hold finite values such as a new tensor's zeros).
-#[allow(clippy::too_many_arguments)]
 pub fn rmsnorm_backward(
     batch: &mut Batch,
     dy: &Tensor,
     x: &Tensor,
     w: &Tensor,
     rstd: &Tensor,
-    dx: &Tensor,
-    dx_beta: f32,
-    dw: Option<(&Tensor, f32)>,
+    dx: Out,
+    dw: Option<Out>,
 ) -> Result<()> {
+    let Out {
+        tensor: dx,
+        beta: dx_beta,
+    } = dx;
     let w_bf16 = check_shapes(x, &[("rmsnorm dy", dy), ("rmsnorm dx", dx)], w, rstd)?;
     let (rows, cols) = (x.rows(), x.row_len());
     let rstd_buffer = &rstd.chunks()[0];
@@ -150,7 +153,11 @@ pub fn rmsnorm_backward(
             groups,
         )?;
     }
-    let Some((dw, dw_beta)) = dw else {
+    let Some(Out {
+        tensor: dw,
+        beta: dw_beta,
+    }) = dw
+    else {
         return Ok(());
     };
     dw.expect("rmsnorm dw", &[cols], Some(DType::F32))?;
@@ -192,7 +199,7 @@ pub fn rmsnorm_backward(
         }
         first_block += seg_blocks;
     }
-    elementwise::sum_rows(batch, &partials, dw, 1.0, dw_beta)?;
+    elementwise::sum_rows(batch, &partials, Out::scaled(dw, dw_beta), 1.0)?;
     batch.keep(partials);
     Ok(())
 }
@@ -280,7 +287,15 @@ pub fn check(
     let dw = Tensor::from_f32(gpu, &[cols], &dw0)?;
     let mut batch = gpu.batch();
     rmsnorm_forward(&mut batch, &x, &w, eps, &y, &rstd)?;
-    rmsnorm_backward(&mut batch, &dy, &x, &w, &rstd, &dx, beta, Some((&dw, beta)))?;
+    rmsnorm_backward(
+        &mut batch,
+        &dy,
+        &x,
+        &w,
+        &rstd,
+        Out::scaled(&dx, beta),
+        Some(Out::scaled(&dw, beta)),
+    )?;
     batch.submit();
 
     let (x64, dy64, w64) = (to_f64(&xv), to_f64(&dyv), to_f64(&wv));
@@ -329,10 +344,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 
 /// Forward, backward (dx only, accumulating: LoRA) and backward with dW (full fine-tuning) at
 /// [T, hidden] with a bf16 weight.
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let t = config.seq_len;
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         let d = model.hidden;
         let shape = [t, d];
         let x = Tensor::zeros(gpu, &shape, DType::F32)?;
@@ -359,11 +374,11 @@ pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
         // The forward's output stands in for dy.
         let dx = Tensor::zeros(gpu, &shape, DType::F32)?;
         let bwd = time(gpu, config.reps, |b| {
-            rmsnorm_backward(b, &y, &x, &w, &rstd, &dx, 1.0, None)
+            rmsnorm_backward(b, &y, &x, &w, &rstd, Out::add(&dx), None)
         })?;
         push("rmsnorm_backward", bwd, 4.0 * act + small);
         let bwd_dw = time(gpu, config.reps, |b| {
-            rmsnorm_backward(b, &y, &x, &w, &rstd, &dx, 1.0, Some((&dw, 1.0)))
+            rmsnorm_backward(b, &y, &x, &w, &rstd, Out::add(&dx), Some(Out::add(&dw)))
         })?;
         push(
             "rmsnorm_backward+dw",

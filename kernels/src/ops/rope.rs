@@ -7,26 +7,26 @@
 //! and the shader evaluates sin/cos of that f32 angle to about one ulp (its own range reduction,
 //! not the loosely specified built-ins).
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{max_error, random, to_f64, Check};
-use crate::bench::{BenchConfig, BenchResult, MODEL_SHAPES};
+use super::check::{max_error, random, to_f64, Check};
+use crate::bench::{BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Kernel, ROPE};
+use crate::shader::{params, Kernel, ROPE};
 use crate::tensor::{row_segments, DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    row0: u32,
-    x_off: u32,
-    heads: u32,
-    head_dim: u32,
-    period: u32,
-    sign: f32,
-    _pad: u32,
-}
+params!(
+    ROPE,
+    struct Params {
+        n: u32,
+        row0: u32,
+        x_off: u32,
+        heads: u32,
+        head_dim: u32,
+        period: u32,
+        sign: f32,
+        _pad: u32,
+    }
+);
 
 const WG: u32 = 256;
 
@@ -268,10 +268,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// In-place rotation of the query heads at each model shape, forward and backward.
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let t = config.seq_len;
     let mut results = Vec::new();
-    for shape in MODEL_SHAPES {
+    for &shape in &config.shapes {
         let (heads, d) = (shape.heads, shape.head_dim);
         let x = Tensor::from_f32(gpu, &[t, heads * d], &random(1, t * heads * d, 1.0))?;
         let starts = Tensor::from_u32(gpu, &[1], &[0])?;

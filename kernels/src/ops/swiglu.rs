@@ -1,23 +1,23 @@
 //! SwiGLU, the activation of Qwen2's MLP: `h = silu(g) ⊙ u` over [T, I] f32 (`shaders/swiglu.wgsl`).
 use anyhow::{bail, Result};
-use bytemuck::{Pod, Zeroable};
 
-use super::{max_error, random, to_f64, Check};
-use crate::bench::{time, BenchConfig, BenchResult, MODEL_SHAPES};
+use super::check::{max_error, random, to_f64, Check};
+use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Batch, Gpu};
-use crate::shader::{Kernel, SWIGLU};
+use crate::shader::{params, Kernel, SWIGLU};
 use crate::tensor::{row_segments, DType, Tensor};
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct Params {
-    n: u32,
-    g_off: u32,
-    u_off: u32,
-    dh_off: u32,
-    out_off: u32,
-    du_off: u32,
-}
+params!(
+    SWIGLU,
+    struct Params {
+        n: u32,
+        g_off: u32,
+        u_off: u32,
+        dh_off: u32,
+        out_off: u32,
+        du_off: u32,
+    }
+);
 
 const WG: u32 = 256;
 
@@ -170,10 +170,10 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
 }
 
 /// Forward and backward at [T, intermediate].
-pub fn bench(gpu: &Gpu, config: BenchConfig) -> Result<Vec<BenchResult>> {
+pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let mut results = Vec::new();
     let t = config.seq_len;
-    for model in MODEL_SHAPES {
+    for &model in &config.shapes {
         let shape = [t, model.intermediate];
         let zeros = || Tensor::zeros(gpu, &shape, DType::F32);
         let (g, u, h, dg, du) = (zeros()?, zeros()?, zeros()?, zeros()?, zeros()?);
