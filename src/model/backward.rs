@@ -75,6 +75,7 @@ impl Grads {
     /// LoRA gradients when any projection has a LoRA applied, else gradients of every weight
     /// (the model must then hold f32 weights, see [`Qwen2::load_f32`]).
     pub fn new(gpu: &Gpu, model: &Qwen2) -> Result<Grads> {
+        model.config.check_trainable()?;
         let has_lora = model
             .layers
             .iter()
@@ -285,6 +286,7 @@ impl Qwen2 {
     ) -> Result<LossSum> {
         let c = &self.config;
         let (ids, targets, seq_len) = pad_rows(rows)?;
+        self.note_length(seq_len);
         let (n, h) = (ids.len(), c.hidden_size);
         let step = Step {
             batch_size: rows.len(),
