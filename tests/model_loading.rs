@@ -9,7 +9,7 @@ use std::process::Command;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 use wgtrain::model::{
-    qwen2_tensors, to_device, GenerationConfig, Grads, Qwen2, Qwen2Config, TorchDType, WeightDType,
+    qwen2_tensors, to_device, GenerationConfig, Grads, Qwen2, Qwen2Config, TorchDType, WeightDType, IGNORE,
     Weights,
 };
 use wgtrain_kernels::{DType, Gpu};
@@ -777,4 +777,47 @@ fn sequences_past_max_position_embeddings_warn_once() {
         "{stderr}"
     );
     assert!(!run(&fixture("tiny-qwen2-tied")).contains("max_position_embeddings"));
+}
+
+/// pad_token_id is transformers' padding_idx: under full fine-tuning the pad row of the embedding
+/// gets no gradient from its lookups; every other row's gradient is unchanged.
+#[test]
+fn pad_token_id_row_gets_no_embedding_gradient() {
+    let gpu = Gpu::from_env().unwrap();
+    let ids: Vec<u32> = vec![5, 9, 17, 9, 30, 5, 12];
+    let targets: Vec<u32> = ids[1..].iter().copied().chain([IGNORE]).collect();
+    let embed_grad = |dir: &Path| {
+        let model = Qwen2::load_f32(&gpu, dir).unwrap();
+        let grads = Grads::new(&gpu, &model).unwrap();
+        model
+            .forward_backward(&gpu, &grads, &[(&ids, &targets)], 1.0, None)
+            .unwrap();
+        let params = grads.params(&model);
+        let embed = params
+            .iter()
+            .find(|p| p.name == "model.embed_tokens.weight")
+            .unwrap();
+        embed.grad.to_f32(&gpu).unwrap()
+    };
+    // Untied: the pad row's only gradient is its lookups'.
+    let plain = embed_grad(&fixture("tiny-qwen2-untied"));
+    let padded = fixture_copy("tiny-qwen2-untied", |c| {
+        c.insert("pad_token_id".into(), json!(9));
+    });
+    let padded = embed_grad(padded.path());
+    let hidden = 128;
+    for (row, (a, b)) in plain
+        .chunks(hidden)
+        .zip(padded.chunks(hidden))
+        .enumerate()
+    {
+        if row == 9 {
+            assert!(a.iter().any(|&x| x != 0.0), "token 9 is looked up twice");
+            assert!(b.iter().all(|&x| x == 0.0), "pad row {row}: {b:?}");
+        } else {
+            assert_eq!(a, b, "row {row}");
+        }
+    }
+    let e = parse_err(&with(tiny_config(false), "pad_token_id", json!(32)));
+    assert!(e.contains("pad_token_id = 32 is not below vocab_size = 32"), "{e}");
 }

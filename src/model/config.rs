@@ -54,6 +54,9 @@ pub struct Qwen2Config {
     pub max_window_layers: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Vec<u32>,
+    /// transformers' `nn.Embedding(padding_idx = pad_token_id)`: full fine-tuning gives that
+    /// embedding row no gradient from its lookups.
+    pub pad_token_id: Option<u32>,
 }
 
 // Defaults are transformers' `Qwen2Config` defaults; the sizes that define the tensors have none.
@@ -145,7 +148,15 @@ impl Qwen2Config {
             max_window_layers: opt_count(obj, "max_window_layers")?,
             bos_token_id: token_ids(obj, "bos_token_id")?.first().copied(),
             eos_token_id: token_ids(obj, "eos_token_id")?,
+            pad_token_id: token_ids(obj, "pad_token_id")?.first().copied(),
         };
+        if let Some(pad) = config.pad_token_id {
+            ensure!(
+                (pad as usize) < config.vocab_size,
+                "pad_token_id = {pad} is not below vocab_size = {}",
+                config.vocab_size
+            );
+        }
         ensure!(
             config.rope_theta > 0.0 && config.rms_norm_eps > 0.0,
             "rope_theta = {} and rms_norm_eps = {} must be positive",
@@ -186,6 +197,7 @@ impl Qwen2Config {
             max_window_layers: None,
             bos_token_id: None,
             eos_token_id: Vec::new(),
+            pad_token_id: None,
         })
     }
 
