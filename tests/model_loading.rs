@@ -9,8 +9,8 @@ use std::process::Command;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 use wgtrain::model::{
-    qwen2_tensors, to_device, GenerationConfig, Grads, Qwen2, Qwen2Config, TorchDType, WeightDType, IGNORE,
-    Weights,
+    qwen2_tensors, to_device, GenerationConfig, Grads, Qwen2, Qwen2Config, TorchDType, WeightDType,
+    Weights, IGNORE,
 };
 use wgtrain_kernels::{DType, Gpu};
 
@@ -498,7 +498,10 @@ fn read_json(path: &Path) -> Value {
 }
 
 /// A copy of fixture `name` in a temporary directory, its config.json rewritten by `edit`.
-fn fixture_copy(name: &str, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> tempfile::TempDir {
+fn fixture_copy(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     for entry in std::fs::read_dir(fixture(name)).unwrap() {
         let path = entry.unwrap().path();
@@ -523,7 +526,11 @@ fn tiny_config_v5() -> Value {
     let base = remove(&remove(&tiny_config(false), "rope_theta"), "torch_dtype");
     let base = remove(&base, "rope_scaling");
     let base = with(base, "dtype", json!("float32"));
-    let base = with(base, "layer_types", json!(["full_attention", "full_attention"]));
+    let base = with(
+        base,
+        "layer_types",
+        json!(["full_attention", "full_attention"]),
+    );
     with(
         base,
         "rope_parameters",
@@ -547,15 +554,32 @@ fn transformers5_layout_is_read() {
     let old_name = with(v5.clone(), "rope_parameters", json!({"type": "default"}));
     let c = Qwen2Config::parse(&with(old_name.clone(), "rope_theta", json!(2e5)).to_string());
     assert_eq!(c.unwrap().rope_theta, 2e5);
-    assert_eq!(Qwen2Config::parse(&old_name.to_string()).unwrap().rope_theta, 10000.0);
+    assert_eq!(
+        Qwen2Config::parse(&old_name.to_string())
+            .unwrap()
+            .rope_theta,
+        10000.0
+    );
     // Both theta keys, equal: fine. rope_scaling "default" of 4.x, with the top-level theta.
     let both = with(v5.clone(), "rope_theta", json!(500000.0));
-    assert_eq!(Qwen2Config::parse(&both.to_string()).unwrap().rope_theta, 500000.0);
-    let scaling = with(tiny_config(false), "rope_scaling", json!({"rope_type": "default"}));
-    assert_eq!(Qwen2Config::parse(&scaling.to_string()).unwrap().rope_theta, 10000.0);
+    assert_eq!(
+        Qwen2Config::parse(&both.to_string()).unwrap().rope_theta,
+        500000.0
+    );
+    let scaling = with(
+        tiny_config(false),
+        "rope_scaling",
+        json!({"rope_type": "default"}),
+    );
+    assert_eq!(
+        Qwen2Config::parse(&scaling.to_string()).unwrap().rope_theta,
+        10000.0
+    );
     // transformers 5 prefers `dtype`; `torch_dtype` alone is 4.x.
-    let c = Qwen2Config::parse(&with(v5, "torch_dtype", json!("bfloat16")).to_string());
+    let c = Qwen2Config::parse(&with(v5.clone(), "torch_dtype", json!("bfloat16")).to_string());
     assert_eq!(c.unwrap().torch_dtype, Some(TorchDType::F32));
+    let e = parse_err(&with(v5, "dtype", json!("int8")));
+    assert!(e.contains("dtype = \"int8\" is not supported"), "{e}");
 }
 
 #[test]
@@ -564,11 +588,18 @@ fn scaled_or_ambiguous_rope_is_refused_by_key() {
     for kind in ["yarn", "dynamic", "linear", "llama3", "longrope"] {
         let scaled = json!({"rope_type": kind, "rope_theta": 1e6, "factor": 4.0});
         let e = parse_err(&with(v5.clone(), "rope_parameters", scaled));
-        assert!(e.contains(&format!("rope_parameters.rope_type = \"{kind}\"")), "{e}");
+        assert!(
+            e.contains(&format!("rope_parameters.rope_type = \"{kind}\"")),
+            "{e}"
+        );
         // 4.x's rope_scaling, with the old `type` name as Qwen2.5's YaRN recipe writes it.
-        let scaled = json!({"type": kind, "factor": 4.0, "original_max_position_embeddings": 32768});
+        let scaled =
+            json!({"type": kind, "factor": 4.0, "original_max_position_embeddings": 32768});
         let e = parse_err(&with(tiny_config(false), "rope_scaling", scaled));
-        assert!(e.contains(&format!("rope_scaling.rope_type = \"{kind}\"")), "{e}");
+        assert!(
+            e.contains(&format!("rope_scaling.rope_type = \"{kind}\"")),
+            "{e}"
+        );
     }
     let cases = [
         (
@@ -662,14 +693,23 @@ fn sliding_window_layers_are_refused_and_inert_keys_accepted() {
     let inert = with(inert, "attention_dropout", json!(0.1));
     let inert = with(inert, "some_future_flag", json!({"nested": [1, 2]}));
     let c = Qwen2Config::parse(&inert.to_string()).unwrap();
-    assert_eq!((c.sliding_window, c.max_window_layers), (Some(131072), Some(0)));
+    assert_eq!(
+        (c.sliding_window, c.max_window_layers),
+        (Some(131072), Some(0))
+    );
     let e = format!("{:#}", c.check_trainable().unwrap_err());
     assert!(e.contains("attention_dropout = 0.1"), "{e}");
-    assert!(Qwen2Config::parse(&v5.to_string()).unwrap().check_trainable().is_ok());
+    assert!(Qwen2Config::parse(&v5.to_string())
+        .unwrap()
+        .check_trainable()
+        .is_ok());
 
     let quantized = with(v5, "quantization_config", json!({"quant_method": "gptq"}));
     let e = parse_err(&quantized);
-    assert!(e.contains("quantization_config") && e.contains("gptq"), "{e}");
+    assert!(
+        e.contains("quantization_config") && e.contains("gptq"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -734,7 +774,10 @@ fn transformers5_logits_in_either_config_layout() {
     assert_eq!(logits(to_v4(1e6).path()), v5, "4.x layout, same theta");
     let err = max_err(&logits(to_v4(10000.0).path()));
     println!("with theta 10000: max |logit - transformers| = {err:.3e}");
-    assert!(err > 1e-2, "theta 10000 gives transformers' logits too ({err})");
+    assert!(
+        err > 1e-2,
+        "theta 10000 gives transformers' logits too ({err})"
+    );
 }
 
 /// A non-zero attention_dropout loads and runs inference, but is refused for training.
@@ -772,7 +815,9 @@ fn sequences_past_max_position_embeddings_warn_once() {
     });
     let stderr = run(short.path());
     assert_eq!(
-        stderr.matches("runs past max_position_embeddings = 32").count(),
+        stderr
+            .matches("runs past max_position_embeddings = 32")
+            .count(),
         1,
         "{stderr}"
     );
@@ -806,11 +851,7 @@ fn pad_token_id_row_gets_no_embedding_gradient() {
     });
     let padded = embed_grad(padded.path());
     let hidden = 128;
-    for (row, (a, b)) in plain
-        .chunks(hidden)
-        .zip(padded.chunks(hidden))
-        .enumerate()
-    {
+    for (row, (a, b)) in plain.chunks(hidden).zip(padded.chunks(hidden)).enumerate() {
         if row == 9 {
             assert!(a.iter().any(|&x| x != 0.0), "token 9 is looked up twice");
             assert!(b.iter().all(|&x| x == 0.0), "pad row {row}: {b:?}");
@@ -819,5 +860,8 @@ fn pad_token_id_row_gets_no_embedding_gradient() {
         }
     }
     let e = parse_err(&with(tiny_config(false), "pad_token_id", json!(32)));
-    assert!(e.contains("pad_token_id = 32 is not below vocab_size = 32"), "{e}");
+    assert!(
+        e.contains("pad_token_id = 32 is not below vocab_size = 32"),
+        "{e}"
+    );
 }

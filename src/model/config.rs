@@ -120,13 +120,17 @@ impl Qwen2Config {
         );
 
         // transformers 5 reads `dtype` first.
-        let torch_dtype = match opt_str(obj, "dtype")?.or(opt_str(obj, "torch_dtype")?) {
+        let dtype_key = match obj.get("dtype") {
+            None | Some(Value::Null) => "torch_dtype",
+            Some(_) => "dtype",
+        };
+        let torch_dtype = match opt_str(obj, dtype_key)? {
             None => None,
             Some("bfloat16") => Some(TorchDType::BF16),
             Some("float16") => Some(TorchDType::F16),
             Some("float32") => Some(TorchDType::F32),
             Some(other) => {
-                bail!("torch_dtype = {other:?} is not supported (bfloat16, float16, float32)")
+                bail!("{dtype_key} = {other:?} is not supported (bfloat16, float16, float32)")
             }
         };
 
@@ -286,7 +290,9 @@ fn check_full_attention(obj: &Map<String, Value>, num_hidden_layers: usize) -> R
                  wgtrain implements full causal attention only",
                 obj.get("sliding_window").unwrap_or(&Value::Null)
             ),
-            _ => bail!("layer_types[{i}] = {kind} is not an attention kind Qwen2 has (\"full_attention\")"),
+            _ => bail!(
+                "layer_types[{i}] = {kind} is not an attention kind Qwen2 has (\"full_attention\")"
+            ),
         }
     }
     Ok(())
@@ -319,12 +325,18 @@ fn rope_theta(obj: &Map<String, Value>) -> Result<f64> {
     };
     let rope_type = |name: &str| -> Result<Option<&str>> {
         dict.get(name)
-            .map(|v| v.as_str().with_context(|| format!("{key}.{name} = {v} must be a string")))
+            .map(|v| {
+                v.as_str()
+                    .with_context(|| format!("{key}.{name} = {v} must be a string"))
+            })
             .transpose()
     };
     let (new_name, old_name) = (rope_type("rope_type")?, rope_type("type")?);
     if let (Some(a), Some(b)) = (new_name, old_name) {
-        ensure!(a == b, "{key}.rope_type = {a:?} and {key}.type = {b:?} disagree");
+        ensure!(
+            a == b,
+            "{key}.rope_type = {a:?} and {key}.type = {b:?} disagree"
+        );
     }
     match new_name.or(old_name).unwrap_or("default") {
         "default" => {}
