@@ -1,13 +1,16 @@
-//! Checkpoint loading: config.json / generation_config.json parsing and its refusals, safetensors
-//! (single file and sharded) on tiny checkpoints written here, the errors for broken ones, and one
-//! bf16/f16 upload to the device.
+//! Checkpoint loading: config.json / generation_config.json parsing and its refusals (both
+//! transformers 4.x and 5.x layouts), safetensors (single file and sharded) on tiny checkpoints
+//! written here, the errors for broken ones, one bf16/f16 upload to the device, and the
+//! transformers 5.25 fixture's logits under either config layout.
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 use wgtrain::model::{
-    qwen2_tensors, to_device, GenerationConfig, Qwen2Config, TorchDType, WeightDType, Weights,
+    qwen2_tensors, to_device, GenerationConfig, Grads, Qwen2, Qwen2Config, TorchDType, WeightDType,
+    Weights, IGNORE,
 };
 use wgtrain_kernels::{DType, Gpu};
 
@@ -197,8 +200,8 @@ fn config_refusals_name_what_was_found() {
 
     let e = parse_err(&with(base.clone(), "hidden_act", json!("gelu")));
     assert!(e.contains("hidden_act") && e.contains("gelu"), "{e}");
-    let e = parse_err(&with(base.clone(), "attention_dropout", json!(0.1)));
-    assert!(e.contains("attention_dropout"), "{e}");
+    let e = parse_err(&with(base.clone(), "attention_dropout", json!(1.5)));
+    assert!(e.contains("attention_dropout = 1.5"), "{e}");
 
     let e = parse_err(&with(base.clone(), "num_attention_heads", json!(3)));
     assert!(
@@ -482,4 +485,383 @@ fn upload_to_device_bf16_straight_f16_converted() {
     let t = to_device(&gpu, &w.get("h").unwrap(), DType::F32).unwrap();
     assert_eq!(t.to_f32(&gpu).unwrap(), h);
     assert!(to_device(&gpu, &w.get("h").unwrap(), DType::U32).is_err());
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A copy of fixture `name` in a temporary directory, its config.json rewritten by `edit`.
+fn fixture_copy(
+    name: &str,
+    edit: impl FnOnce(&mut serde_json::Map<String, Value>),
+) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            std::fs::copy(&path, dir.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut config = read_json(&dir.path().join("config.json"));
+    edit(config.as_object_mut().unwrap());
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    dir
+}
+
+fn remove(config: &Value, key: &str) -> Value {
+    let mut config = config.clone();
+    config.as_object_mut().unwrap().remove(key);
+    config
+}
+
+/// tiny_config in transformers 5's layout: `rope_parameters`, `dtype`, `layer_types`.
+fn tiny_config_v5() -> Value {
+    let base = remove(&remove(&tiny_config(false), "rope_theta"), "torch_dtype");
+    let base = remove(&base, "rope_scaling");
+    let base = with(base, "dtype", json!("float32"));
+    let base = with(
+        base,
+        "layer_types",
+        json!(["full_attention", "full_attention"]),
+    );
+    with(
+        base,
+        "rope_parameters",
+        json!({"rope_theta": 500000.0, "rope_type": "default"}),
+    )
+}
+
+#[test]
+fn transformers5_layout_is_read() {
+    // As transformers 5.25 saved it (scripts/fixtures/tiny_qwen2_v5.py): no top-level rope_theta.
+    let c = Qwen2Config::load(fixture("tiny-qwen2-v5")).unwrap();
+    assert_eq!(c.rope_theta, 1e6);
+    assert_eq!(c.torch_dtype, Some(TorchDType::BF16));
+    assert_eq!((c.head_dim, c.num_hidden_layers), (64, 2));
+
+    let v5 = tiny_config_v5();
+    let c = Qwen2Config::parse(&v5.to_string()).unwrap();
+    assert_eq!(c.rope_theta, 500000.0);
+    assert_eq!(c.torch_dtype, Some(TorchDType::F32));
+    // The old `type` name, and a rope_parameters without theta (the top-level key then counts).
+    let old_name = with(v5.clone(), "rope_parameters", json!({"type": "default"}));
+    let c = Qwen2Config::parse(&with(old_name.clone(), "rope_theta", json!(2e5)).to_string());
+    assert_eq!(c.unwrap().rope_theta, 2e5);
+    assert_eq!(
+        Qwen2Config::parse(&old_name.to_string())
+            .unwrap()
+            .rope_theta,
+        10000.0
+    );
+    // Both theta keys, equal: fine. rope_scaling "default" of 4.x, with the top-level theta.
+    let both = with(v5.clone(), "rope_theta", json!(500000.0));
+    assert_eq!(
+        Qwen2Config::parse(&both.to_string()).unwrap().rope_theta,
+        500000.0
+    );
+    let scaling = with(
+        tiny_config(false),
+        "rope_scaling",
+        json!({"rope_type": "default"}),
+    );
+    assert_eq!(
+        Qwen2Config::parse(&scaling.to_string()).unwrap().rope_theta,
+        10000.0
+    );
+    // transformers 5 prefers `dtype`; `torch_dtype` alone is 4.x.
+    let c = Qwen2Config::parse(&with(v5.clone(), "torch_dtype", json!("bfloat16")).to_string());
+    assert_eq!(c.unwrap().torch_dtype, Some(TorchDType::F32));
+    let e = parse_err(&with(v5, "dtype", json!("int8")));
+    assert!(e.contains("dtype = \"int8\" is not supported"), "{e}");
+}
+
+#[test]
+fn scaled_or_ambiguous_rope_is_refused_by_key() {
+    let v5 = tiny_config_v5();
+    for kind in ["yarn", "dynamic", "linear", "llama3", "longrope"] {
+        let scaled = json!({"rope_type": kind, "rope_theta": 1e6, "factor": 4.0});
+        let e = parse_err(&with(v5.clone(), "rope_parameters", scaled));
+        assert!(
+            e.contains(&format!("rope_parameters.rope_type = \"{kind}\"")),
+            "{e}"
+        );
+        // 4.x's rope_scaling, with the old `type` name as Qwen2.5's YaRN recipe writes it.
+        let scaled =
+            json!({"type": kind, "factor": 4.0, "original_max_position_embeddings": 32768});
+        let e = parse_err(&with(tiny_config(false), "rope_scaling", scaled));
+        assert!(
+            e.contains(&format!("rope_scaling.rope_type = \"{kind}\"")),
+            "{e}"
+        );
+    }
+    let cases = [
+        (
+            with(v5.clone(), "rope_theta", json!(10000.0)),
+            "rope_parameters.rope_theta = 500000 and rope_theta = 10000 disagree",
+        ),
+        (
+            with(v5.clone(), "rope_scaling", json!({"rope_type": "default"})),
+            "both rope_parameters and rope_scaling",
+        ),
+        (
+            with(tiny_config(false), "rope_scaling", json!({"rope_theta": 1e6})),
+            "rope_scaling.rope_theta = 1000000 and rope_theta = 10000 disagree",
+        ),
+        (
+            with(
+                remove(&tiny_config(false), "rope_theta"),
+                "rope_scaling",
+                json!({"rope_type": "default", "rope_theta": 1e6}),
+            ),
+            "rope_scaling.rope_theta = 1000000 without a top-level rope_theta",
+        ),
+        (
+            with(v5.clone(), "rope_parameters", json!({"rope_type": "default", "factor": 2.0})),
+            "rope_parameters.factor = 2.0 is not read",
+        ),
+        (
+            with(
+                v5.clone(),
+                "rope_parameters",
+                json!({"rope_type": "default", "type": "linear"}),
+            ),
+            "rope_parameters.rope_type = \"default\" and rope_parameters.type = \"linear\" disagree",
+        ),
+        (
+            with(v5.clone(), "rope_parameters", json!({"partial_rotary_factor": 0.5})),
+            "rope_parameters.partial_rotary_factor = 0.5",
+        ),
+        (
+            with(v5.clone(), "partial_rotary_factor", json!(0.25)),
+            "partial_rotary_factor = 0.25",
+        ),
+        (
+            with(v5.clone(), "rope_parameters", json!(1e6)),
+            "rope_parameters = 1000000.0 must be an object",
+        ),
+    ];
+    for (config, want) in cases {
+        let e = parse_err(&config);
+        assert!(e.contains(want), "expected {want:?} in: {e}");
+    }
+    // A rotary factor of 1.0 is plain RoPE in both versions.
+    let full = with(v5, "partial_rotary_factor", json!(1.0));
+    assert!(Qwen2Config::parse(&full.to_string()).is_ok());
+}
+
+#[test]
+fn sliding_window_layers_are_refused_and_inert_keys_accepted() {
+    let v5 = tiny_config_v5();
+    let e = parse_err(&with(
+        v5.clone(),
+        "layer_types",
+        json!(["full_attention", "sliding_attention"]),
+    ));
+    assert!(
+        e.contains("layer_types[1] = \"sliding_attention\"") && e.contains("4096"),
+        "{e}"
+    );
+    let e = parse_err(&with(v5.clone(), "layer_types", json!(["full_attention"])));
+    assert!(
+        e.contains("layer_types has 1 entries but num_hidden_layers = 2"),
+        "{e}"
+    );
+    let e = parse_err(&with(
+        v5.clone(),
+        "layer_types",
+        json!(["full_attention", "chunked_attention"]),
+    ));
+    assert!(e.contains("layer_types[1] = \"chunked_attention\""), "{e}");
+    let e = parse_err(&with(v5.clone(), "use_sliding_window", json!(true)));
+    assert!(
+        e.contains("use_sliding_window = true") && e.contains("max_window_layers = 2"),
+        "{e}"
+    );
+
+    // What changes no math: a window size that is not used, max_window_layers 0, "swish" (the same
+    // nn.SiLU in transformers), attention dropout (inference), keys wgtrain does not know.
+    let inert = with(v5.clone(), "max_window_layers", json!(0));
+    let inert = with(inert, "sliding_window", json!(131072));
+    let inert = with(inert, "hidden_act", json!("swish"));
+    let inert = with(inert, "attention_dropout", json!(0.1));
+    let inert = with(inert, "some_future_flag", json!({"nested": [1, 2]}));
+    let c = Qwen2Config::parse(&inert.to_string()).unwrap();
+    assert_eq!(
+        (c.sliding_window, c.max_window_layers),
+        (Some(131072), Some(0))
+    );
+    let e = format!("{:#}", c.check_trainable().unwrap_err());
+    assert!(e.contains("attention_dropout = 0.1"), "{e}");
+    assert!(Qwen2Config::parse(&v5.to_string())
+        .unwrap()
+        .check_trainable()
+        .is_ok());
+
+    let quantized = with(v5, "quantization_config", json!({"quant_method": "gptq"}));
+    let e = parse_err(&quantized);
+    assert!(
+        e.contains("quantization_config") && e.contains("gptq"),
+        "{e}"
+    );
+}
+
+#[test]
+fn length_warning_names_max_position_embeddings() {
+    let c = Qwen2Config::parse(&tiny_config(false).to_string()).unwrap();
+    assert_eq!(c.length_warning(64), None);
+    let w = c.length_warning(65).unwrap();
+    assert!(
+        w.contains("65 tokens") && w.contains("max_position_embeddings = 64"),
+        "{w}"
+    );
+}
+
+/// The transformers 5 checkpoint matches transformers' logits, and gives the same logits when its
+/// config is rewritten in 4.x's layout; another theta (10000, the old fallback) does not.
+#[test]
+fn transformers5_logits_in_either_config_layout() {
+    let gpu = Gpu::from_env().unwrap();
+    let dir = fixture("tiny-qwen2-v5");
+    let ids: Vec<u32> = read_json(&dir.join("reference.json"))["logits_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let want: Vec<f32> = file
+        .tensor("logits")
+        .unwrap()
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let logits = |dir: &Path| {
+        let model = Qwen2::load(&gpu, dir).unwrap();
+        model.logits(&gpu, &ids, 0..ids.len()).unwrap()
+    };
+    let max_err = |got: &[f32]| {
+        assert_eq!(got.len(), want.len());
+        got.iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max)
+    };
+
+    let v5 = logits(&dir);
+    let err = max_err(&v5);
+    println!("transformers 5.25 layout: max |logit - transformers| = {err:.3e}");
+    assert!(err < 1e-3, "max logit error {err}");
+
+    let to_v4 = |theta: f64| {
+        fixture_copy("tiny-qwen2-v5", |c| {
+            for key in ["rope_parameters", "layer_types", "dtype"] {
+                c.remove(key);
+            }
+            c.insert("rope_theta".into(), json!(theta));
+            c.insert("rope_scaling".into(), Value::Null);
+            c.insert("torch_dtype".into(), json!("bfloat16"));
+        })
+    };
+    assert_eq!(logits(to_v4(1e6).path()), v5, "4.x layout, same theta");
+    let err = max_err(&logits(to_v4(10000.0).path()));
+    println!("with theta 10000: max |logit - transformers| = {err:.3e}");
+    assert!(
+        err > 1e-2,
+        "theta 10000 gives transformers' logits too ({err})"
+    );
+}
+
+/// A non-zero attention_dropout loads and runs inference, but is refused for training.
+#[test]
+fn attention_dropout_is_refused_for_training_only() {
+    let gpu = Gpu::from_env().unwrap();
+    let dir = fixture_copy("tiny-qwen2-v5", |c| {
+        c.insert("attention_dropout".into(), json!(0.1));
+    });
+    let model = Qwen2::load(&gpu, dir.path()).unwrap();
+    assert!(model.logits(&gpu, &[1, 2, 3], 0..3).is_ok());
+    let e = match Grads::new(&gpu, &model) {
+        Ok(_) => panic!("training with attention_dropout 0.1 should be refused"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(e.contains("attention_dropout = 0.1"), "{e}");
+}
+
+/// `wgtrain loss` on rows longer than max_position_embeddings warns once, naming the key.
+#[test]
+fn sequences_past_max_position_embeddings_warn_once() {
+    let data = fixture("tiny_sft.jsonl");
+    let run = |model: &Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_wgtrain"))
+            .args(["loss", "--model", model.to_str().unwrap()])
+            .args(["--data", data.to_str().unwrap(), "--batch-size", "2"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{stderr}");
+        stderr
+    };
+    let short = fixture_copy("tiny-qwen2-tied", |c| {
+        c.insert("max_position_embeddings".into(), json!(32));
+    });
+    let stderr = run(short.path());
+    assert_eq!(
+        stderr
+            .matches("runs past max_position_embeddings = 32")
+            .count(),
+        1,
+        "{stderr}"
+    );
+    assert!(!run(&fixture("tiny-qwen2-tied")).contains("max_position_embeddings"));
+}
+
+/// pad_token_id is transformers' padding_idx: under full fine-tuning the pad row of the embedding
+/// gets no gradient from its lookups; every other row's gradient is unchanged.
+#[test]
+fn pad_token_id_row_gets_no_embedding_gradient() {
+    let gpu = Gpu::from_env().unwrap();
+    let ids: Vec<u32> = vec![5, 9, 17, 9, 30, 5, 12];
+    let targets: Vec<u32> = ids[1..].iter().copied().chain([IGNORE]).collect();
+    let embed_grad = |dir: &Path| {
+        let model = Qwen2::load_f32(&gpu, dir).unwrap();
+        let grads = Grads::new(&gpu, &model).unwrap();
+        model
+            .forward_backward(&gpu, &grads, &[(&ids, &targets)], 1.0, None)
+            .unwrap();
+        let params = grads.params(&model);
+        let embed = params
+            .iter()
+            .find(|p| p.name == "model.embed_tokens.weight")
+            .unwrap();
+        embed.grad.to_f32(&gpu).unwrap()
+    };
+    // Untied: the pad row's only gradient is its lookups'.
+    let plain = embed_grad(&fixture("tiny-qwen2-untied"));
+    let padded = fixture_copy("tiny-qwen2-untied", |c| {
+        c.insert("pad_token_id".into(), json!(9));
+    });
+    let padded = embed_grad(padded.path());
+    let hidden = 128;
+    for (row, (a, b)) in plain.chunks(hidden).zip(padded.chunks(hidden)).enumerate() {
+        if row == 9 {
+            assert!(a.iter().any(|&x| x != 0.0), "token 9 is looked up twice");
+            assert!(b.iter().all(|&x| x == 0.0), "pad row {row}: {b:?}");
+        } else {
+            assert_eq!(a, b, "row {row}");
+        }
+    }
+    let e = parse_err(&with(tiny_config(false), "pad_token_id", json!(32)));
+    assert!(
+        e.contains("pad_token_id = 32 is not below vocab_size = 32"),
+        "{e}"
+    );
 }

@@ -15,7 +15,7 @@ use wgtrain_kernels::ops::attention::{attention_backward, AttentionDims};
 use wgtrain_kernels::ops::cross_entropy::{
     cross_entropy_backward, cross_entropy_forward, Chunking,
 };
-use wgtrain_kernels::ops::elementwise::sum_rows;
+use wgtrain_kernels::ops::elementwise::{copy_rows, sum_rows};
 use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_backward, Dropout, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
@@ -75,6 +75,7 @@ impl Grads {
     /// LoRA gradients when any projection has a LoRA applied, else gradients of every weight
     /// (the model must then hold f32 weights, see [`Qwen2::load_f32`]).
     pub fn new(gpu: &Gpu, model: &Qwen2) -> Result<Grads> {
+        model.config.check_trainable()?;
         let has_lora = model
             .layers
             .iter()
@@ -285,6 +286,7 @@ impl Qwen2 {
     ) -> Result<LossSum> {
         let c = &self.config;
         let (ids, targets, seq_len) = pad_rows(rows)?;
+        self.note_length(seq_len);
         let (n, h) = (ids.len(), c.hidden_size);
         let step = Step {
             batch_size: rows.len(),
@@ -368,7 +370,21 @@ impl Qwen2 {
             batch.flush();
         }
         if let Some(g) = full {
+            // As transformers' padding_idx: the pad row keeps what it had before the lookups'
+            // gradient (earlier micro-batches and, tied, the LM head's).
+            let pad_row = match c.pad_token_id.filter(|p| ids.contains(p)) {
+                Some(p) => {
+                    let p = p as usize;
+                    let row = Tensor::zeros(gpu, &[1, h], DType::F32)?;
+                    copy_rows(&mut batch, &g.embed, p..p + 1, &row, 0)?;
+                    Some((p, row))
+                }
+                None => None,
+            };
             embedding_backward(&mut batch, &token_ids, &dres, &g.embed)?;
+            if let Some((p, row)) = &pad_row {
+                copy_rows(&mut batch, row, 0..1, &g.embed, *p)?;
+            }
         }
         batch.submit();
         Ok(LossSum {

@@ -20,6 +20,7 @@
 //! decoding); the loss path runs the chunked LM-head cross-entropy and never materialises [T, V].
 use std::ops::Range;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
 use wgtrain_kernels::ops::attention::{
@@ -157,6 +158,8 @@ pub struct Qwen2 {
     /// None when tied to `embed`.
     pub lm_head: Option<Tensor>,
     pub(crate) rope: Rope,
+    /// Set once the length warning ([`Qwen2Config::length_warning`]) has been printed.
+    length_warned: AtomicBool,
 }
 
 /// Every intermediate of one decoder layer over `rows` tokens: what its backward reads.
@@ -585,7 +588,18 @@ impl Qwen2 {
             norm,
             lm_head,
             rope,
+            length_warned: AtomicBool::new(false),
         })
+    }
+
+    /// Prints the length warning the first time a sequence of this model reaches `tokens` past
+    /// `max_position_embeddings`.
+    pub(crate) fn note_length(&self, tokens: usize) {
+        if let Some(warning) = self.config.length_warning(tokens) {
+            if !self.length_warned.swap(true, Ordering::Relaxed) {
+                eprintln!("warning: {warning}");
+            }
+        }
     }
 
     /// Applies `adapter` unmerged (replacing any applied before).
@@ -758,6 +772,7 @@ impl Qwen2 {
             cache,
             dropout: None,
         };
+        self.note_length(step.past + seq_len);
         let ids = TokenIds::new(gpu, ids)?;
         let acts = LayerActs::new(gpu, self, rows)?;
         let mut x = Tensor::zeros(gpu, &[rows, h], DType::F32)?;

@@ -246,6 +246,10 @@ fn save_full(gpu: &Gpu, model: &Qwen2, grads: &Grads, base: &Path, dir: &Path) -
     )
     .with_context(|| format!("parsing {}", config_path.display()))?;
     config["torch_dtype"] = json!("float32");
+    // transformers 5 writes `dtype` and reads it before `torch_dtype`.
+    if config.get("dtype").is_some() {
+        config["dtype"] = json!("float32");
+    }
     std::fs::write(&config_path, serde_json::to_string_pretty(&config)?)
         .with_context(|| format!("writing {}", config_path.display()))
 }
