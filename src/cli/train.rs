@@ -36,7 +36,7 @@ impl TrainArgs {
         let file = self
             .config
             .as_deref()
-            .map(read_llama_factory_yaml)
+            .map(|path| read_llama_factory_yaml(path, &self.settings))
             .transpose()?;
         let file = match self.settings.model.is_none() && self.settings.data.is_empty() {
             true => {
