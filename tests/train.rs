@@ -356,7 +356,7 @@ fn paper_yamls_take_model_and_data_from_the_flags() {
         }
         assert!(warnings.iter().any(|w| w.contains("deepspeed ignored")));
         let config = TrainConfig::resolve(flags.clone(), Some((file, warnings))).unwrap();
-        assert_eq!(config.data, [data.clone()]);
+        assert_eq!(config.data, std::slice::from_ref(&data));
         assert_eq!(config.model, flags.model);
         assert_eq!(config.optimizer.lr, lr);
         assert_eq!(config.grad_accum, 12);

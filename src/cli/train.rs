@@ -262,7 +262,14 @@ mod tests {
         assert!(matches!(c.method, Method::Lora(_)));
         assert_eq!(c.optimizer.lr, 1e-5);
         assert_eq!(c.duration, Duration::Epochs(1.0));
-        assert_eq!(c.warnings.len(), 1);
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+        for note in [
+            "finetuning_type overridden by --adapter",
+            "num_train_epochs overridden by --epochs/--max-steps",
+            "bf16 ignored",
+        ] {
+            assert!(c.warnings.iter().any(|w| w.contains(note)), "{note}");
+        }
         assert_eq!(
             parse(&["--config", &yaml]).unwrap().settings.adapter,
             None,
