@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use serde_json::{json, Value};
 use wgtrain::data::chat::ChatEncoder;
-use wgtrain::eval::prompt::{messages, SKY_T1_SYSTEM_PROMPT};
+use wgtrain::eval::prompt::{messages, NamedPrompt, SKY_T1_SYSTEM_PROMPT};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -136,6 +136,38 @@ fn prompt_is_the_system_prompt_then_the_problem_and_the_generation_prompt() {
     assert_eq!(rendered, want);
 }
 
+/// The prompt ids of `--prompt sky-t1-harness` are the harness's "Sky-T1" template rendered with
+/// the real Qwen2.5 tokenizer (tests/fixtures/harness_prompt_ids.json, by
+/// scripts/fixtures/harness_prompt_ids.py); the braced training copy gives other ids.
+#[test]
+fn harness_prompt_ids_match_the_qwen25_math_harness() {
+    let fixture: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/harness_prompt_ids.json")).unwrap(),
+    )
+    .unwrap();
+    let encoder = ChatEncoder::load(shared("tokenizers/qwen2.5")).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    for case in cases {
+        let bench = shared(&format!("bench/{}", case["bench"].as_str().unwrap()));
+        let problems = wgtrain::eval::bench::load(&bench).unwrap();
+        let problem = &problems[case["row"].as_u64().unwrap() as usize].problem;
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap() as u32)
+            .collect();
+        let ids = |prompt: NamedPrompt| {
+            encoder
+                .apply_chat_template(&messages(&prompt.system(), problem), true)
+                .unwrap()
+        };
+        assert_eq!(ids(NamedPrompt::SkyT1Harness), want, "{}", bench.display());
+        assert_ne!(ids(NamedPrompt::SkyT1Train), want);
+    }
+}
+
 #[test]
 fn eval_writes_graded_rows_in_input_order_and_a_consistent_summary() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,10 +215,19 @@ fn eval_writes_graded_rows_in_input_order_and_a_consistent_summary() {
     assert_eq!(run["bench"], "tiny");
     assert_eq!(run["bench_problems"], 4);
     assert_eq!(run["system_prompt"], "Answer briefly.");
+    assert_eq!(
+        (&run["prompt"], &summary["prompt"]),
+        (&json!("custom"), &json!("custom"))
+    );
+    let both = run_eval(&bench, &out, &["--prompt", "sky-t1-train"]);
+    assert!(
+        !both.status.success(),
+        "--prompt and --system together are refused"
+    );
 }
 
 #[test]
-fn eval_on_aime24_uses_the_sky_t1_prompt_by_default() {
+fn eval_on_aime24_uses_the_harness_sky_t1_prompt_by_default() {
     let bench = shared("bench/aime24.jsonl");
     assert!(bench.exists(), "{} must exist (../shared)", bench.display());
     let dir = tempfile::tempdir().unwrap();
@@ -216,9 +257,12 @@ fn eval_on_aime24_uses_the_sky_t1_prompt_by_default() {
     let summary = summary(&out);
     check_summary(&summary, &rows);
     assert_eq!(summary["bench"], "aime24");
+    assert_eq!(summary["prompt"], "sky-t1-harness");
     let run: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
-    assert_eq!(run["system_prompt"], SKY_T1_SYSTEM_PROMPT);
+    assert_eq!(run["prompt"], "sky-t1-harness");
+    assert_eq!(run["system_prompt"], NamedPrompt::SkyT1Harness.system());
+    assert!(!NamedPrompt::SkyT1Harness.system().contains('{'));
     assert_eq!(run["bench_problems"], 30);
 }
 

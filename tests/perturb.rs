@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use wgtrain::data::perturb::{
-    thought_range, DigitsMode, KeywordMatcher, Perturbation, Perturber, StepPool, StepSplitter,
+    numbers, thought_range, DigitsMode, KeywordMatcher, Perturbation, Perturber, Scope, StepPool,
+    StepSplitter,
 };
 use wgtrain::data::{Dataset, FileFormat, Role};
 
@@ -289,9 +290,11 @@ fn digits_at_one_change_every_digit_only_inside_the_thought_block() {
     let dir = tempfile::tempdir().unwrap();
     let original = dataset(dir.path());
     let mut corrupted = original.clone();
-    perturber(Perturbation::Digits(DigitsMode::Digit), 1.0, 1)
-        .apply(&mut corrupted)
-        .unwrap();
+    let digits = Perturbation::Digits {
+        mode: DigitsMode::Digit,
+        scope: DigitsMode::Digit.default_scope(),
+    };
+    perturber(digits, 1.0, 1).apply(&mut corrupted).unwrap();
     assert_only_thoughts_changed(&original, &corrupted);
     for row in 0..8 {
         let (before, after) = (
@@ -315,12 +318,16 @@ fn digits_at_one_change_every_digit_only_inside_the_thought_block() {
         assert!(digits > 20);
     }
 
-    let mut numbers = original.clone();
-    perturber(Perturbation::Digits(DigitsMode::Number), 1.0, 1)
-        .apply(&mut numbers)
+    let mut corrupted = original.clone();
+    let numbers_in_thought = Perturbation::Digits {
+        mode: DigitsMode::Number,
+        scope: Scope::Thought,
+    };
+    perturber(numbers_in_thought, 1.0, 1)
+        .apply(&mut corrupted)
         .unwrap();
-    assert_only_thoughts_changed(&original, &numbers);
-    let text = assistant_text(&numbers, 7);
+    assert_only_thoughts_changed(&original, &corrupted);
+    let text = assistant_text(&corrupted, 7);
     let values: Vec<u32> = regex::Regex::new("[0-9]+")
         .unwrap()
         .find_iter(thought(&text))
@@ -330,6 +337,108 @@ fn digits_at_one_change_every_digit_only_inside_the_thought_block() {
         !values.is_empty() && values.iter().all(|v| *v <= 10),
         "numbers become 0..=10"
     );
+}
+
+/// Byte offset of each char offset of `text` (Python's spans count code points).
+fn byte_offset(text: &str, chars: usize) -> usize {
+    text.char_indices()
+        .map(|(i, _)| i)
+        .chain([text.len()])
+        .nth(chars)
+        .unwrap()
+}
+
+#[test]
+fn number_mode_finds_what_the_released_regex_finds() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/number_pattern.json");
+    let fixture: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 30);
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        let want: Vec<(usize, usize, &str)> = case["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                let (start, end) = (m[0].as_u64().unwrap(), m[1].as_u64().unwrap());
+                let (start, end) = (
+                    byte_offset(text, start as usize),
+                    byte_offset(text, end as usize),
+                );
+                (start, end, m[2].as_str().unwrap())
+            })
+            .collect();
+        let got: Vec<(usize, usize, &str)> =
+            numbers(text).map(|r| (r.start, r.end, &text[r])).collect();
+        assert_eq!(got, want, "in {text:?}");
+    }
+}
+
+/// A row whose numbers sit at the edges of the released pattern, in every part of the row.
+fn edge_row() -> Value {
+    json!({
+        "system": "Use 2 sections.",
+        "conversations": [
+            {"from": "user", "value": "What is 12.5 + 3?"},
+            {"from": "assistant", "value": "<|begin_of_thought|>\n\nWe add 1.3 + 10.6 = 11.9, with x2 and 2x and -5 and 1,000 and \\frac{1}{2}.\n\n<|end_of_thought|>\n\n<|begin_of_solution|>\n\nSo 12.5 + 3 = \\boxed{15.5}.\n\n<|end_of_solution|>"}
+        ]
+    })
+}
+
+#[test]
+fn number_mode_corrupts_the_whole_response_like_the_released_script() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = Dataset::load(write_jsonl(dir.path(), "in.jsonl", &[edge_row()])).unwrap();
+    let before = assistant_text(&original, 0);
+    let mode = DigitsMode::Number;
+    let mut corrupted = original.clone();
+    let released = Perturbation::Digits {
+        mode,
+        scope: mode.default_scope(),
+    };
+    assert_eq!(released.scope(), Scope::Response);
+    perturber(released, 1.0, 3).apply(&mut corrupted).unwrap();
+    let after = assistant_text(&corrupted, 0);
+    // Every number, decimals whole and the boxed answer included, is now an integer 0..=10.
+    let found =
+        |text: &str| -> Vec<String> { numbers(text).map(|r| text[r].to_string()).collect() };
+    assert_eq!(found(&before).len(), 11, "{:?}", found(&before));
+    assert_eq!(found(&after).len(), 11, "{after}");
+    for number in found(&after) {
+        assert!(
+            number.parse::<u32>().is_ok_and(|n| n <= 10),
+            "{number} in {after}"
+        );
+    }
+    assert!(after.contains(" x2 and 2x and -"), "{after}");
+    let boxed = |text: &str| {
+        text.split("\\boxed{")
+            .nth(1)
+            .unwrap()
+            .split('}')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(boxed(&after), "15.5");
+    // The system prompt and the user turn never change.
+    let row = corrupted.rows()[0].value();
+    assert_eq!(row["system"], edge_row()["system"]);
+    assert_eq!(row["conversations"][0], edge_row()["conversations"][0]);
+
+    // --scope thought keeps the solution block.
+    let mut in_thought = original.clone();
+    let thought_only = Perturbation::Digits {
+        mode,
+        scope: Scope::Thought,
+    };
+    perturber(thought_only, 1.0, 3)
+        .apply(&mut in_thought)
+        .unwrap();
+    let after = assistant_text(&in_thought, 0);
+    assert_ne!(thought(&after), thought(&before));
+    assert_eq!(outside_thought(&after), outside_thought(&before));
 }
 
 #[test]
@@ -534,6 +643,51 @@ fn cli_perturbs_end_to_end() {
         "--overwrite",
     ]);
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--fraction"));
+}
+
+#[test]
+fn cli_number_mode_reports_its_scope() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = write_jsonl(dir.path(), "in.jsonl", &[edge_row()]);
+    let output = dir.path().join("out.jsonl");
+    let (input_arg, output_arg) = (input.to_str().unwrap(), output.to_str().unwrap());
+    let base = [
+        "perturb",
+        "--data",
+        input_arg,
+        "--output",
+        output_arg,
+        "--fraction",
+        "1",
+        "--overwrite",
+    ];
+    let run = |extra: &[&str]| wgtrain(&[&base[..], extra].concat());
+    let released = run(&["--kind", "digits", "--digits-mode", "number"]);
+    let stdout = String::from_utf8_lossy(&released.stdout);
+    assert!(released.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("digits, number mode")
+            && stdout.contains("scope                 whole assistant turn"),
+        "{stdout}"
+    );
+    let thought = run(&[
+        "--kind",
+        "digits",
+        "--digits-mode",
+        "number",
+        "--scope",
+        "thought",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&thought.stdout).contains("scope                 thought block")
+    );
+    let paper = run(&["--kind", "digits"]);
+    assert!(String::from_utf8_lossy(&paper.stdout).contains("scope                 thought block"));
+    let refused = run(&["--kind", "shuffle", "--scope", "response"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--scope only applies to --kind digits")
+    );
 }
 
 #[test]

@@ -8,6 +8,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use wgtrain::model::{Adapter, Qwen2Config};
+use wgtrain::train::config::{
+    read_llama_factory_yaml, AdapterKind, Method, TrainConfig, TrainSettings,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -306,4 +309,120 @@ fn dry_run_reports_the_steps_memory_and_writes_nothing() {
         (real - peak).abs() < 0.06,
         "dry run {peak} MiB, real run {real} MiB"
     );
+}
+
+/// The paper's two LLaMA-Factory YAMLs (tests/fixtures/llama_factory) with `--model` and `--data`:
+/// the flags win before the file's `model_name_or_path` (a hub name) or `dataset` (an entry of a
+/// `data/dataset_info.json` that is not here) is looked at; everything else comes from the file.
+#[test]
+fn paper_yamls_take_model_and_data_from_the_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = two_rows(tmp.path());
+    let flags = TrainSettings {
+        model: Some(model_dir("tiny-qwen2-tied")),
+        data: vec![data.clone()],
+        ..TrainSettings::default()
+    };
+    for (name, dataset, kind, lr) in [
+        (
+            "qwen2_lora_config.yaml",
+            "Sky-T1-Lora",
+            AdapterKind::Lora,
+            1e-4,
+        ),
+        ("qwen2_full_sft.yaml", "Sky-T1-HQ", AdapterKind::Full, 1e-5),
+    ] {
+        let yaml = fixtures().join("llama_factory").join(name);
+        let without = read_llama_factory_yaml(&yaml, &TrainSettings::default()).unwrap_err();
+        assert!(
+            format!("{without:#}").contains(&format!("{dataset:?} is neither an entry")),
+            "{without:#}"
+        );
+
+        let (file, warnings) = read_llama_factory_yaml(&yaml, &flags).unwrap();
+        assert!(file.data.is_empty() && file.model.is_none(), "{file:?}");
+        for key in ["model_name_or_path", "dataset"] {
+            let flag = if key == "dataset" {
+                "--data"
+            } else {
+                "--model"
+            };
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.contains(&format!("{key} overridden by {flag}"))),
+                "{warnings:?}"
+            );
+        }
+        assert!(warnings.iter().any(|w| w.contains("deepspeed ignored")));
+        let config = TrainConfig::resolve(flags.clone(), Some((file, warnings))).unwrap();
+        assert_eq!(config.data, std::slice::from_ref(&data));
+        assert_eq!(config.model, flags.model);
+        assert_eq!(config.optimizer.lr, lr);
+        assert_eq!(config.grad_accum, 12);
+        assert_eq!(config.max_len, 16384);
+        let lora = matches!(config.method, Method::Lora(_));
+        assert_eq!(lora, kind == AdapterKind::Lora, "{name}");
+    }
+}
+
+/// The fixture adapter (r 8, alpha 16, all seven projections) started from with other LoRA
+/// settings: a flag that differs is refused, a YAML value that differs is a warning, and the run
+/// records the adapter's own values (run marker, the checkpoint's resume settings).
+#[test]
+fn init_adapter_values_win_and_conflicting_flags_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = two_rows(tmp.path());
+    let model = model_dir("tiny-qwen2-tied");
+    let init = model.join("adapter-random");
+    let out = tmp.path().join("run");
+    let (m, d, o, i) = (
+        model.to_str().unwrap(),
+        data.to_str().unwrap(),
+        out.to_str().unwrap(),
+        init.to_str().unwrap(),
+    );
+    let mut args = sgd_args(m, d, o);
+    args.extend(["--init-adapter", i]);
+
+    for (flag, value, theirs) in [
+        ("--lora-rank", "4", "8"),
+        ("--lora-alpha", "32", "16"),
+        ("--lora-target", "q_proj,v_proj", "q_proj,k_proj,v_proj"),
+    ] {
+        let mut conflicting = args.clone();
+        conflicting.extend([flag, value]);
+        let refused = wgtrain(&conflicting);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} {value} conflicts")) && stderr.contains(theirs),
+            "{stderr}"
+        );
+        assert!(!out.exists(), "a refused run writes nothing");
+    }
+
+    let yaml = tmp.path().join("run.yaml");
+    std::fs::write(&yaml, "lora_rank: 32\nlora_alpha: 64\n").unwrap();
+    let mut from_yaml = args.clone();
+    from_yaml.extend(["--config", yaml.to_str().unwrap()]);
+    let run = wgtrain(&from_yaml);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("lora_rank 32 (YAML) differs") && stderr.contains("lora_alpha 64 (YAML)"),
+        "{stderr}"
+    );
+    let json = |path: PathBuf| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let marker = json(out.join("wgtrain_run.json"));
+    let state = json(out.join("checkpoint-1/train_state.json"));
+    for method in [&marker["method"], &state["config"]["method"]] {
+        assert_eq!(
+            (&method["rank"], &method["alpha"]),
+            (&Value::from(8), &Value::from(16.0))
+        );
+        assert_eq!(method["targets"].as_array().unwrap().len(), 7);
+    }
 }

@@ -1,7 +1,7 @@
 //! `wgtrain perturb`: the paper's perturbed variants of a reasoning dataset.
 use crate::data::jsonfile::check_can_write;
 use crate::data::perturb::{
-    DigitsMode, KeywordMatcher, Perturbation, Perturber, StepPool, StepSplitter,
+    DigitsMode, KeywordMatcher, Perturbation, Perturber, Scope, StepPool, StepSplitter,
 };
 use crate::data::Dataset;
 use crate::eval::wrong_answers::{keep_wrong_answers, GroundTruth};
@@ -29,8 +29,17 @@ pub enum Kind {
 pub enum DigitsModeArg {
     /// Each digit becomes a different random digit.
     Digit,
-    /// Each whole number becomes a random integer 0..=10 (the authors' released script).
+    /// Each number (`\b\d+(\.\d+)?\b`, a decimal as one) becomes a random integer 0..=10, as the
+    /// authors' released corrupt_data.py does.
     Number,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScopeArg {
+    /// The thought block only.
+    Thought,
+    /// The whole assistant turn, solution and boxed answer included.
+    Response,
 }
 
 /// Write a perturbed copy of a reasoning dataset (only thought blocks change).
@@ -60,9 +69,13 @@ pub struct PerturbArgs {
     /// Regex that separates steps (default: blank lines).
     #[arg(long)]
     pub split: Option<String>,
-    /// What --kind digits corrupts.
+    /// What --kind digits corrupts [default: digit].
     #[arg(long, value_enum)]
     pub digits_mode: Option<DigitsModeArg>,
+    /// Where --kind digits corrupts [default: thought for --digits-mode digit, as the paper
+    /// describes; response for number, as the released script does].
+    #[arg(long, value_enum)]
+    pub scope: Option<ScopeArg>,
     /// Ground truth for --kind wrong-answers: JSONL of {"problem" | "question" | "index", "answer"};
     /// a benchmark file works as is.
     #[arg(long)]
@@ -117,10 +130,16 @@ pub fn run(args: PerturbArgs) -> Result<i32> {
             None => StepPool::from_dataset(&dataset, &splitter, true),
         }),
         Kind::Digits => {
-            Perturbation::Digits(match args.digits_mode.unwrap_or(DigitsModeArg::Digit) {
+            let mode = match args.digits_mode.unwrap_or(DigitsModeArg::Digit) {
                 DigitsModeArg::Digit => DigitsMode::Digit,
                 DigitsModeArg::Number => DigitsMode::Number,
-            })
+            };
+            let scope = match args.scope {
+                Some(ScopeArg::Thought) => Scope::Thought,
+                Some(ScopeArg::Response) => Scope::Response,
+                None => mode.default_scope(),
+            };
+            Perturbation::Digits { mode, scope }
         }
         Kind::Keywords => Perturbation::Keywords(match &args.keywords {
             Some(path) => KeywordMatcher::from_file(path)?,
@@ -141,21 +160,30 @@ pub fn run(args: PerturbArgs) -> Result<i32> {
 
     let (before, after) = summary.mean_steps();
     let kind = Kind::to_possible_value(&args.kind).expect("kind name");
+    let mode = match &perturber.perturbation {
+        Perturbation::Digits { mode, .. } => format!(", {mode:?} mode").to_lowercase(),
+        _ => String::new(),
+    };
+    let (scope, nothing_in_scope) = match perturber.perturbation.scope() {
+        Scope::Thought => ("thought block", "no thought block"),
+        Scope::Response => ("whole assistant turn", "no assistant turn"),
+    };
     println!(
-        "perturb {} (fraction {fraction}, seed {}): {} -> {}",
+        "perturb {}{mode} (fraction {fraction}, seed {}): {} -> {}",
         kind.get_name(),
         args.seed,
         args.data.display(),
         args.output.display()
     );
+    println!("  scope                 {scope}");
     println!("  rows                  {}", summary.rows);
     println!("  perturbed             {}", summary.perturbed);
     println!(
-        "  unchanged             {}  (thought block, nothing to change)",
+        "  unchanged             {}  (in scope, nothing changed)",
         summary.unchanged
     );
     println!(
-        "  passed through        {}  (no thought block)",
+        "  passed through        {}  ({nothing_in_scope})",
         summary.passed_through
     );
     println!("  mean steps per row    {before:.2} before, {after:.2} after");
@@ -177,6 +205,7 @@ fn check_options(args: &PerturbArgs) -> Result<()> {
     only_for(args.pool.is_some(), "--pool", Kind::Insert)?;
     only_for(args.keywords.is_some(), "--keywords", Kind::Keywords)?;
     only_for(args.digits_mode.is_some(), "--digits-mode", Kind::Digits)?;
+    only_for(args.scope.is_some(), "--scope", Kind::Digits)?;
     only_for(args.answers.is_some(), "--answers", Kind::WrongAnswers)?;
     match (kind, args.fraction) {
         (Kind::WrongAnswers, None) if args.answers.is_none() => {

@@ -36,7 +36,7 @@ impl TrainArgs {
         let file = self
             .config
             .as_deref()
-            .map(read_llama_factory_yaml)
+            .map(|path| read_llama_factory_yaml(path, &self.settings))
             .transpose()?;
         let file = match self.settings.model.is_none() && self.settings.data.is_empty() {
             true => {
@@ -262,7 +262,14 @@ mod tests {
         assert!(matches!(c.method, Method::Lora(_)));
         assert_eq!(c.optimizer.lr, 1e-5);
         assert_eq!(c.duration, Duration::Epochs(1.0));
-        assert_eq!(c.warnings.len(), 1);
+        assert_eq!(c.warnings.len(), 3, "{:?}", c.warnings);
+        for note in [
+            "finetuning_type overridden by --adapter",
+            "num_train_epochs overridden by --epochs/--max-steps",
+            "bf16 ignored",
+        ] {
+            assert!(c.warnings.iter().any(|w| w.contains(note)), "{note}");
+        }
         assert_eq!(
             parse(&["--config", &yaml]).unwrap().settings.adapter,
             None,

@@ -1,6 +1,8 @@
 //! The paper's perturbations of reasoning traces (Table 2): only the thought block of assistant
 //! turns (between `<|begin_of_thought|>` and `<|end_of_thought|>`) changes; the system prompt, the
-//! user turns and the solution block stay byte for byte.
+//! user turns and the solution block stay byte for byte. The one exception is digit corruption with
+//! [`Scope::Response`] (the default of the authors' released number corruption), which changes the
+//! whole assistant turn.
 //!
 //! Steps are the thought block's paragraphs (Sky-T1 separates them with blank lines), and the
 //! separators between them are kept as they were. Every row draws from its own random stream
@@ -52,8 +54,9 @@ pub enum Perturbation {
     Delete,
     /// Replace round(F × n) randomly chosen steps by steps drawn from the pool.
     Insert(StepPool),
-    /// Corrupt each digit (or each whole number) with probability F.
-    Digits(DigitsMode),
+    /// Corrupt each digit (or each whole number) with probability F, in the thought block or the
+    /// whole assistant turn.
+    Digits { mode: DigitsMode, scope: Scope },
     /// Remove round(F × k) of the k sentences that contain a reflection keyword.
     Keywords(KeywordMatcher),
 }
@@ -62,8 +65,49 @@ pub enum Perturbation {
 pub enum DigitsMode {
     /// Each digit becomes a different random digit (the paper's description).
     Digit,
-    /// Each whole number becomes a random integer 0..=10 (the authors' released script).
+    /// Each number the released `corrupt_data.py` finds ([`numbers`]) becomes a random integer
+    /// 0..=10, as that script does.
     Number,
+}
+
+impl DigitsMode {
+    /// Where each mode corrupts unless told otherwise: the paper's text says thought block, the
+    /// released script (number mode) corrupts the whole assistant turn, boxed answer included.
+    pub fn default_scope(self) -> Scope {
+        match self {
+            DigitsMode::Digit => Scope::Thought,
+            DigitsMode::Number => Scope::Response,
+        }
+    }
+}
+
+/// The part of each assistant turn a perturbation changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// The text between the thought tags; turns without a thought block are left alone.
+    Thought,
+    /// The whole assistant turn (thought and solution blocks, tags included).
+    Response,
+}
+
+impl Scope {
+    /// The byte range of `content` (an assistant turn) this scope changes.
+    fn range(self, content: &str) -> Option<Range<usize>> {
+        match self {
+            Scope::Thought => thought_range(content),
+            Scope::Response => Some(0..content.len()),
+        }
+    }
+}
+
+impl Perturbation {
+    /// Which part of the assistant turns this perturbation changes.
+    pub fn scope(&self) -> Scope {
+        match self {
+            Perturbation::Digits { scope, .. } => *scope,
+            _ => Scope::Thought,
+        }
+    }
 }
 
 /// Splits a thought block into steps at a separator pattern.
@@ -271,17 +315,17 @@ pub struct PerturbSummary {
     pub rows: usize,
     /// Rows whose text changed.
     pub perturbed: usize,
-    /// Rows with a thought block that came out unchanged (e.g. round(F × n) = 0).
+    /// Rows with text in scope that came out unchanged (e.g. round(F × n) = 0).
     pub unchanged: usize,
-    /// Rows without a thought block, written as they were.
+    /// Rows with nothing in scope (no thought block, or no assistant turn), written as they were.
     pub passed_through: usize,
-    /// Steps over all rows with a thought block, before and after.
+    /// Steps (paragraphs) of the text in scope over all rows, before and after.
     pub steps_before: usize,
     pub steps_after: usize,
 }
 
 impl PerturbSummary {
-    /// Mean steps per row with a thought block (before, after).
+    /// Mean steps per row with text in scope (before, after).
     pub fn mean_steps(&self) -> (f64, f64) {
         let rows = (self.perturbed + self.unchanged).max(1) as f64;
         (
@@ -305,20 +349,21 @@ impl Perturber {
             ..PerturbSummary::default()
         };
         let path = dataset.path().display().to_string();
+        let scope = self.perturbation.scope();
         for row in dataset.rows_mut() {
             let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
             rng.set_stream(row.index() as u64);
-            let (mut has_thought, mut changed) = (false, false);
+            let (mut in_scope, mut changed) = (false, false);
             for turn in 0..row.conversation().turns.len() {
                 let message = &row.conversation().turns[turn];
-                let range = match (message.role, thought_range(&message.content)) {
+                let range = match (message.role, scope.range(&message.content)) {
                     (Role::Assistant, Some(range)) => range,
                     _ => continue,
                 };
-                has_thought = true;
+                in_scope = true;
                 let content = &message.content;
                 let (thought, before, after) = self
-                    .perturb_thought(&content[range.clone()], row.index(), &mut rng)
+                    .perturb_text(&content[range.clone()], row.index(), &mut rng)
                     .with_context(|| format!("{path}:{}: row {}", row.line(), row.index()))?;
                 summary.steps_before += before;
                 summary.steps_after += after;
@@ -332,7 +377,7 @@ impl Perturber {
                     changed = true;
                 }
             }
-            match (has_thought, changed) {
+            match (in_scope, changed) {
                 (false, _) => summary.passed_through += 1,
                 (true, true) => summary.perturbed += 1,
                 (true, false) => summary.unchanged += 1,
@@ -341,17 +386,17 @@ impl Perturber {
         Ok(summary)
     }
 
-    /// The perturbed thought text and its step count before and after.
-    fn perturb_thought(
+    /// The perturbed text (the part of a turn in scope) and its step count before and after.
+    fn perturb_text(
         &self,
-        thought: &str,
+        text: &str,
         row: usize,
         rng: &mut ChaCha8Rng,
     ) -> Result<(String, usize, usize)> {
-        let steps = self.splitter.split(thought);
+        let steps = self.splitter.split(text);
         let n = steps.steps.len();
         let all: Vec<usize> = (0..n).collect();
-        let text = match &self.perturbation {
+        let perturbed = match &self.perturbation {
             Perturbation::Shuffle => {
                 let positions = choose(n, self.fraction, rng);
                 let order = derangement(positions.len(), rng);
@@ -381,13 +426,13 @@ impl Perturber {
                 }
                 steps.join(&all, |slot, _| contents[slot].clone())
             }
-            Perturbation::Digits(mode) => corrupt_digits(thought, *mode, self.fraction, rng),
+            Perturbation::Digits { mode, .. } => corrupt_digits(text, *mode, self.fraction, rng),
             Perturbation::Keywords(matcher) => {
                 remove_keyword_sentences(&steps, matcher, self.fraction, rng)
             }
         };
-        let after = self.splitter.split(&text).steps.len();
-        Ok((text, n, after))
+        let after = self.splitter.split(&perturbed).steps.len();
+        Ok((perturbed, n, after))
     }
 }
 
@@ -427,19 +472,37 @@ fn corrupt_digits(text: &str, mode: DigitsMode, probability: f64, rng: &mut ChaC
                 _ => c,
             })
             .collect(),
-        DigitsMode::Number => NUMBER
-            .replace_all(text, |caps: &regex::Captures| {
+        DigitsMode::Number => {
+            let mut out = String::with_capacity(text.len());
+            let mut end = 0;
+            for number in numbers(text) {
+                out.push_str(&text[end..number.start]);
                 if rng.gen_bool(probability) {
-                    rng.gen_range(0..=10).to_string()
+                    // str(random.randint(0, 10)): both ends included.
+                    out.push_str(&rng.gen_range(0..=10).to_string());
                 } else {
-                    caps[0].to_string()
+                    out.push_str(&text[number.clone()]);
                 }
-            })
-            .into_owned(),
+                end = number.end;
+            }
+            out.push_str(&text[end..]);
+            out
+        }
     }
 }
 
-static NUMBER: LazyLock<Regex> = LazyLock::new(|| Regex::new("[0-9]+").expect("number pattern"));
+/// The released `corrupt_data.py`'s pattern `\b\d+(\.\d+)?\b`, run by Python's `regex` module.
+/// Both engines read `\d` as any Unicode decimal digit (Nd) and `\b` as a boundary between a word
+/// character (letter, mark, Nd digit, connector punctuation, joiner) and anything else, and both
+/// try the decimal part before doing without it, so a decimal is one number and `3.14a` is `3`
+/// (tests/fixtures/number_pattern.json holds the `regex` module's own matches).
+static NUMBER: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\b\d+(?:\.\d+)?\b").expect("number pattern"));
+
+/// The byte ranges of the numbers in `text` that `--digits-mode number` corrupts.
+pub fn numbers(text: &str) -> impl Iterator<Item = Range<usize>> + '_ {
+    NUMBER.find_iter(text).map(|m| m.range())
+}
 
 /// A sentence ends at `.`, `!` or `?` (with closing quotes or brackets) before spaces, or at a
 /// line break; the gap after it belongs to neither sentence.

@@ -1,6 +1,38 @@
 //! The prompt of the paper's evaluation: the Sky-T1 system prompt, and the problem as the user turn.
 use crate::data::{Message, Role};
 
+/// The evaluation prompts known by name (`wgtrain eval --prompt`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NamedPrompt {
+    /// The Qwen2.5-Math harness's "Sky-T1" prompt type, which produced the paper's tables: the
+    /// Sky-T1 system prompt without the braces of the training copy.
+    SkyT1Harness,
+    /// The Sky-T1 system prompt as the training data has it (`SKY_T1_SYSTEM_PROMPT`).
+    SkyT1Train,
+}
+
+impl NamedPrompt {
+    /// The name as `--prompt` takes it and run.json / summary.json record it.
+    pub fn name(self) -> &'static str {
+        match self {
+            NamedPrompt::SkyT1Harness => "sky-t1-harness",
+            NamedPrompt::SkyT1Train => "sky-t1-train",
+        }
+    }
+
+    pub fn system(self) -> String {
+        match self {
+            // The harness's template is a Python format string, so its copy of the prompt drops
+            // the two `{...}` placeholders' braces and keeps every other byte.
+            NamedPrompt::SkyT1Harness => SKY_T1_SYSTEM_PROMPT.replace(['{', '}'], ""),
+            NamedPrompt::SkyT1Train => SKY_T1_SYSTEM_PROMPT.to_string(),
+        }
+    }
+}
+
+/// What run.json and summary.json record as the prompt of a run with `--system TEXT`.
+pub const CUSTOM_PROMPT: &str = "custom";
+
 /// The Sky-T1 system prompt, byte for byte as in NovaSky's SkyThought repository
 /// (<https://github.com/NovaSky-AI/SkyThought>, Apache License 2.0; see
 /// ../shared/bench/LICENSE.SkyThought-Apache-2.0). Its typos ("analisying", "backtracing") and
@@ -29,7 +61,7 @@ pub const SKY_T1_SYSTEM_PROMPT: &str = concat!(
 
 /// The conversation whose chat-template rendering (with the generation prompt) is the model's
 /// input: the system prompt, then the problem alone as the user turn (paper.md: no instruction
-/// added around it).
+/// added around it), stripped of surrounding whitespace as the harness's `parse_question` does.
 pub fn messages(system: &str, problem: &str) -> Vec<Message> {
     vec![
         Message {
@@ -38,7 +70,12 @@ pub fn messages(system: &str, problem: &str) -> Vec<Message> {
         },
         Message {
             role: Role::User,
-            content: problem.to_string(),
+            content: python_strip(problem).to_string(),
         },
     ]
+}
+
+/// Python's `str.strip()`: Unicode whitespace and the separators U+001C..U+001F.
+fn python_strip(text: &str) -> &str {
+    text.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
 }

@@ -48,6 +48,9 @@ pub struct EvalOptions {
     /// The benchmark's name in run.json and the summary (default: the file's stem).
     pub name: Option<String>,
     pub output: PathBuf,
+    /// The prompt's name (`NamedPrompt::name`, or `prompt::CUSTOM_PROMPT` for `--system`), for
+    /// run.json and the summary.
+    pub prompt: String,
     pub system: String,
     pub max_new_tokens: usize,
     /// `seed` is the run's seed; each sample draws its own from it (see `sample_seeds`).
@@ -117,6 +120,8 @@ impl EvalRow {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct EvalSummary {
     pub bench: String,
+    /// The prompt's name (see `EvalOptions::prompt`).
+    pub prompt: String,
     #[serde(flatten)]
     pub graded: Summary,
     pub samples_per_problem: usize,
@@ -135,7 +140,13 @@ pub struct EvalSummary {
 }
 
 impl EvalSummary {
-    pub fn of(bench: &str, rows: &[EvalRow], generated_this_run: usize, device: String) -> Self {
+    pub fn of(
+        bench: &str,
+        prompt: &str,
+        rows: &[EvalRow],
+        generated_this_run: usize,
+        device: String,
+    ) -> Self {
         let firsts: Vec<GradedRow> = rows.iter().map(|row| row.first.clone()).collect();
         let samples: Vec<_> = rows.iter().flat_map(EvalRow::samples).collect();
         let generated_tokens: u64 = samples.iter().map(|s| s.tokens).sum();
@@ -143,6 +154,7 @@ impl EvalSummary {
         let correct = samples.iter().filter(|s| s.correct).count();
         EvalSummary {
             bench: bench.to_string(),
+            prompt: prompt.to_string(),
             graded: Summary::of(&firsts),
             samples_per_problem: rows.first().map_or(0, |row| 1 + row.more_samples.len()),
             mean_sample_accuracy: correct as f64 / samples.len().max(1) as f64,
@@ -192,6 +204,7 @@ struct RunInfo<'a> {
     bench_fingerprint: String,
     model: String,
     adapter: Option<String>,
+    prompt: &'a str,
     system_prompt: &'a str,
     max_new_tokens: usize,
     samples: usize,
@@ -508,6 +521,7 @@ pub fn evaluate(gpu: &Gpu, eval: &EvalOptions) -> Result<EvalSummary> {
         bench_fingerprint: fingerprint(&problems),
         model: canonical(&eval.model)?,
         adapter: eval.adapter.as_deref().map(canonical).transpose()?,
+        prompt: &eval.prompt,
         system_prompt: &eval.system,
         max_new_tokens: eval.max_new_tokens,
         samples: eval.samples,
@@ -578,7 +592,13 @@ pub fn evaluate(gpu: &Gpu, eval: &EvalOptions) -> Result<EvalSummary> {
         };
         generator.rows(eval, &problems, resumed..n, on_row)?;
     }
-    let summary = EvalSummary::of(&name, &rows[..n], n.saturating_sub(resumed), gpu.describe());
+    let summary = EvalSummary::of(
+        &name,
+        &eval.prompt,
+        &rows[..n],
+        n.saturating_sub(resumed),
+        gpu.describe(),
+    );
     let summary_json = serde_json::to_string_pretty(&summary)? + "\n";
     jsonfile::write_atomically(
         &eval.output.join(SUMMARY_FILE),

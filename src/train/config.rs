@@ -19,6 +19,7 @@ use serde_norway::Value as Yaml;
 use super::batching::{Duration, Overlong};
 use super::metrics::ProgressMode;
 use super::schedule::{SchedulerKind, Warmup};
+use crate::model::{Adapter, AdapterConfig, Qwen2Config};
 
 /// The seven linear projections of a Qwen2 decoder layer: LoRA's default targets (the paper's
 /// "all linear layers except lm_head", LLaMA-Factory's `lora_target: all`).
@@ -231,6 +232,34 @@ pub enum Method {
     Full,
 }
 
+/// Where a setting's value came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Origin {
+    #[default]
+    Default,
+    Yaml,
+    Flag,
+}
+
+impl Origin {
+    fn of<T>(flag: &Option<T>, yaml: &Option<T>) -> Origin {
+        match (flag, yaml) {
+            (Some(_), _) => Origin::Flag,
+            (None, Some(_)) => Origin::Yaml,
+            (None, None) => Origin::Default,
+        }
+    }
+}
+
+/// The origins of the LoRA settings an existing adapter also fixes (see
+/// [`TrainConfig::with_adapter`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoraOrigins {
+    pub rank: Origin,
+    pub alpha: Origin,
+    pub targets: Origin,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct OptimizerSettings {
     pub kind: OptimizerKind,
@@ -252,6 +281,8 @@ pub struct TrainConfig {
     pub output: PathBuf,
     pub overwrite: bool,
     pub method: Method,
+    /// Where the LoRA rank, alpha and targets came from.
+    pub lora_origins: LoraOrigins,
     pub init_adapter: Option<PathBuf>,
     pub optimizer: OptimizerSettings,
     pub scheduler: SchedulerKind,
@@ -287,6 +318,15 @@ impl TrainConfig {
         file: Option<(TrainSettings, Vec<String>)>,
     ) -> Result<TrainConfig> {
         let (base, mut warnings) = file.unwrap_or_default();
+        let non_empty = |targets: &Vec<String>| Some(()).filter(|_| !targets.is_empty());
+        let lora_origins = LoraOrigins {
+            rank: Origin::of(&flags.lora_rank, &base.lora_rank),
+            alpha: Origin::of(&flags.lora_alpha, &base.lora_alpha),
+            targets: Origin::of(
+                &non_empty(&flags.lora_target),
+                &non_empty(&base.lora_target),
+            ),
+        };
         let s = flags.over(base);
         let demo = s.model.is_none() && s.data.is_empty();
         ensure!(
@@ -451,6 +491,7 @@ impl TrainConfig {
             output,
             overwrite: s.overwrite,
             method,
+            lora_origins,
             init_adapter: s.init_adapter,
             optimizer,
             scheduler: s.scheduler.unwrap_or(SchedulerKind::Cosine),
@@ -470,6 +511,85 @@ impl TrainConfig {
             progress: s.progress.unwrap_or(ProgressMode::Auto),
             warnings,
         })
+    }
+
+    /// This run with the rank, alpha and targets of the existing adapter in `dir` (the
+    /// `--init-adapter`, or the checkpoint a resume continues), whose factors fix them; `model` is
+    /// the base model's config (it resolves the adapter's target patterns). A value the command line
+    /// gave that differs is an error; one from the YAML file gives a warning (returned) naming the
+    /// setting and both values; a default is replaced silently.
+    pub fn with_adapter(
+        &self,
+        dir: &Path,
+        model: &Qwen2Config,
+    ) -> Result<(TrainConfig, Vec<String>)> {
+        let Method::Lora(lora) = &self.method else {
+            return Ok((self.clone(), Vec::new()));
+        };
+        let config_path = dir.join(crate::model::adapter::CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("reading the adapter config {}", config_path.display()))?;
+        let adapter =
+            AdapterConfig::parse(&text).with_context(|| format!("in {}", config_path.display()))?;
+        let targeted = Adapter::targets(&adapter, model)
+            .with_context(|| format!("in {}", config_path.display()))?;
+        let targets: Vec<String> = LORA_TARGETS
+            .iter()
+            .filter(|t| targeted.iter().any(|(_, p)| p.module() == **t))
+            .map(|t| t.to_string())
+            .collect();
+        let adopted = LoraSettings {
+            rank: adapter.r,
+            alpha: adapter.lora_alpha,
+            dropout: lora.dropout,
+            targets,
+        };
+        let o = &self.lora_origins;
+        let mut warnings = Vec::new();
+        for (flag, key, origin, ours, theirs) in [
+            (
+                "--lora-rank",
+                "lora_rank",
+                o.rank,
+                lora.rank.to_string(),
+                adopted.rank.to_string(),
+            ),
+            (
+                "--lora-alpha",
+                "lora_alpha",
+                o.alpha,
+                lora.alpha.to_string(),
+                adopted.alpha.to_string(),
+            ),
+            (
+                "--lora-target",
+                "lora_target",
+                o.targets,
+                lora.targets.join(","),
+                adopted.targets.join(","),
+            ),
+        ] {
+            if ours == theirs {
+                continue;
+            }
+            match origin {
+                Origin::Flag => bail!(
+                    "{flag} {ours} conflicts with the adapter {} ({key} {theirs} in {}): its factors \
+                     fix it; drop {flag} or give {theirs}",
+                    dir.display(),
+                    crate::model::adapter::CONFIG_FILE
+                ),
+                Origin::Yaml => warnings.push(format!(
+                    "{key} {ours} (YAML) differs from the adapter {}'s {theirs}: training with \
+                     {theirs}",
+                    dir.display()
+                )),
+                Origin::Default => {}
+            }
+        }
+        let mut config = self.clone();
+        config.method = Method::Lora(adopted);
+        Ok((config, warnings))
     }
 
     /// The settings that decide the sequence of steps, for `TrainState` (a resume under other
@@ -643,8 +763,56 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
         .map(|i| i + 1)
 }
 
-/// Reads a LLaMA-Factory training YAML into settings and warnings about keys without effect.
-pub fn read_llama_factory_yaml(path: &Path) -> Result<(TrainSettings, Vec<String>)> {
+/// The flag that overrides a YAML key, when `flags` gives it. Warmup (ratio or steps) and length
+/// (epochs or max steps) go in pairs, as in [`TrainSettings::over`].
+fn overriding_flag(key: &str, flags: &TrainSettings) -> Option<&'static str> {
+    let f = flags;
+    let (flag, given) = match key {
+        "model_name_or_path" => ("--model", f.model.is_some()),
+        "adapter_name_or_path" => ("--init-adapter", f.init_adapter.is_some()),
+        "dataset" | "dataset_dir" => ("--data", !f.data.is_empty()),
+        "output_dir" => ("--output", f.output.is_some()),
+        "resume_from_checkpoint" => ("--resume", f.resume.is_some()),
+        "finetuning_type" => ("--adapter", f.adapter.is_some()),
+        "lora_rank" => ("--lora-rank", f.lora_rank.is_some()),
+        "lora_alpha" => ("--lora-alpha", f.lora_alpha.is_some()),
+        "lora_dropout" => ("--lora-dropout", f.lora_dropout.is_some()),
+        "lora_target" => ("--lora-target", !f.lora_target.is_empty()),
+        "optim" => ("--optimizer", f.optimizer.is_some()),
+        "learning_rate" => ("--lr", f.lr.is_some()),
+        "adam_beta1" => ("--beta1", f.beta1.is_some()),
+        "adam_beta2" => ("--beta2", f.beta2.is_some()),
+        "adam_epsilon" => ("--eps", f.eps.is_some()),
+        "weight_decay" => ("--weight-decay", f.weight_decay.is_some()),
+        "lr_scheduler_type" => ("--scheduler", f.scheduler.is_some()),
+        "warmup_ratio" | "warmup_steps" => (
+            "--warmup-ratio/--warmup-steps",
+            f.warmup_ratio.is_some() || f.warmup_steps.is_some(),
+        ),
+        "max_grad_norm" => ("--max-grad-norm", f.max_grad_norm.is_some()),
+        "per_device_train_batch_size" => ("--batch-size", f.batch_size.is_some()),
+        "gradient_accumulation_steps" => ("--grad-accum", f.grad_accum.is_some()),
+        "num_train_epochs" | "max_steps" => (
+            "--epochs/--max-steps",
+            f.epochs.is_some() || f.max_steps.is_some(),
+        ),
+        "cutoff_len" => ("--max-len", f.max_len.is_some()),
+        "max_samples" => ("--max-samples", f.max_samples.is_some()),
+        "seed" => ("--seed", f.seed.is_some()),
+        "save_steps" | "save_strategy" => ("--save-steps", f.save_steps.is_some()),
+        "save_total_limit" => ("--save-total-limit", f.save_total_limit.is_some()),
+        _ => return None,
+    };
+    given.then_some(flag)
+}
+
+/// Reads a LLaMA-Factory training YAML into settings and warnings about keys without effect. A key
+/// that one of `flags` (the command line) overrides is not read at all, so nothing in it is
+/// resolved: with `--data`, the file's `dataset` is never looked up.
+pub fn read_llama_factory_yaml(
+    path: &Path,
+    flags: &TrainSettings,
+) -> Result<(TrainSettings, Vec<String>)> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let doc: Yaml = serde_norway::from_str(&text)
@@ -670,6 +838,10 @@ pub fn read_llama_factory_yaml(path: &Path) -> Result<(TrainSettings, Vec<String
             Some(line) => format!("{}:{line}", path.display()),
             None => path.display().to_string(),
         };
+        if let Some(flag) = overriding_flag(key, flags) {
+            warnings.push(format!("{at}: {key} overridden by {flag}"));
+            continue;
+        }
         let bad = |expected: &str| anyhow!("{at}: {key} = {} must be {expected}", show(value));
         let f64_ = || as_f64(value).ok_or_else(|| bad("a number"));
         let count = || {
@@ -973,7 +1145,8 @@ mod tests {
             &format!("dataset_dir: {}\n", data.display()),
         );
         let path = yaml(tmp.path(), &text);
-        let (settings, warnings) = read_llama_factory_yaml(&path).unwrap();
+        let (settings, warnings) =
+            read_llama_factory_yaml(&path, &TrainSettings::default()).unwrap();
         assert_eq!(settings.data, [data.join("sky.json")]);
         let line = recipe.lines().position(|l| l.starts_with("bf16:")).unwrap() + 1;
         let bf16 = format!("train.yaml:{line}: bf16 ignored");
@@ -1016,7 +1189,9 @@ mod tests {
     fn unknown_keys_and_bad_values_name_file_line_and_key() {
         let tmp = tempfile::tempdir().unwrap();
         let path = yaml(tmp.path(), "learning_rate: 1e-4\nlora_rnak: 8\n");
-        let err = read_llama_factory_yaml(&path).unwrap_err().to_string();
+        let err = read_llama_factory_yaml(&path, &TrainSettings::default())
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("train.yaml:2") && err.contains("lora_rnak"),
             "{err}"
@@ -1033,7 +1208,10 @@ mod tests {
             ("a: [\n", "invalid YAML"),
         ] {
             let path = yaml(tmp.path(), text);
-            let err = format!("{:#}", read_llama_factory_yaml(&path).unwrap_err());
+            let err = format!(
+                "{:#}",
+                read_llama_factory_yaml(&path, &TrainSettings::default()).unwrap_err()
+            );
             assert!(err.contains(needle), "{text:?}: {err}");
         }
     }
@@ -1048,7 +1226,7 @@ mod tests {
              lr_scheduler_type: constant\nwarmup_ratio: 0.1\nlora_target: [q_proj, v_proj]\n\
              save_strategy: 'no'\nsave_total_limit: 3\n",
         );
-        let (s, _) = read_llama_factory_yaml(&path).unwrap();
+        let (s, _) = read_llama_factory_yaml(&path, &TrainSettings::default()).unwrap();
         assert_eq!(s.save_total_limit, Some(3));
         assert_eq!(s.lr, Some(1e-4));
         assert_eq!((s.max_steps, s.epochs), (None, Some(2.0)));

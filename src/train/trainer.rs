@@ -28,7 +28,7 @@ use super::checkpoint::{
     NamedTensor, RngState, TrainState, OPTIMIZER_FILE, STATE_FILE, STATE_FORMAT_VERSION,
 };
 use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
-use super::demo::{write_demo_dataset, write_demo_model, DEMO_ROWS};
+use super::demo::{demo_config_json, write_demo_dataset, write_demo_model, DEMO_ROWS};
 use super::flops::{row_flops, Trainable};
 use super::metrics::{read_metrics, write_loss_svg, MetricsWriter, Progress, StepMetrics};
 use super::schedule::Schedule;
@@ -37,7 +37,7 @@ use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
 use crate::model::{
     next_token_targets, Adapter, AdapterConfig, Grads, LoraDropout, LoraPair, Param, Proj, Qwen2,
-    TargetModules, HF_SIDE_FILES,
+    Qwen2Config, TargetModules, HF_SIDE_FILES,
 };
 
 /// What a finished (or interrupted) run reports.
@@ -77,6 +77,14 @@ fn inputs(config: &TrainConfig, demo_dir: &Path) -> Result<(PathBuf, Vec<PathBuf
     write_demo_model(&model, config.seed)?;
     write_demo_dataset(&data, DEMO_ROWS, config.seed)?;
     Ok((model, vec![data]))
+}
+
+/// The base model's config, before its weights (or the demo's) are written or loaded.
+fn model_config(config: &TrainConfig) -> Result<Qwen2Config> {
+    match &config.model {
+        Some(model) if !config.demo => Qwen2Config::load(model),
+        _ => Qwen2Config::parse(&demo_config_json().to_string()),
+    }
 }
 
 /// Every row of every file, encoded and cut to `max_len`.
@@ -312,10 +320,26 @@ fn resume_dir(path: &Path) -> Result<PathBuf> {
 /// finished, a checkpoint is written and the run returns as interrupted. On a dry-run device,
 /// measures one step instead (see the module documentation).
 pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outcome> {
+    let resume_from_dir = config.resume.as_deref().map(resume_dir).transpose()?;
+    // An existing adapter's factors fix its rank, alpha and targets: the run (its summary, resume
+    // check and FLOP count) takes them.
+    let adopted = match resume_from_dir
+        .as_deref()
+        .or(config.init_adapter.as_deref())
+    {
+        Some(adapter) => {
+            let (adopted, warnings) = config.with_adapter(adapter, &model_config(config)?)?;
+            for warning in warnings {
+                eprintln!("warning: {warning}");
+            }
+            Some(adopted)
+        }
+        None => None,
+    };
+    let config = adopted.as_ref().unwrap_or(config);
     let summary = config.resume_summary();
-    let resume = match &config.resume {
-        Some(path) => {
-            let dir = resume_dir(path)?;
+    let resume = match resume_from_dir {
+        Some(dir) => {
             let state = TrainState::load(&dir)?;
             state
                 .check_config(&summary)
