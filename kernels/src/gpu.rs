@@ -132,9 +132,8 @@ fn give_mesa_a_runtime_dir() {
             let dir = std::env::temp_dir().join(format!("wgtrain-runtime-{uid}"));
             let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
             // Only a directory of this user that no one else can enter (not one planted there).
-            let private = std::fs::symlink_metadata(&dir).is_ok_and(|m| {
-                m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0
-            });
+            let private = std::fs::symlink_metadata(&dir)
+                .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0);
             if private {
                 // Before the first wgpu instance, under the Once: no other thread of ours reads
                 // the environment through the drivers yet.

@@ -272,7 +272,10 @@ mod tests {
     fn lora_is_the_default_adapter_of_the_demo_and_of_a_run() {
         let tmp = tempfile::tempdir().unwrap();
         let model = tmp.path().display().to_string();
-        for args in [vec![], vec!["--model", &model, "--data", "a.jsonl", "--output", "o"]] {
+        for args in [
+            vec![],
+            vec!["--model", &model, "--data", "a.jsonl", "--output", "o"],
+        ] {
             let c = parse(&args).unwrap().resolve().unwrap();
             assert!(matches!(c.method, Method::Lora(_)), "{args:?}");
         }
@@ -282,8 +285,14 @@ mod tests {
     fn negative_numbers_reach_the_value_checks() {
         for (flag, message) in [
             ("--lr", "--lr (learning_rate) must be positive, got -1"),
-            ("--max-grad-norm", "--max-grad-norm (max_grad_norm) must be at least 0"),
-            ("--weight-decay", "--weight-decay (weight_decay) must be at least 0, got -1"),
+            (
+                "--max-grad-norm",
+                "--max-grad-norm (max_grad_norm) must be at least 0",
+            ),
+            (
+                "--weight-decay",
+                "--weight-decay (weight_decay) must be at least 0, got -1",
+            ),
         ] {
             let args = parse(&[flag, "-1"]).unwrap_or_else(|e| panic!("{flag} -1: {e}"));
             let err = args.resolve().unwrap_err().to_string();

@@ -65,7 +65,10 @@ impl MetricsWriter {
     /// byte. A damaged last line (cut by a kill or a full disk) belongs to a step after the
     /// checkpoint and is dropped with a warning; a damaged earlier line is an error. A missing
     /// file is started afresh.
-    pub fn resume(path: impl AsRef<Path>, step: usize) -> Result<(MetricsWriter, Vec<StepMetrics>)> {
+    pub fn resume(
+        path: impl AsRef<Path>,
+        step: usize,
+    ) -> Result<(MetricsWriter, Vec<StepMetrics>)> {
         let path = path.as_ref();
         let text = match std::fs::read(path) {
             Ok(text) => text,
@@ -87,7 +90,11 @@ impl MetricsWriter {
                     );
                     break;
                 }
-                Err(e) => bail!("{}: line {}: not a metrics line: {e}", path.display(), i + 1),
+                Err(e) => bail!(
+                    "{}: line {}: not a metrics line: {e}",
+                    path.display(),
+                    i + 1
+                ),
             };
             if m.step <= step {
                 kept_text.extend_from_slice(line);

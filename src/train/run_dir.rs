@@ -47,8 +47,9 @@ impl RunDir {
         resuming: bool,
         settings: &serde_json::Value,
     ) -> Result<RunDir> {
-        // Refuse before creating anything (e.g. a directory that holds no run).
-        check_output_dir(dir, overwrite, resuming)?;
+        // Never lock (write into) a directory that holds something other than a run; whether
+        // this run may replace or continue one is checked under the lock.
+        check_output_dir(dir, true, true)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let mut run = RunDir {
             path: dir.to_path_buf(),
@@ -59,13 +60,11 @@ impl RunDir {
         if resuming {
             remove_crash_leftovers(dir)?;
         }
-        // Checked again under the lock: another run may have finished in between.
         let replacing = check_output_dir(dir, overwrite, resuming)?;
         run.undo_on_drop = !resuming;
         if replacing {
             let aside = dir.join(REPLACED_DIR);
-            std::fs::create_dir(&aside)
-                .with_context(|| format!("creating {}", aside.display()))?;
+            std::fs::create_dir(&aside).with_context(|| format!("creating {}", aside.display()))?;
             for entry in run_entries(dir)? {
                 let to = aside.join(entry.file_name().unwrap_or_default());
                 std::fs::rename(&entry, &to).with_context(|| {
@@ -126,8 +125,8 @@ pub fn check_output_apart(output: &Path, inputs: &[(&str, &Path)]) -> Result<()>
 
 /// `path` absolute with links resolved, as far as it exists (an output may not exist yet).
 fn resolved(path: &Path) -> Result<PathBuf> {
-    let path = std::path::absolute(path)
-        .with_context(|| format!("resolving {}", path.display()))?;
+    let path =
+        std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
     let mut existing = path.as_path();
     let mut rest = Vec::new();
     while !existing.exists() {
@@ -146,18 +145,21 @@ fn resolved(path: &Path) -> Result<PathBuf> {
     Ok(resolved)
 }
 
-/// Takes the lock on `dir`'s lock file and writes this process into it.
-fn lock(dir: &Path) -> Result<File> {
+/// Fails, naming the holder, when a run holds `dir`: checked before anything is read from it
+/// (e.g. a checkpoint to resume from, which the holder may be replacing). The lock itself is
+/// taken by [`RunDir::open`].
+pub fn check_not_in_use(dir: &Path) -> Result<()> {
     let path = dir.join(LOCK_FILE);
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    match OpenOptions::new().read(true).write(true).open(&path) {
+        Ok(mut file) => try_lock(&mut file, dir),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("opening {}", path.display())),
+    }
+}
+
+fn try_lock(file: &mut File, dir: &Path) -> Result<()> {
     match file.try_lock() {
-        Ok(()) => {}
+        Ok(()) => Ok(()),
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut holder = String::new();
             // The holder may be rewriting it; an empty or partial name still refuses.
@@ -173,9 +175,22 @@ fn lock(dir: &Path) -> Result<File> {
             );
         }
         Err(std::fs::TryLockError::Error(err)) => {
-            return Err(err).with_context(|| format!("locking {}", path.display()))
+            Err(err).with_context(|| format!("locking {}", dir.join(LOCK_FILE).display()))
         }
     }
+}
+
+/// Takes the lock on `dir`'s lock file and writes this process into it.
+fn lock(dir: &Path) -> Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    try_lock(&mut file, dir)?;
     let holder = format!(
         "wgtrain pid {} on host {}, started {}\n",
         std::process::id(),
@@ -267,7 +282,9 @@ fn undo_start(dir: &Path) -> Result<()> {
     }
     let aside = dir.join(REPLACED_DIR);
     if aside.is_dir() {
-        for entry in std::fs::read_dir(&aside).with_context(|| format!("reading {}", aside.display()))? {
+        for entry in
+            std::fs::read_dir(&aside).with_context(|| format!("reading {}", aside.display()))?
+        {
             let from = entry
                 .with_context(|| format!("reading {}", aside.display()))?
                 .path();
@@ -360,7 +377,9 @@ mod tests {
             (root.path().to_path_buf(), "holds"),
             (model.join("../model/."), "is"),
         ] {
-            let err = check_output_apart(&output, &inputs).unwrap_err().to_string();
+            let err = check_output_apart(&output, &inputs)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(&format!("{relation} --model")), "{err}");
         }
         check_output_apart(&root.path().join("modelled"), &inputs).unwrap();
@@ -401,7 +420,10 @@ mod tests {
         std::fs::write(out.join("partial"), "x").unwrap();
         drop(second);
         assert_eq!(names(&out), before);
-        assert_eq!(std::fs::read_to_string(out.join(METRICS_FILE)).unwrap(), "old\n");
+        assert_eq!(
+            std::fs::read_to_string(out.join(METRICS_FILE)).unwrap(),
+            "old\n"
+        );
 
         // Killed before its first step (what it leaves, made by hand: a kill would also end the
         // lock): the next run to lock the directory moves the earlier run back.
@@ -411,7 +433,10 @@ mod tests {
         }
         std::fs::write(out.join(RUN_MARKER), "{}").unwrap();
         let resumed = RunDir::open(&out, false, true, &settings).unwrap();
-        assert_eq!(std::fs::read_to_string(out.join(METRICS_FILE)).unwrap(), "old\n");
+        assert_eq!(
+            std::fs::read_to_string(out.join(METRICS_FILE)).unwrap(),
+            "old\n"
+        );
         drop(resumed);
 
         let mut third = RunDir::open(&out, true, false, &settings).unwrap();

@@ -33,7 +33,7 @@ use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
 use super::demo::{write_demo_dataset, write_demo_model, DEMO_ROWS};
 use super::flops::{row_flops, Trainable};
 use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics};
-use super::run_dir::{check_output_apart, RunDir};
+use super::run_dir::{check_not_in_use, check_output_apart, RunDir};
 use super::schedule::Schedule;
 use super::step::{gradients, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments};
 use crate::data::chat::{ChatEncoder, EncodedRow};
@@ -116,7 +116,9 @@ fn warn_of_dropped_rows(rows: Vec<(String, EncodedRow)>, config: &TrainConfig) -
         .iter()
         .filter_map(|(origin, row)| {
             let why = match drop_reason(row, config.overlong)? {
-                Dropped::Overlong => format!("longer than --max-len {} (--overlong drop)", config.max_len),
+                Dropped::Overlong => {
+                    format!("longer than --max-len {} (--overlong drop)", config.max_len)
+                }
                 Dropped::Unsupervised => format!(
                     "no supervised (assistant) token within its first {} tokens (--max-len)",
                     config.max_len
@@ -341,11 +343,24 @@ fn check_inputs(config: &TrainConfig) -> Result<()> {
         ensure!(file.is_file(), "--data {}: no such file", file.display());
     }
     if let Some(dir) = &config.init_adapter {
-        ensure!(dir.is_dir(), "--init-adapter {}: no such directory", dir.display());
+        ensure!(
+            dir.is_dir(),
+            "--init-adapter {}: no such directory",
+            dir.display()
+        );
     }
-    let mut inputs: Vec<(&str, &Path)> = config.data.iter().map(|d| ("--data", d.as_path())).collect();
+    let mut inputs: Vec<(&str, &Path)> = config
+        .data
+        .iter()
+        .map(|d| ("--data", d.as_path()))
+        .collect();
     inputs.extend(config.model.as_deref().map(|m| ("--model", m)));
-    inputs.extend(config.init_adapter.as_deref().map(|a| ("--init-adapter", a)));
+    inputs.extend(
+        config
+            .init_adapter
+            .as_deref()
+            .map(|a| ("--init-adapter", a)),
+    );
     check_output_apart(&config.output, &inputs)
 }
 
@@ -386,6 +401,7 @@ fn resume_dir(path: &Path) -> Result<PathBuf> {
 /// finished, a checkpoint is written and the run returns as interrupted. On a dry-run device,
 /// measures one step instead (see the module documentation).
 pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outcome> {
+    check_not_in_use(&config.output)?;
     let summary = config.resume_summary();
     let resume = match &config.resume {
         Some(path) => {
@@ -414,8 +430,9 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
     let open_run_dir = || -> Result<Option<RunDir>> {
         match dry_run {
             true => Ok(None),
-            false => RunDir::open(&config.output, config.overwrite, resume.is_some(), &summary)
-                .map(Some),
+            false => {
+                RunDir::open(&config.output, config.overwrite, resume.is_some(), &summary).map(Some)
+            }
         }
     };
     let mut run_dir = match config.demo {
