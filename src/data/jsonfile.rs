@@ -171,6 +171,7 @@ pub fn set_created_mode(path: &Path) -> Result<()> {
     static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     // The umask can only be read by setting it: set it back at once, once per process.
     // SAFETY: umask only swaps the process's file-creation mask.
+    #[allow(clippy::useless_conversion)] // mode_t is u32 on Linux, u16 on macOS
     let umask = *UMASK.get_or_init(|| unsafe {
         let mask = libc::umask(0o022);
         libc::umask(mask);

@@ -53,7 +53,7 @@ pub struct TrainSummary {
     pub last_loss: f64,
     pub rows: RowCounts,
     pub output: PathBuf,
-    /// Stopped early on request (Ctrl-C); the final adapter or weights were not written.
+    /// Stopped early on request (a stop signal); the final adapter or weights were not written.
     pub interrupted: bool,
     /// The last checkpoint written by this process.
     pub last_checkpoint: Option<PathBuf>,
