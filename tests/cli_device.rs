@@ -65,3 +65,36 @@ fn bad_backend_and_device_are_clear_errors() {
         "{err}"
     );
 }
+
+/// Without XDG_RUNTIME_DIR (headless machines, CI) Mesa's Wayland probe printed
+/// "error: XDG_RUNTIME_DIR is invalid or not set": a successful command shows no "error:".
+#[test]
+fn no_spurious_error_without_xdg_runtime_dir() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wgtrain"))
+        .arg("devices")
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("error:"), "{err}");
+}
+
+/// `wgtrain devices` numbers exactly the adapters `--device N` chooses from.
+#[test]
+fn devices_and_device_flag_share_one_numbering() {
+    let out = wgtrain(&["devices"]);
+    let listed = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('['))
+        .count();
+    assert!(listed > 0);
+    let out = wgtrain(&["selftest", "--device", &listed.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "device {listed} does not exist ({listed} adapters"
+        )),
+        "{err}"
+    );
+}

@@ -266,7 +266,9 @@ fn demo_loss_falls() {
         .collect();
     eprintln!("demo losses {losses:?}");
     assert!(losses[5] < losses[0] - 0.3, "{losses:?}");
-    assert!(out.join("model.safetensors").is_file() && out.join("loss.svg").is_file());
+    // No --adapter: LoRA, the default of every run, the demo included.
+    assert!(out.join("adapter_model.safetensors").is_file() && out.join("loss.svg").is_file());
+    assert!(!out.join("model.safetensors").exists());
 }
 
 /// The MiB figure on the report line that starts with `label`.

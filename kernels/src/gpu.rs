@@ -103,7 +103,48 @@ pub struct AdapterSummary {
     pub limits: wgpu::Limits,
 }
 
+/// The adapters `--backend` chooses from, in `--device` numbering: for `auto` the native APIs,
+/// or GL when none has an adapter (probing EGL is slow and noisy).
+fn candidate_adapters(backend: Backend) -> Vec<wgpu::Adapter> {
+    match backend {
+        Backend::Auto => Some(adapters(wgpu::Backends::PRIMARY))
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| adapters(wgpu::Backends::GL)),
+        b => adapters(b.backends()),
+    }
+}
+
+/// Mesa's Wayland probe prints "error: XDG_RUNTIME_DIR is invalid or not set" to stderr when
+/// the variable is unset (headless machines, containers, CI), though no display is wanted.
+/// Points it at a private (0700) directory of this user under the temporary directory instead;
+/// real driver errors still print.
+fn give_mesa_a_runtime_dir() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| !d.is_empty()) {
+            return;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+            // SAFETY: getuid has no preconditions and cannot fail.
+            let uid = unsafe { libc::getuid() };
+            let dir = std::env::temp_dir().join(format!("wgtrain-runtime-{uid}"));
+            let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
+            // Only a directory of this user that no one else can enter (not one planted there).
+            let private = std::fs::symlink_metadata(&dir)
+                .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.permissions().mode() & 0o077 == 0);
+            if private {
+                // Before the first wgpu instance, under the Once: no other thread of ours reads
+                // the environment through the drivers yet.
+                std::env::set_var("XDG_RUNTIME_DIR", dir);
+            }
+        }
+    });
+}
+
 fn adapters(backends: wgpu::Backends) -> Vec<wgpu::Adapter> {
+    give_mesa_a_runtime_dir();
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = backends;
     let instance = wgpu::Instance::new(desc);
@@ -132,9 +173,9 @@ fn rank(info: &wgpu::AdapterInfo) -> (u8, u8) {
     (kind, u8::from(info.backend == wgpu::Backend::Gl))
 }
 
-/// Every adapter wgpu can see on the given backend(s).
+/// The adapters `--backend` chooses from, numbered as `--device N` numbers them.
 pub fn list_adapters(backend: Backend) -> Vec<AdapterSummary> {
-    adapters(backend.backends())
+    candidate_adapters(backend)
         .into_iter()
         .enumerate()
         .map(|(index, a)| AdapterSummary {
@@ -204,13 +245,7 @@ const PARAMS_SLOT: u64 = 256;
 impl Gpu {
     /// Opens the adapter chosen by `options`, with its own limits and the optional features it has.
     pub fn new(options: &GpuOptions) -> Result<Gpu> {
-        let list = match options.backend {
-            // GL only when no native API has an adapter: probing EGL is slow and noisy.
-            Backend::Auto => Some(adapters(wgpu::Backends::PRIMARY))
-                .filter(|l| !l.is_empty())
-                .unwrap_or_else(|| adapters(wgpu::Backends::GL)),
-            b => adapters(b.backends()),
-        };
+        let list = candidate_adapters(options.backend);
         if list.is_empty() {
             bail!("{NO_ADAPTER_HELP} (backend: {:?})", options.backend);
         }

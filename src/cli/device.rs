@@ -31,7 +31,8 @@ impl DeviceArgs {
 
 #[derive(Args, Debug)]
 pub struct DevicesArgs {
-    /// Graphics API to list: auto (all), vulkan, metal, dx12 or gl.
+    /// Graphics API to list: auto (what `--backend auto` picks from: the native APIs, or GL when
+    /// they have no adapter), vulkan, metal, dx12 or gl. The numbers are `--device N`'s.
     #[arg(long, env = "WGTRAIN_BACKEND", default_value = "auto")]
     pub backend: Backend,
 }

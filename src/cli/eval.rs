@@ -115,6 +115,10 @@ pub fn run(args: EvalArgs) -> Result<i32> {
                 batch_size: args.batch_size,
                 overwrite: args.overwrite,
             };
+            // Rows are appended as they finish: stopping at once keeps all but those in flight.
+            super::signals::exit_on_stop(
+                "stopping; the rows written are kept, and the same command resumes after them",
+            )?;
             let gpu = args.device.open()?;
             let summary = evaluate(&gpu, &options)?;
             println!("{}", summary.table());

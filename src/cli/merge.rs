@@ -191,6 +191,7 @@ fn write_merged(
         let metadata = [("format".to_string(), "pt".to_string())].into();
         safetensors::serialize_to_file(views, Some(metadata), &path)
             .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+        crate::data::jsonfile::set_created_mode(&path)?;
     }
     if shards.len() > 1 {
         let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});

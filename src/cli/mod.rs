@@ -5,4 +5,5 @@ pub mod generate;
 pub mod loss;
 pub mod merge;
 pub mod perturb;
+pub mod signals;
 pub mod train;

@@ -2,19 +2,20 @@
 //! (flattened here), every one optional so that a `--config` YAML value applies unless the flag
 //! is given; defaults and validation are `TrainConfig::resolve`'s.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use wgtrain_kernels::Gpu;
 
 use super::device::DeviceArgs;
-use crate::train::config::{read_llama_factory_yaml, AdapterKind, TrainConfig, TrainSettings};
+use super::signals::StopRequest;
+use crate::train::config::{read_llama_factory_yaml, TrainConfig, TrainSettings};
 use crate::train::trainer::{self, Outcome};
 
 /// Fine-tune a Qwen2 model (LoRA or full) on a chat dataset.
 #[derive(Args, Debug)]
+// `--lr -1` reaches the value checks instead of being taken for a flag.
+#[command(allow_negative_numbers = true)]
 pub struct TrainArgs {
     /// A LLaMA-Factory training YAML (its key names); flags given here override its values.
     #[arg(long)]
@@ -49,11 +50,10 @@ impl TrainArgs {
     }
 }
 
-/// The built-in demo's defaults (under any flag or YAML value): a short full fine-tune at a high
-/// learning rate, so the tiny random model's loss visibly falls within minutes on a CPU device.
+/// The built-in demo's defaults (under any flag or YAML value): a short run (LoRA, as every run
+/// by default) at a high learning rate, so the tiny random model's loss visibly falls within minutes on a CPU device.
 fn demo_recipe() -> TrainSettings {
     TrainSettings {
-        adapter: Some(AdapterKind::Full),
         lr: Some(3e-3),
         batch_size: Some(2),
         max_steps: Some(40),
@@ -62,32 +62,22 @@ fn demo_recipe() -> TrainSettings {
     }
 }
 
-/// The exit code of a run stopped by Ctrl-C (128 + SIGINT, as shells report it).
-pub const INTERRUPTED_EXIT: i32 = 130;
-
-/// `wgtrain train`: runs the training and prints a one-line summary. The first Ctrl-C lets the
-/// step under way finish and writes a checkpoint; a second one exits at once (checkpoints are
-/// written atomically, so none is left half-written under its final name).
+/// `wgtrain train`: runs the training and prints a one-line summary. The first stop signal
+/// (Ctrl-C, SIGTERM, SIGHUP) lets the step under way finish and writes a checkpoint, then exits
+/// with 128 + the signal; a second one exits at once (checkpoints are written atomically, so none
+/// is left half-written under its final name).
 pub fn run(args: TrainArgs) -> Result<i32> {
     let config = args.resolve()?;
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = Arc::clone(&stop);
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(INTERRUPTED_EXIT);
-        }
-        eprintln!(
-            "\ninterrupt: finishing this step and writing a checkpoint (Ctrl-C again to quit now)"
-        );
-    })
-    .context("installing the Ctrl-C handler")?;
+    let stop = StopRequest::install(
+        "finishing this step and writing a checkpoint (a second signal quits at once)",
+    )?;
     let mut options = args.device.options()?;
     options.dry_run = args.dry_run;
     let gpu = Gpu::new(&options)?;
-    let summary = match trainer::train(&config, &gpu, &stop)? {
+    let summary = match trainer::train(&config, &gpu, stop.flag())? {
         Outcome::Trained(summary) => summary,
         Outcome::DryRun(report) => {
             println!(
@@ -109,7 +99,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             summary.total_steps,
             summary.output.display()
         );
-        return Ok(INTERRUPTED_EXIT);
+        return Ok(stop.exit_code());
     }
     println!(
         "done: {} steps, loss {:.4} -> {:.4}, written to {}",
@@ -283,5 +273,37 @@ mod tests {
     fn the_demo_needs_no_flags() {
         let c = parse(&["--adapter", "lora"]).unwrap().resolve().unwrap();
         assert!(c.demo && c.model.is_none() && c.data.is_empty());
+    }
+
+    #[test]
+    fn lora_is_the_default_adapter_of_the_demo_and_of_a_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let model = tmp.path().display().to_string();
+        for args in [
+            vec![],
+            vec!["--model", &model, "--data", "a.jsonl", "--output", "o"],
+        ] {
+            let c = parse(&args).unwrap().resolve().unwrap();
+            assert!(matches!(c.method, Method::Lora(_)), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn negative_numbers_reach_the_value_checks() {
+        for (flag, message) in [
+            ("--lr", "--lr (learning_rate) must be positive, got -1"),
+            (
+                "--max-grad-norm",
+                "--max-grad-norm (max_grad_norm) must be at least 0",
+            ),
+            (
+                "--weight-decay",
+                "--weight-decay (weight_decay) must be at least 0, got -1",
+            ),
+        ] {
+            let args = parse(&[flag, "-1"]).unwrap_or_else(|e| panic!("{flag} -1: {e}"));
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(message), "{flag}: {err}");
+        }
     }
 }

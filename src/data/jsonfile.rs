@@ -131,7 +131,7 @@ pub fn write_atomically(path: &Path, contents: &[u8], overwrite: bool) -> Result
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    let mut temp = tempfile::NamedTempFile::new_in(dir)
+    let mut temp = new_temp_file(dir)
         .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
     temp.write_all(contents)
         .and_then(|()| temp.as_file().sync_all())
@@ -151,6 +151,38 @@ pub fn write_atomically(path: &Path, contents: &[u8], overwrite: bool) -> Result
             anyhow::Error::new(err.error).context(format!("writing {}", path.display()))
         }
     })?;
+    Ok(())
+}
+
+/// A temporary file in `dir` created with the mode `File::create` gives (0666 less the umask),
+/// not tempfile's 0600, so that it keeps that mode once renamed into place.
+fn new_temp_file(dir: &Path) -> std::io::Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    builder.tempfile_in(dir)
+}
+
+/// Gives `path`, written through a 0600 temporary file (safetensors' writer), the mode
+/// `File::create` would have: 0666 less the umask.
+#[cfg(unix)]
+pub fn set_created_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    // The umask can only be read by setting it: set it back at once, once per process.
+    // SAFETY: umask only swaps the process's file-creation mask.
+    #[allow(clippy::useless_conversion)] // mode_t is u32 on Linux, u16 on macOS
+    let umask = *UMASK.get_or_init(|| unsafe {
+        let mask = libc::umask(0o022);
+        libc::umask(mask);
+        u32::from(mask)
+    });
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask))
+        .with_context(|| format!("setting the permissions of {}", path.display()))
+}
+
+#[cfg(not(unix))]
+pub fn set_created_mode(_path: &Path) -> Result<()> {
     Ok(())
 }
 

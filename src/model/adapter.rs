@@ -294,6 +294,7 @@ impl Adapter {
         let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
         safetensors::tensor::serialize_to_file(views, Some(metadata), &path)
             .with_context(|| format!("writing {}", path.display()))?;
+        crate::data::jsonfile::set_created_mode(&path)?;
         let config_path = dir.join(CONFIG_FILE);
         let text = serde_json::to_string_pretty(&self.config.to_json())?;
         std::fs::write(&config_path, text + "\n")

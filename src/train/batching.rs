@@ -55,6 +55,26 @@ pub fn supervised_targets(row: &EncodedRow) -> usize {
     row.labels_mask.iter().skip(1).filter(|&&m| m).count()
 }
 
+/// Why a row cannot be trained on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dropped {
+    /// Longer than max-len under `--overlong drop`.
+    Overlong,
+    /// No supervised token to predict (e.g. truncation cut every answer away).
+    Unsupervised,
+}
+
+/// Why `row` (encoded with the run's max-len) cannot be trained on, if it cannot.
+pub fn drop_reason(row: &EncodedRow, overlong: Overlong) -> Option<Dropped> {
+    if row.truncated && overlong == Overlong::Drop {
+        Some(Dropped::Overlong)
+    } else if supervised_targets(row) == 0 {
+        Some(Dropped::Unsupervised)
+    } else {
+        None
+    }
+}
+
 /// Keeps the rows that can be trained on, in order. `rows` were encoded with the run's max-len
 /// (`EncodedRow::truncated` marks the ones that were cut).
 pub fn filter_rows(rows: Vec<EncodedRow>, overlong: Overlong) -> (Vec<EncodedRow>, RowCounts) {
@@ -64,14 +84,16 @@ pub fn filter_rows(rows: Vec<EncodedRow>, overlong: Overlong) -> (Vec<EncodedRow
     };
     let kept: Vec<EncodedRow> = rows
         .into_iter()
-        .filter(|row| {
-            if row.truncated && overlong == Overlong::Drop {
+        .filter(|row| match drop_reason(row, overlong) {
+            Some(Dropped::Overlong) => {
                 counts.dropped_overlong += 1;
                 false
-            } else if supervised_targets(row) == 0 {
+            }
+            Some(Dropped::Unsupervised) => {
                 counts.dropped_unsupervised += 1;
                 false
-            } else {
+            }
+            None => {
                 counts.truncated += usize::from(row.truncated);
                 true
             }

@@ -21,6 +21,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use super::batching::{DataPosition, Fnv};
+use super::run_dir::run_entries;
 
 /// Marks a directory as a wgtrain run (its content: the run's settings), so `--overwrite` only ever
 /// deletes what wgtrain wrote.
@@ -29,39 +30,16 @@ pub const STATE_FILE: &str = "train_state.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const CHECKPOINT_PREFIX: &str = "checkpoint-";
 
-/// Makes `dir` ready for a run and writes the marker with `settings`.
+/// Whether `dir` can take a run, touching nothing; true when an earlier run in `dir` is to be
+/// replaced (`overwrite`).
 ///
-/// - missing or empty: created;
-/// - a wgtrain run (has the marker): an error unless `overwrite` (which deletes it first) or
+/// - missing or empty (but for a lock file): fine;
+/// - a wgtrain run (has the marker): an error unless `overwrite` (the earlier run is replaced) or
 ///   `resuming` (which continues in it);
 /// - anything else that is not empty: always an error, so no flag can delete a directory wgtrain
 ///   did not create.
-pub fn prepare_output_dir(
-    dir: &Path,
-    overwrite: bool,
-    resuming: bool,
-    settings: &serde_json::Value,
-) -> Result<()> {
-    if check_output_dir(dir, overwrite, resuming)? {
-        std::fs::remove_dir_all(dir)
-            .with_context(|| format!("removing the earlier run in {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    crate::data::jsonfile::write_atomically(
-        &dir.join(RUN_MARKER),
-        serde_json::to_string_pretty(settings)?.as_bytes(),
-        true,
-    )
-}
-
-/// The checks of [`prepare_output_dir`], touching nothing; true when an earlier run in `dir` is
-/// to be replaced (`overwrite`).
 pub fn check_output_dir(dir: &Path, overwrite: bool, resuming: bool) -> Result<bool> {
-    let non_empty = dir.is_dir()
-        && std::fs::read_dir(dir)
-            .with_context(|| format!("reading {}", dir.display()))?
-            .next()
-            .is_some();
+    let non_empty = dir.is_dir() && !run_entries(dir)?.is_empty();
     if dir.exists() && !dir.is_dir() {
         bail!("output {} exists and is not a directory", dir.display());
     }
@@ -389,7 +367,8 @@ pub fn save_f32_tensors(
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| anyhow!("preparing {}: {e}", path.display()))?;
     safetensors::serialize_to_file(views, metadata, path)
-        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    crate::data::jsonfile::set_created_mode(path)
 }
 
 /// Reads every tensor of an F32 safetensors file, sorted by name.
@@ -539,28 +518,25 @@ mod tests {
     fn output_dir_refuses_to_clobber() {
         let root = tempfile::tempdir().unwrap();
         let out = root.path().join("run");
-        let settings = json!({"lr": 1e-4});
-        prepare_output_dir(&out, false, false, &settings).unwrap();
-        std::fs::write(out.join("metrics.jsonl"), "").unwrap();
-        let err = prepare_output_dir(&out, false, false, &settings).unwrap_err();
+        assert!(!check_output_dir(&out, false, false).unwrap());
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join(RUN_MARKER), "{}").unwrap();
+        let err = check_output_dir(&out, false, false).unwrap_err();
         assert!(err.to_string().contains("--overwrite"), "{err}");
-        prepare_output_dir(&out, false, true, &settings).unwrap();
-        assert!(out.join("metrics.jsonl").exists());
-        prepare_output_dir(&out, true, false, &settings).unwrap();
-        assert!(!out.join("metrics.jsonl").exists() && out.join(RUN_MARKER).exists());
+        assert!(!check_output_dir(&out, false, true).unwrap());
+        assert!(check_output_dir(&out, true, false).unwrap());
 
         // A directory wgtrain did not make is never deleted, even with --overwrite.
         let foreign = root.path().join("home");
         std::fs::create_dir(&foreign).unwrap();
         std::fs::write(foreign.join("thesis.tex"), "precious").unwrap();
         for (overwrite, resuming) in [(true, false), (false, true)] {
-            let err = prepare_output_dir(&foreign, overwrite, resuming, &settings).unwrap_err();
+            let err = check_output_dir(&foreign, overwrite, resuming).unwrap_err();
             assert!(err.to_string().contains("no wgtrain run"), "{err}");
         }
-        assert!(foreign.join("thesis.tex").exists());
         let file = root.path().join("file");
         std::fs::write(&file, "").unwrap();
-        assert!(prepare_output_dir(&file, true, false, &settings).is_err());
+        assert!(check_output_dir(&file, true, false).is_err());
     }
 
     #[test]

@@ -213,7 +213,8 @@ pub fn write_random_weights(dir: &Path, config: &Qwen2Config, seed: u64) -> Resu
     // transformers refuses safetensors files without format metadata.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(views, Some(metadata), &path)
-        .map_err(|e| anyhow!("writing {}: {e}", path.display()))
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    crate::data::jsonfile::set_created_mode(&path)
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
@@ -59,33 +59,61 @@ impl MetricsWriter {
         Ok(MetricsWriter { path, file })
     }
 
-    /// Continues a file after resuming from the checkpoint of `step`: lines of later steps (written
-    /// before the interruption, and about to be redone) are removed, so the file ends up equal to
-    /// the uninterrupted run's. A missing file is started afresh.
-    pub fn resume(path: impl AsRef<Path>, step: usize) -> Result<MetricsWriter> {
+    /// Continues a file after resuming from the checkpoint of `step`, returning the steps kept.
+    /// Lines of later steps (written before the interruption, and about to be redone) are
+    /// removed, so the file ends up equal to the uninterrupted run's; the kept lines stay byte for
+    /// byte. A damaged last line (cut by a kill or a full disk) belongs to a step after the
+    /// checkpoint and is dropped with a warning; a damaged earlier line is an error. A missing
+    /// file is started afresh.
+    pub fn resume(
+        path: impl AsRef<Path>,
+        step: usize,
+    ) -> Result<(MetricsWriter, Vec<StepMetrics>)> {
         let path = path.as_ref();
-        let kept: Vec<StepMetrics> = if path.exists() {
-            read_metrics(path)?
-                .into_iter()
-                .filter(|m| m.step <= step)
-                .collect()
-        } else {
-            Vec::new()
+        let text = match std::fs::read(path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let mut text = String::new();
-        for m in &kept {
-            text.push_str(&serde_json::to_string(m)?);
-            text.push('\n');
+        let lines: Vec<&[u8]> = text
+            .split_inclusive(|&b| b == b'\n')
+            .filter(|l| !l.trim_ascii().is_empty())
+            .collect();
+        let (mut kept_text, mut kept) = (Vec::new(), Vec::new());
+        for (i, line) in lines.iter().enumerate() {
+            let m: StepMetrics = match serde_json::from_slice(line) {
+                Ok(m) => m,
+                Err(e) if i + 1 == lines.len() => {
+                    eprintln!(
+                        "warning: {}: dropping the damaged last line ({e}); its step is redone",
+                        path.display()
+                    );
+                    break;
+                }
+                Err(e) => bail!(
+                    "{}: line {}: not a metrics line: {e}",
+                    path.display(),
+                    i + 1
+                ),
+            };
+            if m.step <= step {
+                kept_text.extend_from_slice(line);
+                if !line.ends_with(b"\n") {
+                    kept_text.push(b'\n');
+                }
+                kept.push(m);
+            }
         }
-        crate::data::jsonfile::write_atomically(path, text.as_bytes(), true)?;
+        crate::data::jsonfile::write_atomically(path, &kept_text, true)?;
         let file = OpenOptions::new()
             .append(true)
             .open(path)
             .with_context(|| format!("opening {}", path.display()))?;
-        Ok(MetricsWriter {
+        let writer = MetricsWriter {
             path: path.to_path_buf(),
             file,
-        })
+        };
+        Ok((writer, kept))
     }
 
     pub fn write(&mut self, metrics: &StepMetrics) -> Result<()> {
@@ -483,7 +511,8 @@ mod tests {
         );
         assert_eq!(read_metrics(&path).unwrap().len(), 5);
 
-        let mut resumed = MetricsWriter::resume(&path, 3).unwrap();
+        let (mut resumed, kept) = MetricsWriter::resume(&path, 3).unwrap();
+        assert_eq!(kept.len(), 3);
         resumed.write(&metrics(4, 0.25)).unwrap();
         let steps: Vec<(usize, f64)> = read_metrics(&path)
             .unwrap()
@@ -491,6 +520,25 @@ mod tests {
             .map(|m| (m.step, m.loss))
             .collect();
         assert_eq!(steps, [(1, 2.0), (2, 1.0), (3, 2.0 / 3.0), (4, 0.25)]);
+    }
+
+    #[test]
+    fn resume_keeps_earlier_lines_byte_for_byte_and_drops_a_cut_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(METRICS_FILE);
+        // Written by another serializer: digits serde_json would print differently.
+        let earlier = "{\"step\":1,\"epoch\":0.1,\"loss\":2.50000000000000000001,\"lr\":1e-4,\
+                       \"grad_norm\":1.0,\"supervised_tokens\":3,\"tokens\":4,\"tokens_per_s\":5.0,\
+                       \"elapsed_s\":0.5}\n";
+        std::fs::write(&path, format!("{earlier}{{\"step\":2,\"epo")).unwrap();
+        let (_, kept) = MetricsWriter::resume(&path, 1).unwrap();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), earlier);
+
+        // Damage before the last line is not a cut write: an error naming the line.
+        std::fs::write(&path, format!("{{\"step\": 1}}\n{earlier}")).unwrap();
+        let err = MetricsWriter::resume(&path, 1).err().unwrap().to_string();
+        assert!(err.contains("line 1"), "{err}");
     }
 
     #[test]

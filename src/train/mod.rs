@@ -7,6 +7,7 @@ pub mod config;
 pub mod demo;
 pub mod flops;
 pub mod metrics;
+pub mod run_dir;
 pub mod schedule;
 pub mod step;
 pub mod trainer;

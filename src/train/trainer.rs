@@ -21,16 +21,19 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::json;
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
-use super::batching::{filter_rows, BatchSettings, DataOrder, RowCounts, Step};
+use super::batching::{
+    drop_reason, filter_rows, BatchSettings, DataOrder, Dropped, RowCounts, Step,
+};
 use super::checkpoint::{
     check_output_dir, checkpoint_dir, config_hash, latest_checkpoint, load_f32_tensors,
-    prepare_output_dir, remove_old_checkpoints, save_f32_tensors, write_dir_atomically,
-    NamedTensor, RngState, TrainState, OPTIMIZER_FILE, STATE_FILE, STATE_FORMAT_VERSION,
+    remove_old_checkpoints, save_f32_tensors, write_dir_atomically, NamedTensor, RngState,
+    TrainState, OPTIMIZER_FILE, STATE_FILE, STATE_FORMAT_VERSION,
 };
 use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
 use super::demo::{demo_config_json, write_demo_dataset, write_demo_model, DEMO_ROWS};
 use super::flops::{row_flops, Trainable};
-use super::metrics::{read_metrics, write_loss_svg, MetricsWriter, Progress, StepMetrics};
+use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics};
+use super::run_dir::{check_not_in_use, check_output_apart, RunDir};
 use super::schedule::Schedule;
 use super::step::{gradients, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments};
 use crate::data::chat::{ChatEncoder, EncodedRow};
@@ -50,7 +53,7 @@ pub struct TrainSummary {
     pub last_loss: f64,
     pub rows: RowCounts,
     pub output: PathBuf,
-    /// Stopped early on request (Ctrl-C); the final adapter or weights were not written.
+    /// Stopped early on request (a stop signal); the final adapter or weights were not written.
     pub interrupted: bool,
     /// The last checkpoint written by this process.
     pub last_checkpoint: Option<PathBuf>,
@@ -87,12 +90,13 @@ fn model_config(config: &TrainConfig) -> Result<Qwen2Config> {
     }
 }
 
-/// Every row of every file, encoded and cut to `max_len`.
+/// Every row of every file, encoded and cut to `max_len`, each with where it comes from
+/// (`file:line: row N`).
 fn encode_rows(
     encoder: &ChatEncoder,
     files: &[PathBuf],
     config: &TrainConfig,
-) -> Result<Vec<EncodedRow>> {
+) -> Result<Vec<(String, EncodedRow)>> {
     let mut rows = Vec::new();
     for file in files {
         let dataset = Dataset::load(file)?;
@@ -100,15 +104,47 @@ fn encode_rows(
             if config.max_samples.is_some_and(|n| rows.len() >= n) {
                 return Ok(rows);
             }
+            let origin = format!("{}:{}: row {}", file.display(), row.line(), row.index());
             let encoded = encoder
                 .encode_row(row.conversation(), config.max_len)
-                .with_context(|| {
-                    format!("{}:{}: row {}", file.display(), row.line(), row.index())
-                })?;
-            rows.push(encoded);
+                .with_context(|| origin.clone())?;
+            rows.push((origin, encoded));
         }
     }
     Ok(rows)
+}
+
+/// Dropped rows named in warnings: this many, then a count of the rest.
+const DROPPED_ROWS_NAMED: usize = 20;
+
+/// Warns of every row that cannot be trained on (the first [`DROPPED_ROWS_NAMED`] named with
+/// their reason), and returns the rows.
+fn warn_of_dropped_rows(rows: Vec<(String, EncodedRow)>, config: &TrainConfig) -> Vec<EncodedRow> {
+    let dropped: Vec<String> = rows
+        .iter()
+        .filter_map(|(origin, row)| {
+            let why = match drop_reason(row, config.overlong)? {
+                Dropped::Overlong => {
+                    format!("longer than --max-len {} (--overlong drop)", config.max_len)
+                }
+                Dropped::Unsupervised => format!(
+                    "no supervised (assistant) token within its first {} tokens (--max-len)",
+                    config.max_len
+                ),
+            };
+            Some(format!("{origin}: dropped: {why}"))
+        })
+        .collect();
+    for line in dropped.iter().take(DROPPED_ROWS_NAMED) {
+        eprintln!("warning: {line}");
+    }
+    if dropped.len() > DROPPED_ROWS_NAMED {
+        eprintln!(
+            "warning: ... and {} more rows dropped",
+            dropped.len() - DROPPED_ROWS_NAMED
+        );
+    }
+    rows.into_iter().map(|(_, row)| row).collect()
 }
 
 /// PEFT's fresh LoRA: A Kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, drawn from `seed`.
@@ -121,9 +157,21 @@ pub fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adap
         use_rslora: false,
         base_model: None,
     };
+    let targets = Adapter::targets(&config, &model.config)?;
+    for &(l, proj) in &targets {
+        let (out_f, in_f) = proj.shape(&model.config);
+        ensure!(
+            lora.rank <= out_f.min(in_f),
+            "--lora-rank (lora_rank) {} exceeds the smaller side of layer {l}'s {} ({out_f} x \
+             {in_f}): a rank above {} adds no directions, only memory",
+            lora.rank,
+            proj.path(),
+            out_f.min(in_f)
+        );
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut modules = BTreeMap::new();
-    for (l, proj) in Adapter::targets(&config, &model.config)? {
+    for (l, proj) in targets {
         let (out_f, in_f) = proj.shape(&model.config);
         let bound = 1.0 / (in_f as f64).sqrt();
         let a = (0..lora.rank * in_f)
@@ -300,6 +348,51 @@ fn load_moments(gpu: &Gpu, params: &[Param], path: &Path) -> Result<Vec<Option<M
     Ok(moments)
 }
 
+/// Refuses missing inputs, and an output directory that is, holds or lies inside one of them
+/// (`--overwrite` would delete it, or the run would write into it), before --output is touched.
+fn check_inputs(config: &TrainConfig) -> Result<()> {
+    for file in &config.data {
+        ensure!(file.is_file(), "--data {}: no such file", file.display());
+    }
+    if let Some(dir) = &config.init_adapter {
+        ensure!(
+            dir.is_dir(),
+            "--init-adapter {}: no such directory",
+            dir.display()
+        );
+    }
+    let mut inputs: Vec<(&str, &Path)> = config
+        .data
+        .iter()
+        .map(|d| ("--data", d.as_path()))
+        .collect();
+    inputs.extend(config.model.as_deref().map(|m| ("--model", m)));
+    inputs.extend(
+        config
+            .init_adapter
+            .as_deref()
+            .map(|a| ("--init-adapter", a)),
+    );
+    check_output_apart(&config.output, &inputs)
+}
+
+/// Names the first trained tensor holding NaN or infinity before any update of this process: the
+/// weights loaded from `source` are damaged (no learning rate is to blame).
+fn check_finite_weights(gpu: &Gpu, params: &[Param], source: &Path) -> Result<()> {
+    for p in params {
+        let values = p.value.to_f32(gpu)?;
+        if let Some(bad) = values.iter().find(|v| !v.is_finite()) {
+            bail!(
+                "the weights loaded from {} hold non-finite values (tensor {} has {bad}): they \
+                 are damaged; start from an earlier checkpoint or the base model",
+                source.display(),
+                p.name
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The checkpoint `--resume` names: the directory itself, or a run directory's latest complete
 /// checkpoint.
 fn resume_dir(path: &Path) -> Result<PathBuf> {
@@ -320,6 +413,7 @@ fn resume_dir(path: &Path) -> Result<PathBuf> {
 /// finished, a checkpoint is written and the run returns as interrupted. On a dry-run device,
 /// measures one step instead (see the module documentation).
 pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outcome> {
+    check_not_in_use(&config.output)?;
     let resume_from_dir = config.resume.as_deref().map(resume_dir).transpose()?;
     // An existing adapter's factors fix its rank, alpha and targets: the run (its summary, resume
     // check and FLOP count) takes them.
@@ -349,6 +443,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         None => None,
     };
     let dry_run = gpu.is_dry_run();
+    check_inputs(config)?;
     // A dry run leaves --output alone (the demo's model and data go to a temporary directory),
     // but refuses what the run would refuse.
     let demo_tmp = match dry_run && config.demo {
@@ -357,15 +452,28 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
     };
     if dry_run {
         check_output_dir(&config.output, config.overwrite, resume.is_some())?;
-    } else {
-        prepare_output_dir(&config.output, config.overwrite, resume.is_some(), &summary)?;
     }
+    // Locked for the whole run; the demo makes its inputs in it, a run's own inputs are read
+    // before it is touched.
+    let open_run_dir = || -> Result<Option<RunDir>> {
+        match dry_run {
+            true => Ok(None),
+            false => {
+                RunDir::open(&config.output, config.overwrite, resume.is_some(), &summary).map(Some)
+            }
+        }
+    };
+    let mut run_dir = match config.demo {
+        true => open_run_dir()?,
+        false => None,
+    };
     let demo_dir = demo_tmp
         .as_ref()
         .map_or(config.output.as_path(), |d| d.path());
     let (model_dir, files) = inputs(config, demo_dir)?;
     let encoder = ChatEncoder::load(&model_dir)?;
-    let (rows, counts) = filter_rows(encode_rows(&encoder, &files, config)?, config.overlong);
+    let encoded = warn_of_dropped_rows(encode_rows(&encoder, &files, config)?, config);
+    let (rows, counts) = filter_rows(encoded, config.overlong);
     ensure!(
         !rows.is_empty(),
         "no row of {} has a supervised token within --max-len {}",
@@ -376,6 +484,9 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
             .join(", "),
         config.max_len
     );
+    if !config.demo {
+        run_dir = open_run_dir()?;
+    }
     let targets: Vec<Vec<u32>> = rows
         .iter()
         .map(|r| next_token_targets(&r.ids, &r.labels_mask))
@@ -468,6 +579,11 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         total_steps,
     )?;
     let norm_sq = Tensor::zeros(gpu, &[1], DType::F32)?;
+    // Where the trained values came from, should they hold NaN or infinity.
+    let weights_from = resume_from
+        .or(config.init_adapter.as_deref())
+        .unwrap_or(&model_dir);
+    let first_step = order.position().step;
     // The device work of one step (each micro-batch drawing its dropout seed from `rng`); returns
     // its gradients, learning rate and peak device memory.
     let run_step = |step: &Step, rng: &mut ChaCha8Rng| -> Result<(Gradients, f64, u64)> {
@@ -489,6 +605,10 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         let g = gradients(gpu, &model, &grads, &micro_batches, &norm_sq)
             .with_context(|| format!("step {}", step.index + 1))?;
         if !g.loss.is_finite() || !g.grad_norm.is_finite() {
+            if step.index == first_step {
+                check_finite_weights(gpu, &params, weights_from)
+                    .with_context(|| format!("step {}", step.index + 1))?;
+            }
             let kept = match latest_checkpoint(&config.output)? {
                 Some((at, dir)) => format!(
                     "the last checkpoint (step {at}) is kept in {}",
@@ -530,8 +650,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
     let metrics_path = config.output.join("metrics.jsonl");
     let (mut metrics, mut history, earlier_s, mut tokens_seen) = match &resume {
         Some((_, state)) => {
-            let writer = MetricsWriter::resume(&metrics_path, state.step)?;
-            let kept = read_metrics(&metrics_path)?;
+            let (writer, kept) = MetricsWriter::resume(&metrics_path, state.step)?;
             (writer, kept, state.elapsed_s, state.tokens_seen)
         }
         None => (MetricsWriter::create(&metrics_path)?, Vec::new(), 0.0, 0),
@@ -596,6 +715,11 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         metrics.write(&m)?;
         progress.step(&m);
         history.push(m);
+        if done == first_step + 1 {
+            if let Some(run_dir) = run_dir.as_mut() {
+                run_dir.started()?;
+            }
+        }
 
         let stopping = stop.load(Ordering::SeqCst);
         let due = config.save_steps.is_some_and(|n| done % n == 0);
