@@ -1,25 +1,14 @@
 //! Checkpoints, `--resume`, Ctrl-C, the NaN stop and `wgtrain merge`, end to end through the
 //! binary on tiny-qwen2-tied with six short rows (so that each test takes seconds on lavapipe).
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn wgtrain_cmd(args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wgtrain"));
-    cmd.args(args).env("XDG_RUNTIME_DIR", std::env::temp_dir());
-    cmd
-}
-
-fn wgtrain(args: &[&str]) -> Output {
-    wgtrain_cmd(args).output().unwrap()
-}
+mod common;
+use common::{fixtures, losses, short_data, wgtrain, wgtrain_cmd};
 
 fn ok(out: Output) -> String {
     let (stdout, stderr) = (
@@ -35,17 +24,6 @@ fn failed(out: Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
-
 /// Every tensor of a safetensors file (or sharded checkpoint directory): name → (dtype, shape,
 /// values as f32).
 fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f32>)> {
@@ -59,22 +37,6 @@ fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f32>)> {
             (name.to_string(), (dtype, v.shape.to_vec(), v.to_f32()))
         })
         .collect()
-}
-
-/// Six short conversations (the fixture rows are long for lavapipe) in `dir`.
-fn short_data(dir: &Path) -> PathBuf {
-    let path = dir.join("short.jsonl");
-    let rows: Vec<String> = (0..6)
-        .map(|i| {
-            let answer = "x".repeat(1 + i % 3);
-            format!(
-                r#"{{"messages":[{{"role":"user","content":"What is {i} plus {i}?"}},{{"role":"assistant","content":"{i} plus {i} is {}. {answer}"}}]}}"#,
-                2 * i
-            )
-        })
-        .collect();
-    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
-    path
 }
 
 /// A run's flags on tiny-qwen2-tied and six short rows (written beside `out`).

@@ -6,21 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn wgtrain_cmd(args: &[String]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wgtrain"));
-    cmd.args(args).env("XDG_RUNTIME_DIR", std::env::temp_dir());
-    cmd
-}
-
-fn wgtrain(args: &[String]) -> Output {
-    wgtrain_cmd(args).output().unwrap()
-}
+mod common;
+use common::{fixtures, losses, short_data, wgtrain, wgtrain_cmd};
 
 fn ok(out: Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -36,32 +23,6 @@ fn failed(out: Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(2), "expected a refusal: {stderr}");
     stderr
-}
-
-fn losses(dir: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
-}
-
-/// Six short conversations in `dir`.
-fn short_data(dir: &Path) -> PathBuf {
-    let path = dir.join("short.jsonl");
-    let rows: Vec<String> = (0..6)
-        .map(|i| {
-            format!(
-                r#"{{"messages":[{{"role":"user","content":"What is {i} plus {i}?"}},{{"role":"assistant","content":"{i} plus {i} is {}."}}]}}"#,
-                2 * i
-            )
-        })
-        .collect();
-    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
-    path
 }
 
 /// A LoRA AdamW run of `steps` one-row steps into `out` (data written beside it), checkpointed

@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
 use super::config::Qwen2Config;
-use super::qwen2::Proj;
+use super::params::{names, Proj};
 use super::weights::{WeightDType, WeightView};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -184,16 +184,11 @@ pub struct Adapter {
     pub modules: BTreeMap<(usize, Proj), LoraPair>,
 }
 
-/// The module path PEFT matches `target_modules` against.
-fn module_path(layer: usize, proj: Proj) -> String {
-    format!("model.layers.{layer}.{}", proj.path())
-}
-
 /// The safetensors name of a factor (`which`: "A" or "B").
 pub fn tensor_name(layer: usize, proj: Proj, which: &str) -> String {
     format!(
         "base_model.model.{}.lora_{which}.weight",
-        module_path(layer, proj)
+        names::module(layer, proj)
     )
 }
 
@@ -209,7 +204,7 @@ impl Adapter {
             .filter(|&(l, p)| {
                 config
                     .target_modules
-                    .matches(&module_path(l, p), regex.as_ref())
+                    .matches(&names::module(l, p), regex.as_ref())
             })
             .collect();
         ensure!(

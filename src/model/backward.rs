@@ -26,16 +26,16 @@ use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
-use super::qwen2::{pad_rows, LayerActs, LoraDropout, LossSum, Proj, Qwen2, Step};
+use super::params::{names, PerProj, Proj};
+use super::qwen2::{pad_rows, LayerActs, LoraDropout, LossSum, Qwen2, Step};
 use super::weights::{to_device, Weights};
 
 /// Gradients of one layer's weights under full fine-tuning.
 pub struct LayerGrads {
     pub input_norm: Tensor,
     pub post_norm: Tensor,
-    /// By `Proj as usize`.
-    pub weight: [Tensor; 7],
-    pub bias: [Option<Tensor>; 7],
+    pub weight: PerProj<Tensor>,
+    pub bias: PerProj<Option<Tensor>>,
 }
 
 /// Gradients of every weight (full fine-tuning; the tied LM head's lands in `embed`).
@@ -48,8 +48,8 @@ pub struct FullGrads {
 
 /// Gradient buffers shaped like the trainable parameters: LoRA factors, or every weight.
 pub enum Grads {
-    /// (dA, dB) per layer, by `Proj as usize`, where the projection has a LoRA.
-    Lora(Vec<[Option<(Tensor, Tensor)>; 7]>),
+    /// (dA, dB) per layer, where the projection has a LoRA.
+    Lora(Vec<PerProj<Option<(Tensor, Tensor)>>>),
     Full(Box<FullGrads>),
 }
 
@@ -79,19 +79,19 @@ impl Grads {
         let has_lora = model
             .layers
             .iter()
-            .any(|l| l.proj.iter().any(|p| p.lora.is_some()));
+            .any(|l| l.proj.values().any(|p| p.lora.is_some()));
         if has_lora {
             let layers = model
                 .layers
                 .iter()
                 .map(|layer| {
-                    let mut g: [Option<(Tensor, Tensor)>; 7] = Default::default();
-                    for (slot, linear) in g.iter_mut().zip(&layer.proj) {
-                        if let Some(l) = &linear.lora {
-                            *slot = Some((zeros_like(gpu, &l.a)?, zeros_like(gpu, &l.b)?));
-                        }
-                    }
-                    Ok(g)
+                    PerProj::try_from_fn(|p| {
+                        layer.proj[p]
+                            .lora
+                            .as_ref()
+                            .map(|l| Ok((zeros_like(gpu, &l.a)?, zeros_like(gpu, &l.b)?)))
+                            .transpose()
+                    })
                 })
                 .collect::<Result<_>>()?;
             return Ok(Grads::Lora(layers));
@@ -104,25 +104,17 @@ impl Grads {
             .layers
             .iter()
             .map(|layer| {
-                let weight = [0, 1, 2, 3, 4, 5, 6]
-                    .map(|p| zeros_like(gpu, &layer.proj[p].weight))
-                    .into_iter()
-                    .collect::<Result<Vec<_>>>()?;
-                let mut bias: [Option<Tensor>; 7] = Default::default();
-                for (slot, linear) in bias.iter_mut().zip(&layer.proj) {
-                    *slot = linear
-                        .bias
-                        .as_ref()
-                        .map(|b| zeros_like(gpu, b))
-                        .transpose()?;
-                }
                 Ok(LayerGrads {
                     input_norm: zeros_like(gpu, &layer.input_norm)?,
                     post_norm: zeros_like(gpu, &layer.post_norm)?,
-                    weight: weight
-                        .try_into()
-                        .map_err(|_| anyhow::anyhow!("seven projections expected"))?,
-                    bias,
+                    weight: PerProj::try_from_fn(|p| zeros_like(gpu, &layer.proj[p].weight))?,
+                    bias: PerProj::try_from_fn(|p| {
+                        layer.proj[p]
+                            .bias
+                            .as_ref()
+                            .map(|b| zeros_like(gpu, b))
+                            .transpose()
+                    })?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -144,9 +136,8 @@ impl Grads {
         match self {
             Grads::Lora(layers) => {
                 for (l, (g, layer)) in layers.iter().zip(&model.layers).enumerate() {
-                    for (p, (g, linear)) in g.iter().zip(&layer.proj).enumerate() {
-                        if let (Some((da, db)), Some(lora)) = (g, &linear.lora) {
-                            let proj = Proj::ALL[p];
+                    for (proj, g) in g.iter() {
+                        if let (Some((da, db)), Some(lora)) = (g, &layer.proj[proj].lora) {
                             out.push(Param {
                                 name: tensor_name(l, proj, "A"),
                                 value: &lora.a,
@@ -165,30 +156,20 @@ impl Grads {
                 let mut push = |name: String, value: &'a Tensor, grad: &'a Tensor| {
                     out.push(Param { name, value, grad })
                 };
-                push("model.embed_tokens.weight".into(), &model.embed, &g.embed);
+                push(names::EMBED.into(), &model.embed, &g.embed);
                 for (l, (lg, layer)) in g.layers.iter().zip(&model.layers).enumerate() {
-                    let pre = format!("model.layers.{l}");
-                    push(
-                        format!("{pre}.input_layernorm.weight"),
-                        &layer.input_norm,
-                        &lg.input_norm,
-                    );
-                    push(
-                        format!("{pre}.post_attention_layernorm.weight"),
-                        &layer.post_norm,
-                        &lg.post_norm,
-                    );
-                    for (p, linear) in layer.proj.iter().enumerate() {
-                        let path = format!("{pre}.{}", Proj::ALL[p].path());
-                        push(format!("{path}.weight"), &linear.weight, &lg.weight[p]);
+                    push(names::input_norm(l), &layer.input_norm, &lg.input_norm);
+                    push(names::post_norm(l), &layer.post_norm, &lg.post_norm);
+                    for (p, linear) in layer.proj.iter() {
+                        push(names::weight(l, p), &linear.weight, &lg.weight[p]);
                         if let (Some(b), Some(gb)) = (&linear.bias, &lg.bias[p]) {
-                            push(format!("{path}.bias"), b, gb);
+                            push(names::bias(l, p), b, gb);
                         }
                     }
                 }
-                push("model.norm.weight".into(), &model.norm, &g.norm);
+                push(names::FINAL_NORM.into(), &model.norm, &g.norm);
                 if let (Some(w), Some(gw)) = (&model.lm_head, &g.lm_head) {
-                    push("lm_head.weight".into(), w, gw);
+                    push(names::LM_HEAD.into(), w, gw);
                 }
             }
         }
@@ -204,7 +185,7 @@ impl Grads {
 
     fn lora(&self, l: usize, p: Proj) -> Option<&(Tensor, Tensor)> {
         match self {
-            Grads::Lora(layers) => layers[l][p as usize].as_ref(),
+            Grads::Lora(layers) => layers[l][p].as_ref(),
             Grads::Full(_) => None,
         }
     }
@@ -481,11 +462,9 @@ impl Qwen2 {
         grads: &Grads,
         dropout: Option<Dropout>,
     ) -> Result<()> {
-        let linear = &self.layers[l].proj[p as usize];
+        let linear = &self.layers[l].proj[p];
         if let (Some(lora), Some((da, db))) = (&linear.lora, grads.lora(l, p)) {
-            let u = a.u[p as usize]
-                .as_ref()
-                .context("LoRA activation u missing")?;
+            let u = a.u[p].as_ref().context("LoRA activation u missing")?;
             let lora = Lora {
                 a: &lora.a,
                 b: &lora.b,
@@ -505,8 +484,8 @@ impl Qwen2 {
         matmul_backward_input(batch, dy, &linear.weight, dx)?;
         if let Some(g) = grads.full() {
             let lg = &g.layers[l];
-            matmul_backward_weight(batch, dy, x, Out::add(&lg.weight[p as usize]))?;
-            if let Some(db) = &lg.bias[p as usize] {
+            matmul_backward_weight(batch, dy, x, Out::add(&lg.weight[p]))?;
+            if let Some(db) = &lg.bias[p] {
                 sum_rows(batch, dy, Out::add(db), 1.0)?;
             }
         }

@@ -4,6 +4,7 @@ pub mod adapter;
 pub mod backward;
 pub mod config;
 pub mod generate;
+pub mod params;
 pub mod qwen2;
 pub mod sampling;
 pub mod tokenizer;
@@ -15,11 +16,8 @@ pub use config::{GenerationConfig, Qwen2Config, TorchDType, QWEN25_SIZES};
 pub use generate::{
     generate, generate_batch, BatchEvent, BatchRequest, GenerateOptions, Generation, StreamDecoder,
 };
-pub use qwen2::{
-    next_token_targets, KvCache, LayerActs, LoraDropout, LossSum, Proj, Qwen2, IGNORE,
-};
+pub use params::{qwen2_tensors, PerProj, Proj, TensorSpec};
+pub use qwen2::{next_token_targets, KvCache, LayerActs, LoraDropout, LossSum, Qwen2, IGNORE};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{Encoding, SpecialTokens, Tokenizer};
-pub use weights::{
-    qwen2_tensors, to_device, TensorSpec, WeightDType, WeightView, Weights, HF_SIDE_FILES,
-};
+pub use weights::{to_device, WeightDType, WeightView, Weights, HF_SIDE_FILES};

@@ -40,66 +40,8 @@ use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
 
 use super::adapter::Adapter;
 use super::config::Qwen2Config;
-use super::weights::{to_device, TensorSpec, Weights};
-
-/// The seven linear projections of a decoder layer (LoRA targets).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Proj {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Proj {
-    pub const ALL: [Proj; 7] = [
-        Proj::Q,
-        Proj::K,
-        Proj::V,
-        Proj::O,
-        Proj::Gate,
-        Proj::Up,
-        Proj::Down,
-    ];
-
-    /// The module's own name, as PEFT's `target_modules` lists it.
-    pub fn module(self) -> &'static str {
-        self.path().rsplit('.').next().unwrap_or_default()
-    }
-
-    /// The module path inside a decoder layer.
-    pub fn path(self) -> &'static str {
-        match self {
-            Proj::Q => "self_attn.q_proj",
-            Proj::K => "self_attn.k_proj",
-            Proj::V => "self_attn.v_proj",
-            Proj::O => "self_attn.o_proj",
-            Proj::Gate => "mlp.gate_proj",
-            Proj::Up => "mlp.up_proj",
-            Proj::Down => "mlp.down_proj",
-        }
-    }
-
-    /// (out_features, in_features).
-    pub fn shape(self, c: &Qwen2Config) -> (usize, usize) {
-        let (h, i) = (c.hidden_size, c.intermediate_size);
-        match self {
-            Proj::Q => (c.q_dim(), h),
-            Proj::K | Proj::V => (c.kv_dim(), h),
-            Proj::O => (h, c.q_dim()),
-            Proj::Gate | Proj::Up => (i, h),
-            Proj::Down => (h, i),
-        }
-    }
-
-    /// Qwen2 has biases on q, k and v only.
-    pub fn has_bias(self) -> bool {
-        matches!(self, Proj::Q | Proj::K | Proj::V)
-    }
-}
+use super::params::{names, PerProj, Proj, TensorSpec};
+use super::weights::{to_device, Weights};
 
 /// LoRA factors on the device: A [r, in], B [out, r] (f32) and the scale.
 pub struct LoraTensors {
@@ -145,8 +87,7 @@ impl Linear {
 pub struct Layer {
     pub input_norm: Tensor,
     pub post_norm: Tensor,
-    /// Indexed by `Proj as usize`.
-    pub proj: [Linear; 7],
+    pub proj: PerProj<Linear>,
 }
 
 /// The model on the device.
@@ -162,108 +103,81 @@ pub struct Qwen2 {
     length_warned: AtomicBool,
 }
 
-/// Every intermediate of one decoder layer over `rows` tokens: what its backward reads.
-pub struct LayerActs {
+/// Every intermediate of one decoder layer over `rows` tokens: what its backward reads. (`T` is
+/// a device tensor but for counting their bytes.)
+pub struct LayerActs<T = Tensor> {
     pub rows: usize,
     /// input_layernorm(x) and its rstd.
-    pub xn: Tensor,
-    pub rstd1: Tensor,
+    pub xn: T,
+    pub rstd1: T,
     /// Projections (q and k after RoPE).
-    pub q: Tensor,
-    pub k: Tensor,
-    pub v: Tensor,
+    pub q: T,
+    pub k: T,
+    pub v: T,
     /// Attention output and its row log-sum-exp.
-    pub attn: Tensor,
-    pub lse: Tensor,
-    pub o: Tensor,
+    pub attn: T,
+    pub lse: T,
+    pub o: T,
     /// x + o_proj(attn): the residual stream between attention and MLP.
-    pub mid: Tensor,
-    pub xn2: Tensor,
-    pub rstd2: Tensor,
-    pub gate: Tensor,
-    pub up: Tensor,
+    pub mid: T,
+    pub xn2: T,
+    pub rstd2: T,
+    pub gate: T,
+    pub up: T,
     /// silu(gate) * up.
-    pub act: Tensor,
-    pub down: Tensor,
-    /// `x·Aᵀ` of each LoRA projection ([rows, r]), indexed by `Proj as usize`.
-    pub u: [Option<Tensor>; 7],
+    pub act: T,
+    pub down: T,
+    /// `x·Aᵀ` of each LoRA projection ([rows, r]).
+    pub u: PerProj<Option<T>>,
+}
+
+impl<T> LayerActs<T> {
+    /// The activations for `rows` tokens, each made by `make(shape)`: the one list of their
+    /// shapes, in allocation order.
+    fn build(
+        model: &Qwen2,
+        rows: usize,
+        mut make: impl FnMut(&[usize]) -> Result<T>,
+    ) -> Result<LayerActs<T>> {
+        let c = &model.config;
+        let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let ranks = model.lora_ranks();
+        Ok(LayerActs {
+            rows,
+            xn: make(&[rows, h])?,
+            rstd1: make(&[rows])?,
+            q: make(&[rows, q])?,
+            k: make(&[rows, kv])?,
+            v: make(&[rows, kv])?,
+            attn: make(&[rows, q])?,
+            lse: make(&[rows, c.num_attention_heads])?,
+            o: make(&[rows, h])?,
+            mid: make(&[rows, h])?,
+            xn2: make(&[rows, h])?,
+            rstd2: make(&[rows])?,
+            gate: make(&[rows, i])?,
+            up: make(&[rows, i])?,
+            act: make(&[rows, i])?,
+            down: make(&[rows, h])?,
+            u: PerProj::try_from_fn(|p| ranks[p].map(|r| make(&[rows, r])).transpose())?,
+        })
+    }
 }
 
 impl LayerActs {
-    /// Shapes of the f32 activations in field order (xn .. down), then u of each LoRA projection.
-    fn shapes(model: &Qwen2, rows: usize) -> Vec<Vec<usize>> {
-        let c = &model.config;
-        let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let mut shapes: Vec<Vec<usize>> = [
-            vec![rows, h],
-            vec![rows],
-            vec![rows, q],
-            vec![rows, kv],
-            vec![rows, kv],
-            vec![rows, q],
-            vec![rows, c.num_attention_heads],
-            vec![rows, h],
-            vec![rows, h],
-            vec![rows, h],
-            vec![rows],
-            vec![rows, i],
-            vec![rows, i],
-            vec![rows, i],
-            vec![rows, h],
-        ]
-        .into();
-        shapes.extend(
-            model
-                .lora_ranks()
-                .into_iter()
-                .flatten()
-                .map(|r| vec![rows, r]),
-        );
-        shapes
-    }
-
     /// Activations sized for `rows` tokens (one set serves every layer of an inference pass).
     pub fn new(gpu: &Gpu, model: &Qwen2, rows: usize) -> Result<LayerActs> {
-        let mut t = LayerActs::shapes(model, rows)
-            .into_iter()
-            .map(|s| Tensor::zeros(gpu, &s, DType::F32));
-        let mut next = || t.next().context("activation shapes out of step")?;
-        Ok(LayerActs {
-            rows,
-            xn: next()?,
-            rstd1: next()?,
-            q: next()?,
-            k: next()?,
-            v: next()?,
-            attn: next()?,
-            lse: next()?,
-            o: next()?,
-            mid: next()?,
-            xn2: next()?,
-            rstd2: next()?,
-            gate: next()?,
-            up: next()?,
-            act: next()?,
-            down: next()?,
-            u: {
-                let ranks = model.lora_ranks();
-                let mut u: [Option<Tensor>; 7] = Default::default();
-                for (slot, rank) in u.iter_mut().zip(ranks) {
-                    if rank.is_some() {
-                        *slot = Some(next()?);
-                    }
-                }
-                u
-            },
-        })
+        LayerActs::build(model, rows, |shape| Tensor::zeros(gpu, shape, DType::F32))
     }
 
     /// Device bytes `LayerActs::new(.., rows)` allocates.
     pub fn bytes(model: &Qwen2, rows: usize) -> u64 {
-        let f32s: usize = LayerActs::shapes(model, rows)
-            .iter()
-            .map(|s| s.iter().product::<usize>())
-            .sum();
+        let mut f32s = 0;
+        let counted = LayerActs::<()>::build(model, rows, |shape| {
+            f32s += shape.iter().product::<usize>();
+            Ok(())
+        });
+        debug_assert!(counted.is_ok(), "counting never fails");
         f32s as u64 * 4
     }
 }
@@ -419,7 +333,7 @@ impl LoraDropout {
     /// The mask of projection `proj` of layer `layer` (independent across modules, as PEFT's
     /// separate `lora_dropout` modules are); None when p = 0, which keeps the fused launches.
     pub(crate) fn mask(&self, layer: usize, proj: Proj) -> Option<Dropout> {
-        let module = (layer * Proj::ALL.len() + proj as usize) as u64;
+        let module = (layer * Proj::ALL.len() + proj.index()) as u64;
         (self.p > 0.0).then(|| Dropout {
             p: self.p,
             seed: splitmix64(self.seed ^ splitmix64(module)) as u32,
@@ -542,43 +456,33 @@ impl Qwen2 {
             tensor(&spec, dtype).with_context(|| format!("loading tensor {}", spec.name))
         };
         let h = config.hidden_size;
-        let embed = get("model.embed_tokens.weight".into(), &[config.vocab_size, h])?;
+        let embed = get(names::EMBED.into(), &[config.vocab_size, h])?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let input_norm = get(format!("{p}.input_layernorm.weight"), &[h])?;
-            let post_norm = get(format!("{p}.post_attention_layernorm.weight"), &[h])?;
-            let mut linear = |proj: Proj| -> Result<Linear> {
+            let input_norm = get(names::input_norm(l), &[h])?;
+            let post_norm = get(names::post_norm(l), &[h])?;
+            let linear = |proj: Proj| -> Result<Linear> {
                 let (out_f, in_f) = proj.shape(&config);
-                let name = format!("{p}.{}", proj.path());
                 Ok(Linear {
-                    weight: get(format!("{name}.weight"), &[out_f, in_f])?,
+                    weight: get(names::weight(l, proj), &[out_f, in_f])?,
                     bias: match proj.has_bias() {
-                        true => Some(get(format!("{name}.bias"), &[out_f])?),
+                        true => Some(get(names::bias(l, proj), &[out_f])?),
                         false => None,
                     },
                     lora: None,
                 })
             };
-            let proj = [
-                linear(Proj::Q)?,
-                linear(Proj::K)?,
-                linear(Proj::V)?,
-                linear(Proj::O)?,
-                linear(Proj::Gate)?,
-                linear(Proj::Up)?,
-                linear(Proj::Down)?,
-            ];
+            let proj = PerProj::try_from_fn(linear)?;
             layers.push(Layer {
                 input_norm,
                 post_norm,
                 proj,
             });
         }
-        let norm = get("model.norm.weight".into(), &[h])?;
+        let norm = get(names::FINAL_NORM.into(), &[h])?;
         let lm_head = match config.tie_word_embeddings {
             true => None,
-            false => Some(get("lm_head.weight".into(), &[config.vocab_size, h])?),
+            false => Some(get(names::LM_HEAD.into(), &[config.vocab_size, h])?),
         };
         let rope = Rope::new(gpu, config.head_dim, config.rope_theta)?;
         Ok(Qwen2 {
@@ -606,7 +510,7 @@ impl Qwen2 {
     pub fn apply_adapter(&mut self, gpu: &Gpu, adapter: &Adapter) -> Result<()> {
         let (r, scale) = (adapter.config.r, adapter.config.scale());
         for layer in &mut self.layers {
-            for linear in &mut layer.proj {
+            for linear in layer.proj.values_mut() {
                 linear.lora = None;
             }
         }
@@ -615,7 +519,7 @@ impl Qwen2 {
             let layer = self.layers.get_mut(l).with_context(|| {
                 format!("the adapter has layer {l}; the model has fewer layers")
             })?;
-            layer.proj[proj as usize].lora = Some(LoraTensors {
+            layer.proj[proj].lora = Some(LoraTensors {
                 a: Tensor::from_f32(gpu, &[r, in_f], &pair.a)
                     .with_context(|| format!("LoRA A of layer {l} {}", proj.path()))?,
                 b: Tensor::from_f32(gpu, &[out_f, r], &pair.b)
@@ -626,11 +530,11 @@ impl Qwen2 {
         Ok(())
     }
 
-    /// LoRA rank of each projection (the same in every layer that has one), by `Proj as usize`.
-    pub(crate) fn lora_ranks(&self) -> [Option<usize>; 7] {
-        let mut ranks = [None; 7];
+    /// LoRA rank of each projection (the same in every layer that has one).
+    pub(crate) fn lora_ranks(&self) -> PerProj<Option<usize>> {
+        let mut ranks = PerProj::<Option<usize>>::default();
         for layer in &self.layers {
-            for (rank, linear) in ranks.iter_mut().zip(&layer.proj) {
+            for (rank, linear) in ranks.values_mut().zip(layer.proj.values()) {
                 if let Some(l) = &linear.lora {
                     *rank = Some(rank.unwrap_or(0).max(l.a.rows()));
                 }
@@ -659,7 +563,7 @@ impl Qwen2 {
             .map(|l| {
                 l.input_norm.device_bytes()
                     + l.post_norm.device_bytes()
-                    + l.proj.iter().map(linear).sum::<u64>()
+                    + l.proj.values().map(linear).sum::<u64>()
             })
             .sum();
         self.embed.device_bytes()
@@ -684,8 +588,8 @@ impl Qwen2 {
         let eps = c.rms_norm_eps as f32;
         let proj = |batch: &mut Batch, p: Proj, x: &Tensor, y: &Tensor| {
             let dropout = step.dropout.and_then(|d| d.mask(l, p));
-            layer.proj[p as usize]
-                .forward(batch, x, a.u[p as usize].as_ref(), y, dropout)
+            layer.proj[p]
+                .forward(batch, x, a.u[p].as_ref(), y, dropout)
                 .with_context(|| format!("layer {l} {}", p.path()))
         };
 

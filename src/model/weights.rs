@@ -20,6 +20,7 @@ use safetensors::SafeTensors;
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
 use super::config::Qwen2Config;
+use super::params::qwen2_tensors;
 
 /// Element types wgtrain reads from checkpoints.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,54 +116,6 @@ impl SafetensorsFile {
             metadata,
         })
     }
-}
-
-/// Expected name and shape of one checkpoint tensor.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TensorSpec {
-    pub name: String,
-    pub shape: Vec<usize>,
-}
-
-/// Every tensor a Qwen2 checkpoint of `config` holds, in a fixed order (embedding, layers, norm,
-/// lm_head unless tied), with its shape. Linear weights are [out_features, in_features].
-pub fn qwen2_tensors(config: &Qwen2Config) -> Vec<TensorSpec> {
-    let (h, i, q, kv) = (
-        config.hidden_size,
-        config.intermediate_size,
-        config.q_dim(),
-        config.kv_dim(),
-    );
-    let spec = |name: String, shape: &[usize]| TensorSpec {
-        name,
-        shape: shape.to_vec(),
-    };
-    let mut specs = vec![spec(
-        "model.embed_tokens.weight".into(),
-        &[config.vocab_size, h],
-    )];
-    for l in 0..config.num_hidden_layers {
-        let p = format!("model.layers.{l}");
-        specs.extend([
-            spec(format!("{p}.input_layernorm.weight"), &[h]),
-            spec(format!("{p}.self_attn.q_proj.weight"), &[q, h]),
-            spec(format!("{p}.self_attn.q_proj.bias"), &[q]),
-            spec(format!("{p}.self_attn.k_proj.weight"), &[kv, h]),
-            spec(format!("{p}.self_attn.k_proj.bias"), &[kv]),
-            spec(format!("{p}.self_attn.v_proj.weight"), &[kv, h]),
-            spec(format!("{p}.self_attn.v_proj.bias"), &[kv]),
-            spec(format!("{p}.self_attn.o_proj.weight"), &[h, q]),
-            spec(format!("{p}.post_attention_layernorm.weight"), &[h]),
-            spec(format!("{p}.mlp.gate_proj.weight"), &[i, h]),
-            spec(format!("{p}.mlp.up_proj.weight"), &[i, h]),
-            spec(format!("{p}.mlp.down_proj.weight"), &[h, i]),
-        ]);
-    }
-    specs.push(spec("model.norm.weight".into(), &[h]));
-    if !config.tie_word_embeddings {
-        specs.push(spec("lm_head.weight".into(), &[config.vocab_size, h]));
-    }
-    specs
 }
 
 /// The safetensors of one checkpoint directory.

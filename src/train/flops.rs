@@ -7,13 +7,13 @@
 //! input gradient of every product (1 × forward), plus the weight gradients of what trains: all of
 //! it under full fine-tuning (another 1 × forward), only the LoRA factors under LoRA (their
 //! forward is 2 · r · (in + out) per token and projection; backward twice that).
-use crate::model::{Proj, Qwen2Config};
+use crate::model::{PerProj, Proj, Qwen2Config};
 
 /// What a step trains: every weight, or LoRA factors of the given rank on each projection that
-/// has one (by `Proj as usize`, as [`crate::model::Qwen2::lora_ranks`] reports them).
+/// has one (as [`crate::model::Qwen2::lora_ranks`] reports them).
 pub enum Trainable {
     Full,
-    Lora([Option<usize>; 7]),
+    Lora(PerProj<Option<usize>>),
 }
 
 /// Model FLOPs of one training pass over a row of `len` tokens.
@@ -36,9 +36,8 @@ pub fn row_flops(c: &Qwen2Config, trained: &Trainable, len: usize) -> f64 {
     match trained {
         Trainable::Full => 3.0 * forward,
         Trainable::Lora(ranks) => {
-            let adapter: f64 = Proj::ALL
+            let adapter: f64 = ranks
                 .iter()
-                .zip(ranks)
                 .filter_map(|(p, rank)| rank.map(|r| (p.shape(c), r)))
                 .map(|((out_f, in_f), r)| 2.0 * (r * (in_f + out_f)) as f64)
                 .sum();
@@ -70,9 +69,9 @@ mod tests {
         // Two tokens: keys 1 + 2 = 3.
         let forward = 2.0 * 2.0 * (2.0 * dense + head) + 2.0 * 4.0 * 64.0 * 3.0;
         assert_eq!(row_flops(&c, &Trainable::Full, 2), 3.0 * forward);
-        let mut ranks = [None; 7];
-        ranks[Proj::Q as usize] = Some(4);
-        ranks[Proj::Down as usize] = Some(4);
+        let mut ranks = PerProj::default();
+        ranks[Proj::Q] = Some(4);
+        ranks[Proj::Down] = Some(4);
         let lora = Trainable::Lora(ranks);
         let adapter = 2.0 * 4.0 * (128.0 + 224.0);
         assert_eq!(

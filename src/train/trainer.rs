@@ -39,7 +39,7 @@ use super::step::{gradients, new_moments, update, Gradients, MemoryReport, Micro
 use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
 use crate::model::{
-    next_token_targets, Adapter, AdapterConfig, Grads, LoraDropout, LoraPair, Param, Proj, Qwen2,
+    next_token_targets, Adapter, AdapterConfig, Grads, LoraDropout, LoraPair, Param, Qwen2,
     Qwen2Config, TargetModules, HF_SIDE_FILES,
 };
 
@@ -205,13 +205,13 @@ fn peak_gflops() -> Result<Option<f64>> {
 fn adapter_from_device(gpu: &Gpu, model: &Qwen2, config: &AdapterConfig) -> Result<Adapter> {
     let mut modules = BTreeMap::new();
     for (l, layer) in model.layers.iter().enumerate() {
-        for (p, linear) in layer.proj.iter().enumerate() {
+        for (p, linear) in layer.proj.iter() {
             if let Some(lora) = &linear.lora {
                 let pair = LoraPair {
                     a: lora.a.to_f32(gpu)?,
                     b: lora.b.to_f32(gpu)?,
                 };
-                modules.insert((l, Proj::ALL[p]), pair);
+                modules.insert((l, p), pair);
             }
         }
     }

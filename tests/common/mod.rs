@@ -1,0 +1,50 @@
+//! What the end-to-end tests that drive the `wgtrain` binary share (each test binary uses the
+//! ones it needs).
+#![allow(dead_code)]
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn wgtrain_cmd<S: AsRef<OsStr>>(args: &[S]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wgtrain"));
+    cmd.args(args);
+    cmd
+}
+
+pub fn wgtrain<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    wgtrain_cmd(args).output().expect("run wgtrain")
+}
+
+/// (step, loss) of every line of a run's metrics.jsonl.
+pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+/// Six short conversations (the fixture rows are long for lavapipe) in `dir`.
+pub fn short_data(dir: &Path) -> PathBuf {
+    let path = dir.join("short.jsonl");
+    let rows: Vec<String> = (0..6)
+        .map(|i| {
+            let answer = "x".repeat(1 + i % 3);
+            format!(
+                r#"{{"messages":[{{"role":"user","content":"What is {i} plus {i}?"}},{{"role":"assistant","content":"{i} plus {i} is {}. {answer}"}}]}}"#,
+                2 * i
+            )
+        })
+        .collect();
+    std::fs::write(&path, rows.join("\n") + "\n").unwrap();
+    path
+}
