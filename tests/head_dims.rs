@@ -219,3 +219,15 @@ fn head_dim_16_matches_its_head_dim_64_embedding() {
 fn head_dim_32_matches_its_head_dim_64_embedding() {
     check_head_dim(2, 1, 32);
 }
+
+#[test]
+fn other_head_sizes_are_refused_by_name() {
+    let gpu = Gpu::from_env().unwrap();
+    for d in [6, 258, 512] {
+        let err = Qwen2::zeroed(&gpu, config(2, 1, d), false).err().unwrap();
+        assert_eq!(
+            format!("{err:#}"),
+            format!("model config: attention: head_dim must be even and in 8..=256, got {d}")
+        );
+    }
+}

@@ -21,16 +21,20 @@ fn translate(key: &str, source: &str) -> Result<(), String> {
                 e.emit_to_string(source)
             )
         })?;
-    let workgroup_bytes: u32 = module
-        .global_variables
-        .iter()
-        .filter(|(_, var)| var.space == naga::AddressSpace::WorkGroup)
-        .map(|(_, var)| module.types[var.ty].inner.size(module.to_ctx()))
-        .sum();
-    if workgroup_bytes > BASELINE_WORKGROUP_BYTES {
-        return Err(format!(
-            "{workgroup_bytes} bytes of workgroup memory, over the baseline {BASELINE_WORKGROUP_BYTES}"
-        ));
+    for (i, ep) in module.entry_points.iter().enumerate() {
+        let used = info.get_entry_point(i);
+        let workgroup_bytes: u32 = module
+            .global_variables
+            .iter()
+            .filter(|&(h, var)| var.space == naga::AddressSpace::WorkGroup && !used[h].is_empty())
+            .map(|(_, var)| module.types[var.ty].inner.size(module.to_ctx()))
+            .sum();
+        if workgroup_bytes > BASELINE_WORKGROUP_BYTES {
+            return Err(format!(
+                "{}: {workgroup_bytes} bytes of workgroup memory, over the baseline {BASELINE_WORKGROUP_BYTES}",
+                ep.name
+            ));
+        }
     }
     msl::write_string(
         &module,
