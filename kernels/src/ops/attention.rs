@@ -11,10 +11,8 @@
 //!   workgroup memory with an online softmax; scores, probabilities and the output accumulators
 //!   live in registers (4 x 4 score and 4 x D/16 output elements per thread). It saves only out and
 //!   the row log-sum-exp.
-//! - Head sizes: any even D in [`HEAD_DIMS`]. Registers and workgroup memory hold heads padded to a
-//!   multiple of 64 with zeros, and the [rows, H * D] bindings are read as vec4s, or as vec2s when
-//!   D % 4 = 2; D = 64 and 128 need no masks. The widest heads stage fewer keys / queries at a time,
-//!   so workgroup memory stays within WebGPU's baseline 16 KiB at every D.
+//! - Head sizes: any even D in [`HEAD_DIMS`], padded with zeros inside the kernels; the [rows,
+//!   H * D] bindings are vec4s, or vec2s when D % 4 = 2 (docs/architecture.md, Attention).
 //! - Forward, split keys (decode, small tq): a workgroup takes the G query heads of one kv head for
 //!   every query of the dispatch (16 rows), so each key is loaded once per group, and the grid
 //!   splits the keys so that even one token fills the GPU; partial (out, lse) per split go to a
@@ -131,7 +129,7 @@ impl AttentionDims {
 }
 
 /// Head sizes the kernels take (even ones only). Registers and workgroup memory hold a head padded
-/// to a multiple of 64, so sizes that are one run as fast as they can; others pay for the padding.
+/// to a multiple of 64: a size costs what the next multiple of 64 does.
 pub const HEAD_DIMS: RangeInclusive<usize> = 8..=256;
 
 /// Whether the kernels take heads of `head_dim` elements: even, in [`HEAD_DIMS`].
