@@ -998,6 +998,15 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
         4,
     )?);
     checks.extend(check_backward(gpu, dims(1, 33, 33, 4, 2, 128), 3)?);
+    // A head size padded in the kernels (80: as 128) and one read as vec2s (10).
+    checks.extend(check_forward(
+        gpu,
+        dims(1, 33, 33, 4, 2, 80),
+        33,
+        ForwardPath::Blocked,
+        5,
+    )?);
+    checks.extend(check_backward(gpu, dims(1, 33, 33, 2, 1, 10), 6)?);
     Ok(checks)
 }
 
