@@ -4,19 +4,26 @@
 // side). Query i of a sequence sits at position tk - tq + i and sees keys 0..=tk - tq + i. Query head
 // h reads kv head h / G (G = hq / hkv).
 //
-// Variant constants (prepended): HEAD_DIM (64 or 128: the d loops unroll), DECODE (attn_fwd only:
+// Variant constants (prepended): HEAD_DIM (any even size 8..=256), EW and EL (the element of the
+// [rows, H * D] bindings: vec4<f32> when HEAD_DIM % 4 = 0, else vec2<f32>), DECODE (attn_fwd only:
 // rows are the G query heads of one kv head times a few queries, the grid splits the keys, and each
 // split writes a partial result that attn_merge combines) and RAGGED (attn_fwd only: sequence b has
 // its own key count key_lens[b] <= tk, e.g. the slots of a batched KV cache; its queries are its last
 // tq positions).
 //
+// Along D the kernels work in vec4 columns c4 < D4 of a head (the last one half used when D % 4 = 2).
+// Registers and workgroup memory hold DP4 = D4 rounded up to 16 columns (a multiple of 64
+// elements), zeros past the head; a HEAD_DIM that is a multiple of 64 (FULL) needs no masks, so 64
+// and 128 compile to unmasked kernels.
+//
 // The score tiles are small register-blocked matrix products. 256 threads = 16 (ty) x 16 (tx);
 // thread (ty, tx) owns rows ty * RQ + a (a < RQ) and tile columns 4 tx + c (c < 4) of a score tile,
-// and output columns (vec4s) tx + 16 m (m < HEAD_DIM / 64) of an output tile, held in registers.
-// Operands are staged through one workgroup array `sm` (12 KiB at D = 128), re-used phase by phase:
+// and output columns (vec4s) tx + 16 m (m < NV4 = DP4 / 16) of an output tile, held in registers.
+// Operands are staged through one workgroup array `sm` (12 KiB at D = 128, at most WebGPU's
+// baseline 16 KiB at any D), re-used phase by phase:
 //  - score product: A[16 d][BQ rows] and B[16 d][64 cols], transposed, one 16-wide d-slice at a time;
 //  - row maxima / sums: [16 tx][BQ rows];
-//  - probability x values: P[16 keys][BQ rows] and V[16 keys][D].
+//  - probability x values: P[KS keys][BQ rows] and V[KS keys][DP4 vec4s].
 
 struct Params {
     tq: u32,
@@ -33,7 +40,7 @@ struct Params {
     // Rows per sequence in k/v (>= tk: a KV cache may hold spare rows).
     kv_cap: u32,
     // Global rows at the start of the bound query-row chunks (q, out, lse, dout, drow, dq) and key-row
-    // chunks (k, v, dk, dv); the offsets below are those rows' offsets inside their chunks (vec4
+    // chunks (k, v, dk, dv); the offsets below are those rows' offsets inside their chunks (EL
     // units for [rows, H * D] tensors, f32 units for [rows, H] ones).
     q_row0: u32,
     kv_row0: u32,
@@ -65,17 +72,17 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<f32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> out: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> q: array<EL>;
+@group(0) @binding(2) var<storage, read> k: array<EL>;
+@group(0) @binding(3) var<storage, read> v: array<EL>;
+@group(0) @binding(4) var<storage, read_write> out: array<EL>;
 @group(0) @binding(5) var<storage, read_write> lse: array<f32>;
-@group(0) @binding(6) var<storage, read> dout: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> dout: array<EL>;
 @group(0) @binding(7) var<storage, read_write> drow: array<f32>;
-@group(0) @binding(8) var<storage, read_write> dq: array<vec4<f32>>;
-@group(0) @binding(9) var<storage, read_write> dk: array<vec4<f32>>;
-@group(0) @binding(10) var<storage, read_write> dv: array<vec4<f32>>;
-@group(0) @binding(11) var<storage, read> part_out: array<vec4<f32>>;
+@group(0) @binding(8) var<storage, read_write> dq: array<EL>;
+@group(0) @binding(9) var<storage, read_write> dk: array<EL>;
+@group(0) @binding(10) var<storage, read_write> dv: array<EL>;
+@group(0) @binding(11) var<storage, read> part_out: array<EL>;
 @group(0) @binding(12) var<storage, read> part_lse: array<f32>;
 @group(0) @binding(13) var<storage, read> key_lens: array<u32>;
 
@@ -83,15 +90,26 @@ const RQ: u32 = select(4u, 1u, DECODE);
 const BQ: u32 = 16u * RQ;
 const BQ4: u32 = BQ / 4u;
 const BK: u32 = 64u;
-const KS: u32 = 16u;
-const QS: u32 = 8u;
-const D4: u32 = HEAD_DIM / 4u;
-const NV4: u32 = HEAD_DIM / 64u;
-const SLICES: u32 = HEAD_DIM / 16u;
+const D4: u32 = (HEAD_DIM + 3u) / 4u;
+const DP4: u32 = (D4 + 15u) / 16u * 16u;
+const NV4: u32 = DP4 / 16u;
+const SLICES: u32 = (D4 + 3u) / 4u;
+const FULL: bool = HEAD_DIM % 64u == 0u;
+// Binding elements per head, per column, and from a column's first element to its upper half.
+const HE: u32 = HEAD_DIM / EW;
+const V4: u32 = 4u / EW;
+const HI: u32 = 2u / EW;
+// Keys per value-product slice and queries per dk / dv slice: fewer for the widest heads, which
+// keeps `sm` within 16 KiB.
+const KS: u32 = select(16u, 8u, DP4 > 48u);
+const QS: u32 = select(8u, 4u, DP4 > 32u);
+// vec4s of key rows each thread stages per value slice.
+const NL: u32 = KS * DP4 / 256u;
 // Where B of the score product and V of the value product start in `sm`.
 const B_AT: u32 = 4u * BQ;
 const V_AT: u32 = 4u * BQ;
-const SM4: u32 = 256u + 4u * HEAD_DIM;
+// The largest phase: score operands, P and V, or attn_bwd_dkv's P, dS, dout and q slices.
+const SM4: u32 = max(max(B_AT + 256u, V_AT + KS * DP4), 32u * QS + 2u * QS * DP4);
 // A finite "minus infinity": exp2(NEG - m) is 0 for any real m, and NEG - NEG is 0, not NaN.
 const NEG: f32 = -1.0e30;
 const LOG2E: f32 = 1.4426950408889634;
@@ -108,14 +126,131 @@ fn key_count(b: u32) -> u32 {
     return p.tk;
 }
 
-// Vec4 index of head h of query row (b, i) in a q-row chunk starting at global row q_row0.
+// Element index of head h of query row (b, i) in a q-row chunk starting at global row q_row0.
 fn q_at(off: u32, b: u32, i: u32, h: u32) -> u32 {
-    return off + (b * p.tq + i - p.q_row0) * (p.hq * D4) + h * D4;
+    return off + (b * p.tq + i - p.q_row0) * (p.hq * HE) + h * HE;
 }
 
-// Vec4 index of kv head h of key row (b, j) in a k-row chunk starting at global row kv_row0.
+// Element index of kv head h of key row (b, j) in a k-row chunk starting at global row kv_row0.
 fn kv_at(off: u32, b: u32, j: u32, h: u32) -> u32 {
-    return off + (b * p.kv_cap + j - p.kv_row0) * (p.hkv * D4) + h * D4;
+    return off + (b * p.kv_cap + j - p.kv_row0) * (p.hkv * HE) + h * HE;
+}
+
+// Column c4 of a head from the binding elements holding its lower (lo) and upper (hi) half: zeros
+// past the head's end and where !ok.
+fn column(lo: EL, hi: EL, c4: u32, ok: bool) -> vec4<f32> {
+    let x = vec4(lo[0], lo[1], hi[2u % EW], hi[3u % EW]);
+    if FULL {
+        return select(vec4(0.0), x, ok);
+    }
+    let lo_ok = ok && 4u * c4 < HEAD_DIM;
+    let hi_ok = ok && 4u * c4 + 2u < HEAD_DIM;
+    return vec4(select(vec2(0.0), x.xy, lo_ok), select(vec2(0.0), x.zw, hi_ok));
+}
+
+// Loads of column c4 of the head starting at element `at` (storage buffers cannot be passed).
+fn q_col(at: u32, c4: u32, ok: bool) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(q[i], q[i + HI], c4, ok);
+}
+
+fn k_col(at: u32, c4: u32, ok: bool) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(k[i], k[i + HI], c4, ok);
+}
+
+fn v_col(at: u32, c4: u32, ok: bool) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(v[i], v[i + HI], c4, ok);
+}
+
+fn dout_col(at: u32, c4: u32, ok: bool) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(dout[i], dout[i + HI], c4, ok);
+}
+
+fn out_col(at: u32, c4: u32) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(out[i], out[i + HI], c4, true);
+}
+
+fn part_col(at: u32, c4: u32) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(part_out[i], part_out[i + HI], c4, true);
+}
+
+fn dq_col(at: u32, c4: u32) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(dq[i], dq[i + HI], c4, true);
+}
+
+fn dk_col(at: u32, c4: u32) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(dk[i], dk[i + HI], c4, true);
+}
+
+fn dv_col(at: u32, c4: u32) -> vec4<f32> {
+    let i = at + c4 * V4;
+    return column(dv[i], dv[i + HI], c4, true);
+}
+
+// Elements first..first + EW of x as one binding element.
+fn element(x: vec4<f32>, first: u32) -> EL {
+    var e: EL;
+    for (var c = 0u; c < EW; c++) {
+        e[c] = x[first + c];
+    }
+    return e;
+}
+
+// Whether column c4's lower / upper half lies in the head (stores skip the rest).
+fn lo_in_head(c4: u32) -> bool {
+    return FULL || 4u * c4 < HEAD_DIM;
+}
+
+fn hi_in_head(c4: u32) -> bool {
+    return EW == 2u && 4u * c4 + 2u < HEAD_DIM;
+}
+
+// Stores of column c4 of the head starting at element `at`.
+fn out_store(at: u32, c4: u32, x: vec4<f32>) {
+    let i = at + c4 * V4;
+    if lo_in_head(c4) {
+        out[i] = element(x, 0u);
+    }
+    if hi_in_head(c4) {
+        out[i + 1u] = element(x, 2u);
+    }
+}
+
+fn dq_store(at: u32, c4: u32, x: vec4<f32>) {
+    let i = at + c4 * V4;
+    if lo_in_head(c4) {
+        dq[i] = element(x, 0u);
+    }
+    if hi_in_head(c4) {
+        dq[i + 1u] = element(x, 2u);
+    }
+}
+
+fn dk_store(at: u32, c4: u32, x: vec4<f32>) {
+    let i = at + c4 * V4;
+    if lo_in_head(c4) {
+        dk[i] = element(x, 0u);
+    }
+    if hi_in_head(c4) {
+        dk[i + 1u] = element(x, 2u);
+    }
+}
+
+fn dv_store(at: u32, c4: u32, x: vec4<f32>) {
+    let i = at + c4 * V4;
+    if lo_in_head(c4) {
+        dv[i] = element(x, 0u);
+    }
+    if hi_in_head(c4) {
+        dv[i + 1u] = element(x, 2u);
+    }
 }
 
 // Stores one staged vec4 of the score product transposed: elements d0..d0+3 of row `row` of a
@@ -168,14 +303,14 @@ fn rows_reduce(x: array<f32, RQ>, is_max: bool, tx: u32, ty: u32) -> array<f32, 
     return total;
 }
 
-// Writes the 4 x RQ tile values `x` of this thread's tile columns into P[16 keys][BQ rows] when
+// Writes the 4 x RQ tile values `x` of this thread's tile columns into P[KS keys][BQ rows] when
 // those columns fall in key slice `ks`.
 fn stage_p(x: array<vec4<f32>, RQ>, ks: u32, tx: u32, ty: u32) {
-    if tx / 4u != ks {
+    if tx / (KS / 4u) != ks {
         return;
     }
     for (var c = 0u; c < 4u; c++) {
-        let kl = 4u * (tx % 4u) + c;
+        let kl = 4u * (tx % (KS / 4u)) + c;
         for (var a = 0u; a < RQ; a++) {
             let r = ty * RQ + a;
             sm[kl * BQ4 + r / 4u][r % 4u] = x[a][c];
@@ -183,13 +318,13 @@ fn stage_p(x: array<vec4<f32>, RQ>, ks: u32, tx: u32, ty: u32) {
     }
 }
 
-// acc[a][m] += sum over the 16 staged keys of P[key][ty * RQ + a] * V[key][tx + 16 m].
+// acc[a][m] += sum over the KS staged keys of P[key][ty * RQ + a] * V[key][tx + 16 m].
 fn value_product(acc: ptr<function, array<vec4<f32>, RQ * NV4>>, tx: u32, ty: u32) {
     let lane = row_lane(ty);
     for (var kk = 0u; kk < KS; kk++) {
         let pw = sm[kk * BQ4 + ty * RQ / 4u];
         for (var m = 0u; m < NV4; m++) {
-            let vv = sm[V_AT + kk * D4 + tx + 16u * m];
+            let vv = sm[V_AT + kk * DP4 + tx + 16u * m];
             for (var a = 0u; a < RQ; a++) {
                 (*acc)[a * NV4 + m] += pw[lane + a] * vv;
             }
@@ -197,33 +332,33 @@ fn value_product(acc: ptr<function, array<vec4<f32>, RQ * NV4>>, tx: u32, ty: u3
     }
 }
 
-// This thread's share (NV4 vec4s) of rows first_key..first_key + KS of k or v for the value
-// product, zeros past kend (0 * garbage could be NaN).
-fn key_rows(from_k: bool, b: u32, hkv: u32, first_key: u32, kend: u32, lid: u32) -> array<vec4<f32>, NV4> {
-    var x: array<vec4<f32>, NV4>;
-    for (var n = 0u; n < NV4; n++) {
+// This thread's share (NL vec4s) of rows first_key..first_key + KS of k or v for the value
+// product, zeros past kend (0 * garbage could be NaN) and past the head.
+fn key_rows(from_k: bool, b: u32, hkv: u32, first_key: u32, kend: u32, lid: u32) -> array<vec4<f32>, NL> {
+    var x: array<vec4<f32>, NL>;
+    for (var n = 0u; n < NL; n++) {
         let idx = lid + 256u * n;
-        let key = first_key + idx / D4;
+        let key = first_key + idx / DP4;
         if key < kend {
             if from_k {
-                x[n] = k[kv_at(p.k_off, b, key, hkv) + idx % D4];
+                x[n] = k_col(kv_at(p.k_off, b, key, hkv), idx % DP4, true);
             } else {
-                x[n] = v[kv_at(p.v_off, b, key, hkv) + idx % D4];
+                x[n] = v_col(kv_at(p.v_off, b, key, hkv), idx % DP4, true);
             }
         }
     }
     return x;
 }
 
-// This thread's vec4 (idx = lid < QS * D4) of query rows first_query..first_query + QS of dout and
-// q for the dk / dv products, zeros past i_hi.
+// This thread's vec4 (idx = lid < QS * DP4) of query rows first_query..first_query + QS of dout and
+// q for the dk / dv products, zeros past i_hi and past the head.
 fn query_rows(b: u32, head: u32, first_query: u32, lid: u32) -> array<vec4<f32>, 2> {
     var x: array<vec4<f32>, 2>;
-    let i = first_query + lid / D4;
-    if lid < QS * D4 && i < p.i_hi {
-        let at = q_at(0u, b, i, head) + lid % D4;
-        x[0] = dout[p.dout_off + at];
-        x[1] = q[p.q_off + at];
+    let i = first_query + lid / DP4;
+    if lid < QS * DP4 && i < p.i_hi {
+        let at = q_at(0u, b, i, head);
+        x[0] = dout_col(p.dout_off + at, lid % DP4, true);
+        x[1] = q_col(p.q_off + at, lid % DP4, true);
     }
     return x;
 }
@@ -288,7 +423,7 @@ fn attn_fwd(
     var qa = 0u;
     if q_ok {
         let f = first + srow;
-        qa = q_at(p.q_off, b, row_query(f, g), row_head(f, g, head)) + spart;
+        qa = q_at(p.q_off, b, row_query(f, g), row_head(f, g, head));
     }
 
     var pos: array<u32, RQ>;
@@ -303,11 +438,11 @@ fn attn_fwd(
     for (var kt = kbeg; kt < kend; kt += BK) {
         let key_s = kt + srow;
         let k_ok = key_s < kend;
-        let ka = select(0u, kv_at(p.k_off, b, key_s, hkv) + spart, k_ok);
+        let ka = select(0u, kv_at(p.k_off, b, key_s, hkv), k_ok);
         // Software pipelining: the global loads of the next slice are issued before the products
         // of the current one.
-        var qn = select(vec4(0.0), q[qa] * scale2, q_ok);
-        var kn = select(vec4(0.0), k[ka], k_ok);
+        var qn = q_col(qa, spart, q_ok) * scale2;
+        var kn = k_col(ka, spart, k_ok);
         var s: array<vec4<f32>, RQ>;
         for (var sl = 0u; sl < SLICES; sl++) {
             workgroupBarrier();
@@ -317,8 +452,8 @@ fn attn_fwd(
             stage_t(B_AT, 16u, srow, 4u * spart, kn);
             workgroupBarrier();
             if sl + 1u < SLICES {
-                qn = select(vec4(0.0), q[qa + 4u * sl + 4u] * scale2, q_ok);
-                kn = select(vec4(0.0), k[ka + 4u * sl + 4u], k_ok);
+                qn = q_col(qa, spart + 4u * sl + 4u, q_ok) * scale2;
+                kn = k_col(ka, spart + 4u * sl + 4u, k_ok);
             }
             slice_product(&s, tx, ty);
         }
@@ -360,7 +495,7 @@ fn attn_fwd(
         for (var ks = 0u; ks < BK / KS; ks++) {
             workgroupBarrier();
             stage_p(pr, ks, tx, ty);
-            for (var n = 0u; n < NV4; n++) {
+            for (var n = 0u; n < NL; n++) {
                 sm[V_AT + lid + 256u * n] = vn[n];
             }
             workgroupBarrier();
@@ -386,7 +521,7 @@ fn attn_fwd(
         let row = b * p.tq + row_query(f, g) - p.out_row0;
         let h = row_head(f, g, head);
         la[a] = p.lse_off + split * p.lse_split_stride + row * p.hq + h;
-        oa[a] = p.out_off + split * p.out_split_stride + row * (p.hq * D4) + h * D4 + tx;
+        oa[a] = p.out_off + split * p.out_split_stride + row * (p.hq * HE) + h * HE;
         lse_new[a] = NEG;
         if sum[a] > 0.0 {
             lse_new[a] = (m[a] + log2(sum[a])) * LN2;
@@ -407,12 +542,12 @@ fn attn_fwd(
             continue;
         }
         for (var mm = 0u; mm < NV4; mm++) {
-            let at = oa[a] + 16u * mm;
+            let c4 = tx + 16u * mm;
             var o = acc[a * NV4 + mm] * w_new[a];
             if merge {
-                o += out[at] * w_old[a];
+                o += out_col(oa[a], c4) * w_old[a];
             }
-            out[at] = o;
+            out_store(oa[a], c4, o);
         }
         if tx == 0u {
             lse[la[a]] = lse_new[a];
@@ -421,7 +556,7 @@ fn attn_fwd(
 }
 
 // Decode: combines the splits' partial (out, lse) in part_out / part_lse into out / lse. One thread
-// per (row, head, vec4 of D) of the bound out chunk.
+// per (row, head, column) of the bound out chunk.
 @compute @workgroup_size(256)
 fn attn_merge(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -445,9 +580,9 @@ fn attn_merge(
     for (var s = 0u; s < p.n_splits; s++) {
         let w = exp(part_lse[s * p.lse_split_stride + slot] - top);
         total += w;
-        o += w * part_out[s * p.out_split_stride + slot * D4 + c4];
+        o += w * part_col(s * p.out_split_stride + slot * HE, c4);
     }
-    out[p.out_off + (r * p.hq + h) * D4 + c4] = o / total;
+    out_store(p.out_off + (r * p.hq + h) * HE, c4, o / total);
     if c4 == 0u {
         lse[p.lse_off + r * p.hq + h] = top + log(total);
     }
@@ -466,7 +601,7 @@ fn attn_bwd_prep(
     }
     var acc = vec4(0.0);
     for (var c = 0u; c < D4; c++) {
-        acc += out[p.out_off + t * D4 + c] * dout[p.dout_off + t * D4 + c];
+        acc += out_col(p.out_off + t * HE, c) * dout_col(p.dout_off + t * HE, c, true);
     }
     drow[p.drow_off + t] = acc.x + acc.y + acc.z + acc.w;
 }
@@ -495,8 +630,8 @@ fn attn_bwd_dq(
     let srow = lid / 4u;
     let spart = lid % 4u;
     let q_ok = first + srow < nq;
-    let qa = select(0u, q_at(p.q_off, b, p.i_lo + first + srow, head) + spart, q_ok);
-    let da = select(0u, q_at(p.dout_off, b, p.i_lo + first + srow, head) + spart, q_ok);
+    let qa = select(0u, q_at(p.q_off, b, p.i_lo + first + srow, head), q_ok);
+    let da = select(0u, q_at(p.dout_off, b, p.i_lo + first + srow, head), q_ok);
 
     var pos: array<u32, RQ>;
     var lse2: array<f32, RQ>;
@@ -515,12 +650,12 @@ fn attn_bwd_dq(
     for (var kt = p.key_lo; kt < kend; kt += BK) {
         let key_s = kt + srow;
         let k_ok = key_s < kend;
-        let ka = select(0u, kv_at(p.k_off, b, key_s, hkv) + spart, k_ok);
-        let va = select(0u, kv_at(p.v_off, b, key_s, hkv) + spart, k_ok);
+        let ka = select(0u, kv_at(p.k_off, b, key_s, hkv), k_ok);
+        let va = select(0u, kv_at(p.v_off, b, key_s, hkv), k_ok);
         var s: array<vec4<f32>, RQ>;
         var dp: array<vec4<f32>, RQ>;
-        var an = select(vec4(0.0), q[qa] * scale2, q_ok);
-        var bn = select(vec4(0.0), k[ka], k_ok);
+        var an = q_col(qa, spart, q_ok) * scale2;
+        var bn = k_col(ka, spart, k_ok);
         for (var sl = 0u; sl < SLICES; sl++) {
             workgroupBarrier();
             stage_t(0u, BQ4, srow, 4u * spart, an);
@@ -528,11 +663,11 @@ fn attn_bwd_dq(
             workgroupBarrier();
             // The next slice, then dP's first one.
             if sl + 1u < SLICES {
-                an = select(vec4(0.0), q[qa + 4u * sl + 4u] * scale2, q_ok);
-                bn = select(vec4(0.0), k[ka + 4u * sl + 4u], k_ok);
+                an = q_col(qa, spart + 4u * sl + 4u, q_ok) * scale2;
+                bn = k_col(ka, spart + 4u * sl + 4u, k_ok);
             } else {
-                an = select(vec4(0.0), dout[da], q_ok);
-                bn = select(vec4(0.0), v[va], k_ok);
+                an = dout_col(da, spart, q_ok);
+                bn = v_col(va, spart, k_ok);
             }
             slice_product(&s, tx, ty);
         }
@@ -542,8 +677,8 @@ fn attn_bwd_dq(
             stage_t(B_AT, 16u, srow, 4u * spart, bn);
             workgroupBarrier();
             if sl + 1u < SLICES {
-                an = select(vec4(0.0), dout[da + 4u * sl + 4u], q_ok);
-                bn = select(vec4(0.0), v[va + 4u * sl + 4u], k_ok);
+                an = dout_col(da, spart + 4u * sl + 4u, q_ok);
+                bn = v_col(va, spart + 4u * sl + 4u, k_ok);
             }
             slice_product(&dp, tx, ty);
         }
@@ -560,7 +695,7 @@ fn attn_bwd_dq(
         for (var ks = 0u; ks < BK / KS; ks++) {
             workgroupBarrier();
             stage_p(ds, ks, tx, ty);
-            for (var n = 0u; n < NV4; n++) {
+            for (var n = 0u; n < NL; n++) {
                 sm[V_AT + lid + 256u * n] = kn[n];
             }
             workgroupBarrier();
@@ -576,13 +711,14 @@ fn attn_bwd_dq(
         if f >= nq {
             continue;
         }
-        let row = q_at(p.dq_off, b, p.i_lo + f, head) + tx;
+        let row = q_at(p.dq_off, b, p.i_lo + f, head);
         for (var mm = 0u; mm < NV4; mm++) {
+            let c4 = tx + 16u * mm;
             var x = acc[a * NV4 + mm] * p.scale;
             if p.key_lo > 0u {
-                x += dq[row + 16u * mm];
+                x += dq_col(row, c4);
             }
-            dq[row + 16u * mm] = x;
+            dq_store(row, c4, x);
         }
     }
 }
@@ -611,8 +747,8 @@ fn attn_bwd_dkv(
     let srow = lid / 4u;
     let spart = lid % 4u;
     let k_ok = k0 + srow < p.key_hi;
-    let ka = select(0u, kv_at(p.k_off, b, k0 + srow, hkv) + spart, k_ok);
-    let va = select(0u, kv_at(p.v_off, b, k0 + srow, hkv) + spart, k_ok);
+    let ka = select(0u, kv_at(p.k_off, b, k0 + srow, hkv), k_ok);
+    let va = select(0u, kv_at(p.v_off, b, k0 + srow, hkv), k_ok);
 
     var dk_acc: array<vec4<f32>, 4u * NV4>;
     var dv_acc: array<vec4<f32>, 4u * NV4>;
@@ -620,23 +756,23 @@ fn attn_bwd_dkv(
         let head = hkv * g + hh;
         for (var qt = i_first; qt < p.i_hi; qt += 64u) {
             let q_ok = qt + srow < p.i_hi;
-            let qa = select(0u, q_at(p.q_off, b, qt + srow, head) + spart, q_ok);
-            let da = select(0u, q_at(p.dout_off, b, qt + srow, head) + spart, q_ok);
+            let qa = select(0u, q_at(p.q_off, b, qt + srow, head), q_ok);
+            let da = select(0u, q_at(p.dout_off, b, qt + srow, head), q_ok);
             var st: array<vec4<f32>, RQ>;
             var dpt: array<vec4<f32>, RQ>;
-            var an = select(vec4(0.0), k[ka], k_ok);
-            var bn = select(vec4(0.0), q[qa] * scale2, q_ok);
+            var an = k_col(ka, spart, k_ok);
+            var bn = q_col(qa, spart, q_ok) * scale2;
             for (var sl = 0u; sl < SLICES; sl++) {
                 workgroupBarrier();
                 stage_t(0u, 16u, srow, 4u * spart, an);
                 stage_t(B_AT, 16u, srow, 4u * spart, bn);
                 workgroupBarrier();
                 if sl + 1u < SLICES {
-                    an = select(vec4(0.0), k[ka + 4u * sl + 4u], k_ok);
-                    bn = select(vec4(0.0), q[qa + 4u * sl + 4u] * scale2, q_ok);
+                    an = k_col(ka, spart + 4u * sl + 4u, k_ok);
+                    bn = q_col(qa, spart + 4u * sl + 4u, q_ok) * scale2;
                 } else {
-                    an = select(vec4(0.0), v[va], k_ok);
-                    bn = select(vec4(0.0), dout[da], q_ok);
+                    an = v_col(va, spart, k_ok);
+                    bn = dout_col(da, spart, q_ok);
                 }
                 slice_product(&st, tx, ty);
             }
@@ -646,8 +782,8 @@ fn attn_bwd_dkv(
                 stage_t(B_AT, 16u, srow, 4u * spart, bn);
                 workgroupBarrier();
                 if sl + 1u < SLICES {
-                    an = select(vec4(0.0), v[va + 4u * sl + 4u], k_ok);
-                    bn = select(vec4(0.0), dout[da + 4u * sl + 4u], q_ok);
+                    an = v_col(va, spart + 4u * sl + 4u, k_ok);
+                    bn = dout_col(da, spart + 4u * sl + 4u, q_ok);
                 }
                 slice_product(&dpt, tx, ty);
             }
@@ -674,16 +810,16 @@ fn attn_bwd_dkv(
             // at 0 and 16 QS, dout and q rows as [QS][D] after them.
             for (var qs = 0u; qs < 64u / QS; qs++) {
                 workgroupBarrier();
-                if tx / 2u == qs {
+                if tx / (QS / 4u) == qs {
                     for (var c = 0u; c < 4u; c++) {
-                        let ql = 4u * (tx % 2u) + c;
+                        let ql = 4u * (tx % (QS / 4u)) + c;
                         sm[ql * 16u + ty] = vec4(pt[0][c], pt[1][c], pt[2][c], pt[3][c]);
                         sm[16u * QS + ql * 16u + ty] = vec4(dst[0][c], dst[1][c], dst[2][c], dst[3][c]);
                     }
                 }
-                if lid < QS * D4 {
+                if lid < QS * DP4 {
                     sm[32u * QS + lid] = rows_n[0];
-                    sm[32u * QS + QS * D4 + lid] = rows_n[1];
+                    sm[32u * QS + QS * DP4 + lid] = rows_n[1];
                 }
                 workgroupBarrier();
                 if qs + 1u < 64u / QS {
@@ -693,8 +829,8 @@ fn attn_bwd_dkv(
                     let pw = sm[qq * 16u + ty];
                     let dw = sm[16u * QS + qq * 16u + ty];
                     for (var mm = 0u; mm < NV4; mm++) {
-                        let dov = sm[32u * QS + qq * D4 + tx + 16u * mm];
-                        let qv = sm[32u * QS + QS * D4 + qq * D4 + tx + 16u * mm];
+                        let dov = sm[32u * QS + qq * DP4 + tx + 16u * mm];
+                        let qv = sm[32u * QS + QS * DP4 + qq * DP4 + tx + 16u * mm];
                         for (var a = 0u; a < 4u; a++) {
                             dv_acc[a * NV4 + mm] += pw[a] * dov;
                             dk_acc[a * NV4 + mm] += dw[a] * qv;
@@ -710,17 +846,18 @@ fn attn_bwd_dkv(
         if key >= p.key_hi {
             continue;
         }
-        let kat = kv_at(p.dk_off, b, key, hkv) + tx;
-        let vat = kv_at(p.dv_off, b, key, hkv) + tx;
+        let kat = kv_at(p.dk_off, b, key, hkv);
+        let vat = kv_at(p.dv_off, b, key, hkv);
         for (var mm = 0u; mm < NV4; mm++) {
+            let c4 = tx + 16u * mm;
             var xk = dk_acc[a * NV4 + mm] * p.scale;
             var xv = dv_acc[a * NV4 + mm];
             if p.i_lo > 0u {
-                xk += dk[kat + 16u * mm];
-                xv += dv[vat + 16u * mm];
+                xk += dk_col(kat, c4);
+                xv += dv_col(vat, c4);
             }
-            dk[kat + 16u * mm] = xk;
-            dv[vat + 16u * mm] = xv;
+            dk_store(kat, c4, xk);
+            dv_store(vat, c4, xv);
         }
     }
 }

@@ -53,6 +53,8 @@ pub enum Const {
     Bool(bool),
     U32(u32),
     F32(f32),
+    /// A type, declared as `alias NAME = TYPE;` (e.g. the element type of a binding).
+    Type(&'static str),
 }
 
 /// A compute entry point of a shader file plus the constants of its variant.
@@ -94,6 +96,7 @@ impl Kernel {
                 Const::Bool(b) => writeln!(src, "const {name}: bool = {b};"),
                 Const::U32(v) => writeln!(src, "const {name}: u32 = {v}u;"),
                 Const::F32(v) => writeln!(src, "const {name}: f32 = {v:?};"),
+                Const::Type(ty) => writeln!(src, "alias {name} = {ty};"),
             };
         }
         src.push_str(COMMON.source);

@@ -1,7 +1,8 @@
 //! Attention: the CPU backward reference against finite differences of the CPU forward, the ragged
 //! CPU forward against the plain one per sequence, and the GPU kernels (blocked and split-key
 //! forward, with and without per-sequence key counts; backward) against the CPU reference on odd
-//! shapes, with the default binding limit and with a tiny one that splits every tensor.
+//! shapes, with the default binding limit and with a tiny one that splits every tensor; 64 and 128
+//! throughout, every other head-size layout on its own shapes.
 mod common;
 use common::{assert_passed, gpu, split_gpu};
 use wgtrain_kernels::ops::attention::{self, cpu, AttentionDims, ForwardPath, KeyLens};
@@ -245,13 +246,78 @@ fn backward_with_a_cache_offset() {
     assert_passed(attention::check_backward(tiny, dims(1, 33, 40, 7, 1, 64), 99).unwrap());
 }
 
+/// Head sizes besides 64 and 128, one of each layout: padded to 64 (8, 16, 32) or 128 (80, 96),
+/// vec2 elements (10, 18 and 250: 2 mod 4), padded to 192 with fewer queries per dk / dv slice
+/// (176), and the widest (256, fewer keys per value slice too).
+const OTHER_HEAD_DIMS: [usize; 10] = [8, 10, 16, 18, 32, 80, 96, 176, 250, 256];
+
+/// Each of OTHER_HEAD_DIMS on a T around a 64-key tile, with GQA; rows of at most 896 f32 so that
+/// the 3584-byte bindings split every tensor.
+fn other_head_dim_shapes() -> Vec<AttentionDims> {
+    OTHER_HEAD_DIMS
+        .iter()
+        .enumerate()
+        .map(|(i, &d)| {
+            let t = [70, 33, 5][i % 3];
+            let (hq, hkv) = match d {
+                0..=64 => (6, 2),
+                65..=128 => (4, 2),
+                _ => (3, 1),
+            };
+            dims(1 + i % 2, t, t, hq, hkv, d)
+        })
+        .collect()
+}
+
+#[test]
+fn forward_matches_cpu_at_other_head_dims() {
+    forward_cases(gpu(), other_head_dim_shapes());
+    forward_cases(split_gpu(3584), other_head_dim_shapes());
+}
+
+#[test]
+fn backward_matches_cpu_at_other_head_dims() {
+    backward_cases(gpu(), other_head_dim_shapes());
+    backward_cases(split_gpu(3584), other_head_dim_shapes());
+    // tq < tk.
+    let d = dims(2, 5, 70, 3, 1, 250);
+    assert_passed(attention::check_backward(gpu(), d, 7).unwrap());
+}
+
+/// KV-cache steps (one and three queries, caches with spare rows) and batched slots of their own
+/// lengths at every other head size, whole and split.
+#[test]
+fn decode_matches_cpu_at_other_head_dims() {
+    for (i, shape) in other_head_dim_shapes().into_iter().enumerate() {
+        let on = if i % 2 == 0 { gpu() } else { split_gpu(3584) };
+        for tq in [1, 3] {
+            let d = AttentionDims {
+                batch_size: 3,
+                tq,
+                tk: 70,
+                ..shape
+            };
+            let seed = (10 * i + tq) as u64;
+            let checks = attention::check_forward(on, d, 72, ForwardPath::Auto, seed);
+            assert_passed(checks.unwrap());
+            let lens = [tq, 70, 64 + tq];
+            for path in [ForwardPath::Blocked, ForwardPath::SplitKeys] {
+                let checks = attention::check_forward_ragged(on, d, 72, &lens, path, seed);
+                assert_passed(checks.unwrap());
+            }
+        }
+    }
+}
+
 #[test]
 fn rejects_bad_shapes() {
     let gpu = Gpu::from_env().unwrap();
     let bad = [
         dims(1, 4, 3, 2, 2, 64),
         dims(1, 4, 4, 3, 2, 64),
-        dims(1, 4, 4, 2, 2, 96),
+        dims(1, 4, 4, 2, 2, 6),
+        dims(1, 4, 4, 2, 2, 65),
+        dims(1, 4, 4, 2, 2, 258),
     ];
     for d in bad {
         assert!(
@@ -259,4 +325,9 @@ fn rejects_bad_shapes() {
             "{d:?}"
         );
     }
+    let err = attention::check_forward(&gpu, bad[3], 4, ForwardPath::Auto, 0).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "attention: head_dim must be even and in 8..=256, got 65"
+    );
 }

@@ -12,8 +12,23 @@ fn run_cases(gpu: &Gpu) {
     assert_passed(rope::check_rope(gpu, 14, 2, 128, Some(&[4, 100_000]), 3).unwrap());
     assert_passed(rope::check_rope(gpu, 33, 5, 64, None, 4).unwrap());
     assert_passed(rope::check_rope(gpu, 9, 1, 128, None, 5).unwrap());
-    // Any even head size.
+    // Any even head size: the attention kernels' 8..=256 (10 and 250 are 2 mod 4), and below.
     assert_passed(rope::check_rope(gpu, 7, 3, 6, Some(&[2]), 6).unwrap());
+    for (i, (heads, d)) in [
+        (5, 16),
+        (4, 32),
+        (4, 80),
+        (3, 96),
+        (1, 256),
+        (6, 10),
+        (1, 250),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let seed = 7 + i as u64;
+        assert_passed(rope::check_rope(gpu, 14, heads, d, Some(&[3, 40_000]), seed).unwrap());
+    }
 }
 
 #[test]

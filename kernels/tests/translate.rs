@@ -1,11 +1,15 @@
 //! Vendor neutrality without the hardware: every kernel variant the launchers can build is validated
 //! by naga with only WebGPU's baseline capabilities and translated to MSL (Metal), HLSL (DX12),
-//! SPIR-V (Vulkan) and GLSL ES 3.1 (GL). Also checks that no file or entry point in shaders/ escapes.
+//! SPIR-V (Vulkan) and GLSL ES 3.1 (GL), and its workgroup memory is checked against WebGPU's
+//! baseline limit. Also checks that no file or entry point in shaders/ escapes.
 use std::collections::BTreeSet;
 
 use naga::back::{glsl, hlsl, msl, spv};
 use naga::valid::{Capabilities, ValidationFlags, Validator};
 use wgtrain_kernels::{ops, shader};
+
+/// WebGPU's baseline maxComputeWorkgroupStorageSize.
+const BASELINE_WORKGROUP_BYTES: u32 = 16384;
 
 fn translate(key: &str, source: &str) -> Result<(), String> {
     let module = naga::front::wgsl::parse_str(source).map_err(|e| e.emit_to_string(source))?;
@@ -17,6 +21,21 @@ fn translate(key: &str, source: &str) -> Result<(), String> {
                 e.emit_to_string(source)
             )
         })?;
+    for (i, ep) in module.entry_points.iter().enumerate() {
+        let used = info.get_entry_point(i);
+        let workgroup_bytes: u32 = module
+            .global_variables
+            .iter()
+            .filter(|&(h, var)| var.space == naga::AddressSpace::WorkGroup && !used[h].is_empty())
+            .map(|(_, var)| module.types[var.ty].inner.size(module.to_ctx()))
+            .sum();
+        if workgroup_bytes > BASELINE_WORKGROUP_BYTES {
+            return Err(format!(
+                "{}: {workgroup_bytes} bytes of workgroup memory, over the baseline {BASELINE_WORKGROUP_BYTES}",
+                ep.name
+            ));
+        }
+    }
     msl::write_string(
         &module,
         &info,

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
 use wgtrain_kernels::ops::attention::{
-    attention_forward, attention_forward_ragged, AttentionDims, KeyLens,
+    attention_forward, attention_forward_ragged, check_head_dim, AttentionDims, KeyLens,
 };
 /// The target of an unsupervised position.
 pub use wgtrain_kernels::ops::cross_entropy::IGNORE;
@@ -438,11 +438,7 @@ impl Qwen2 {
         config: Qwen2Config,
         mut tensor: impl FnMut(&TensorSpec, DType) -> Result<Tensor>,
     ) -> Result<Qwen2> {
-        ensure!(
-            config.head_dim == 64 || config.head_dim == 128,
-            "head_dim = {} is not supported: the attention kernel takes 64 or 128",
-            config.head_dim
-        );
+        check_head_dim(config.head_dim).context("model config")?;
         let mut get = |name: String, shape: &[usize]| {
             let dtype = if shape.len() == 1 {
                 DType::F32

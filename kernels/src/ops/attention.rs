@@ -11,6 +11,8 @@
 //!   workgroup memory with an online softmax; scores, probabilities and the output accumulators
 //!   live in registers (4 x 4 score and 4 x D/16 output elements per thread). It saves only out and
 //!   the row log-sum-exp.
+//! - Head sizes: any even D in [`HEAD_DIMS`], padded with zeros inside the kernels; the [rows,
+//!   H * D] bindings are vec4s, or vec2s when D % 4 = 2 (docs/architecture.md, Attention).
 //! - Forward, split keys (decode, small tq): a workgroup takes the G query heads of one kv head for
 //!   every query of the dispatch (16 rows), so each key is loaded once per group, and the grid
 //!   splits the keys so that even one token fills the GPU; partial (out, lse) per split go to a
@@ -24,7 +26,7 @@
 //! split, the forward runs once per k/v chunk and folds each later chunk into out/lse with the
 //! saved lse (out = out1 e^(lse1 - lse) + out2 e^(lse2 - lse)), dq adds later chunks' terms, and dk /
 //! dv add the terms of later q chunks.
-use std::ops::Range;
+use std::ops::{Range, RangeInclusive};
 
 use anyhow::{bail, Result};
 
@@ -95,7 +97,7 @@ pub struct AttentionDims {
     pub tk: usize,
     pub hq: usize,
     pub hkv: usize,
-    /// 64 or 128.
+    /// Any even size in [`HEAD_DIMS`].
     pub head_dim: usize,
     /// Softmax scale, 1 / sqrt(head_dim) for Qwen2.
     pub scale: f32,
@@ -110,10 +112,7 @@ impl AttentionDims {
         if d.hq == 0 || d.hkv == 0 || !d.hq.is_multiple_of(d.hkv) {
             bail!("attention: hq must be a positive multiple of hkv, got {d:?}");
         }
-        if d.head_dim != 64 && d.head_dim != 128 {
-            bail!("attention: head_dim must be 64 or 128, got {}", d.head_dim);
-        }
-        Ok(())
+        check_head_dim(d.head_dim)
     }
 
     fn group(&self) -> usize {
@@ -126,6 +125,31 @@ impl AttentionDims {
             "B{} tq{} tk{} h{}/{} D{}",
             d.batch_size, d.tq, d.tk, d.hq, d.hkv, d.head_dim
         )
+    }
+}
+
+/// Head sizes the kernels take (even ones only). Registers and workgroup memory hold a head padded
+/// to a multiple of 64: a size costs what the next multiple of 64 does.
+pub const HEAD_DIMS: RangeInclusive<usize> = 8..=256;
+
+/// Whether the kernels take heads of `head_dim` elements: even, in [`HEAD_DIMS`].
+pub fn check_head_dim(head_dim: usize) -> Result<()> {
+    if !HEAD_DIMS.contains(&head_dim) || !head_dim.is_multiple_of(2) {
+        bail!(
+            "attention: head_dim must be even and in {}..={}, got {head_dim}",
+            HEAD_DIMS.start(),
+            HEAD_DIMS.end()
+        );
+    }
+    Ok(())
+}
+
+/// Elements of the kernels' [rows, H * D] bindings: vec4 when D allows, else vec2 (D is even).
+fn element_width(head_dim: usize) -> usize {
+    if head_dim.is_multiple_of(4) {
+        4
+    } else {
+        2
     }
 }
 
@@ -152,15 +176,21 @@ pub enum ForwardPath {
 }
 
 fn kernel(entry: &'static str, head_dim: usize, decode: bool, ragged: bool) -> Kernel {
+    let width = element_width(head_dim);
+    let element = if width == 4 { "vec4<f32>" } else { "vec2<f32>" };
     Kernel::new(&ATTENTION, entry)
         .with("HEAD_DIM", Const::U32(head_dim as u32))
+        .with("EW", Const::U32(width as u32))
+        .with("EL", Const::Type(element))
         .with("DECODE", Const::Bool(decode))
         .with("RAGGED", Const::Bool(ragged))
 }
 
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
-    for d in [64, 128] {
+    // The fast sizes, then one of each layout: vec2 elements (10, 250), padded to 64 (16) or 128
+    // (80), fewer queries per dk / dv slice (176), fewer keys per value slice too (250, 256).
+    for d in [64, 128, 10, 16, 80, 176, 250, 256] {
         for (decode, ragged) in [(false, false), (true, false), (false, true), (true, true)] {
             all.push(kernel("attn_fwd", d, decode, ragged));
         }
@@ -221,9 +251,9 @@ fn overlap(a: &Piece, b: &Piece) -> Option<(usize, usize)> {
     (first < end).then(|| (first, end - first))
 }
 
-/// Offset of `row` inside its chunk in vec4 units ([rows, H * D] tensors, D a multiple of 4).
-fn vec4_offset(t: &Tensor, row: usize) -> u32 {
-    t.row(row).offset / 4
+/// Offset of `row` inside its chunk in binding elements ([rows, H * D] tensors).
+fn element_offset(t: &Tensor, row: usize, head_dim: usize) -> u32 {
+    t.row(row).offset / element_width(head_dim) as u32
 }
 
 fn dims_params(dims: &AttentionDims, kv_cap: usize, qp: &Piece, kp: &Piece, b0: usize) -> Params {
@@ -383,7 +413,8 @@ pub fn attention_forward_with(
             );
         }
     }
-    let fwd = kernel("attn_fwd", dims.head_dim, false, keys.is_some());
+    let d = dims.head_dim;
+    let fwd = kernel("attn_fwd", d, false, keys.is_some());
     // Key chunks in order, so that each sequence's first keys are written before later ones merge.
     for kp in &kv_pieces {
         for qp in &q_pieces {
@@ -391,11 +422,11 @@ pub fn attention_forward_with(
                 continue;
             };
             let params = Params {
-                q_off: vec4_offset(q, qp.row0),
-                out_off: vec4_offset(out, qp.row0),
+                q_off: element_offset(q, qp.row0, d),
+                out_off: element_offset(out, qp.row0, d),
                 lse_off: lse.row(qp.row0).offset,
-                k_off: vec4_offset(k, kp.row0),
-                v_off: vec4_offset(v, kp.row0),
+                k_off: element_offset(k, kp.row0, d),
+                v_off: element_offset(v, kp.row0, d),
                 ..dims_params(&dims, kv_cap, qp, kp, b0)
             };
             let buffers = [
@@ -460,12 +491,12 @@ fn forward_split_keys(
     kv_pieces: &[Piece],
     split_keys: usize,
 ) -> Result<()> {
-    let (d4, rows) = (dims.head_dim / 4, dims.batch_size * dims.tq);
+    let (d, rows) = (dims.head_dim, dims.batch_size * dims.tq);
     let n_splits = dims.tk.div_ceil(split_keys);
     let slot_lse = rows * dims.hq;
-    let slot_out = slot_lse * d4;
-    // The splits' vec4 partial outputs and f32 partial lse.
-    let part_out = Tensor::scratch(batch.gpu, n_splits * slot_out * 4)?;
+    // The splits' partial outputs (strides in binding elements) and f32 partial lse.
+    let slot_out = slot_lse * d / element_width(d);
+    let part_out = Tensor::scratch(batch.gpu, n_splits * slot_lse * d)?;
     let part_lse = Tensor::scratch(batch.gpu, n_splits * slot_lse)?;
     let fwd = kernel("attn_fwd", dims.head_dim, true, key_lens.is_some());
     for kp in kv_pieces {
@@ -477,9 +508,9 @@ fn forward_split_keys(
             };
             let row_blocks = (dims.group() * (qp.hi - qp.lo)).div_ceil(DECODE_ROWS);
             let params = Params {
-                q_off: vec4_offset(q, qp.row0),
-                k_off: vec4_offset(k, kp.row0),
-                v_off: vec4_offset(v, kp.row0),
+                q_off: element_offset(q, qp.row0, d),
+                k_off: element_offset(k, kp.row0, d),
+                v_off: element_offset(v, kp.row0, d),
                 // The partial results go to split slots of the scratch, indexed by global row.
                 out_row0: 0,
                 out_split_stride: slot_out as u32,
@@ -503,11 +534,12 @@ fn forward_split_keys(
     }
     let merge = kernel("attn_merge", dims.head_dim, false, false);
     for seg in row_segments(rows, &[out, lse]) {
-        let n = (seg.len() * dims.hq * d4) as u32;
+        // One thread per vec4 column of each head.
+        let n = (seg.len() * dims.hq * d.div_ceil(4)) as u32;
         let params = Params {
             hq: dims.hq as u32,
             q_row0: seg.start as u32,
-            out_off: vec4_offset(out, seg.start),
+            out_off: element_offset(out, seg.start, d),
             lse_off: lse.row(seg.start).offset,
             out_split_stride: slot_out as u32,
             lse_split_stride: slot_lse as u32,
@@ -569,8 +601,8 @@ pub fn attention_backward(
     for seg in row_segments(rows, &[out, dout, &drow]) {
         let n = (seg.len() * dims.hq) as u32;
         let params = Params {
-            out_off: vec4_offset(out, seg.start),
-            dout_off: vec4_offset(dout, seg.start),
+            out_off: element_offset(out, seg.start, d),
+            dout_off: element_offset(dout, seg.start, d),
             drow_off: drow.row(seg.start).offset,
             n,
             ..bytemuck::Zeroable::zeroed()
@@ -594,15 +626,15 @@ pub fn attention_backward(
         |tensors: &[&Tensor]| pieces(&row_segments(b * dims.tk, tensors), b, dims.tk, dims.tk);
     // Offsets of every tensor at the pieces' rows (each kernel reads those of its bindings).
     let offsets = |qp: &Piece, kp: &Piece, b0| Params {
-        q_off: vec4_offset(q, qp.row0),
+        q_off: element_offset(q, qp.row0, d),
         lse_off: lse.row(qp.row0).offset,
-        dout_off: vec4_offset(dout, qp.row0),
+        dout_off: element_offset(dout, qp.row0, d),
         drow_off: drow.row(qp.row0).offset,
-        dq_off: vec4_offset(dq, qp.row0),
-        k_off: vec4_offset(k, kp.row0),
-        v_off: vec4_offset(v, kp.row0),
-        dk_off: vec4_offset(dk, kp.row0),
-        dv_off: vec4_offset(dv, kp.row0),
+        dq_off: element_offset(dq, qp.row0, d),
+        k_off: element_offset(k, kp.row0, d),
+        v_off: element_offset(v, kp.row0, d),
+        dk_off: element_offset(dk, kp.row0, d),
+        dv_off: element_offset(dv, kp.row0, d),
         ..dims_params(&dims, kv_cap, qp, kp, b0)
     };
 
@@ -966,6 +998,15 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
         4,
     )?);
     checks.extend(check_backward(gpu, dims(1, 33, 33, 4, 2, 128), 3)?);
+    // A head size padded in the kernels (80: as 128) and one read as vec2s (10).
+    checks.extend(check_forward(
+        gpu,
+        dims(1, 33, 33, 4, 2, 80),
+        33,
+        ForwardPath::Blocked,
+        5,
+    )?);
+    checks.extend(check_backward(gpu, dims(1, 33, 33, 2, 1, 10), 6)?);
     Ok(checks)
 }
 
