@@ -646,10 +646,12 @@ pub fn parse(text: &str) -> Option<Vec<Expr>> {
     }
     // latex2sympy, the harness's last resort, stops at a closing bracket, `&` or `.` it cannot use
     // and keeps what it read, whatever follows: the harness compares `5)(2` as 5 (it gets such
-    // pieces by splitting `(5)(2)` at its outer brackets).
+    // pieces by splitting `(5)(2)` at its outer brackets). sympy's `parse_latex` likewise stops
+    // at a subscript after a group: `\mathrm{SiO}_2+1` reads as `\mathrm{SiO}` (Minerva's
+    // chemical formulas).
     let stopped = matches!(
         parser.peek(),
-        Some(Token::Symbol(')' | ']' | '}' | '&' | '.'))
+        Some(Token::Symbol(')' | ']' | '}' | '&' | '.' | '_'))
     );
     items.filter(|_| stopped)
 }
@@ -842,6 +844,8 @@ mod tests {
         assert!(same("(1,\\frac{1}{2})", "(1,0.5)"));
         assert!(same("12^{}", "12"));
         assert!(same("12^{\\mathrm{}}", "12"));
+        assert!(same("\\mathrm{SiO}_2+1", "\\mathrm{SiO}_{2}"));
+        assert!(!same("\\mathrm{SiO}_2", "\\mathrm{NaCl}_2"));
         assert!(same("\\sqrt[3]{-8}", "(-8)^{1/3}"));
         assert!(!same("p-q", "q-p"));
         assert!(!same("\\sqrt{x^2}", "x"));
