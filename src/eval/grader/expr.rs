@@ -3,7 +3,7 @@
 //! variables. This stands in for the harness's sympy `simplify(a - b) == 0` and `N(a) ≈ N(b)`.
 use super::complex::Complex;
 use std::collections::BTreeSet;
-use std::f64::consts::{E, PI};
+use std::f64::consts::PI;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
@@ -522,10 +522,7 @@ impl Parser {
                     let subscript = self.parse_subscript()?;
                     return Some(Expr::Variable(format!("{letter}_{subscript}")));
                 }
-                // latex2sympy reads `e` as Euler's number (and `i` as a plain symbol).
-                if letter == 'e' {
-                    return Some(Expr::Number(E));
-                }
+                // sympy's `parse_latex` reads `e` and `i` as plain symbols, so `\ln(e)` is not 1.
                 Some(Expr::Variable(letter.to_string()))
             }
             Token::Symbol(open @ ('(' | '[' | '{')) => {
@@ -888,7 +885,9 @@ mod tests {
         assert!(same("1.2.3", "0.36"));
         assert!(same("\\tan^{-1}1", "\\frac{\\pi}{4}"));
         assert!(same("\\lfloor\\frac{7}{2}\\rfloor", "3"));
-        assert!(same("\\ln(e^{2})", "2"));
+        assert!(same("e^{2}e", "e^{3}"));
+        assert!(!same("\\ln(e)", "1"));
+        assert!(!same("e^{2}", "7.389"));
         assert!(same("{1\\sqrt[2]{5},-2}", "{\\sqrt{5},-2}"));
         assert!(same("\\frac{270}7", "\\frac{540}{14}"));
         assert!(parse("\\frac{270}75").is_none());
