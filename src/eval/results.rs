@@ -24,8 +24,8 @@ pub struct GradedRow {
 }
 
 impl GradedRow {
-    pub fn grade(generation: &Generation) -> GradedRow {
-        let grade = grader::grade(&generation.text, &generation.ground_truth);
+    pub fn grade(generation: &Generation, benchmark: grader::Benchmark) -> GradedRow {
+        let grade = grader::grade_for(&generation.text, &generation.ground_truth, benchmark);
         GradedRow {
             id: generation.id.clone(),
             generation: generation.text.clone(),

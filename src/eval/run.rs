@@ -26,6 +26,7 @@ use wgtrain_kernels::Gpu;
 
 use super::bench::{self, Problem};
 use super::generations::Generation;
+use super::grader::{Benchmark, GroundTruth};
 use super::prompt;
 use super::results::{GradedRow, Summary};
 use crate::data::chat::ChatEncoder;
@@ -445,12 +446,15 @@ impl Generator<'_> {
                 return Ok(());
             };
             let problem = &problems[todo.start + index / samples];
-            let graded = GradedRow::grade(&Generation {
-                id: problem.id.clone(),
-                text: tokenizer.decode(&generation.tokens, true)?,
-                ground_truth: problem.answer.clone(),
-                tokens: Some(generation.tokens.len() as u64),
-            });
+            let graded = GradedRow::grade(
+                &Generation {
+                    id: problem.id.clone(),
+                    text: tokenizer.decode(&generation.tokens, true)?,
+                    ground_truth: GroundTruth::from_answer(&problem.answer),
+                    tokens: Some(generation.tokens.len() as u64),
+                },
+                Benchmark::DEFAULT,
+            );
             let seconds = (generation.prefill_time + generation.decode_time).as_secs_f64();
             finished[index / samples][index % samples] =
                 Some((graded, !generation.stopped, seconds));

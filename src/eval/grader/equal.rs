@@ -35,9 +35,17 @@ fn equal_at_depth(prediction: &str, reference: &str, depth: usize) -> bool {
     if ["A", "B", "C", "D", "E"].contains(&reference) && clean_choice(prediction) == reference {
         return true;
     }
-    if let (Some(prediction), Some(reference)) = (parse_number(prediction), parse_number(reference))
+    if let (Some(number), Some(reference_number)) =
+        (parse_number(prediction), parse_number(reference))
     {
-        return numerically_equal(prediction, reference);
+        if numerically_equal(number, reference_number) {
+            return true;
+        }
+        // Unequal numbers are unequal answers, unless dropping commas made them numbers: the
+        // harness goes on to sympy, which reads `3,99` as the list's first item, 3.
+        if !prediction.contains(',') && !reference.contains(',') {
+            return false;
+        }
     }
     if prediction.is_empty() {
         return false;
@@ -262,6 +270,9 @@ mod tests {
         assert!(math_equal("\\frac{2240}{78125}", "\\frac{448}{15625}"));
         assert!(math_equal("C", "(C)"));
         assert!(math_equal("32348", "32,348"));
+        // The harness reads an unbracketed list up to its first comma (a harness error).
+        assert!(math_equal("-2,99", "-2,1"));
+        assert!(!math_equal("10080", "10,80"));
         assert!(math_equal("[2,\\infty)", "(2,\\infty)"));
         assert!(math_equal("5.5", "\\frac{11}{2}"));
         assert!(math_equal("50", "0.5"));

@@ -3,7 +3,7 @@
 //! variables. This stands in for the harness's sympy `simplify(a - b) == 0` and `N(a) ≈ N(b)`.
 use super::complex::Complex;
 use std::collections::BTreeSet;
-use std::f64::consts::{E, PI};
+use std::f64::consts::PI;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Expr {
@@ -166,14 +166,28 @@ fn tokenize(text: &str) -> Vec<Token> {
         } else if c.is_ascii_digit()
             || (c == '.' && chars.get(i + 1).is_some_and(char::is_ascii_digit))
         {
-            let start = i;
+            let mut digits = String::new();
             let mut seen_point = false;
-            while i < chars.len() && (chars[i].is_ascii_digit() || (chars[i] == '.' && !seen_point))
-            {
-                seen_point |= chars[i] == '.';
-                i += 1;
+            // sympy's `parse_latex` reads thousands groups (`11,100,111`) into the number, so
+            // `3,5,7` is the list's first item 3 but `32,348` is one number.
+            let thousands_group = |i: usize| {
+                chars[i] == ','
+                    && chars.len() >= i + 4
+                    && chars[i + 1..i + 4].iter().all(char::is_ascii_digit)
+            };
+            while i < chars.len() {
+                if chars[i].is_ascii_digit() || (chars[i] == '.' && !seen_point) {
+                    seen_point |= chars[i] == '.';
+                    digits.push(chars[i]);
+                    i += 1;
+                } else if !seen_point && thousands_group(i) {
+                    digits.extend(&chars[i + 1..i + 4]);
+                    i += 4;
+                } else {
+                    break;
+                }
             }
-            tokens.push(Token::Number(chars[start..i].iter().collect()));
+            tokens.push(Token::Number(digits));
         } else if c == '\\' {
             i += 1;
             let start = i;
@@ -449,6 +463,17 @@ impl Parser {
         }
     }
 
+    fn parse_fraction_argument(&mut self) -> Parsed<Expr> {
+        match self.peek()? {
+            Token::Number(digit) if digit.len() == 1 => {
+                let digit = digit.parse().ok()?;
+                self.next();
+                Some(Expr::Number(digit))
+            }
+            _ => self.parse_braced_argument(),
+        }
+    }
+
     /// The raw text of a subscript (`_1`, `_{12}`), used as part of a symbol's name.
     fn parse_subscript(&mut self) -> Parsed<String> {
         let render = |token: &Token| match token {
@@ -497,10 +522,7 @@ impl Parser {
                     let subscript = self.parse_subscript()?;
                     return Some(Expr::Variable(format!("{letter}_{subscript}")));
                 }
-                // latex2sympy reads `e` as Euler's number (and `i` as a plain symbol).
-                if letter == 'e' {
-                    return Some(Expr::Number(E));
-                }
+                // sympy's `parse_latex` reads `e` and `i` as plain symbols, so `\ln(e)` is not 1.
                 Some(Expr::Variable(letter.to_string()))
             }
             Token::Symbol(open @ ('(' | '[' | '{')) => {
@@ -527,11 +549,11 @@ impl Parser {
         match name {
             "pi" => Some(Expr::Number(PI)),
             "infty" => Some(Expr::Number(f64::INFINITY)),
-            // As in latex2sympy, `\frac`, `\binom` and `\sqrt` take braced arguments only: the
-            // harness cannot read `\frac{270}7`, so neither does this parser.
+            // As in sympy's `parse_latex`, a `\frac` argument is braced or a single digit
+            // (`\frac{270}7`); `\binom` and `\sqrt` take braced arguments only.
             "frac" => {
-                let numerator = self.parse_braced_argument()?;
-                let denominator = self.parse_braced_argument()?;
+                let numerator = self.parse_fraction_argument()?;
+                let denominator = self.parse_fraction_argument()?;
                 Some(Expr::Div(Box::new(numerator), Box::new(denominator)))
             }
             "binom" | "dbinom" | "tbinom" => {
@@ -638,7 +660,12 @@ pub fn parse(text: &str) -> Option<Vec<Expr>> {
     let mut parser = Parser::new(tokens.clone());
     let items = parser.parse_answer();
     if items.is_some() && parser.position == parser.tokens.len() {
-        return items;
+        // sympy's `parse_latex` reads an unbracketed list up to its first comma: the harness
+        // compares `1,2` with `1,3` (or with `1`) as 1 with 1.
+        return items.map(|mut items| {
+            items.truncate(1);
+            items
+        });
     }
     // A bracketed list, `(a,b)` or `[a,b]`: its components.
     if let Some(list) = parse_bracketed_list(&tokens) {
@@ -646,10 +673,12 @@ pub fn parse(text: &str) -> Option<Vec<Expr>> {
     }
     // latex2sympy, the harness's last resort, stops at a closing bracket, `&` or `.` it cannot use
     // and keeps what it read, whatever follows: the harness compares `5)(2` as 5 (it gets such
-    // pieces by splitting `(5)(2)` at its outer brackets).
+    // pieces by splitting `(5)(2)` at its outer brackets). sympy's `parse_latex` likewise stops
+    // at a subscript after a group: `\mathrm{SiO}_2+1` reads as `\mathrm{SiO}` (Minerva's
+    // chemical formulas).
     let stopped = matches!(
         parser.peek(),
-        Some(Token::Symbol(')' | ']' | '}' | '&' | '.'))
+        Some(Token::Symbol(')' | ']' | '}' | '&' | '.' | '_'))
     );
     items.filter(|_| stopped)
 }
@@ -842,6 +871,8 @@ mod tests {
         assert!(same("(1,\\frac{1}{2})", "(1,0.5)"));
         assert!(same("12^{}", "12"));
         assert!(same("12^{\\mathrm{}}", "12"));
+        assert!(same("\\mathrm{SiO}_2+1", "\\mathrm{SiO}_{2}"));
+        assert!(!same("\\mathrm{SiO}_2", "\\mathrm{NaCl}_2"));
         assert!(same("\\sqrt[3]{-8}", "(-8)^{1/3}"));
         assert!(!same("p-q", "q-p"));
         assert!(!same("\\sqrt{x^2}", "x"));
@@ -854,9 +885,17 @@ mod tests {
         assert!(same("1.2.3", "0.36"));
         assert!(same("\\tan^{-1}1", "\\frac{\\pi}{4}"));
         assert!(same("\\lfloor\\frac{7}{2}\\rfloor", "3"));
-        assert!(same("\\ln(e^{2})", "2"));
+        assert!(same("e^{2}e", "e^{3}"));
+        assert!(!same("\\ln(e)", "1"));
+        assert!(!same("e^{2}", "7.389"));
         assert!(same("{1\\sqrt[2]{5},-2}", "{\\sqrt{5},-2}"));
-        assert!(parse("\\frac{270}7").is_none());
+        assert!(same("\\frac{270}7", "\\frac{540}{14}"));
+        assert!(parse("\\frac{270}75").is_none());
+        // An unbracketed list is read up to its first comma, a bracketed one whole.
+        assert!(same("1,2", "1,3"));
+        assert!(same("11,100,111,111", "11100111111"));
+        assert!(!same("11,99", "11,100,111,111"));
+        assert!(!same("(1,2)", "(1,3)"));
         assert!(parse(&format!("{}1{}", "(".repeat(10_000), ")".repeat(10_000))).is_none());
         assert!(parse(&format!("{}1", "-".repeat(10_000))).is_none());
         assert!(parse(&"2^".repeat(10_000)).is_none());

@@ -174,8 +174,9 @@ regex!(SQRT_WITHOUT_BRACES, r"\\sqrt(\w+)");
 regex!(INTEGER_AFTER_BACKSLASH, r"^-?\d+(?:\\|\)|,|\]|$)");
 regex!(INTEGER_LIST, r"^(?:-?[0-9]+,)*-?[0-9]+$");
 
-/// The harness's `strip_string` (with units removed, as for every benchmark wgtrain evaluates).
-pub fn strip_string(answer: &str) -> String {
+/// The harness's `strip_string`. `skip_unit` keeps the MathQA unit words (the harness skips their
+/// removal for `minerva_math` and `carp_en`, whose answers hold variables such as `s` and `t`).
+pub fn strip_string(answer: &str, skip_unit: bool) -> String {
     let mut s = answer.trim().replace('\n', "");
     s = s.trim_end_matches('.').replace("\\!", "");
 
@@ -211,11 +212,13 @@ pub fn strip_string(answer: &str) -> String {
     if !without_unit.is_empty() && without_unit != s {
         s = without_unit;
     }
-    for _ in 0..2 {
-        for pattern in UNIT_PATTERNS.iter() {
-            let removed = pattern.replace_all(&s, "${1}${2}");
-            if !removed.is_empty() {
-                s = removed.into_owned();
+    if !skip_unit {
+        for _ in 0..2 {
+            for pattern in UNIT_PATTERNS.iter() {
+                let removed = pattern.replace_all(&s, "${1}${2}");
+                if !removed.is_empty() {
+                    s = removed.into_owned();
+                }
             }
         }
     }
@@ -538,35 +541,51 @@ fn python_float_repr(x: f64) -> String {
 mod tests {
     use super::strip_string;
 
+    fn strip(answer: &str) -> String {
+        strip_string(answer, false)
+    }
+
+    #[test]
+    fn skip_unit_keeps_single_letter_variables() {
+        // minerva_math and carp_en: `s`, `t`, `c`, `d`, `m` are variables, not units.
+        assert_eq!(strip_string("\\frac{1}{s}", true), "\\frac{1}{s}");
+        assert_eq!(strip("\\frac{1}{s}"), "\\frac{1}{}");
+        assert_eq!(strip_string("e^{t}", true), "e^{t}");
+        assert_eq!(strip("e^{t}"), "e^{}");
+        assert_eq!(strip_string("3 c d", true), "3cd");
+        // The trailing `\text{...}` unit goes either way.
+        assert_eq!(strip_string("5 \\text{ s}", true), "5");
+    }
+
     #[test]
     fn harness_examples() {
-        assert_eq!(strip_string("\\dfrac12"), "\\frac{1}{2}");
-        assert_eq!(strip_string("\\frac1{72}"), "\\frac{1}{72}");
-        assert_eq!(strip_string("3/4"), "\\frac{3}{4}");
-        assert_eq!(strip_string("x = 5."), "5");
-        assert_eq!(strip_string("10\\text{ cm}"), "10");
-        assert_eq!(strip_string("90^\\circ"), "90");
+        assert_eq!(strip("\\dfrac12"), "\\frac{1}{2}");
+        assert_eq!(strip("\\frac1{72}"), "\\frac{1}{72}");
+        assert_eq!(strip("3/4"), "\\frac{3}{4}");
+        assert_eq!(strip("x = 5."), "5");
+        assert_eq!(strip("10\\text{ cm}"), "10");
+        assert_eq!(strip("90^\\circ"), "90");
         assert_eq!(
-            strip_string("\\left( 3, \\frac{\\pi}{2} \\right)"),
+            strip("\\left( 3, \\frac{\\pi}{2} \\right)"),
             "(3,\\frac{\\pi}{2})"
         );
-        assert_eq!(strip_string("1 \\pm \\sqrt{19}"), "1\\\\sqrt{19}");
-        assert_eq!(strip_string("(a+5)(b+2)"), "(+5)(b+2)");
-        assert_eq!(strip_string("(a + 5)(b + 2)"), "(5)(2)");
+        assert_eq!(strip("1 \\pm \\sqrt{19}"), "1\\\\sqrt{19}");
+        assert_eq!(strip("(a+5)(b+2)"), "(+5)(b+2)");
+        assert_eq!(strip("(a + 5)(b + 2)"), "(5)(2)");
         // One backslash per pass; extraction strips twice.
         assert_eq!(
-            strip_string("\\begin{pmatrix} -2 \\\\ -14 \\end{pmatrix}"),
+            strip("\\begin{pmatrix} -2 \\\\ -14 \\end{pmatrix}"),
             "\\begin{pmatrix}-2\\-14\\end{pmatrix}"
         );
-        assert_eq!(strip_string("1, -2, 10"), "-2,1,10");
-        assert_eq!(strip_string("12\\text{th grade}"), "12");
-        assert_eq!(strip_string("\\text{five}"), "5");
-        assert_eq!(strip_string("2.50"), "2.50");
-        assert_eq!(strip_string("2.00"), "2");
-        assert_eq!(strip_string("\\sqrt2"), "\\sqrt{2}");
-        assert_eq!(strip_string("five"), "5");
-        assert_eq!(strip_string("007"), "7");
-        assert_eq!(strip_string("\\text{Evelyn}"), "Evelyn");
-        assert_eq!(strip_string("50\\%"), "50");
+        assert_eq!(strip("1, -2, 10"), "-2,1,10");
+        assert_eq!(strip("12\\text{th grade}"), "12");
+        assert_eq!(strip("\\text{five}"), "5");
+        assert_eq!(strip("2.50"), "2.50");
+        assert_eq!(strip("2.00"), "2");
+        assert_eq!(strip("\\sqrt2"), "\\sqrt{2}");
+        assert_eq!(strip("five"), "5");
+        assert_eq!(strip("007"), "7");
+        assert_eq!(strip("\\text{Evelyn}"), "Evelyn");
+        assert_eq!(strip("50\\%"), "50");
     }
 }
