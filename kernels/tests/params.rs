@@ -5,8 +5,11 @@ use naga::proc::Layouter;
 use naga::TypeInner;
 use wgtrain_kernels::ops;
 
-/// (member, offset, size) of the struct `Params` in `source`, and its size.
-fn wgsl_params(source: &str) -> Result<(Vec<(String, usize, usize)>, usize), String> {
+/// (member, byte offset, byte size).
+type Members = Vec<(String, usize, usize)>;
+
+/// The members of the struct `Params` in `source`, and its size.
+fn wgsl_params(source: &str) -> Result<(Members, usize), String> {
     let module = naga::front::wgsl::parse_str(source).map_err(|e| e.emit_to_string(source))?;
     let mut layouter = Layouter::default();
     layouter
@@ -50,7 +53,7 @@ fn rust_and_wgsl_params_agree() {
                 continue;
             }
         };
-        let rust: Vec<(String, usize, usize)> = layout
+        let rust: Members = layout
             .members
             .iter()
             .map(|&(name, offset, size)| (name.to_string(), offset, size))
