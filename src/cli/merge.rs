@@ -11,6 +11,7 @@ use clap::Args;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
+use crate::model::params::names;
 use crate::model::{Adapter, LoraPair, Qwen2Config, WeightDType, Weights, HF_SIDE_FILES};
 use crate::train::checkpoint::write_dir_atomically;
 
@@ -224,7 +225,7 @@ pub fn run(args: MergeArgs) -> Result<i32> {
     let merges: BTreeMap<String, &LoraPair> = adapter
         .modules
         .iter()
-        .map(|(&(l, proj), pair)| (format!("model.layers.{l}.{}.weight", proj.path()), pair))
+        .map(|(&(l, proj), pair)| (names::weight(l, proj), pair))
         .collect();
     let shards = shards(&weights, args.max_shard_mib << 20)?;
     write_dir_atomically(&args.output, |dir| {

@@ -19,6 +19,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
 use crate::data::jsonfile::{self, FileFormat};
+use crate::model::params::names;
 use crate::model::{qwen2_tensors, Qwen2Config};
 
 /// The demo rows' system prompt: the first sentence of the Sky-T1 prompt.
@@ -189,7 +190,7 @@ pub fn write_random_weights(dir: &Path, config: &Qwen2Config, seed: u64) -> Resu
                     1.0
                 } else if spec.name.ends_with(".bias") {
                     0.0
-                } else if spec.name == "lm_head.weight" {
+                } else if spec.name == names::LM_HEAD {
                     DEMO_HEAD_STD * normal(rng)
                 } else {
                     0.02 * normal(rng)
