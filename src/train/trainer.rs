@@ -32,7 +32,7 @@ use super::checkpoint::{
 use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
 use super::demo::{demo_config_json, write_demo_dataset, write_demo_model, DEMO_ROWS};
 use super::flops::{row_flops, Trainable};
-use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics};
+use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics, METRICS_FILE};
 use super::run_dir::{check_not_in_use, check_output_apart, RunDir};
 use super::schedule::Schedule;
 use super::step::{gradients, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments};
@@ -409,14 +409,15 @@ fn resume_dir(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Runs the training `config` describes on `gpu`. Once `stop` is set, the step under way is
-/// finished, a checkpoint is written and the run returns as interrupted. On a dry-run device,
-/// measures one step instead (see the module documentation).
-pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outcome> {
-    check_not_in_use(&config.output)?;
+/// A checkpoint to resume from: its directory and state.
+type Resume = (PathBuf, TrainState);
+
+/// The run's settings, once an existing adapter's factors (the checkpoint resumed, or
+/// `--init-adapter`) have fixed its rank, alpha and targets (None: `config` as it is), and the
+/// checkpoint `--resume` names, checked against them.
+fn settle(config: &TrainConfig) -> Result<(Option<TrainConfig>, Option<Resume>)> {
     let resume_from_dir = config.resume.as_deref().map(resume_dir).transpose()?;
-    // An existing adapter's factors fix its rank, alpha and targets: the run (its summary, resume
-    // check and FLOP count) takes them.
+    // The run (its summary, resume check and FLOP count) takes the adapter's own values.
     let adopted = match resume_from_dir
         .as_deref()
         .or(config.init_adapter.as_deref())
@@ -430,8 +431,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         }
         None => None,
     };
-    let config = adopted.as_ref().unwrap_or(config);
-    let summary = config.resume_summary();
+    let summary = adopted.as_ref().unwrap_or(config).resume_summary();
     let resume = match resume_from_dir {
         Some(dir) => {
             let state = TrainState::load(&dir)?;
@@ -442,6 +442,177 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         }
         None => None,
     };
+    Ok((adopted, resume))
+}
+
+/// The run's rows, encoded, cut to `--max-len` and filtered (dropped rows named), with their
+/// next-token targets.
+fn read_rows(
+    config: &TrainConfig,
+    encoder: &ChatEncoder,
+    files: &[PathBuf],
+) -> Result<(Vec<EncodedRow>, Vec<Vec<u32>>, RowCounts)> {
+    let encoded = warn_of_dropped_rows(encode_rows(encoder, files, config)?, config);
+    let (rows, counts) = filter_rows(encoded, config.overlong);
+    ensure!(
+        !rows.is_empty(),
+        "no row of {} has a supervised token within --max-len {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        config.max_len
+    );
+    let targets = rows
+        .iter()
+        .map(|r| next_token_targets(&r.ids, &r.labels_mask))
+        .collect();
+    Ok((rows, targets, counts))
+}
+
+/// The order of the run's micro-batches; a resumed run continues where its checkpoint was, on
+/// the same data and schedule.
+fn data_order(
+    config: &TrainConfig,
+    rows: &[EncodedRow],
+    resume: Option<&Resume>,
+) -> Result<DataOrder> {
+    let mut order = DataOrder::new(
+        rows.iter().map(EncodedRow::len).collect(),
+        BatchSettings {
+            batch_size: config.batch_size,
+            grad_accum: config.grad_accum,
+            seed: config.seed,
+            shuffle: config.shuffle,
+            duration: config.duration,
+        },
+    )?;
+    let Some((dir, state)) = resume else {
+        return Ok(order);
+    };
+    let total_steps = order.total_steps();
+    ensure!(
+        state.data_fingerprint == order.fingerprint(),
+        "resuming from {}: the data changed since the checkpoint (it was {}, now {})",
+        dir.display(),
+        state.data_fingerprint,
+        order.fingerprint()
+    );
+    ensure!(
+        state.scheduler_step == state.step && state.total_steps == total_steps,
+        "resuming from {}: step {} of {} (scheduler step {}) does not fit this run of {} steps",
+        dir.display(),
+        state.step,
+        state.total_steps,
+        state.scheduler_step,
+        total_steps
+    );
+    order
+        .seek(state.data_position)
+        .with_context(|| format!("resuming from {}", dir.display()))?;
+    Ok(order)
+}
+
+/// The training RNG: each micro-batch draws its LoRA-dropout seed from it, and checkpoints carry
+/// its position so that a resumed run draws the same masks.
+fn training_rng(config: &TrainConfig, resume: Option<&Resume>) -> Result<ChaCha8Rng> {
+    Ok(match resume {
+        Some((_, state)) => state.rng.restore()?,
+        None => {
+            let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+            rng.set_stream(TRAIN_RNG_STREAM);
+            rng
+        }
+    })
+}
+
+/// The model to train: f32 master weights (full), or the frozen model with the adapter applied
+/// (resumed, `--init-adapter`, or fresh) and the adapter config the run saves.
+fn load_model(
+    gpu: &Gpu,
+    config: &TrainConfig,
+    model_dir: &Path,
+    resume_from: Option<&Path>,
+) -> Result<(Qwen2, Option<AdapterConfig>)> {
+    match &config.method {
+        Method::Full => Ok((
+            Qwen2::load_f32(gpu, resume_from.unwrap_or(model_dir))?,
+            None,
+        )),
+        Method::Lora(lora) => {
+            let mut model = Qwen2::load(gpu, model_dir)?;
+            let adapter = match resume_from.or(config.init_adapter.as_deref()) {
+                Some(dir) => Adapter::load(dir, &model.config)?,
+                None => new_adapter(&model, lora, config.seed)?,
+            };
+            model.apply_adapter(gpu, &adapter)?;
+            let mut adapter_config = adapter.config.clone();
+            adapter_config.base_model = Some(model_dir.display().to_string());
+            adapter_config.lora_dropout = lora.dropout;
+            Ok((model, Some(adapter_config)))
+        }
+    }
+}
+
+/// The NaN policy: a step whose loss or gradient norm is not finite stops the run before its
+/// update is applied, keeping the checkpoints. On the first step of a process, trained values
+/// already non-finite are named as damaged weights (from `weights_from`), not blamed on the
+/// learning rate.
+fn stop_if_not_finite(
+    gpu: &Gpu,
+    g: &Gradients,
+    step: &Step,
+    first_step: bool,
+    params: &[Param],
+    weights_from: &Path,
+    output: &Path,
+) -> Result<()> {
+    if g.loss.is_finite() && g.grad_norm.is_finite() {
+        return Ok(());
+    }
+    if first_step {
+        check_finite_weights(gpu, params, weights_from)
+            .with_context(|| format!("step {}", step.index + 1))?;
+    }
+    let kept = match latest_checkpoint(output)? {
+        Some((at, dir)) => format!(
+            "the last checkpoint (step {at}) is kept in {}",
+            dir.display()
+        ),
+        None => "no checkpoint had been written yet".to_string(),
+    };
+    bail!(
+        "step {}: the loss ({}) or gradient norm ({}) is not finite; training stopped before \
+         applying it, and {kept}. A lower --lr or --max-grad-norm needs a fresh run \
+         (--overwrite): resuming keeps the settings",
+        step.index + 1,
+        g.loss,
+        g.grad_norm
+    );
+}
+
+/// The run's metrics.jsonl: new, or a resumed run's with the lines up to its checkpoint (returned)
+/// kept byte for byte.
+fn open_metrics(
+    output: &Path,
+    resume: Option<&Resume>,
+) -> Result<(MetricsWriter, Vec<StepMetrics>)> {
+    let path = output.join(METRICS_FILE);
+    match resume {
+        Some((_, state)) => MetricsWriter::resume(&path, state.step),
+        None => Ok((MetricsWriter::create(&path)?, Vec::new())),
+    }
+}
+
+/// Runs the training `config` describes on `gpu`. Once `stop` is set, the step under way is
+/// finished, a checkpoint is written and the run returns as interrupted. On a dry-run device,
+/// measures one step instead (see the module documentation).
+pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outcome> {
+    check_not_in_use(&config.output)?;
+    let (adopted, resume) = settle(config)?;
+    let config = adopted.as_ref().unwrap_or(config);
+    let summary = config.resume_summary();
     let dry_run = gpu.is_dry_run();
     check_inputs(config)?;
     // A dry run leaves --output alone (the demo's model and data go to a temporary directory),
@@ -472,92 +643,21 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         .map_or(config.output.as_path(), |d| d.path());
     let (model_dir, files) = inputs(config, demo_dir)?;
     let encoder = ChatEncoder::load(&model_dir)?;
-    let encoded = warn_of_dropped_rows(encode_rows(&encoder, &files, config)?, config);
-    let (rows, counts) = filter_rows(encoded, config.overlong);
-    ensure!(
-        !rows.is_empty(),
-        "no row of {} has a supervised token within --max-len {}",
-        files
-            .iter()
-            .map(|f| f.display().to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        config.max_len
-    );
+    let (rows, targets, counts) = read_rows(config, &encoder, &files)?;
     if !config.demo {
         run_dir = open_run_dir()?;
     }
-    let targets: Vec<Vec<u32>> = rows
-        .iter()
-        .map(|r| next_token_targets(&r.ids, &r.labels_mask))
-        .collect();
 
-    let mut order = DataOrder::new(
-        rows.iter().map(EncodedRow::len).collect(),
-        BatchSettings {
-            batch_size: config.batch_size,
-            grad_accum: config.grad_accum,
-            seed: config.seed,
-            shuffle: config.shuffle,
-            duration: config.duration,
-        },
-    )?;
+    let mut order = data_order(config, &rows, resume.as_ref())?;
     let total_steps = order.total_steps();
-    if let Some((dir, state)) = &resume {
-        ensure!(
-            state.data_fingerprint == order.fingerprint(),
-            "resuming from {}: the data changed since the checkpoint (it was {}, now {})",
-            dir.display(),
-            state.data_fingerprint,
-            order.fingerprint()
-        );
-        ensure!(
-            state.scheduler_step == state.step && state.total_steps == total_steps,
-            "resuming from {}: step {} of {} (scheduler step {}) does not fit this run of {} steps",
-            dir.display(),
-            state.step,
-            state.total_steps,
-            state.scheduler_step,
-            total_steps
-        );
-        order
-            .seek(state.data_position)
-            .with_context(|| format!("resuming from {}", dir.display()))?;
-    }
-    // The training RNG: each micro-batch draws its LoRA-dropout seed from it, and checkpoints
-    // carry its position so that a resumed run draws the same masks.
-    let mut rng = match &resume {
-        Some((_, state)) => state.rng.restore()?,
-        None => {
-            let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-            rng.set_stream(TRAIN_RNG_STREAM);
-            rng
-        }
-    };
+    let mut rng = training_rng(config, resume.as_ref())?;
     let dropout_p = match &config.method {
         Method::Lora(lora) if lora.dropout > 0.0 => Some(lora.dropout as f32),
         _ => None,
     };
 
     let resume_from = resume.as_ref().map(|(dir, _)| dir.as_path());
-    let (model, adapter_config) = match &config.method {
-        Method::Full => (
-            Qwen2::load_f32(gpu, resume_from.unwrap_or(&model_dir))?,
-            None,
-        ),
-        Method::Lora(lora) => {
-            let mut model = Qwen2::load(gpu, &model_dir)?;
-            let adapter = match resume_from.or(config.init_adapter.as_deref()) {
-                Some(dir) => Adapter::load(dir, &model.config)?,
-                None => new_adapter(&model, lora, config.seed)?,
-            };
-            model.apply_adapter(gpu, &adapter)?;
-            let mut adapter_config = adapter.config.clone();
-            adapter_config.base_model = Some(model_dir.display().to_string());
-            adapter_config.lora_dropout = lora.dropout;
-            (model, Some(adapter_config))
-        }
-    };
+    let (model, adapter_config) = load_model(gpu, config, &model_dir, resume_from)?;
     let grads = Grads::new(gpu, &model)?;
     let params = grads.params(&model);
     let moments = match (resume_from, config.optimizer.kind) {
@@ -604,27 +704,8 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         gpu.reset_peak();
         let g = gradients(gpu, &model, &grads, &micro_batches, &norm_sq)
             .with_context(|| format!("step {}", step.index + 1))?;
-        if !g.loss.is_finite() || !g.grad_norm.is_finite() {
-            if step.index == first_step {
-                check_finite_weights(gpu, &params, weights_from)
-                    .with_context(|| format!("step {}", step.index + 1))?;
-            }
-            let kept = match latest_checkpoint(&config.output)? {
-                Some((at, dir)) => format!(
-                    "the last checkpoint (step {at}) is kept in {}",
-                    dir.display()
-                ),
-                None => "no checkpoint had been written yet".to_string(),
-            };
-            bail!(
-                "step {}: the loss ({}) or gradient norm ({}) is not finite; training stopped \
-                 before applying it, and {kept}. A lower --lr or --max-grad-norm needs a fresh \
-                 run (--overwrite): resuming keeps the settings",
-                step.index + 1,
-                g.loss,
-                g.grad_norm
-            );
-        }
+        let first = step.index == first_step;
+        stop_if_not_finite(gpu, &g, step, first, &params, weights_from, &config.output)?;
         let lr = schedule.lr(step.index);
         let clip = config.max_grad_norm.map(|max| (&norm_sq, max));
         let o = &config.optimizer;
@@ -647,128 +728,175 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
             &model, &params, &moments, shape, peak,
         )));
     }
-    let metrics_path = config.output.join("metrics.jsonl");
-    let (mut metrics, mut history, earlier_s, mut tokens_seen) = match &resume {
-        Some((_, state)) => {
-            let (writer, kept) = MetricsWriter::resume(&metrics_path, state.step)?;
-            (writer, kept, state.elapsed_s, state.tokens_seen)
-        }
-        None => (MetricsWriter::create(&metrics_path)?, Vec::new(), 0.0, 0),
+    let run = Run {
+        config,
+        gpu,
+        rows: &rows,
+        counts,
+        trained,
+        moments: &moments,
+        summary: &summary,
     };
-    let done_before = order.position().step;
-    let mut progress = Progress::new(config.progress, total_steps, done_before, earlier_s);
-    progress.println(&format!(
-        "training {} rows ({} truncated, {} dropped) for {total_steps} steps on {}{}",
-        counts.kept,
-        counts.truncated,
-        counts.dropped_overlong + counts.dropped_unsupervised,
-        gpu.describe(),
-        resume_from.map_or(String::new(), |dir| format!(
-            ", resuming after step {done_before} from {}",
-            dir.display()
-        ))
-    ));
-    let trained_kind = match &config.method {
-        Method::Full => Trainable::Full,
-        Method::Lora(_) => Trainable::Lora(model.lora_ranks()),
-    };
-    let peak_flops = peak_gflops()?.map(|g| g * 1e9);
-    let start = Instant::now();
-    let mut last_checkpoint = None;
-    let mut interrupted = false;
+    run.steps(
+        &mut order,
+        &mut rng,
+        run_step,
+        run_dir.as_mut(),
+        resume.as_ref(),
+        stop,
+    )
+}
 
-    while let Some(step) = order.next_step() {
-        let step_start = Instant::now();
-        let tokens: usize = step
-            .micro_batches
-            .iter()
-            .flatten()
-            .map(|&i| rows[i].len())
-            .sum();
-        let flops: f64 = step
-            .micro_batches
-            .iter()
-            .flatten()
-            .map(|&i| row_flops(&model.config, &trained_kind, rows[i].len()))
-            .sum();
-        let (g, lr, peak) = run_step(&step, &mut rng)?;
+/// A run set up by [`train`]: what its step loop reads.
+struct Run<'a> {
+    config: &'a TrainConfig,
+    gpu: &'a Gpu,
+    rows: &'a [EncodedRow],
+    counts: RowCounts,
+    trained: Trained<'a>,
+    moments: &'a [Option<Moments>],
+    /// The settings a resume must match ([`TrainConfig::resume_summary`]).
+    summary: &'a serde_json::Value,
+}
 
-        let done = step.index + 1;
-        let seconds = step_start.elapsed().as_secs_f64();
-        tokens_seen += tokens as u64;
-        let epoch = step.epoch_progress;
-        let elapsed_s = earlier_s + start.elapsed().as_secs_f64();
-        let m = StepMetrics {
-            step: done,
-            epoch,
-            loss: g.loss,
-            lr,
-            grad_norm: g.grad_norm,
-            supervised_tokens: g.supervised as u64,
-            tokens: tokens as u64,
-            tokens_per_s: tokens as f64 / seconds,
-            flops_per_s: flops / seconds,
-            mfu: peak_flops.map(|peak| flops / seconds / peak),
-            peak_mem_mib: peak as f64 / (1u64 << 20) as f64,
-            elapsed_s,
+impl Run<'_> {
+    /// The steps from where `order` stands to its end or a stop request (then the step under way
+    /// is finished and checkpointed): metrics, progress, checkpoints; then the final output.
+    /// `run_step` does the device work of one step: its gradients, learning rate and peak device
+    /// memory.
+    fn steps(
+        &self,
+        order: &mut DataOrder,
+        rng: &mut ChaCha8Rng,
+        mut run_step: impl FnMut(&Step, &mut ChaCha8Rng) -> Result<(Gradients, f64, u64)>,
+        mut run_dir: Option<&mut RunDir>,
+        resume: Option<&Resume>,
+        stop: &AtomicBool,
+    ) -> Result<Outcome> {
+        let (config, model) = (self.config, self.trained.model);
+        let (mut metrics, mut history) = open_metrics(&config.output, resume)?;
+        let (earlier_s, mut tokens_seen) =
+            resume.map_or((0.0, 0), |(_, state)| (state.elapsed_s, state.tokens_seen));
+        let total_steps = order.total_steps();
+        let done_before = order.position().step;
+        let mut progress = Progress::new(config.progress, total_steps, done_before, earlier_s);
+        let resuming = resume.map_or(String::new(), |(dir, _)| {
+            format!(", resuming after step {done_before} from {}", dir.display())
+        });
+        let counts = &self.counts;
+        progress.println(&format!(
+            "training {} rows ({} truncated, {} dropped) for {total_steps} steps on {}{resuming}",
+            counts.kept,
+            counts.truncated,
+            counts.dropped_overlong + counts.dropped_unsupervised,
+            self.gpu.describe(),
+        ));
+        let trained_kind = match &config.method {
+            Method::Full => Trainable::Full,
+            Method::Lora(_) => Trainable::Lora(model.lora_ranks()),
         };
-        metrics.write(&m)?;
-        progress.step(&m);
-        history.push(m);
-        if done == first_step + 1 {
-            if let Some(run_dir) = run_dir.as_mut() {
-                run_dir.started()?;
-            }
-        }
+        let peak_flops = peak_gflops()?.map(|g| g * 1e9);
+        let start = Instant::now();
+        let mut last_checkpoint = None;
+        let mut interrupted = false;
 
-        let stopping = stop.load(Ordering::SeqCst);
-        let due = config.save_steps.is_some_and(|n| done % n == 0);
-        if due || stopping || done == total_steps {
-            let state = TrainState {
-                format_version: STATE_FORMAT_VERSION,
+        while let Some(step) = order.next_step() {
+            let step_start = Instant::now();
+            let lens = step
+                .micro_batches
+                .iter()
+                .flatten()
+                .map(|&i| self.rows[i].len());
+            let tokens: usize = lens.clone().sum();
+            let flops: f64 = lens
+                .map(|len| row_flops(&model.config, &trained_kind, len))
+                .sum();
+            let (g, lr, peak) = run_step(&step, rng)?;
+
+            let done = step.index + 1;
+            let seconds = step_start.elapsed().as_secs_f64();
+            tokens_seen += tokens as u64;
+            let epoch = step.epoch_progress;
+            let elapsed_s = earlier_s + start.elapsed().as_secs_f64();
+            let m = StepMetrics {
                 step: done,
-                total_steps,
                 epoch,
-                data_position: order.position(),
-                scheduler_step: done,
-                rng: RngState::capture(&rng),
-                data_fingerprint: order.fingerprint(),
-                config_hash: config_hash(&summary),
-                config: summary.clone(),
+                loss: g.loss,
+                lr,
+                grad_norm: g.grad_norm,
+                supervised_tokens: g.supervised as u64,
+                tokens: tokens as u64,
+                tokens_per_s: tokens as f64 / seconds,
+                flops_per_s: flops / seconds,
+                mfu: peak_flops.map(|peak| flops / seconds / peak),
+                peak_mem_mib: peak as f64 / (1u64 << 20) as f64,
                 elapsed_s,
-                tokens_seen,
             };
-            let dir = checkpoint_dir(&config.output, done);
-            trained.save_checkpoint(&moments, &state, &dir)?;
-            if let Some(keep) = config.save_total_limit {
-                remove_old_checkpoints(&config.output, keep)?;
+            metrics.write(&m)?;
+            progress.step(&m);
+            history.push(m);
+            if done == done_before + 1 {
+                if let Some(run_dir) = run_dir.as_deref_mut() {
+                    run_dir.started()?;
+                }
             }
-            last_checkpoint = Some(dir);
-        }
-        if stopping && done < total_steps {
-            interrupted = true;
-            break;
-        }
-    }
-    progress.finish();
 
-    // An interrupted run leaves only its checkpoint: a final adapter would look like a finished run.
-    if !interrupted {
-        trained.save(&config.output)?;
+            let stopping = stop.load(Ordering::SeqCst);
+            let due = config.save_steps.is_some_and(|n| done % n == 0);
+            if due || stopping || done == total_steps {
+                let state = TrainState {
+                    format_version: STATE_FORMAT_VERSION,
+                    step: done,
+                    total_steps,
+                    epoch,
+                    data_position: order.position(),
+                    scheduler_step: done,
+                    rng: RngState::capture(rng),
+                    data_fingerprint: order.fingerprint(),
+                    config_hash: config_hash(self.summary),
+                    config: self.summary.clone(),
+                    elapsed_s,
+                    tokens_seen,
+                };
+                last_checkpoint = Some(self.checkpoint(&state)?);
+            }
+            if stopping && done < total_steps {
+                interrupted = true;
+                break;
+            }
+        }
+        progress.finish();
+
+        // An interrupted run leaves only its checkpoint: a final adapter would look like a
+        // finished run.
+        if !interrupted {
+            self.trained.save(&config.output)?;
+        }
+        write_loss_svg(
+            config.output.join("loss.svg"),
+            &history,
+            "wgtrain training loss",
+        )?;
+        Ok(Outcome::Trained(TrainSummary {
+            steps: order.position().step,
+            total_steps,
+            first_loss: history.first().map_or(f64::NAN, |m| m.loss),
+            last_loss: history.last().map_or(f64::NAN, |m| m.loss),
+            rows: self.counts,
+            output: config.output.clone(),
+            interrupted,
+            last_checkpoint,
+        }))
     }
-    write_loss_svg(
-        config.output.join("loss.svg"),
-        &history,
-        "wgtrain training loss",
-    )?;
-    Ok(Outcome::Trained(TrainSummary {
-        steps: order.position().step,
-        total_steps,
-        first_loss: history.first().map_or(f64::NAN, |m| m.loss),
-        last_loss: history.last().map_or(f64::NAN, |m| m.loss),
-        rows: counts,
-        output: config.output.clone(),
-        interrupted,
-        last_checkpoint,
-    }))
+
+    /// `checkpoint-<step>` with `state`, then the rotation `--save-total-limit` asks for.
+    fn checkpoint(&self, state: &TrainState) -> Result<PathBuf> {
+        let output = &self.config.output;
+        let dir = checkpoint_dir(output, state.step);
+        self.trained.save_checkpoint(self.moments, state, &dir)?;
+        if let Some(keep) = self.config.save_total_limit {
+            remove_old_checkpoints(output, keep)?;
+        }
+        Ok(dir)
+    }
 }
