@@ -9,7 +9,8 @@ use wgtrain_kernels::Gpu;
 
 use super::device::DeviceArgs;
 use super::signals::StopRequest;
-use crate::train::config::{read_llama_factory_yaml, TrainConfig, TrainSettings};
+use crate::train::config::{TrainConfig, TrainSettings};
+use crate::train::llama_factory::read_llama_factory_yaml;
 use crate::train::trainer::{self, Outcome};
 
 /// Fine-tune a Qwen2 model (LoRA or full) on a chat dataset.

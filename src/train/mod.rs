@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod demo;
 pub mod flops;
+pub mod llama_factory;
 pub mod metrics;
 pub mod run_dir;
 pub mod schedule;
