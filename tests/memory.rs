@@ -2,8 +2,9 @@
 //! trainer's step: zero grads, forward + backward, gradient norm, AdamW) on a dry-run device,
 //! which allocates every tensor and executes nothing; zero weights, so nothing is uploaded.
 //! The target: a LoRA step at T = 16384 fits in 8 GiB.
+use wgtrain::model::Proj;
 use wgtrain::model::{Grads, LayerActs, LoraDropout, Qwen2, Qwen2Config};
-use wgtrain::train::config::{LoraSettings, OptimizerKind, OptimizerSettings, LORA_TARGETS};
+use wgtrain::train::config::{LoraSettings, OptimizerKind, OptimizerSettings};
 use wgtrain::train::step::{gradients, new_moments, update, MemoryReport, MicroBatch};
 use wgtrain::train::trainer::new_adapter;
 use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
@@ -70,7 +71,7 @@ fn qwen25_05b_lora_step_at_16k_tokens_fits_8_gib() {
         rank: 64,
         alpha: 128.0,
         dropout: 0.0,
-        targets: LORA_TARGETS.map(String::from).to_vec(),
+        targets: Proj::ALL.to_vec(),
     };
     model
         .apply_adapter(&gpu, &new_adapter(&model, &lora, 0).unwrap())

@@ -115,6 +115,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Proj;
     use crate::train::batching::{Duration, Overlong};
     use crate::train::config::{Method, OptimizerKind};
     use crate::train::schedule::{SchedulerKind, Warmup};
@@ -206,7 +207,7 @@ mod tests {
             panic!("lora expected")
         };
         assert_eq!((lora.rank, lora.alpha, lora.dropout), (16, 8.0, 0.05));
-        assert_eq!(lora.targets, ["q_proj", "v_proj"]);
+        assert_eq!(lora.targets, [Proj::Q, Proj::V]);
         assert_eq!(c.optimizer.kind, OptimizerKind::Sgd);
         assert_eq!(
             (c.optimizer.lr, c.optimizer.beta1, c.optimizer.beta2),

@@ -14,19 +14,7 @@ use serde_json::{json, Value as Json};
 use super::batching::{Duration, Overlong};
 use super::metrics::ProgressMode;
 use super::schedule::{SchedulerKind, Warmup};
-use crate::model::{Adapter, AdapterConfig, Qwen2Config};
-
-/// The seven linear projections of a Qwen2 decoder layer: LoRA's default targets (the paper's
-/// "all linear layers except lm_head", LLaMA-Factory's `lora_target: all`).
-pub const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+use crate::model::{Adapter, AdapterConfig, Proj, Qwen2Config};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum AdapterKind {
@@ -217,8 +205,9 @@ pub struct LoraSettings {
     pub rank: usize,
     pub alpha: f64,
     pub dropout: f64,
-    /// Module names out of `LORA_TARGETS`, in that order.
-    pub targets: Vec<String>,
+    /// The projections that get a LoRA, in [`Proj::ALL`]'s order (by default all seven: the
+    /// paper's "all linear layers except lm_head", LLaMA-Factory's `lora_target: all`).
+    pub targets: Vec<Proj>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -418,10 +407,9 @@ impl TrainConfig {
             AdapterConfig::parse(&text).with_context(|| format!("in {}", config_path.display()))?;
         let targeted = Adapter::targets(&adapter, model)
             .with_context(|| format!("in {}", config_path.display()))?;
-        let targets: Vec<String> = LORA_TARGETS
-            .iter()
-            .filter(|t| targeted.iter().any(|(_, p)| p.module() == **t))
-            .map(|t| t.to_string())
+        let targets: Vec<Proj> = Proj::ALL
+            .into_iter()
+            .filter(|&p| targeted.iter().any(|&(_, q)| q == p))
             .collect();
         let adopted = LoraSettings {
             rank: adapter.r,
@@ -450,8 +438,8 @@ impl TrainConfig {
                 "--lora-target",
                 "lora_target",
                 o.targets,
-                lora.targets.join(","),
-                adopted.targets.join(","),
+                module_names(&lora.targets).join(","),
+                module_names(&adopted.targets).join(","),
             ),
         ] {
             if ours == theirs {
@@ -485,7 +473,7 @@ impl TrainConfig {
             Method::Full => json!({"kind": "full"}),
             Method::Lora(l) => json!({
                 "kind": "lora", "rank": l.rank, "alpha": l.alpha, "dropout": l.dropout,
-                "targets": l.targets,
+                "targets": module_names(&l.targets),
             }),
         };
         let o = &self.optimizer;
@@ -653,28 +641,37 @@ fn resolve_duration(s: &TrainSettings) -> Result<Duration> {
     })
 }
 
-/// `all`, or module names out of `LORA_TARGETS`; empty means all.
-pub(super) fn lora_targets(given: &[String]) -> Result<Vec<String>> {
+/// The projections `--lora-target` names: `all` (or nothing) for all seven, else module names
+/// (`q_proj`, ...), read once here.
+pub(super) fn lora_targets(given: &[String]) -> Result<Vec<Proj>> {
     let names: Vec<&str> = given
         .iter()
         .map(|s| s.trim())
         .filter(|s| !s.is_empty())
         .collect();
     if names.is_empty() || names.iter().any(|&n| n == "all" || n == "all-linear") {
-        return Ok(LORA_TARGETS.iter().map(|s| s.to_string()).collect());
+        return Ok(Proj::ALL.to_vec());
     }
-    if let Some(bad) = names.iter().find(|n| !LORA_TARGETS.contains(n)) {
+    if let Some(bad) = names
+        .iter()
+        .find(|&&n| !Proj::ALL.iter().any(|p| p.module() == n))
+    {
         bail!(
             "--lora-target (lora_target) {bad:?} is not a projection of a Qwen2 layer; choose \
              from {} or all",
-            LORA_TARGETS.join(", ")
+            module_names(&Proj::ALL).join(", ")
         );
     }
-    Ok(LORA_TARGETS
-        .iter()
-        .filter(|t| names.contains(t))
-        .map(|s| s.to_string())
+    Ok(Proj::ALL
+        .into_iter()
+        .filter(|p| names.contains(&p.module()))
         .collect())
+}
+
+/// PEFT's module names of `targets` (`q_proj`, ...): how targets are written in adapter configs,
+/// run summaries and messages.
+pub fn module_names(targets: &[Proj]) -> Vec<&'static str> {
+    targets.iter().map(|p| p.module()).collect()
 }
 
 #[cfg(test)]
@@ -750,7 +747,7 @@ mod tests {
                 rank: 64,
                 alpha: 128.0,
                 dropout: 0.0,
-                targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
+                targets: Proj::ALL.to_vec(),
             })
         );
         assert_eq!((c.batch_size, c.grad_accum), (1, 96));
@@ -816,7 +813,7 @@ mod tests {
         let Method::Lora(lora) = c.method else {
             panic!("lora expected")
         };
-        assert_eq!(lora.targets, ["q_proj", "v_proj"]);
+        assert_eq!(lora.targets, [Proj::Q, Proj::V]);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use super::checkpoint::{
     remove_old_checkpoints, save_f32_tensors, write_dir_atomically, NamedTensor, RngState,
     TrainState, OPTIMIZER_FILE, STATE_FILE, STATE_FORMAT_VERSION,
 };
-use super::config::{LoraSettings, Method, OptimizerKind, TrainConfig};
+use super::config::{module_names, LoraSettings, Method, OptimizerKind, TrainConfig};
 use super::demo::{demo_config_json, write_demo_dataset, write_demo_model, DEMO_ROWS};
 use super::flops::{row_flops, Trainable};
 use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics, METRICS_FILE};
@@ -153,7 +153,12 @@ pub fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adap
         r: lora.rank,
         lora_alpha: lora.alpha,
         lora_dropout: lora.dropout,
-        target_modules: TargetModules::List(lora.targets.clone()),
+        target_modules: TargetModules::List(
+            module_names(&lora.targets)
+                .into_iter()
+                .map(String::from)
+                .collect(),
+        ),
         use_rslora: false,
         base_model: None,
     };
