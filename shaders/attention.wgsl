@@ -212,7 +212,8 @@ fn hi_in_head(c4: u32) -> bool {
     return EW == 2u && 4u * c4 + 2u < HEAD_DIM;
 }
 
-// Stores of column c4 of the head starting at element `at`.
+// Stores of column c4 of the head starting at element `at` (one function per binding: a WGSL
+// function cannot take a storage buffer as a parameter).
 fn out_store(at: u32, c4: u32, x: vec4<f32>) {
     let i = at + c4 * V4;
     if lo_in_head(c4) {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod common;
-use common::{fixtures, losses, short_data, wgtrain, wgtrain_cmd};
+use common::{fixtures, losses, short_data, train_args as run_args, wgtrain, wgtrain_cmd};
 
 fn ok(out: Output) -> String {
     let (stdout, stderr) = (
@@ -37,27 +37,6 @@ fn tensors(dir: &Path) -> BTreeMap<String, (String, Vec<usize>, Vec<f32>)> {
             (name.to_string(), (dtype, v.shape.to_vec(), v.to_f32()))
         })
         .collect()
-}
-
-/// A run's flags on tiny-qwen2-tied and six short rows (written beside `out`).
-fn run_args(out: &Path, extra: &[&str]) -> Vec<String> {
-    let model = fixtures().join("tiny-qwen2-tied");
-    let data = short_data(out.parent().unwrap());
-    let mut args: Vec<String> = [
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--progress",
-        "plain",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
 }
 
 fn strs(args: &[String]) -> Vec<&str> {

@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{fixtures, losses, short_data, wgtrain, wgtrain_cmd};
+use common::{fixtures, losses, train_args, wgtrain, wgtrain_cmd};
 
 fn ok(out: Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -28,29 +28,20 @@ fn failed(out: Output) -> String {
 /// A LoRA AdamW run of `steps` one-row steps into `out` (data written beside it), checkpointed
 /// every `save_steps` (0: at the end), plus `extra`.
 fn run_args(out: &Path, steps: usize, save_steps: usize, extra: &[&str]) -> Vec<String> {
-    let model = fixtures().join("tiny-qwen2-tied");
-    let data = short_data(out.parent().unwrap());
-    let mut args: Vec<String> = [
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        out.to_str().unwrap(),
-        "--progress",
-        "plain",
-        "--lora-rank",
-        "4",
-        "--batch-size",
-        "1",
-        "--save-steps",
-        &save_steps.to_string(),
-        "--max-steps",
-        &steps.to_string(),
-    ]
-    .map(String::from)
-    .to_vec();
+    let (save_steps, steps) = (save_steps.to_string(), steps.to_string());
+    let mut args = train_args(
+        out,
+        &[
+            "--lora-rank",
+            "4",
+            "--batch-size",
+            "1",
+            "--save-steps",
+            &save_steps,
+            "--max-steps",
+            &steps,
+        ],
+    );
     args.extend(extra.iter().map(|s| s.to_string()));
     args
 }

@@ -48,3 +48,25 @@ pub fn short_data(dir: &Path) -> PathBuf {
     std::fs::write(&path, rows.join("\n") + "\n").unwrap();
     path
 }
+
+/// `wgtrain train` on tiny-qwen2-tied and six short rows (written beside `out`) into `out`,
+/// plus `extra`.
+pub fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let model = fixtures().join("tiny-qwen2-tied");
+    let data = short_data(out.parent().unwrap());
+    let mut args: Vec<String> = [
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--progress",
+        "plain",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
