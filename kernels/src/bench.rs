@@ -3,7 +3,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::gpu::{Batch, Gpu};
+use crate::batch::Batch;
+use crate::gpu::Gpu;
 
 /// The dimensions of a decoder model that set kernel shapes. The kernels crate knows no model:
 /// the caller names the shapes to measure (`benches/kernels.rs` takes Qwen2.5's from the model side).

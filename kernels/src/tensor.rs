@@ -6,9 +6,9 @@
 //! tensor involved ([`row_segments`]) and pass each kernel the row offset inside its chunk.
 use std::ops::Range;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 
-use crate::gpu::{Allocation, Gpu};
+use crate::gpu::{read_buffer, Allocation, Gpu};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
@@ -281,37 +281,6 @@ pub fn row_segments(rows: usize, tensors: &[&Tensor]) -> Vec<Range<usize>> {
     cuts.sort_unstable();
     cuts.dedup();
     cuts.windows(2).map(|w| w[0]..w[1]).collect()
-}
-
-/// Maps a buffer and copies `size` bytes out (blocking); zeros in a dry run.
-pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
-    if gpu.is_dry_run() {
-        return Ok(vec![0; size as usize]);
-    }
-    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("readback"),
-        size,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
-    let mut encoder = gpu.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
-    gpu.queue.submit([encoder.finish()]);
-    let slice = staging.slice(..);
-    let (tx, rx) = std::sync::mpsc::channel();
-    slice.map_async(wgpu::MapMode::Read, move |r| {
-        let _ = tx.send(r);
-    });
-    gpu.wait()?;
-    rx.recv()
-        .map_err(|_| anyhow!("readback callback dropped"))?
-        .map_err(|e| anyhow!("mapping a buffer for readback: {e}"))?;
-    let data = slice
-        .get_mapped_range()
-        .map_err(|e| anyhow!("reading a mapped buffer: {e}"))?
-        .to_vec();
-    staging.unmap();
-    Ok(data)
 }
 
 /// Where a launcher puts a result: `tensor = result + beta · tensor`. Every launcher that can

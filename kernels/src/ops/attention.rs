@@ -31,8 +31,9 @@ use std::ops::{Range, RangeInclusive};
 use anyhow::{bail, Result};
 
 use super::check::{max_error, random, to_f64, Check};
+use crate::batch::Batch;
 use crate::bench::{BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Batch, Gpu};
+use crate::gpu::{linear_groups, Gpu};
 use crate::shader::{params, Const, Kernel, ATTENTION};
 use crate::tensor::{row_segments, DType, Tensor};
 

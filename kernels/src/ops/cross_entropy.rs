@@ -20,8 +20,9 @@ use anyhow::{ensure, Result};
 
 use super::check::{max_error, random, to_f64, Check};
 use super::matmul::{bench_tensor, plus_scaled, weight, Gemm, Mat};
+use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Batch, Gpu};
+use crate::gpu::{linear_groups, Gpu};
 use crate::shader::{params, Kernel, CROSS_ENTROPY};
 use crate::tensor::{row_segments, DType, Out, Tensor};
 

@@ -5,8 +5,9 @@ use std::ops::Range;
 use anyhow::{bail, Result};
 
 use super::check::{max_error, random, round_bf16, to_f64, Check};
+use crate::batch::Batch;
 use crate::bench::{self, BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Batch, Gpu};
+use crate::gpu::{linear_groups, Gpu};
 use crate::shader::{params, Kernel, ELEMENTWISE};
 use crate::tensor::{row_segments, DType, Out, Tensor};
 

@@ -12,8 +12,9 @@ use anyhow::{bail, Result};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::check::{max_error, random, round_bf16, to_f64, Check};
+use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Batch, Gpu};
+use crate::gpu::{linear_groups, Gpu};
 use crate::shader::{params, Const, Kernel, EMBEDDING};
 use crate::tensor::{row_segments, DType, Tensor};
 

@@ -23,8 +23,9 @@ use super::check::{max_error, random, to_f64, Check};
 use super::elementwise::dropout;
 pub use super::elementwise::Dropout;
 use super::matmul::{self, bench_tensor, expect_f32_matrix, matrix, plus_scaled, weight, Gemm};
+use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
-use crate::gpu::{Batch, Gpu};
+use crate::gpu::Gpu;
 use crate::shader::Kernel;
 use crate::tensor::{DType, Out, Tensor};
 

@@ -14,8 +14,9 @@ use std::ops::Range;
 use anyhow::{bail, ensure, Result};
 
 use super::check::{max_error, random, round_bf16, to_f64, Check};
+use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult, ModelShape};
-use crate::gpu::{Batch, Gpu};
+use crate::gpu::Gpu;
 use crate::shader::{params, Const, Kernel, MATMUL};
 use crate::tensor::{DType, Out, RowAt, Tensor};
 

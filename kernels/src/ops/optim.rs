@@ -11,8 +11,9 @@
 use anyhow::{bail, Result};
 
 use super::check::{max_error, random, to_f64, Check};
+use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult, ModelShape};
-use crate::gpu::{linear_groups, Batch, Gpu};
+use crate::gpu::{linear_groups, Gpu};
 use crate::shader::{params, Kernel, OPTIM};
 use crate::tensor::{row_segments, DType, Tensor};
 

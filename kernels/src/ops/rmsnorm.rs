@@ -7,8 +7,9 @@ use anyhow::{bail, Result};
 
 use super::check::{max_error, random, round_bf16, to_f64, Check};
 use super::elementwise;
+use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Batch, Gpu};
+use crate::gpu::{linear_groups, Gpu};
 use crate::shader::{params, Const, Kernel, RMSNORM};
 use crate::tensor::{row_segments, DType, Out, Tensor};
 
