@@ -250,10 +250,13 @@ fn truncation_keeps_the_first_max_len_tokens() {
     assert!(row.truncated);
     assert_eq!(row.ids, full.ids[..cut]);
     assert_eq!(row.labels_mask, full.labels_mask[..cut]);
-    assert!(row.supervised() < full.supervised() && row.supervised() > 0);
+    assert!(row.supervised_targets() < full.supervised_targets() && row.supervised_targets() > 0);
     // Cut inside the system prompt: nothing left to learn from.
     let row = encoder.encode_messages(&case.messages, 5).unwrap();
-    assert_eq!((row.len(), row.supervised(), row.truncated), (5, 0, true));
+    assert_eq!(
+        (row.len(), row.supervised_targets(), row.truncated),
+        (5, 0, true)
+    );
     assert!(encoder.encode_messages(&case.messages, 0).is_err());
 }
 
@@ -268,7 +271,7 @@ fn dataset_conversations_encode_with_their_system_prompt() {
     assert_eq!(messages(&conversation), case.messages);
     let row = encoder.encode_row(&conversation, 16384).unwrap();
     assert_eq!(row.ids, case.ids);
-    assert!(row.supervised() > 50);
+    assert!(row.supervised_targets() > 50);
 }
 
 #[test]

@@ -160,9 +160,11 @@ impl EncodedRow {
         self.ids.is_empty()
     }
 
-    /// Number of supervised tokens (0 when truncation cut every assistant turn away).
-    pub fn supervised(&self) -> usize {
-        self.labels_mask.iter().filter(|&&m| m).count()
+    /// Number of tokens that are targets of the loss: supervised tokens after the first (token 0
+    /// has nothing before it to be predicted from); 0 when truncation cut every assistant turn
+    /// away.
+    pub fn supervised_targets(&self) -> usize {
+        self.labels_mask.iter().skip(1).filter(|&&m| m).count()
     }
 }
 

@@ -49,12 +49,6 @@ pub struct RowCounts {
     pub dropped_unsupervised: usize,
 }
 
-/// Number of tokens of `row` that are targets of the loss: supervised tokens after the first
-/// (token 0 has nothing before it to be predicted from).
-pub fn supervised_targets(row: &EncodedRow) -> usize {
-    row.labels_mask.iter().skip(1).filter(|&&m| m).count()
-}
-
 /// Why a row cannot be trained on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dropped {
@@ -68,7 +62,7 @@ pub enum Dropped {
 pub fn drop_reason(row: &EncodedRow, overlong: Overlong) -> Option<Dropped> {
     if row.truncated && overlong == Overlong::Drop {
         Some(Dropped::Overlong)
-    } else if supervised_targets(row) == 0 {
+    } else if row.supervised_targets() == 0 {
         Some(Dropped::Unsupervised)
     } else {
         None

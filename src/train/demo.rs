@@ -336,7 +336,7 @@ mod tests {
             );
             let encoded = encoder.encode_row(row.conversation(), 4096).unwrap();
             assert!(!encoded.truncated);
-            assert!(encoded.supervised() > 20);
+            assert!(encoded.supervised_targets() > 20);
             assert!(encoded.ids.iter().all(|&id| id < vocab));
         }
     }
