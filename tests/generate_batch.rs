@@ -10,6 +10,9 @@ use wgtrain::model::{
 };
 use wgtrain_kernels::Gpu;
 
+mod common;
+use common::max_abs_diff;
+
 fn model_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
@@ -34,14 +37,6 @@ fn prompts(name: &str, count: usize) -> Vec<Vec<u32>> {
     (0..count)
         .map(|i| ids[i % 7..][..1 + (i * 13) % 30].to_vec())
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 /// Ten sequences (more rows than the matrix-vector path takes) prefilled into their own slots and

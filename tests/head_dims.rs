@@ -9,6 +9,9 @@ use wgtrain::model::{Grads, KvCache, Qwen2, Qwen2Config, IGNORE};
 use wgtrain_kernels::ops::check::random;
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
+mod common;
+use common::max_abs_diff;
+
 const WIDE: usize = 64;
 
 fn config(heads: usize, kv_heads: usize, head_dim: usize) -> Qwen2Config {
@@ -106,14 +109,6 @@ fn model_pair(gpu: &Gpu, heads: usize, kv_heads: usize, d: usize) -> (Qwen2, Qwe
     })
     .unwrap();
     (a, b, q_scale)
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn largest(a: &[f32]) -> f32 {

@@ -11,6 +11,9 @@ use wgtrain::data::Dataset;
 use wgtrain::model::{Adapter, KvCache, Qwen2};
 use wgtrain_kernels::Gpu;
 
+mod common;
+use common::max_abs_diff;
+
 const MODELS: [&str; 2] = ["tiny-qwen2-untied", "tiny-qwen2-tied"];
 
 fn fixtures() -> PathBuf {
@@ -44,14 +47,6 @@ fn reference_logits(name: &str) -> Vec<f32> {
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 fn wgtrain(args: &[&str]) -> Output {
