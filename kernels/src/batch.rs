@@ -4,9 +4,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::gpu::linear_groups;
 use crate::gpu::{read_buffer, Gpu, Pipeline, PARAMS_SLOT};
 use crate::shader::Kernel;
-use crate::tensor::Tensor;
+use crate::tensor::{row_segments, Tensor};
 
 impl Gpu {
     /// A new batch of dispatches, submitted together.
@@ -25,6 +26,14 @@ struct Record {
     buffers: Vec<wgpu::Buffer>,
     params_offset: u32,
     groups: [u32; 3],
+}
+
+/// Rows `first..first + count` of every tensor given to [`Batch::launch_rows`]: `offsets[i]` is
+/// the element offset of row `first` inside the chunk of tensor `i` that holds it.
+pub struct RowSegment<const N: usize> {
+    pub first: usize,
+    pub count: usize,
+    pub offsets: [u32; N],
 }
 
 /// Dispatches recorded now and submitted together in one compute pass. Each dispatch's parameters
@@ -84,6 +93,41 @@ impl<'g> Batch<'g> {
             params_offset: offset as u32,
             groups,
         });
+        Ok(())
+    }
+
+    /// Records a flat kernel, one thread per `threads_per_row` of each row, once per row segment
+    /// of `tensors` (indexed by the same rows; each segment lies within one chunk of every
+    /// tensor). The storage bindings are the tensors' chunks in the order given, then `extra`
+    /// (whole one-chunk buffers such as tables); `params` gives the segment's parameters. The
+    /// workgroups follow the entry point's own `@workgroup_size`.
+    pub fn launch_rows<P: bytemuck::Pod, const N: usize>(
+        &mut self,
+        kernel: &Kernel,
+        tensors: [&Tensor; N],
+        extra: &[&wgpu::Buffer],
+        threads_per_row: usize,
+        params: impl Fn(&RowSegment<N>) -> P,
+    ) -> Result<()> {
+        let Some(first) = tensors.first() else {
+            bail!("{}: launch_rows needs a tensor", kernel.key());
+        };
+        let [workgroup, 1, 1] = self.gpu.pipeline(kernel)?.workgroup_size else {
+            bail!("{}: launch_rows needs a 1-D workgroup", kernel.key());
+        };
+        for rows in row_segments(first.rows(), &tensors) {
+            let at = tensors.map(|t| t.row(rows.start));
+            let segment = RowSegment {
+                first: rows.start,
+                count: rows.len(),
+                offsets: at.each_ref().map(|r| r.offset),
+            };
+            let threads = (rows.len() * threads_per_row) as u32;
+            let mut buffers: Vec<&wgpu::Buffer> = at.iter().map(|r| r.buffer).collect();
+            buffers.extend_from_slice(extra);
+            let groups = linear_groups(self.gpu, threads.div_ceil(workgroup));
+            self.dispatch(kernel, &params(&segment), &buffers, groups)?;
+        }
         Ok(())
     }
 

@@ -191,6 +191,8 @@ pub(crate) struct Pipeline {
     pub(crate) layout: wgpu::BindGroupLayout,
     /// Binding numbers of the storage buffers the entry point uses, ascending (0 is the params).
     pub(crate) storage_bindings: Vec<u32>,
+    /// The entry point's `@workgroup_size`, read from the WGSL.
+    pub(crate) workgroup_size: [u32; 3],
 }
 
 /// Device bytes held by tensors: now, and the most at once since the last [`Gpu::reset_peak`].
@@ -352,7 +354,7 @@ impl Gpu {
             return Ok(p.clone());
         }
         let source = kernel.source();
-        let storage = storage_bindings(&source, kernel)?;
+        let (storage, workgroup_size) = reflect(&source, kernel)?;
         let module = self
             .device
             .create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -414,6 +416,7 @@ impl Gpu {
             pipeline,
             layout,
             storage_bindings,
+            workgroup_size,
         });
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
@@ -447,9 +450,9 @@ fn pick(list: Vec<wgpu::Adapter>, sel: &str) -> Result<wgpu::Adapter> {
 }
 
 /// Validates the WGSL with naga and returns the storage bindings of group 0 that the entry point
-/// uses, ascending, each with whether it is read-only. Layouts follow from the source, so
-/// launchers never restate them.
-fn storage_bindings(source: &str, kernel: &Kernel) -> Result<Vec<(u32, bool)>> {
+/// uses, ascending, each with whether it is read-only, and the entry point's workgroup size.
+/// Layouts and workgroup sizes follow from the source, so launchers never restate them.
+fn reflect(source: &str, kernel: &Kernel) -> Result<(Vec<(u32, bool)>, [u32; 3])> {
     let module = naga::front::wgsl::parse_str(source).map_err(|e| {
         anyhow!(
             "shaders/{} does not parse: {}",
@@ -494,7 +497,7 @@ fn storage_bindings(source: &str, kernel: &Kernel) -> Result<Vec<(u32, bool)>> {
         }
     }
     bindings.sort();
-    Ok(bindings)
+    Ok((bindings, module.entry_points[ep_index].workgroup_size))
 }
 
 /// Splits `n` workgroups over x and y so that neither exceeds the per-dimension limit; shaders

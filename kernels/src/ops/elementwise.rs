@@ -66,28 +66,19 @@ pub fn add(
 ) -> Result<()> {
     same_shape("add a/b", a, b)?;
     same_shape("add a/out", a, out)?;
-    let cols = a.row_len();
-    for seg in row_segments(a.rows(), &[a, b, out]) {
-        let (ra, rb, ro) = (a.row(seg.start), b.row(seg.start), out.row(seg.start));
-        let n = (seg.len() * cols) as u32;
-        let params = Params {
-            n,
-            a_off: ra.offset,
-            b_off: rb.offset,
-            out_off: ro.offset,
+    let kernel = Kernel::new(&ELEMENTWISE, "add");
+    batch.launch_rows(&kernel, [a, b, out], &[], a.row_len(), |seg| {
+        let [a_off, b_off, out_off] = seg.offsets;
+        Params {
+            n: (seg.count * a.row_len()) as u32,
+            a_off,
+            b_off,
+            out_off,
             alpha,
             beta,
             ..Default::default()
-        };
-        let groups = linear_groups(batch.gpu, n.div_ceil(WG));
-        batch.dispatch(
-            &Kernel::new(&ELEMENTWISE, "add"),
-            &params,
-            &[ra.buffer, rb.buffer, ro.buffer],
-            groups,
-        )?;
-    }
-    Ok(())
+        }
+    })
 }
 
 /// `out = alpha * a + beta * out` in place (f32, same shape).
@@ -110,25 +101,16 @@ fn launch_unary(
     out: &Tensor,
     params: impl Fn(u32) -> Params,
 ) -> Result<()> {
-    let cols = a.row_len();
-    for seg in row_segments(a.rows(), &[a, out]) {
-        let (ra, ro) = (a.row(seg.start), out.row(seg.start));
-        let n = (seg.len() * cols) as u32;
-        let params = Params {
-            n,
-            a_off: ra.offset,
-            out_off: ro.offset,
-            ..params((seg.start * cols) as u32)
-        };
-        let groups = linear_groups(batch.gpu, n.div_ceil(WG));
-        batch.dispatch(
-            &Kernel::new(&ELEMENTWISE, entry),
-            &params,
-            &[ra.buffer, ro.buffer],
-            groups,
-        )?;
-    }
-    Ok(())
+    let (kernel, cols) = (Kernel::new(&ELEMENTWISE, entry), a.row_len());
+    batch.launch_rows(&kernel, [a, out], &[], cols, |seg| {
+        let [a_off, out_off] = seg.offsets;
+        Params {
+            n: (seg.count * cols) as u32,
+            a_off,
+            out_off,
+            ..params((seg.first * cols) as u32)
+        }
+    })
 }
 
 /// Copies rows `src_rows` of `src` into rows `dst_row..` of `dst` (f32, same row length), e.g.
@@ -252,28 +234,26 @@ pub fn convert(batch: &mut Batch, src: &Tensor, dst: &Tensor) -> Result<()> {
         ),
         (s, d) => bail!("convert: no {s:?} -> {d:?} kernel"),
     };
-    let cols = src.row_len();
-    for seg in row_segments(src.rows(), &[src, dst]) {
-        let (rs, rd) = (src.row(seg.start), dst.row(seg.start));
-        let n = (seg.len() * cols) as u32;
-        let params = Params {
-            n,
-            a_off: rs.offset,
-            out_off: rd.offset,
-            ..Default::default()
-        };
-        let threads = if entry == "f32_to_bf16" { n / 2 } else { n };
-        let groups = linear_groups(batch.gpu, threads.div_ceil(WG));
-        // Entry points list their buffers in binding order: f32 source (1) before bf16 output (5),
-        // f32 output (3) before bf16 source (4).
-        let buffers = if entry == "f32_to_bf16" {
-            [rs.buffer, rd.buffer]
-        } else {
-            [rd.buffer, rs.buffer]
-        };
-        batch.dispatch(&Kernel::new(&ELEMENTWISE, entry), &params, &buffers, groups)?;
+    let (kernel, cols) = (Kernel::new(&ELEMENTWISE, entry), src.row_len());
+    let params = |n: usize, a_off, out_off| Params {
+        n: n as u32,
+        a_off,
+        out_off,
+        ..Default::default()
+    };
+    // Entry points list their buffers in binding order: f32 source (1) before bf16 output (5),
+    // f32 output (3) before bf16 source (4). f32_to_bf16 runs one thread per bf16 pair.
+    if entry == "f32_to_bf16" {
+        batch.launch_rows(&kernel, [src, dst], &[], cols / 2, |seg| {
+            let [src_off, dst_off] = seg.offsets;
+            params(seg.count * cols, src_off, dst_off)
+        })
+    } else {
+        batch.launch_rows(&kernel, [dst, src], &[], cols, |seg| {
+            let [dst_off, src_off] = seg.offsets;
+            params(seg.count * cols, src_off, dst_off)
+        })
     }
-    Ok(())
 }
 
 /// `out[c] = alpha * sum_r a[r, c] (+ beta * out[c])`: the bias gradient of a [rows, cols] output

@@ -41,7 +41,6 @@ params!(
     }
 );
 
-const WG: u32 = 256;
 /// At most this many partial sums for the norm: `sum_partials` runs in one 64-thread workgroup,
 /// so each of its threads adds at most 64 of them.
 const MAX_PARTIALS: usize = 4096;
@@ -205,29 +204,24 @@ pub fn adamw_step(
             "adamw"
         },
     );
-    for seg in row_segments(param.rows(), &[param, grad, m, v]) {
-        let [rp, rg, rm, rv] = [param, grad, m, v].map(|t| t.row(seg.start));
-        let n = (seg.len() * param.row_len()) as u32;
-        let params = Params {
-            n,
-            param_off: rp.offset,
-            grad_off: rg.offset,
-            m_off: rm.offset,
-            v_off: rv.offset,
-            ..base
-        };
-        let mut buffers = vec![rg.buffer, rp.buffer, rm.buffer, rv.buffer];
-        if let Some((norm_sq, _)) = clip {
-            buffers.push(&norm_sq.chunks()[0]);
-        }
-        batch.dispatch(
-            &kernel,
-            &params,
-            &buffers,
-            linear_groups(batch.gpu, n.div_ceil(WG)),
-        )?;
-    }
-    Ok(())
+    let extra: Vec<&wgpu::Buffer> = clip.iter().map(|c| &c.0.chunks()[0]).collect();
+    batch.launch_rows(
+        &kernel,
+        [grad, param, m, v],
+        &extra,
+        param.row_len(),
+        |seg| {
+            let [grad_off, param_off, m_off, v_off] = seg.offsets;
+            Params {
+                n: (seg.count * param.row_len()) as u32,
+                param_off,
+                grad_off,
+                m_off,
+                v_off,
+                ..base
+            }
+        },
+    )
 }
 
 /// One torch.optim.SGD step without momentum (f32 param and grad): `g += wd·p` (torch's coupled
@@ -242,30 +236,19 @@ pub fn sgd_step(
 ) -> Result<()> {
     let clip = check_update(&[("sgd param", param), ("sgd grad", grad)], clip)?;
     let kernel = Kernel::new(&OPTIM, if clip.is_some() { "sgd_clipped" } else { "sgd" });
-    for seg in row_segments(param.rows(), &[param, grad]) {
-        let (rp, rg) = (param.row(seg.start), grad.row(seg.start));
-        let n = (seg.len() * param.row_len()) as u32;
-        let params = Params {
-            n,
-            param_off: rp.offset,
-            grad_off: rg.offset,
+    let extra: Vec<&wgpu::Buffer> = clip.iter().map(|c| &c.0.chunks()[0]).collect();
+    batch.launch_rows(&kernel, [grad, param], &extra, param.row_len(), |seg| {
+        let [grad_off, param_off] = seg.offsets;
+        Params {
+            n: (seg.count * param.row_len()) as u32,
+            param_off,
+            grad_off,
             lr: lr as f32,
             weight_decay: weight_decay as f32,
             max_norm: clip.map_or(0.0, |c| c.1),
             ..Params::default()
-        };
-        let mut buffers = vec![rg.buffer, rp.buffer];
-        if let Some((norm_sq, _)) = clip {
-            buffers.push(&norm_sq.chunks()[0]);
         }
-        batch.dispatch(
-            &kernel,
-            &params,
-            &buffers,
-            linear_groups(batch.gpu, n.div_ceil(WG)),
-        )?;
-    }
-    Ok(())
+    })
 }
 
 /// f64 references of the same formulas.

@@ -11,9 +11,9 @@ use anyhow::{bail, Result};
 use super::check::{max_error, random, to_f64, Check};
 use crate::batch::Batch;
 use crate::bench::{BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Gpu};
+use crate::gpu::Gpu;
 use crate::shader::{params, Kernel, ROPE};
-use crate::tensor::{row_segments, DType, Tensor};
+use crate::tensor::{DType, Tensor};
 
 params!(
     ROPE,
@@ -28,8 +28,6 @@ params!(
         _pad: u32,
     }
 );
-
-const WG: u32 = 256;
 
 /// The inverse frequencies of one head size and theta, resident on the device.
 pub struct Rope {
@@ -102,28 +100,18 @@ fn rotate(
     }
     let (table, period) = positions.table(x.rows())?;
     let kernel = Kernel::new(&ROPE, "rope");
-    for seg in row_segments(x.rows(), &[x]) {
-        let rx = x.row(seg.start);
-        let n = (seg.len() * d / 2) as u32;
-        let params = Params {
-            n,
-            row0: seg.start as u32,
-            x_off: rx.offset,
-            heads: heads as u32,
-            head_dim: d as u32,
-            period: period as u32,
-            sign,
-            _pad: 0,
-        };
-        let buffers = [rx.buffer, &table.chunks()[0], &rope.inv_freq.chunks()[0]];
-        batch.dispatch(
-            &kernel,
-            &params,
-            &buffers,
-            linear_groups(batch.gpu, n.div_ceil(WG)),
-        )?;
-    }
-    Ok(())
+    let extra = [&table.chunks()[0], &rope.inv_freq.chunks()[0]];
+    // One thread per (row, i < D/2): the heads share the angle.
+    batch.launch_rows(&kernel, [x], &extra, d / 2, |seg| Params {
+        n: (seg.count * d / 2) as u32,
+        row0: seg.first as u32,
+        x_off: seg.offsets[0],
+        heads: heads as u32,
+        head_dim: d as u32,
+        period: period as u32,
+        sign,
+        _pad: 0,
+    })
 }
 
 /// Rotates the heads of `x` [rows, heads * head_dim] in place by their positions' angles.

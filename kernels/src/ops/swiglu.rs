@@ -4,9 +4,9 @@ use anyhow::{bail, Result};
 use super::check::{max_error, random, to_f64, Check};
 use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Gpu};
+use crate::gpu::Gpu;
 use crate::shader::{params, Kernel, SWIGLU};
-use crate::tensor::{row_segments, DType, Tensor};
+use crate::tensor::{DType, Tensor};
 
 params!(
     SWIGLU,
@@ -19,8 +19,6 @@ params!(
         du_off: u32,
     }
 );
-
-const WG: u32 = 256;
 
 pub fn variants() -> Vec<Kernel> {
     vec![
@@ -43,25 +41,17 @@ fn check_shapes(g: &Tensor, others: &[(&str, &Tensor)]) -> Result<()> {
 pub fn swiglu_forward(batch: &mut Batch, g: &Tensor, u: &Tensor, h: &Tensor) -> Result<()> {
     check_shapes(g, &[("swiglu u", u), ("swiglu h", h)])?;
     let kernel = Kernel::new(&SWIGLU, "swiglu_forward");
-    for seg in row_segments(g.rows(), &[g, u, h]) {
-        let (rg, ru, rh) = (g.row(seg.start), u.row(seg.start), h.row(seg.start));
-        let n = (seg.len() * g.row_len()) as u32;
-        let params = Params {
-            n,
-            g_off: rg.offset,
-            u_off: ru.offset,
+    batch.launch_rows(&kernel, [g, u, h], &[], g.row_len(), |seg| {
+        let [g_off, u_off, out_off] = seg.offsets;
+        Params {
+            n: (seg.count * g.row_len()) as u32,
+            g_off,
+            u_off,
             dh_off: 0,
-            out_off: rh.offset,
+            out_off,
             du_off: 0,
-        };
-        batch.dispatch(
-            &kernel,
-            &params,
-            &[rg.buffer, ru.buffer, rh.buffer],
-            linear_groups(batch.gpu, n.div_ceil(WG)),
-        )?;
-    }
-    Ok(())
+        }
+    })
 }
 
 /// `dg` and `du` from `dh` and the forward's inputs (all the same shape, f32; dg and du are
@@ -84,26 +74,17 @@ pub fn swiglu_backward(
         ],
     )?;
     let kernel = Kernel::new(&SWIGLU, "swiglu_backward");
-    for seg in row_segments(g.rows(), &[dh, g, u, dg, du]) {
-        let [rdh, rg, ru, rdg, rdu] = [dh, g, u, dg, du].map(|t| t.row(seg.start));
-        let n = (seg.len() * g.row_len()) as u32;
-        let params = Params {
-            n,
-            g_off: rg.offset,
-            u_off: ru.offset,
-            dh_off: rdh.offset,
-            out_off: rdg.offset,
-            du_off: rdu.offset,
-        };
-        let buffers = [rg.buffer, ru.buffer, rdh.buffer, rdg.buffer, rdu.buffer];
-        batch.dispatch(
-            &kernel,
-            &params,
-            &buffers,
-            linear_groups(batch.gpu, n.div_ceil(WG)),
-        )?;
-    }
-    Ok(())
+    batch.launch_rows(&kernel, [g, u, dh, dg, du], &[], g.row_len(), |seg| {
+        let [g_off, u_off, dh_off, out_off, du_off] = seg.offsets;
+        Params {
+            n: (seg.count * g.row_len()) as u32,
+            g_off,
+            u_off,
+            dh_off,
+            out_off,
+            du_off,
+        }
+    })
 }
 
 pub mod cpu {
