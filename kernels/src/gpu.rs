@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::plan::KernelPlan;
 use crate::shader::Kernel;
 
 /// Which graphics API to run on.
@@ -58,10 +59,13 @@ pub struct GpuOptions {
     /// and clears skipped, readbacks return zeros. [`Gpu::memory`] then tells what a workload
     /// needs without running it (e.g. `wgtrain train --dry-run`).
     pub dry_run: bool,
+    /// Kernel variants forced over the adapter's plan, `family=variant,...` (see [`KernelPlan`]).
+    pub kernels: Option<String>,
 }
 
 impl GpuOptions {
-    /// Options from `WGTRAIN_BACKEND`, `WGTRAIN_DEVICE` and `WGTRAIN_MAX_BINDING` (bytes).
+    /// Options from `WGTRAIN_BACKEND`, `WGTRAIN_DEVICE`, `WGTRAIN_MAX_BINDING` (bytes) and
+    /// `WGTRAIN_KERNELS`.
     pub fn from_env() -> Result<Self> {
         let backend = match std::env::var("WGTRAIN_BACKEND") {
             Ok(b) => b.parse().context("WGTRAIN_BACKEND")?,
@@ -79,6 +83,7 @@ impl GpuOptions {
             device: std::env::var("WGTRAIN_DEVICE").ok(),
             max_binding_bytes,
             dry_run: false,
+            kernels: std::env::var("WGTRAIN_KERNELS").ok(),
         })
     }
 }
@@ -234,6 +239,8 @@ pub struct Gpu {
     pub limits: wgpu::Limits,
     /// Largest byte size of one tensor chunk (one storage binding).
     pub max_binding_bytes: u64,
+    /// The kernel variant each family runs here.
+    pub plan: KernelPlan,
     dry_run: bool,
     memory: Arc<MemoryCounter>,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
@@ -272,6 +279,7 @@ impl Gpu {
             }
             max_binding_bytes = max_binding_bytes.min(cap);
         }
+        let plan = KernelPlan::for_adapter(&info, features, options.kernels.as_deref())?;
         Ok(Gpu {
             device,
             queue,
@@ -279,6 +287,7 @@ impl Gpu {
             features,
             limits,
             max_binding_bytes,
+            plan,
             dry_run: options.dry_run,
             memory: Arc::default(),
             pipelines: Mutex::new(HashMap::new()),
@@ -328,15 +337,16 @@ impl Gpu {
         self.features.contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
-    /// One line naming the device, for logs and reports.
+    /// One line naming the device and its kernel plan, for logs and reports.
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}, driver {} {})",
+            "{} ({:?}, {:?}, driver {} {}; kernels {})",
             self.info.name,
             self.info.backend,
             self.info.device_type,
             self.info.driver,
-            self.info.driver_info
+            self.info.driver_info,
+            self.plan.describe()
         )
     }
 
@@ -449,10 +459,13 @@ fn pick(list: Vec<wgpu::Adapter>, sel: &str) -> Result<wgpu::Adapter> {
         })
 }
 
+/// A storage binding's number and whether it is read-only.
+type StorageBinding = (u32, bool);
+
 /// Validates the WGSL with naga and returns the storage bindings of group 0 that the entry point
 /// uses, ascending, each with whether it is read-only, and the entry point's workgroup size.
 /// Layouts and workgroup sizes follow from the source, so launchers never restate them.
-fn reflect(source: &str, kernel: &Kernel) -> Result<(Vec<(u32, bool)>, [u32; 3])> {
+fn reflect(source: &str, kernel: &Kernel) -> Result<(Vec<StorageBinding>, [u32; 3])> {
     let module = naga::front::wgsl::parse_str(source).map_err(|e| {
         anyhow!(
             "shaders/{} does not parse: {}",

@@ -14,6 +14,7 @@ pub mod batch;
 pub mod bench;
 pub mod gpu;
 pub mod ops;
+pub mod plan;
 pub mod shader;
 pub mod tensor;
 

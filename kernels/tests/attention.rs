@@ -203,7 +203,12 @@ fn ragged_forward_refuses_bad_shapes() {
             capacity,
         };
         let mut batch = gpu.batch();
-        attention::attention_forward_ragged(&mut batch, &q, &k, &v, &out, &lse, d, keys)
+        let qkv = attention::Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        };
+        attention::attention_forward_ragged(&mut batch, qkv, &out, &lse, d, keys)
             .map_err(|e| e.to_string())
     };
     run(&[3, 10], 10).unwrap();

@@ -64,7 +64,8 @@ fn backward_reference_matches_finite_differences() {
     assert!(factors.contains(&0.0) && factors.iter().any(|&f| f > 1.0));
     for mask in [None, Some(factors.as_slice())] {
         let loss = |x: &[f64], a: &[f64], b: &[f64]| -> f64 {
-            let (y, _) = cpu::lora_forward(d, x, &w, Some(&bias), a, b, scale, mask);
+            let lora = cpu::Lora { a, b, scale, mask };
+            let (y, _) = cpu::lora_forward(d, x, &w, Some(&bias), &lora);
             y.iter().zip(&g).map(|(y, g)| y * g).sum()
         };
         let fd = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| finite_differences(v, 1e-5, f);
@@ -76,7 +77,13 @@ fn backward_reference_matches_finite_differences() {
                 );
             }
         };
-        let (dx, da, db) = cpu::lora_backward(d, &g, &x, Some(&w), &a, &b, scale, mask);
+        let lora = cpu::Lora {
+            a: &a,
+            b: &b,
+            scale,
+            mask,
+        };
+        let (dx, da, db) = cpu::lora_backward(d, &g, &x, Some(&w), &lora);
         assert_close("dx", &dx, &fd(&x, &|x| loss(x, &a, &b)));
         assert_close("dA", &da, &fd(&a, &|a| loss(&x, a, &b)));
         assert_close("dB", &db, &fd(&b, &|b| loss(&x, &a, b)));

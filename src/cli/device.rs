@@ -2,6 +2,7 @@
 use anyhow::Result;
 use clap::Args;
 use wgtrain_kernels::gpu::{list_adapters, OPTIONAL_FEATURES};
+use wgtrain_kernels::plan::KernelPlan;
 use wgtrain_kernels::{ops, Backend, Gpu, GpuOptions};
 
 /// Where to run: shared by every subcommand that uses the GPU.
@@ -75,6 +76,12 @@ pub fn devices(args: DevicesArgs) -> Result<i32> {
                 features.join(", ")
             }
         );
+        let forced = std::env::var("WGTRAIN_KERNELS").ok();
+        let features = a.features & OPTIONAL_FEATURES;
+        match KernelPlan::for_adapter(&a.info, features, forced.as_deref()) {
+            Ok(plan) => println!("    kernels: {}", plan.describe()),
+            Err(e) => println!("    kernels: {e:#}"),
+        }
         println!(
             "    max storage binding {}, max buffer {}, workgroup storage {} KiB, invocations/workgroup {}, storage buffers/stage {}",
             mib(l.max_storage_buffer_binding_size),

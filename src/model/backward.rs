@@ -11,9 +11,9 @@
 use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
-use wgtrain_kernels::ops::attention::{attention_backward, AttentionDims};
+use wgtrain_kernels::ops::attention::{attention_backward, AttentionDims, Qkv};
 use wgtrain_kernels::ops::cross_entropy::{
-    cross_entropy_backward, cross_entropy_forward, Chunking,
+    cross_entropy_backward, cross_entropy_forward, Chunking, LmHead,
 };
 use wgtrain_kernels::ops::elementwise::{copy_rows, sum_rows};
 use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
@@ -304,16 +304,12 @@ impl Qwen2 {
         let loss = Tensor::zeros(gpu, &[1], DType::F32)?;
         let count = Tensor::zeros(gpu, &[1], DType::U32)?;
         let full = grads.full();
-        cross_entropy_forward(
-            &mut batch,
-            &hidden,
-            self.lm_head(),
-            &targets_t,
-            &lse,
-            &loss,
-            &count,
-            Chunking::default(),
-        )?;
+        let head = LmHead {
+            hidden: &hidden,
+            w_lm: self.lm_head(),
+            chunking: Chunking::default(),
+        };
+        cross_entropy_forward(&mut batch, head, &targets_t, &lse, &loss, &count)?;
         // Releases the forward's logits temporary before the backward makes its own.
         batch.flush();
         let dhidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
@@ -321,14 +317,12 @@ impl Qwen2 {
         let dw_lm = full.map(|g| Out::add(g.lm_head.as_ref().unwrap_or(&g.embed)));
         cross_entropy_backward(
             &mut batch,
-            &hidden,
-            self.lm_head(),
+            head,
             &targets_t,
             &lse,
             grad_scale,
             Out::write(&dhidden),
             dw_lm,
-            Chunking::default(),
         )?;
         let dres = Tensor::zeros(gpu, &[n, h], DType::F32)?;
         rmsnorm_backward(
@@ -423,9 +417,17 @@ impl Qwen2 {
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
-        attention_backward(
-            batch, &a.q, &a.k, &a.v, &a.attn, &a.lse, &s.d_attn, &s.dq, &s.dk, &s.dv, dims,
-        )?;
+        let qkv = Qkv {
+            q: &a.q,
+            k: &a.k,
+            v: &a.v,
+        };
+        let grads = Qkv {
+            q: &s.dq,
+            k: &s.dk,
+            v: &s.dv,
+        };
+        attention_backward(batch, qkv, &a.attn, &a.lse, &s.d_attn, grads, dims)?;
         let positions = Positions::Sequential {
             seq_len: step.seq_len,
             starts: &step.starts,

@@ -24,11 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{bail, ensure, Context, Result};
 use wgtrain_kernels::ops::attention::{
-    attention_forward, attention_forward_ragged, check_head_dim, AttentionDims, KeyLens,
+    attention_forward, attention_forward_ragged, check_head_dim, AttentionDims, KeyLens, Qkv,
 };
 /// The target of an unsupervised position.
 pub use wgtrain_kernels::ops::cross_entropy::IGNORE;
-use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking};
+use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking, LmHead};
 use wgtrain_kernels::ops::elementwise::{add, copy_rows, scatter_rows};
 use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_forward, Dropout, Lora};
@@ -619,10 +619,24 @@ impl Qwen2 {
                     capacity: kv.cache.capacity,
                 };
                 let (k, v) = (&kv.cache.k[l], &kv.cache.v[l]);
-                attention_forward_ragged(batch, &a.q, k, v, &a.attn, &a.lse, dims, keys)?;
+                attention_forward_ragged(
+                    batch,
+                    Qkv { q: &a.q, k, v },
+                    &a.attn,
+                    &a.lse,
+                    dims,
+                    keys,
+                )?;
             }
             // No cache, or every sequence starts empty: the new keys are all there is.
-            None => attention_forward(batch, &a.q, &a.k, &a.v, &a.attn, &a.lse, dims)?,
+            None => {
+                let qkv = Qkv {
+                    q: &a.q,
+                    k: &a.k,
+                    v: &a.v,
+                };
+                attention_forward(batch, qkv, &a.attn, &a.lse, dims)?
+            }
         }
         proj(batch, Proj::O, &a.attn, &a.o)?;
         add(batch, x, &a.o, &a.mid, 1.0, 1.0)?;
@@ -788,16 +802,12 @@ impl Qwen2 {
         let lse = Tensor::zeros(gpu, &[tokens], DType::F32)?;
         let loss = Tensor::zeros(gpu, &[1], DType::F32)?;
         let count = Tensor::zeros(gpu, &[1], DType::U32)?;
-        cross_entropy_forward(
-            &mut batch,
-            &hidden,
-            self.lm_head(),
-            &targets,
-            &lse,
-            &loss,
-            &count,
-            Chunking::default(),
-        )?;
+        let head = LmHead {
+            hidden: &hidden,
+            w_lm: self.lm_head(),
+            chunking: Chunking::default(),
+        };
+        cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count)?;
         batch.submit();
         Ok(LossSum {
             sum: loss.to_f32(gpu)?[0] as f64,

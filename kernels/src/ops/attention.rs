@@ -281,6 +281,15 @@ fn expect_f32(role: &str, t: &Tensor, rows: usize, cols: usize) -> Result<()> {
     t.expect(role, &[rows, cols], Some(DType::F32))
 }
 
+/// Queries [B * tq, hq * D], keys and values [B * tk (or B * cap), hkv * D] (f32) of one attention
+/// call, or, in [`attention_backward`], their gradients.
+#[derive(Clone, Copy)]
+pub struct Qkv<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+}
+
 /// Checks q / out / lse / k / v (and the key counts) and returns the rows per sequence of k and v
 /// (>= tk).
 fn check_forward_shapes(
@@ -329,70 +338,54 @@ fn check_forward_shapes(
 /// the splits' partial results.
 pub fn attention_forward(
     batch: &mut Batch,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: Qkv,
     out: &Tensor,
     lse: &Tensor,
     dims: AttentionDims,
 ) -> Result<()> {
-    attention_forward_with(batch, q, k, v, out, lse, dims, None, ForwardPath::Auto)
+    attention_forward_with(batch, qkv, out, lse, dims, None, ForwardPath::Auto)
 }
 
 /// [`attention_forward`] over sequences with their own key counts (`keys`): B slots of a batched
 /// KV cache, each of its own length, decoded or extended together in one launch.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward_ragged(
     batch: &mut Batch,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: Qkv,
     out: &Tensor,
     lse: &Tensor,
     dims: AttentionDims,
     keys: KeyLens,
 ) -> Result<()> {
-    attention_forward_with(
-        batch,
-        q,
-        k,
-        v,
-        out,
-        lse,
-        dims,
-        Some(keys),
-        ForwardPath::Auto,
-    )
+    attention_forward_with(batch, qkv, out, lse, dims, Some(keys), ForwardPath::Auto)
 }
 
 /// [`attention_forward`] or [`attention_forward_ragged`] with the kernel chosen by the caller
 /// (tests run both on every shape).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_forward_with(
     batch: &mut Batch,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: Qkv,
     out: &Tensor,
     lse: &Tensor,
     dims: AttentionDims,
     keys: Option<KeyLens>,
     path: ForwardPath,
 ) -> Result<()> {
+    let Qkv { q, k, v } = qkv;
     let kv_cap = check_forward_shapes(&dims, q, k, v, out, lse, keys.as_ref())?;
-    let rows = dims.batch_size * dims.tq;
-    let q_pieces = pieces(
-        &row_segments(rows, &[q, out, lse]),
-        dims.batch_size,
-        dims.tq,
-        dims.tq,
-    );
-    let kv_pieces = pieces(
-        &row_segments(dims.batch_size * kv_cap, &[k, v]),
-        dims.batch_size,
-        kv_cap,
-        dims.tk,
-    );
+    let pieces = ForwardPieces {
+        q: pieces(
+            &row_segments(dims.batch_size * dims.tq, &[q, out, lse]),
+            dims.batch_size,
+            dims.tq,
+            dims.tq,
+        ),
+        kv: pieces(
+            &row_segments(dims.batch_size * kv_cap, &[k, v]),
+            dims.batch_size,
+            kv_cap,
+            dims.tk,
+        ),
+    };
     if decode_path(&dims, path) {
         if let Some(split_keys) = decode_split_keys(batch.gpu, &dims) {
             let tensors = [q, k, v, out, lse];
@@ -402,8 +395,7 @@ pub fn attention_forward_with(
                 keys.map(|keys| keys.lens),
                 &dims,
                 kv_cap,
-                &q_pieces,
-                &kv_pieces,
+                &pieces,
                 split_keys,
             );
         }
@@ -417,8 +409,8 @@ pub fn attention_forward_with(
     let d = dims.head_dim;
     let fwd = kernel("attn_fwd", d, false, keys.is_some());
     // Key chunks in order, so that each sequence's first keys are written before later ones merge.
-    for kp in &kv_pieces {
-        for qp in &q_pieces {
+    for kp in &pieces.kv {
+        for qp in &pieces.q {
             let Some((b0, count)) = overlap(qp, kp) else {
                 continue;
             };
@@ -481,15 +473,19 @@ fn decode_split_keys(gpu: &Gpu, dims: &AttentionDims) -> Option<usize> {
     Some(dims.tk.div_ceil(splits).next_multiple_of(BLOCK_K))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The pieces of a forward's query rows (q, out, lse) and key rows (k, v), each within one chunk.
+struct ForwardPieces {
+    q: Vec<Piece>,
+    kv: Vec<Piece>,
+}
+
 fn forward_split_keys(
     batch: &mut Batch,
     [q, k, v, out, lse]: [&Tensor; 5],
     key_lens: Option<&Tensor>,
     dims: &AttentionDims,
     kv_cap: usize,
-    q_pieces: &[Piece],
-    kv_pieces: &[Piece],
+    pieces: &ForwardPieces,
     split_keys: usize,
 ) -> Result<()> {
     let (d, rows) = (dims.head_dim, dims.batch_size * dims.tq);
@@ -500,10 +496,10 @@ fn forward_split_keys(
     let part_out = Tensor::scratch(batch.gpu, n_splits * slot_lse * d)?;
     let part_lse = Tensor::scratch(batch.gpu, n_splits * slot_lse)?;
     let fwd = kernel("attn_fwd", dims.head_dim, true, key_lens.is_some());
-    for kp in kv_pieces {
+    for kp in &pieces.kv {
         let split_first = kp.lo / split_keys;
         let splits = (kp.hi - 1) / split_keys + 1 - split_first;
-        for qp in q_pieces {
+        for qp in &pieces.q {
             let Some((b0, count)) = overlap(qp, kp) else {
                 continue;
             };
@@ -569,20 +565,23 @@ fn forward_split_keys(
 /// Causal attention backward. `out` and `lse` are what [`attention_forward`] saved; writes dq
 /// [B * tq, hq * D] and dk, dv [B * tk, hkv * D] (overwriting them). k / v must hold exactly tk
 /// rows per sequence. Allocates the [B * tq, hq] row-dot buffer drow.
-#[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     batch: &mut Batch,
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
+    qkv: Qkv,
     out: &Tensor,
     lse: &Tensor,
     dout: &Tensor,
-    dq: &Tensor,
-    dk: &Tensor,
-    dv: &Tensor,
+    grads: Qkv,
     dims: AttentionDims,
 ) -> Result<()> {
+    let (
+        Qkv { q, k, v },
+        Qkv {
+            q: dq,
+            k: dk,
+            v: dv,
+        },
+    ) = (qkv, grads);
     let kv_cap = check_forward_shapes(&dims, q, k, v, out, lse, None)?;
     if kv_cap != dims.tk {
         bail!(
@@ -703,16 +702,13 @@ pub mod cpu {
 
     /// Softmax probabilities of query row (b, i) and head h over keys 0..=keys - tq + i, `keys`
     /// being the sequence's key count (k / v with `kv_cap` rows per sequence).
-    #[allow(clippy::too_many_arguments)]
     fn probabilities(
         q: &[f64],
         k: &[f64],
         dims: &AttentionDims,
         kv_cap: usize,
         keys: usize,
-        b: usize,
-        i: usize,
-        h: usize,
+        (b, i, h): (usize, usize, usize),
     ) -> (Vec<f64>, f64) {
         let d = dims.head_dim;
         let hk = h / dims.group();
@@ -757,7 +753,7 @@ pub mod cpu {
         for b in 0..dims.batch_size {
             for i in 0..dims.tq {
                 for h in 0..dims.hq {
-                    let (p, l) = probabilities(q, k, dims, kv_cap, lens[b], b, i, h);
+                    let (p, l) = probabilities(q, k, dims, kv_cap, lens[b], (b, i, h));
                     let row = (b * dims.tq + i) * dims.hq + h;
                     lse[row] = l;
                     for (j, pj) in p.iter().enumerate() {
@@ -788,7 +784,7 @@ pub mod cpu {
         for b in 0..dims.batch_size {
             for i in 0..dims.tq {
                 for h in 0..dims.hq {
-                    let (p, _) = probabilities(q, k, dims, tk, tk, b, i, h);
+                    let (p, _) = probabilities(q, k, dims, tk, tk, (b, i, h));
                     let row = ((b * dims.tq + i) * dims.hq + h) * d;
                     let kv = |j: usize| ((b * tk + j) * dims.hkv + h / dims.group()) * d;
                     let g = &dout[row..][..d];
@@ -888,7 +884,12 @@ fn forward_checks(
         capacity: kv_cap,
     });
     let mut batch = gpu.batch();
-    attention_forward_with(&mut batch, &q, &k, &v, &out, &lse, dims, keys, path)?;
+    let qkv = Qkv {
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    attention_forward_with(&mut batch, qkv, &out, &lse, dims, keys, path)?;
     batch.submit();
     let all_keys = vec![dims.tk; b];
     let (want_out, want_lse) = cpu::forward_ragged(
@@ -951,9 +952,17 @@ pub fn check_backward(gpu: &Gpu, dims: AttentionDims, seed: u64) -> Result<Vec<C
     let dk = Tensor::zeros(gpu, &kshape, DType::F32)?;
     let dv = Tensor::zeros(gpu, &kshape, DType::F32)?;
     let mut batch = gpu.batch();
-    attention_backward(
-        &mut batch, &q, &k, &v, &out, &lse, &dout, &dq, &dk, &dv, dims,
-    )?;
+    let qkv = Qkv {
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    let grads = Qkv {
+        q: &dq,
+        k: &dk,
+        v: &dv,
+    };
+    attention_backward(&mut batch, qkv, &out, &lse, &dout, grads, dims)?;
     batch.submit();
     let (want_dq, want_dk, want_dv) = cpu::backward(&q64, &k64, &v64, &g64, &dims);
     let shape = dims.label();
@@ -1036,15 +1045,23 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
         let out = Tensor::zeros(gpu, &qshape, DType::F32)?;
         let lse = Tensor::zeros(gpu, &[t, dims.hq], DType::F32)?;
         let dout = Tensor::from_f32(gpu, &qshape, &qv)?;
-        let grads = [
-            Tensor::zeros(gpu, &qshape, DType::F32)?,
-            Tensor::zeros(gpu, &kshape, DType::F32)?,
-            Tensor::zeros(gpu, &kshape, DType::F32)?,
-        ];
+        let dq = Tensor::zeros(gpu, &qshape, DType::F32)?;
+        let dk = Tensor::zeros(gpu, &kshape, DType::F32)?;
+        let dv = Tensor::zeros(gpu, &kshape, DType::F32)?;
+        let qkv = Qkv {
+            q: &q,
+            k: &k,
+            v: &v,
+        };
+        let grads = Qkv {
+            q: &dq,
+            k: &dk,
+            v: &dv,
+        };
         let label = format!("{} T={t} hq={} hkv={} D={d}", shape.name, dims.hq, dims.hkv);
         let flops = 2.0 * (dims.hq * t * t * d) as f64;
         let time = crate::bench::time(gpu, config.reps, |b| {
-            attention_forward_with(b, &q, &k, &v, &out, &lse, dims, None, ForwardPath::Blocked)
+            attention_forward_with(b, qkv, &out, &lse, dims, None, ForwardPath::Blocked)
         })?;
         results.push(BenchResult {
             kernel: "attention_forward".into(),
@@ -1054,9 +1071,7 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             bytes: 0.0,
         });
         let time = crate::bench::time(gpu, config.reps, |b| {
-            attention_backward(
-                b, &q, &k, &v, &out, &lse, &dout, &grads[0], &grads[1], &grads[2], dims,
-            )
+            attention_backward(b, qkv, &out, &lse, &dout, grads, dims)
         })?;
         results.push(BenchResult {
             kernel: "attention_backward".into(),
@@ -1073,7 +1088,7 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             Tensor::zeros(gpu, &[1, dims.hq], DType::F32)?,
         );
         let time = crate::bench::time(gpu, config.reps, |b| {
-            attention_forward(b, &q1, &k, &v, &out1, &lse1, step)
+            attention_forward(b, Qkv { q: &q1, ..qkv }, &out1, &lse1, step)
         })?;
         results.push(BenchResult {
             kernel: "attention_decode".into(),

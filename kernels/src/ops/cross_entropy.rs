@@ -165,13 +165,11 @@ impl Problem {
 
     /// Dispatches `entry` over the logits block of (rows, cols) one temporary chunk at a time,
     /// `groups` giving the workgroups for a segment of that many rows.
-    #[allow(clippy::too_many_arguments)]
     fn over_block(
         &self,
         batch: &mut Batch,
         entry: &'static str,
-        rows: &Range<usize>,
-        cols: &Range<usize>,
+        (rows, cols): (&Range<usize>, &Range<usize>),
         params: Params,
         buffers: &[&wgpu::Buffer],
         groups: impl Fn(u32) -> [u32; 3],
@@ -201,6 +199,15 @@ impl Problem {
     }
 }
 
+/// The loss's logits `hidden·w_lmᵀ` ([T, D] f32 times the LM head [V, D], bf16 or f32), made
+/// block by block as `chunking` says, never whole.
+#[derive(Clone, Copy)]
+pub struct LmHead<'a> {
+    pub hidden: &'a Tensor,
+    pub w_lm: &'a Tensor,
+    pub chunking: Chunking,
+}
+
 /// The single buffer of a small per-token or scalar tensor.
 fn whole<'t>(t: &'t Tensor, role: &str, shape: &[usize], dtype: DType) -> Result<&'t wgpu::Buffer> {
     t.expect(role, shape, Some(dtype))?;
@@ -214,17 +221,19 @@ fn whole<'t>(t: &'t Tensor, role: &str, shape: &[usize], dtype: DType) -> Result
 /// Loss of `hidden` [T, D] f32 under the LM head `w_lm` [V, D] (bf16 or f32) with `targets` [T]
 /// u32: writes each row's logsumexp into `lse` [T] f32 (for backward), and adds the summed loss to
 /// `loss` [1] f32 and the number of supervised tokens to `count` [1] u32.
-#[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_forward(
     batch: &mut Batch,
-    hidden: &Tensor,
-    w_lm: &Tensor,
+    head: LmHead,
     targets: &Tensor,
     lse: &Tensor,
     loss: &Tensor,
     count: &Tensor,
-    chunking: Chunking,
 ) -> Result<()> {
+    let LmHead {
+        hidden,
+        w_lm,
+        chunking,
+    } = head;
     let gpu = batch.gpu;
     let problem = Problem::new(gpu, "cross_entropy_forward", hidden, w_lm, chunking)?;
     let tokens = problem.tokens;
@@ -255,8 +264,7 @@ pub fn cross_entropy_forward(
             problem.over_block(
                 batch,
                 "chunk_stats",
-                rows,
-                cols,
+                (rows, cols),
                 params,
                 &stats_buffers,
                 |n| linear_groups(gpu, n),
@@ -291,18 +299,20 @@ pub fn cross_entropy_forward(
 /// Gradients of `grad_scale ·` (the summed loss) given forward's `lse`: into `dhidden` [T, D] and,
 /// for full fine-tuning, `dw_lm` [V, D] f32. `grad_scale` is 1 / (supervised tokens of the whole
 /// optimizer step) for a mean loss. Unsupervised rows get a zero dhidden.
-#[allow(clippy::too_many_arguments)]
 pub fn cross_entropy_backward(
     batch: &mut Batch,
-    hidden: &Tensor,
-    w_lm: &Tensor,
+    head: LmHead,
     targets: &Tensor,
     lse: &Tensor,
     grad_scale: f32,
     dhidden: Out,
     dw_lm: Option<Out>,
-    chunking: Chunking,
 ) -> Result<()> {
+    let LmHead {
+        hidden,
+        w_lm,
+        chunking,
+    } = head;
     let gpu = batch.gpu;
     let problem = Problem::new(gpu, "cross_entropy_backward", hidden, w_lm, chunking)?;
     let tokens = problem.tokens;
@@ -335,8 +345,7 @@ pub fn cross_entropy_backward(
             problem.over_block(
                 batch,
                 "softmax_grad",
-                rows,
-                cols,
+                (rows, cols),
                 params,
                 &[targets_buf, lse_buf],
                 |n| linear_groups(gpu, (n * cols.len() as u32).div_ceil(WG)),
@@ -498,21 +507,22 @@ pub fn check_cross_entropy(gpu: &Gpu, case: Case, seed: u64) -> Result<Vec<Check
     };
     let grad_scale = 0.5;
     let mut batch = gpu.batch();
-    cross_entropy_forward(
-        &mut batch, &hidden, &w, &targets, &lse, &loss, &count, chunking,
-    )?;
+    let head = LmHead {
+        hidden: &hidden,
+        w_lm: &w,
+        chunking,
+    };
+    cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count)?;
     let dhidden_grad = Out::add(&dhidden);
     let dw_grad = dw.as_ref().map(Out::add);
     cross_entropy_backward(
         &mut batch,
-        &hidden,
-        &w,
+        head,
         &targets,
         &lse,
         grad_scale,
         dhidden_grad,
         dw_grad,
-        chunking,
     )?;
     batch.submit();
     let h64 = to_f64(&hv);
@@ -591,12 +601,16 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
         let count = Tensor::zeros(gpu, &[1], DType::U32)?;
         let dhidden = Tensor::zeros(gpu, &[tokens, dim], DType::F32)?;
         let dw = Tensor::zeros(gpu, &[vocab, dim], DType::F32)?;
-        let chunking = Chunking::default();
+        let head = LmHead {
+            hidden: &hidden,
+            w_lm: &w,
+            chunking: Chunking::default(),
+        };
         let shape = format!("{} T{tokens} V{vocab} D{dim}", model.name);
         let gemm_flops = 2.0 * (tokens * vocab * dim) as f64;
         let bytes = 2.0 * (vocab * dim) as f64 + 4.0 * (tokens * dim) as f64;
         let forward = time(gpu, config.reps, |batch| {
-            cross_entropy_forward(batch, &hidden, &w, &targets, &lse, &loss, &count, chunking)
+            cross_entropy_forward(batch, head, &targets, &lse, &loss, &count)
         })?;
         results.push(BenchResult {
             kernel: "cross_entropy_forward".into(),
@@ -611,7 +625,7 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             ("cross_entropy_backward +dw_lm", Some(Out::write(&dw)), 3.0),
         ] {
             let t = time(gpu, config.reps, |batch| {
-                cross_entropy_backward(batch, &hidden, &w, &targets, &lse, 1.0, dh, dw_lm, chunking)
+                cross_entropy_backward(batch, head, &targets, &lse, 1.0, dh, dw_lm)
             })?;
             results.push(BenchResult {
                 kernel: kernel.into(),

@@ -227,19 +227,25 @@ pub mod cpu {
         }
     }
 
-    /// (y, u): y = x·wᵀ + bias + scale·u·bᵀ with u = (x ⊙ mask)·aᵀ, `mask` holding the dropout
-    /// factors (0 or 1 / (1 - p)) of x.
-    #[allow(clippy::too_many_arguments)]
+    /// The adapter as [`super::Lora`] holds it, with `mask` the dropout factors (0 or 1 / (1 - p))
+    /// of each element of x.
+    #[derive(Clone, Copy)]
+    pub struct Lora<'a> {
+        pub a: &'a [f64],
+        pub b: &'a [f64],
+        pub scale: f64,
+        pub mask: Option<&'a [f64]>,
+    }
+
+    /// (y, u): y = x·wᵀ + bias + scale·u·bᵀ with u = (x ⊙ mask)·aᵀ.
     pub fn lora_forward(
         d: Dims,
         x: &[f64],
         w: &[f64],
         bias: Option<&[f64]>,
-        a: &[f64],
-        b: &[f64],
-        scale: f64,
-        mask: Option<&[f64]>,
+        lora: &Lora,
     ) -> (Vec<f64>, Vec<f64>) {
+        let Lora { a, b, scale, mask } = *lora;
         let u = gemm(&masked(x, mask), false, a, true, d.m, d.r, d.k);
         let mut y = matmul_forward(x, w, bias, d.m, d.n, d.k);
         let up = gemm(&u, false, b, true, d.m, d.n, d.r);
@@ -248,17 +254,14 @@ pub mod cpu {
     }
 
     /// (dx, dA, dB), dx including the frozen path dy·w when `w` is given.
-    #[allow(clippy::too_many_arguments)]
     pub fn lora_backward(
         d: Dims,
         dy: &[f64],
         x: &[f64],
         w: Option<&[f64]>,
-        a: &[f64],
-        b: &[f64],
-        scale: f64,
-        mask: Option<&[f64]>,
+        lora: &Lora,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let Lora { a, b, scale, mask } = *lora;
         let xd = masked(x, mask);
         let u = gemm(&xd, false, a, true, d.m, d.r, d.k);
         let v = gemm(dy, false, b, false, d.m, d.r, d.n);
@@ -334,18 +337,14 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64, dropout: Option<Dropout>) -> Re
     )?;
     batch.submit();
     let (x64, a64, b64, dy64) = (to_f64(&xv), to_f64(&av), to_f64(&bv), to_f64(&dyv));
-    let (y_ref, u_ref) = cpu::lora_forward(
-        d,
-        &x64,
-        &w64,
-        Some(&to_f64(&biasv)),
-        &a64,
-        &b64,
-        scale as f64,
+    let lora64 = cpu::Lora {
+        a: &a64,
+        b: &b64,
+        scale: scale as f64,
         mask,
-    );
-    let (dx_ref, da_ref, db_ref) =
-        cpu::lora_backward(d, &dy64, &x64, Some(&w64), &a64, &b64, scale as f64, mask);
+    };
+    let (y_ref, u_ref) = cpu::lora_forward(d, &x64, &w64, Some(&to_f64(&biasv)), &lora64);
+    let (dx_ref, da_ref, db_ref) = cpu::lora_backward(d, &dy64, &x64, Some(&w64), &lora64);
     let shape = match dropout {
         Some(mask) => format!("{m}x{n}x{k} r{r} dropout {}", mask.p),
         None => format!("{m}x{n}x{k} r{r}"),
@@ -387,8 +386,7 @@ pub fn check_lora(gpu: &Gpu, d: Dims, seed: u64, dropout: Option<Dropout>) -> Re
     });
     lora_backward(&mut batch, &dy, &x, &u, &lora, &overwrite, adapter_only)?;
     batch.submit();
-    let (dx_ref, da_ref, _) =
-        cpu::lora_backward(d, &dy64, &x64, None, &a64, &b64, scale as f64, mask);
+    let (dx_ref, da_ref, _) = cpu::lora_backward(d, &dy64, &x64, None, &lora64);
     checks.push(check(
         "lora_backward dx adapter",
         dx_lora.to_f32(gpu)?,

@@ -533,7 +533,6 @@ pub fn matmul_backward_weight(batch: &mut Batch, dy: &Tensor, x: &Tensor, dw: Ou
 pub mod cpu {
     /// `op(A)·op(B)` with op(A) [m, k] (a stored [k, m] when `trans_a`) and op(B) [k, n] (b stored
     /// [n, k] when `trans_b`).
-    #[allow(clippy::too_many_arguments)]
     pub fn gemm(
         a: &[f64],
         trans_a: bool,

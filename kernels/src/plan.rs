@@ -1,0 +1,170 @@
+//! Which variant of each hot kernel family runs on this adapter: chosen once when the device
+//! opens, from what the adapter reports (device type, features, subgroup sizes), printed by
+//! `wgtrain devices` and `selftest`, and forced with `WGTRAIN_KERNELS` (e.g.
+//! `WGTRAIN_KERNELS=gemm=tiled,attention=tiled`) so that every variant can be tested on any
+//! adapter that can run it. A family's launcher reads its entry of [`Gpu::plan`]; a new variant
+//! (a CPU-adapter design, subgroups, cooperative matrices) is one more enum value here plus the
+//! rule that picks it.
+use anyhow::{bail, Result};
+
+/// What the choice depends on, as the adapter reports it.
+#[derive(Clone, Debug)]
+pub struct AdapterTraits {
+    pub device_type: wgpu::DeviceType,
+    /// The features the device was opened with (a subset of [`crate::gpu::OPTIONAL_FEATURES`]).
+    pub features: wgpu::Features,
+    /// The subgroup sizes the adapter may use (`min_subgroup_size..=max_subgroup_size`); a
+    /// subgroup variant must be correct for every size in the range.
+    pub subgroup_sizes: (u32, u32),
+}
+
+macro_rules! variants {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $spelling:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($name::$variant => $spelling),+
+                }
+            }
+
+            fn parse(family: &str, value: &str) -> Result<$name> {
+                match value {
+                    $($spelling => Ok($name::$variant),)+
+                    _ => bail!(
+                        "WGTRAIN_KERNELS: {family}={value} is not a variant (expected one of: {})",
+                        [$($spelling),+].join(", ")
+                    ),
+                }
+            }
+        }
+    };
+}
+
+variants!(
+    /// Matrix products (projections, their gradients, LoRA, the LM head).
+    GemmVariant {
+        /// Workgroup-memory tiles: the portable baseline, and what discrete GPUs run.
+        Tiled = "tiled",
+    }
+);
+
+variants!(
+    /// Flash attention forward, backward and decode.
+    AttentionVariant {
+        /// Key/query tiles in workgroup memory: the portable baseline.
+        Tiled = "tiled",
+    }
+);
+
+/// The variant of each family that this device runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelPlan {
+    pub gemm: GemmVariant,
+    pub attention: AttentionVariant,
+}
+
+impl KernelPlan {
+    /// The plan for an adapter opened with `features`, with the families in `forced`
+    /// (`WGTRAIN_KERNELS`) forced.
+    pub fn for_adapter(
+        info: &wgpu::AdapterInfo,
+        features: wgpu::Features,
+        forced: Option<&str>,
+    ) -> Result<KernelPlan> {
+        let adapter = AdapterTraits {
+            device_type: info.device_type,
+            features,
+            subgroup_sizes: (info.subgroup_min_size, info.subgroup_max_size),
+        };
+        let plan = KernelPlan::choose(&adapter);
+        match forced {
+            Some(spec) => plan.forced(spec, &adapter),
+            None => Ok(plan),
+        }
+    }
+
+    /// The plan for an adapter: the fastest variant it runs correctly, measured per device
+    /// type; discrete GPUs keep the tiled kernels until a measurement on one says otherwise.
+    pub fn choose(_adapter: &AdapterTraits) -> KernelPlan {
+        KernelPlan {
+            gemm: GemmVariant::Tiled,
+            attention: AttentionVariant::Tiled,
+        }
+    }
+
+    /// `self` with the families named in `spec` (`family=variant,...`, as `WGTRAIN_KERNELS`
+    /// takes it) forced, each checked against what the adapter can run.
+    pub fn forced(self, spec: &str, adapter: &AdapterTraits) -> Result<KernelPlan> {
+        let mut plan = self;
+        for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let Some((family, value)) = item.split_once('=') else {
+                bail!("WGTRAIN_KERNELS: '{item}' is not family=variant (e.g. gemm=tiled)");
+            };
+            match family.trim() {
+                "gemm" => plan.gemm = GemmVariant::parse(family, value.trim())?,
+                "attention" => plan.attention = AttentionVariant::parse(family, value.trim())?,
+                other => {
+                    bail!("WGTRAIN_KERNELS: no kernel family '{other}' (families: gemm, attention)")
+                }
+            }
+        }
+        plan.check(adapter)?;
+        Ok(plan)
+    }
+
+    /// Refuses a variant the adapter cannot run (a missing feature or subgroup size).
+    fn check(&self, _adapter: &AdapterTraits) -> Result<()> {
+        Ok(())
+    }
+
+    /// One line for `wgtrain devices`, `selftest` and run logs, e.g. `gemm=tiled attention=tiled`.
+    pub fn describe(&self) -> String {
+        format!(
+            "gemm={} attention={}",
+            self.gemm.name(),
+            self.attention.name()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lavapipe() -> AdapterTraits {
+        AdapterTraits {
+            device_type: wgpu::DeviceType::Cpu,
+            features: wgpu::Features::SUBGROUP,
+            subgroup_sizes: (8, 8),
+        }
+    }
+
+    #[test]
+    fn forcing_names_family_and_variant() {
+        let adapter = lavapipe();
+        let plan = KernelPlan::choose(&adapter);
+        let forced = plan
+            .forced("gemm=tiled, attention=tiled", &adapter)
+            .unwrap();
+        assert_eq!(forced.describe(), "gemm=tiled attention=tiled");
+        for (spec, expected) in [
+            ("gemm", "is not family=variant"),
+            (
+                "gemm=fast",
+                "gemm=fast is not a variant (expected one of: tiled",
+            ),
+            ("softmax=tiled", "no kernel family 'softmax'"),
+        ] {
+            let err = plan.forced(spec, &adapter).unwrap_err().to_string();
+            assert!(err.contains(expected), "{spec}: {err}");
+        }
+    }
+}
