@@ -8,8 +8,9 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 use wgtrain::model::{Adapter, Qwen2Config};
-use wgtrain::train::config::{AdapterKind, Method, TrainConfig, TrainSettings};
+use wgtrain::train::config::{AdapterKind, Method, TrainConfig};
 use wgtrain::train::llama_factory::read_llama_factory_yaml;
+use wgtrain::train::TrainSettings;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

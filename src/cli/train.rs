@@ -1,4 +1,4 @@
-//! `wgtrain train`'s command line. The settings' flags are `train::config::TrainSettings`
+//! `wgtrain train`'s command line. The settings' flags are `train::settings::TrainSettings`
 //! (flattened here), every one optional so that a `--config` YAML value applies unless the flag
 //! is given; defaults and validation are `TrainConfig::resolve`'s.
 use std::path::PathBuf;
@@ -9,8 +9,9 @@ use wgtrain_kernels::Gpu;
 
 use super::device::DeviceArgs;
 use super::signals::StopRequest;
-use crate::train::config::{TrainConfig, TrainSettings};
+use crate::train::config::TrainConfig;
 use crate::train::llama_factory::read_llama_factory_yaml;
+use crate::train::settings::TrainSettings;
 use crate::train::trainer::{self, Outcome};
 
 /// Fine-tune a Qwen2 model (LoRA or full) on a chat dataset.

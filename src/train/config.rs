@@ -1,9 +1,6 @@
-//! A training run's settings: command-line flags merged over an optional LLaMA-Factory YAML,
-//! defaults (the paper's recipe), and validation.
-//!
-//! `TrainSettings` holds every setting as optional, so the same type carries the flags (it is a
-//! clap `Args`) and the YAML's values; `TrainConfig::resolve` lays the flags over the file and
-//! fills in defaults. Relative paths in a YAML file are taken from the current directory, as
+//! A training run's checked settings: `TrainConfig::resolve` lays the flags over an optional
+//! LLaMA-Factory YAML's values (both [`TrainSettings`], the table in [`super::settings`]), fills
+//! in defaults (the paper's recipe) and validates. Relative paths in a YAML file are taken from the current directory, as
 //! LLaMA-Factory does (its configs are run from the directory that holds `data/`).
 //! The LLaMA-Factory dialect of the YAML file is [`super::llama_factory`].
 use std::path::{Path, PathBuf};
@@ -14,6 +11,7 @@ use serde_json::{json, Value as Json};
 use super::batching::{Duration, Overlong};
 use super::metrics::ProgressMode;
 use super::schedule::{SchedulerKind, Warmup};
+use super::settings::{label, label_of, TrainSettings};
 use crate::model::{Adapter, AdapterConfig, Proj, Qwen2Config};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -29,175 +27,6 @@ pub enum OptimizerKind {
     Adamw,
     /// Plain SGD (no momentum), as torch.optim.SGD's defaults.
     Sgd,
-}
-
-/// Every setting of a run, each optional: what the command line or a YAML file gave.
-#[derive(clap::Args, Clone, Debug, Default, PartialEq)]
-pub struct TrainSettings {
-    /// Hugging Face checkpoint directory (config.json, safetensors, tokenizer). Without --model
-    /// and --data, a built-in demo runs (tiny model, synthetic data).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Dataset file (sharegpt or messages rows, JSON array or JSONL); repeat for several.
-    #[arg(long)]
-    pub data: Vec<PathBuf>,
-    /// Run directory: metrics.jsonl, loss.svg, checkpoints, the trained adapter or weights.
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    /// Replace an earlier wgtrain run in --output.
-    #[arg(long)]
-    pub overwrite: bool,
-    /// What to train [default: lora].
-    #[arg(long, value_enum)]
-    pub adapter: Option<AdapterKind>,
-    /// LoRA rank [default: 64].
-    #[arg(long)]
-    pub lora_rank: Option<usize>,
-    /// LoRA alpha (the update is scaled by alpha / rank) [default: 2 × rank].
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// LoRA dropout probability [default: 0].
-    #[arg(long)]
-    pub lora_dropout: Option<f64>,
-    /// Projections that get LoRA factors, comma-separated, or `all` [default: all seven].
-    #[arg(long, value_delimiter = ',')]
-    pub lora_target: Vec<String>,
-    /// PEFT adapter to start LoRA training from.
-    #[arg(long)]
-    pub init_adapter: Option<PathBuf>,
-    /// Optimizer [default: adamw].
-    #[arg(long, value_enum)]
-    pub optimizer: Option<OptimizerKind>,
-    /// Peak learning rate [default: 1e-4 for LoRA, 1e-5 for full].
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// AdamW beta1 [default: 0.9].
-    #[arg(long)]
-    pub beta1: Option<f64>,
-    /// AdamW beta2 [default: 0.999].
-    #[arg(long)]
-    pub beta2: Option<f64>,
-    /// AdamW epsilon [default: 1e-8].
-    #[arg(long)]
-    pub eps: Option<f64>,
-    /// Decoupled weight decay [default: 0].
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Learning-rate schedule after warmup [default: cosine].
-    #[arg(long, value_enum)]
-    pub scheduler: Option<SchedulerKind>,
-    /// Warmup as a fraction of all steps, rounded up [default: 0.1].
-    #[arg(long, conflicts_with = "warmup_steps")]
-    pub warmup_ratio: Option<f64>,
-    /// Warmup steps (instead of --warmup-ratio).
-    #[arg(long)]
-    pub warmup_steps: Option<usize>,
-    /// Clip the gradient to this global norm; 0 disables [default: 1.0].
-    #[arg(long)]
-    pub max_grad_norm: Option<f64>,
-    /// Rows per micro-batch [default: 1].
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Micro-batches per optimizer step [default: 1].
-    #[arg(long)]
-    pub grad_accum: Option<usize>,
-    /// Passes over the data; may be fractional [default: 3].
-    #[arg(long, conflicts_with = "max_steps")]
-    pub epochs: Option<f64>,
-    /// Optimizer steps to run (instead of --epochs).
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Longest row in tokens [default: 16384].
-    #[arg(long)]
-    pub max_len: Option<usize>,
-    /// What to do with rows longer than --max-len [default: truncate].
-    #[arg(long, value_enum)]
-    pub overlong: Option<Overlong>,
-    /// Train on the first N rows only.
-    #[arg(long)]
-    pub max_samples: Option<usize>,
-    /// Seed of the data order, LoRA initialisation and dropout [default: 42].
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Write a checkpoint every N optimizer steps; 0 only at the end [default: 500].
-    #[arg(long)]
-    pub save_steps: Option<usize>,
-    /// Keep only the N most recent checkpoints, deleting older ones; 0 keeps all [default: keep
-    /// all].
-    #[arg(long)]
-    pub save_total_limit: Option<usize>,
-    /// Continue from this checkpoint directory, taking exactly the steps the uninterrupted run
-    /// would have taken.
-    #[arg(long)]
-    pub resume: Option<PathBuf>,
-    /// Keep the data in file order (rows are still grouped by length).
-    #[arg(long)]
-    pub no_shuffle: bool,
-    /// Progress display: a bar on a terminal, else one line per step [default: auto].
-    #[arg(long, value_enum)]
-    pub progress: Option<ProgressMode>,
-}
-
-impl TrainSettings {
-    /// These settings where given, `base`'s elsewhere. Warmup (ratio or steps) and length (epochs
-    /// or max steps) are taken as pairs, so `--warmup-steps` overrides a file's `warmup_ratio`.
-    pub fn over(self, base: TrainSettings) -> TrainSettings {
-        let (warmup_ratio, warmup_steps) =
-            if self.warmup_ratio.is_some() || self.warmup_steps.is_some() {
-                (self.warmup_ratio, self.warmup_steps)
-            } else {
-                (base.warmup_ratio, base.warmup_steps)
-            };
-        let (epochs, max_steps) = if self.epochs.is_some() || self.max_steps.is_some() {
-            (self.epochs, self.max_steps)
-        } else {
-            (base.epochs, base.max_steps)
-        };
-        TrainSettings {
-            model: self.model.or(base.model),
-            data: either(self.data, base.data),
-            output: self.output.or(base.output),
-            overwrite: self.overwrite || base.overwrite,
-            adapter: self.adapter.or(base.adapter),
-            lora_rank: self.lora_rank.or(base.lora_rank),
-            lora_alpha: self.lora_alpha.or(base.lora_alpha),
-            lora_dropout: self.lora_dropout.or(base.lora_dropout),
-            lora_target: either(self.lora_target, base.lora_target),
-            init_adapter: self.init_adapter.or(base.init_adapter),
-            optimizer: self.optimizer.or(base.optimizer),
-            lr: self.lr.or(base.lr),
-            beta1: self.beta1.or(base.beta1),
-            beta2: self.beta2.or(base.beta2),
-            eps: self.eps.or(base.eps),
-            weight_decay: self.weight_decay.or(base.weight_decay),
-            scheduler: self.scheduler.or(base.scheduler),
-            warmup_ratio,
-            warmup_steps,
-            max_grad_norm: self.max_grad_norm.or(base.max_grad_norm),
-            batch_size: self.batch_size.or(base.batch_size),
-            grad_accum: self.grad_accum.or(base.grad_accum),
-            epochs,
-            max_steps,
-            max_len: self.max_len.or(base.max_len),
-            overlong: self.overlong.or(base.overlong),
-            max_samples: self.max_samples.or(base.max_samples),
-            seed: self.seed.or(base.seed),
-            save_steps: self.save_steps.or(base.save_steps),
-            save_total_limit: self.save_total_limit.or(base.save_total_limit),
-            resume: self.resume.or(base.resume),
-            no_shuffle: self.no_shuffle || base.no_shuffle,
-            progress: self.progress.or(base.progress),
-        }
-    }
-}
-
-/// A list setting: `mine` unless it is empty.
-fn either<T>(mine: Vec<T>, theirs: Vec<T>) -> Vec<T> {
-    if mine.is_empty() {
-        theirs
-    } else {
-        mine
-    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -315,8 +144,9 @@ impl TrainConfig {
         let demo = s.model.is_none() && s.data.is_empty();
         ensure!(
             demo || (s.model.is_some() && !s.data.is_empty()),
-            "--model (model_name_or_path) and --data (dataset) go together; give neither for the \
-             built-in demo"
+            "{} and {} go together; give neither for the built-in demo",
+            label!(model),
+            label!(data)
         );
         if let Some(model) = &s.model {
             ensure!(
@@ -329,7 +159,7 @@ impl TrainConfig {
         let output = match (s.output.clone(), demo) {
             (Some(output), _) => output,
             (None, true) => PathBuf::from(DEMO_OUTPUT),
-            (None, false) => bail!("--output (output_dir) is required"),
+            (None, false) => bail!("{} is required", label!(output)),
         };
 
         let kind = s.adapter.unwrap_or(AdapterKind::Lora);
@@ -339,24 +169,18 @@ impl TrainConfig {
 
         let (warmup, max_grad_norm) = resolve_warmup_and_clipping(&s)?;
         let batch_size = s.batch_size.unwrap_or(1);
-        ensure!(
-            batch_size > 0,
-            "--batch-size (per_device_train_batch_size) must be positive"
-        );
+        ensure!(batch_size > 0, "{} must be positive", label!(batch_size));
         let grad_accum = s.grad_accum.unwrap_or(1);
-        ensure!(
-            grad_accum > 0,
-            "--grad-accum (gradient_accumulation_steps) must be positive"
-        );
+        ensure!(grad_accum > 0, "{} must be positive", label!(grad_accum));
         let duration = resolve_duration(&s)?;
         let max_len = s.max_len.unwrap_or(16384);
         ensure!(
             max_len >= 2,
-            "--max-len (cutoff_len) must be at least 2 tokens (one to predict from, one to \
-             predict)"
+            "{} must be at least 2 tokens (one to predict from, one to predict)",
+            label!(max_len)
         );
         if let Some(n) = s.max_samples {
-            ensure!(n > 0, "--max-samples (max_samples) must be positive");
+            ensure!(n > 0, "{} must be positive", label!(max_samples));
         }
         Ok(TrainConfig {
             demo,
@@ -515,17 +339,14 @@ fn resolve_method(
         AdapterKind::Full => {
             ensure!(
                 s.init_adapter.is_none(),
-                "--init-adapter (adapter_name_or_path) needs --adapter lora"
+                "{} needs --adapter lora",
+                label!(init_adapter)
             );
-            let lora_only: Vec<&str> = [
-                ("--lora-rank (lora_rank)", s.lora_rank.is_some()),
-                ("--lora-alpha (lora_alpha)", s.lora_alpha.is_some()),
-                ("--lora-dropout (lora_dropout)", s.lora_dropout.is_some()),
-                ("--lora-target (lora_target)", !s.lora_target.is_empty()),
-            ]
-            .into_iter()
-            .filter_map(|(name, set)| set.then_some(name))
-            .collect();
+            let lora_only: Vec<String> = ["lora_rank", "lora_alpha", "lora_dropout", "lora_target"]
+                .into_iter()
+                .filter(|&field| s.given(field))
+                .map(label_of)
+                .collect();
             if !lora_only.is_empty() {
                 warnings.push(format!(
                     "{} ignored: full fine-tuning trains every weight (--adapter lora uses them)",
@@ -536,16 +357,18 @@ fn resolve_method(
         }
         AdapterKind::Lora => {
             let rank = s.lora_rank.unwrap_or(64);
-            ensure!(rank > 0, "--lora-rank (lora_rank) must be positive");
+            ensure!(rank > 0, "{} must be positive", label!(lora_rank));
             let alpha = s.lora_alpha.unwrap_or(2.0 * rank as f64);
             ensure!(
                 alpha.is_finite() && alpha > 0.0,
-                "--lora-alpha (lora_alpha) must be positive, got {alpha}"
+                "{} must be positive, got {alpha}",
+                label!(lora_alpha)
             );
             let dropout = s.lora_dropout.unwrap_or(0.0);
             ensure!(
                 (0.0..1.0).contains(&dropout),
-                "--lora-dropout (lora_dropout) must lie in [0, 1), got {dropout}"
+                "{} must lie in [0, 1), got {dropout}",
+                label!(lora_dropout)
             );
             Method::Lora(LoraSettings {
                 rank,
@@ -575,13 +398,11 @@ fn resolve_optimizer(s: &TrainSettings, kind: AdapterKind) -> Result<OptimizerSe
     let o = &optimizer;
     ensure!(
         o.lr.is_finite() && o.lr > 0.0,
-        "--lr (learning_rate) must be positive, got {}",
+        "{} must be positive, got {}",
+        label!(lr),
         o.lr
     );
-    for (name, beta) in [
-        ("--beta1 (adam_beta1)", o.beta1),
-        ("--beta2 (adam_beta2)", o.beta2),
-    ] {
+    for (name, beta) in [(label!(beta1), o.beta1), (label!(beta2), o.beta2)] {
         ensure!(
             (0.0..1.0).contains(&beta),
             "{name} must lie in [0, 1), got {beta}"
@@ -589,12 +410,14 @@ fn resolve_optimizer(s: &TrainSettings, kind: AdapterKind) -> Result<OptimizerSe
     }
     ensure!(
         o.eps.is_finite() && o.eps > 0.0,
-        "--eps (adam_epsilon) must be positive, got {}",
+        "{} must be positive, got {}",
+        label!(eps),
         o.eps
     );
     ensure!(
         o.weight_decay.is_finite() && o.weight_decay >= 0.0,
-        "--weight-decay (weight_decay) must be at least 0, got {}",
+        "{} must be at least 0, got {}",
+        label!(weight_decay),
         o.weight_decay
     );
     Ok(optimizer)
@@ -609,7 +432,8 @@ fn resolve_warmup_and_clipping(s: &TrainSettings) -> Result<(Warmup, Option<f64>
         (_, Some(ratio)) => {
             ensure!(
                 (0.0..=1.0).contains(&ratio),
-                "--warmup-ratio (warmup_ratio) must lie in [0, 1], got {ratio}"
+                "{} must lie in [0, 1], got {ratio}",
+                label!(warmup_ratio)
             );
             Warmup::Ratio(ratio)
         }
@@ -618,7 +442,10 @@ fn resolve_warmup_and_clipping(s: &TrainSettings) -> Result<(Warmup, Option<f64>
     let max_grad_norm = match s.max_grad_norm.unwrap_or(1.0) {
         0.0 => None,
         n if n.is_finite() && n > 0.0 => Some(n),
-        n => bail!("--max-grad-norm (max_grad_norm) must be at least 0 (0 disables), got {n}"),
+        n => bail!(
+            "{} must be at least 0 (0 disables), got {n}",
+            label!(max_grad_norm)
+        ),
     };
     Ok((warmup, max_grad_norm))
 }
@@ -627,14 +454,15 @@ fn resolve_warmup_and_clipping(s: &TrainSettings) -> Result<(Warmup, Option<f64>
 fn resolve_duration(s: &TrainSettings) -> Result<Duration> {
     Ok(match (s.max_steps, s.epochs) {
         (Some(steps), _) => {
-            ensure!(steps > 0, "--max-steps (max_steps) must be positive");
+            ensure!(steps > 0, "{} must be positive", label!(max_steps));
             Duration::Steps(steps)
         }
         (None, epochs) => {
             let epochs = epochs.unwrap_or(3.0);
             ensure!(
                 epochs.is_finite() && epochs > 0.0,
-                "--epochs (num_train_epochs) must be positive, got {epochs}"
+                "{} must be positive, got {epochs}",
+                label!(epochs)
             );
             Duration::Epochs(epochs)
         }
@@ -657,8 +485,8 @@ pub(super) fn lora_targets(given: &[String]) -> Result<Vec<Proj>> {
         .find(|&&n| !Proj::ALL.iter().any(|p| p.module() == n))
     {
         bail!(
-            "--lora-target (lora_target) {bad:?} is not a projection of a Qwen2 layer; choose \
-             from {} or all",
+            "{} {bad:?} is not a projection of a Qwen2 layer; choose from {} or all",
+            label!(lora_target),
             module_names(&Proj::ALL).join(", ")
         );
     }
@@ -678,6 +506,7 @@ pub fn module_names(targets: &[Proj]) -> Vec<&'static str> {
 mod tests {
     use super::*;
     use crate::train::llama_factory::{read_llama_factory_yaml, resolve_datasets};
+    use crate::train::settings::SETTINGS;
 
     fn yaml(dir: &Path, text: &str) -> PathBuf {
         let path = dir.join("train.yaml");
@@ -758,6 +587,23 @@ mod tests {
         assert_eq!(c.max_grad_norm, Some(1.0));
         assert_eq!(c.output, PathBuf::from("saves/Sky-T1-32B-lora"));
         assert!(!c.demo && c.shuffle && !c.warnings.is_empty());
+    }
+
+    /// Every LLaMA-Factory key of the settings table is read (a value of the wrong kind is
+    /// refused by name, not as an unknown key).
+    #[test]
+    fn every_yaml_key_of_the_settings_table_is_read() {
+        let tmp = tempfile::tempdir().unwrap();
+        for key in SETTINGS.iter().flat_map(|s| s.yaml.iter()) {
+            let path = yaml(tmp.path(), &format!("{key}: [[1]]\n"));
+            let err = read_llama_factory_yaml(&path, &TrainSettings::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("{key} = ")) && !err.contains("unknown key"),
+                "{key}: {err}"
+            );
+        }
     }
 
     #[test]
@@ -850,6 +696,46 @@ mod tests {
             "{:?}",
             c.warnings
         );
+    }
+
+    /// The defaults `--help` and the docs show (the settings table) are the ones resolved.
+    #[test]
+    fn the_settings_table_shows_the_resolved_defaults() {
+        let c = TrainConfig::resolve(TrainSettings::default(), None).unwrap();
+        let Method::Lora(lora) = &c.method else {
+            panic!("LoRA is the default")
+        };
+        let o = &c.optimizer;
+        let resolved = [
+            ("adapter", "lora".to_string()),
+            ("lora_rank", lora.rank.to_string()),
+            ("lora_dropout", lora.dropout.to_string()),
+            ("optimizer", format!("{:?}", o.kind).to_lowercase()),
+            ("beta1", o.beta1.to_string()),
+            ("beta2", o.beta2.to_string()),
+            ("eps", format!("{:e}", o.eps)),
+            ("weight_decay", o.weight_decay.to_string()),
+            ("scheduler", c.scheduler.name().to_string()),
+            ("warmup_ratio", format!("{:?}", c.warmup)),
+            ("max_grad_norm", format!("{:?}", c.max_grad_norm.unwrap())),
+            ("batch_size", c.batch_size.to_string()),
+            ("grad_accum", c.grad_accum.to_string()),
+            ("epochs", format!("{:?}", c.duration).replace(".0)", ")")),
+            ("max_len", c.max_len.to_string()),
+            ("overlong", format!("{:?}", c.overlong).to_lowercase()),
+            ("seed", c.seed.to_string()),
+            ("save_steps", c.save_steps.unwrap().to_string()),
+            ("progress", format!("{:?}", c.progress).to_lowercase()),
+        ];
+        for (field, value) in resolved {
+            let shown = SETTINGS.iter().find(|s| s.field == field).unwrap().default;
+            let shown = shown.trim_matches('`');
+            assert!(
+                value == shown || value.contains(&format!("({shown})")),
+                "{field}: the table shows {shown}, resolve gives {value}"
+            );
+        }
+        assert_eq!(lora.alpha, 2.0 * lora.rank as f64, "2 × rank");
     }
 
     #[test]

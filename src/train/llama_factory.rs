@@ -12,8 +12,9 @@ use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::Value as Json;
 use serde_norway::Value as Yaml;
 
-use super::config::{lora_targets, AdapterKind, OptimizerKind, TrainSettings};
+use super::config::{lora_targets, AdapterKind, OptimizerKind};
 use super::schedule::SchedulerKind;
+use super::settings::{overriding_flag, TrainSettings};
 
 /// LLaMA-Factory keys accepted without effect, and why.
 pub const IGNORED_KEYS: &[(&str, &str)] = &[
@@ -121,49 +122,6 @@ fn key_line(text: &str, key: &str) -> Option<usize> {
                     .is_some_and(|rest| rest.trim_start().starts_with(':'))
         })
         .map(|i| i + 1)
-}
-
-/// The flag that overrides a YAML key, when `flags` gives it. Warmup (ratio or steps) and length
-/// (epochs or max steps) go in pairs, as in [`TrainSettings::over`].
-fn overriding_flag(key: &str, flags: &TrainSettings) -> Option<&'static str> {
-    let f = flags;
-    let (flag, given) = match key {
-        "model_name_or_path" => ("--model", f.model.is_some()),
-        "adapter_name_or_path" => ("--init-adapter", f.init_adapter.is_some()),
-        "dataset" | "dataset_dir" => ("--data", !f.data.is_empty()),
-        "output_dir" => ("--output", f.output.is_some()),
-        "resume_from_checkpoint" => ("--resume", f.resume.is_some()),
-        "finetuning_type" => ("--adapter", f.adapter.is_some()),
-        "lora_rank" => ("--lora-rank", f.lora_rank.is_some()),
-        "lora_alpha" => ("--lora-alpha", f.lora_alpha.is_some()),
-        "lora_dropout" => ("--lora-dropout", f.lora_dropout.is_some()),
-        "lora_target" => ("--lora-target", !f.lora_target.is_empty()),
-        "optim" => ("--optimizer", f.optimizer.is_some()),
-        "learning_rate" => ("--lr", f.lr.is_some()),
-        "adam_beta1" => ("--beta1", f.beta1.is_some()),
-        "adam_beta2" => ("--beta2", f.beta2.is_some()),
-        "adam_epsilon" => ("--eps", f.eps.is_some()),
-        "weight_decay" => ("--weight-decay", f.weight_decay.is_some()),
-        "lr_scheduler_type" => ("--scheduler", f.scheduler.is_some()),
-        "warmup_ratio" | "warmup_steps" => (
-            "--warmup-ratio/--warmup-steps",
-            f.warmup_ratio.is_some() || f.warmup_steps.is_some(),
-        ),
-        "max_grad_norm" => ("--max-grad-norm", f.max_grad_norm.is_some()),
-        "per_device_train_batch_size" => ("--batch-size", f.batch_size.is_some()),
-        "gradient_accumulation_steps" => ("--grad-accum", f.grad_accum.is_some()),
-        "num_train_epochs" | "max_steps" => (
-            "--epochs/--max-steps",
-            f.epochs.is_some() || f.max_steps.is_some(),
-        ),
-        "cutoff_len" => ("--max-len", f.max_len.is_some()),
-        "max_samples" => ("--max-samples", f.max_samples.is_some()),
-        "seed" => ("--seed", f.seed.is_some()),
-        "save_steps" | "save_strategy" => ("--save-steps", f.save_steps.is_some()),
-        "save_total_limit" => ("--save-total-limit", f.save_total_limit.is_some()),
-        _ => return None,
-    };
-    given.then_some(flag)
 }
 
 /// What the keys read leave for after the whole file: the dataset to look up, and whether a

@@ -35,6 +35,7 @@ use super::flops::{row_flops, Trainable};
 use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics, METRICS_FILE};
 use super::run_dir::{check_not_in_use, check_output_apart, RunDir};
 use super::schedule::Schedule;
+use super::settings::label;
 use super::step::{gradients, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments};
 use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
@@ -167,8 +168,9 @@ pub fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adap
         let (out_f, in_f) = proj.shape(&model.config);
         ensure!(
             lora.rank <= out_f.min(in_f),
-            "--lora-rank (lora_rank) {} exceeds the smaller side of layer {l}'s {} ({out_f} x \
-             {in_f}): a rank above {} adds no directions, only memory",
+            "{} {} exceeds the smaller side of layer {l}'s {} ({out_f} x {in_f}): a rank \
+             above {} adds no directions, only memory",
+            label!(lora_rank),
             lora.rank,
             proj.path(),
             out_f.min(in_f)
