@@ -58,6 +58,8 @@ pub struct GpuOptions {
     /// and clears skipped, readbacks return zeros. [`Gpu::memory`] then tells what a workload
     /// needs without running it (e.g. `wgtrain train --dry-run`).
     pub dry_run: bool,
+    /// The device memory a model may plan with (`--device-memory`): None, everything resident.
+    pub device_memory: Option<u64>,
 }
 
 impl GpuOptions {
@@ -79,6 +81,7 @@ impl GpuOptions {
             device: std::env::var("WGTRAIN_DEVICE").ok(),
             max_binding_bytes,
             dry_run: false,
+            device_memory: None,
         })
     }
 }
@@ -233,6 +236,7 @@ pub struct Gpu {
     /// Largest byte size of one tensor chunk (one storage binding).
     pub max_binding_bytes: u64,
     dry_run: bool,
+    device_memory: Option<u64>,
     memory: Arc<MemoryCounter>,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
 }
@@ -278,6 +282,7 @@ impl Gpu {
             limits,
             max_binding_bytes,
             dry_run: options.dry_run,
+            device_memory: options.device_memory,
             memory: Arc::default(),
             pipelines: Mutex::new(HashMap::new()),
         })
@@ -296,6 +301,11 @@ impl Gpu {
     /// Opened with [`GpuOptions::dry_run`]: nothing executes.
     pub fn is_dry_run(&self) -> bool {
         self.dry_run
+    }
+
+    /// The device memory budget a model plans with ([`GpuOptions::device_memory`]).
+    pub fn device_memory(&self) -> Option<u64> {
+        self.device_memory
     }
 
     /// Device bytes of the tensors alive now, and the peak since the last [`Gpu::reset_peak`].

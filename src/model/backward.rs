@@ -26,8 +26,9 @@ use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
-use super::params::{names, PerProj, Proj};
+use super::params::{names, PerProj, Proj, TensorSpec};
 use super::qwen2::{pad_rows, LayerActs, LoraDropout, LossSum, Qwen2, Step};
+use super::residency::MemoryPlan;
 use super::weights::{to_device, Weights};
 
 /// Gradients of one layer's weights under full fine-tuning.
@@ -211,19 +212,58 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// The columns of each buffer, in field order.
+    fn widths(c: &Qwen2Config) -> [usize; 8] {
+        let (i, h, q, kv) = (c.intermediate_size, c.hidden_size, c.q_dim(), c.kv_dim());
+        [i, i, i, h, q, q, kv, kv]
+    }
+
     fn new(gpu: &Gpu, c: &Qwen2Config, rows: usize) -> Result<Scratch> {
         let z = |cols: usize| Tensor::zeros(gpu, &[rows, cols], DType::F32);
+        let [act, gate, up, xn, attn, q, k, v] = Scratch::widths(c);
         Ok(Scratch {
-            d_act: z(c.intermediate_size)?,
-            d_gate: z(c.intermediate_size)?,
-            d_up: z(c.intermediate_size)?,
-            d_xn: z(c.hidden_size)?,
-            d_attn: z(c.q_dim())?,
-            dq: z(c.q_dim())?,
-            dk: z(c.kv_dim())?,
-            dv: z(c.kv_dim())?,
+            d_act: z(act)?,
+            d_gate: z(gate)?,
+            d_up: z(up)?,
+            d_xn: z(xn)?,
+            d_attn: z(attn)?,
+            dq: z(q)?,
+            dk: z(k)?,
+            dv: z(v)?,
         })
     }
+}
+
+/// Device bytes [`Qwen2::forward_backward`] holds for a micro-batch of `tokens` tokens (padded
+/// rows together) with LoRAs of `ranks`, with or without LoRA dropout, besides the weights and
+/// the trained state: every layer's input, one layer's activations and their gradients, the
+/// LoRA backward's temporaries (and dropout's materialised inputs) of one layer, the final
+/// norm's and the LM head's buffers and one logits chunk. The kernels' smaller temporaries are
+/// not in it (the dry run counts them).
+pub fn micro_batch_bytes(
+    c: &Qwen2Config,
+    ranks: &PerProj<Option<usize>>,
+    dropout: bool,
+    tokens: usize,
+) -> u64 {
+    let (n, h) = (tokens as u64, c.hidden_size as u64);
+    let layer_inputs = (c.num_hidden_layers as u64 + 1) * n * h * 4;
+    let scratch = Scratch::widths(c).iter().sum::<usize>() as u64 * n * 4;
+    // Per LoRA projection: dy·B [n, r], and with dropout its dropped input [n, in].
+    let lora: usize = ranks
+        .iter()
+        .filter_map(|(p, r)| r.map(|r| r + if dropout { p.shape(c).1 } else { 0 }))
+        .sum();
+    // hidden, dhidden, dres [n, h]; rstd, lse, targets, token ids [n].
+    let head = 3 * n * h * 4 + 4 * n * 4;
+    let chunking = Chunking::default();
+    let logits = (tokens.min(chunking.rows) * c.vocab_size.min(chunking.vocab) * 4) as u64;
+    layer_inputs
+        + LayerActs::bytes_for(c, ranks, tokens)
+        + scratch
+        + lora as u64 * n * 4
+        + head
+        + logits
 }
 
 impl Qwen2 {
@@ -252,6 +292,16 @@ impl Qwen2 {
             let dtype = if f32_master { DType::F32 } else { dtype };
             Tensor::zeros(gpu, &spec.shape, dtype)
         })
+    }
+
+    /// A zero-weight bf16 model of `config`'s shapes under the memory plan of
+    /// [`Qwen2::load_planned`]: the dry run of a checkpoint directory that holds only its
+    /// config.json (nothing is uploaded or streamed in a dry run).
+    pub fn zeroed_planned(gpu: &Gpu, config: Qwen2Config, working: u64) -> Result<Qwen2> {
+        let plan = MemoryPlan::fit(&config, gpu.device_memory(), working)?;
+        let zeros = |spec: &TensorSpec, dtype| Tensor::zeros(gpu, &spec.shape, dtype);
+        let model = Qwen2::build_planned(gpu, config, &plan, zeros)?;
+        Ok(model.streaming_from(plan, None))
     }
 
     /// One micro-batch of `rows` — (ids, targets) pairs, padded to the longest with unsupervised
@@ -289,7 +339,9 @@ impl Qwen2 {
         // A submit after each layer's forward (and, below, its recomputation and its backward),
         // so that the temporaries its ops keep (Batch::keep; e.g. LoRA dropout's inputs) are
         // released as it goes rather than piling up over the whole model.
-        for l in 0..self.layers.len() {
+        let layers = self.layers.len();
+        for l in 0..layers {
+            self.stream_in(&mut batch, l, Some(l + 1).filter(|&n| n < layers))?;
             self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
             batch.flush();
         }
@@ -343,7 +395,8 @@ impl Qwen2 {
 
         let scratch = Scratch::new(gpu, c, n)?;
         // Recomputing layer l overwrites xs[l + 1], which is no longer needed.
-        for l in (0..self.layers.len()).rev() {
+        for l in (0..layers).rev() {
+            self.stream_in(&mut batch, l, l.checked_sub(1))?;
             self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
             batch.flush();
             self.layer_backward(&mut batch, l, &xs[l], &acts, &step, &scratch, &dres, grads)
