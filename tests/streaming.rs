@@ -182,7 +182,8 @@ fn lora_training_streamed_matches_resident_through_a_resume() {
     let out = wgtrain(&train_args(&resident_dir, &recipe));
     assert!(out.status.success(), "{}", stderr(&out));
 
-    // The least budget the run accepts streams every layer through one slot.
+    // The least budget the run accepts streams every layer through one slot and offloads the
+    // checkpointed layer inputs to host memory.
     let streamed_dir = tmp.path().join("streamed");
     let mut args = train_args(&streamed_dir, &recipe);
     args.extend(["--device-memory".into(), "1MiB".into()]);

@@ -41,7 +41,7 @@ use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
 use super::adapter::Adapter;
 use super::config::Qwen2Config;
 use super::params::{names, PerProj, Proj, TensorSpec};
-use super::residency::{LayerStream, MemoryPlan};
+use super::residency::{LayerStream, MemoryPlan, Working};
 use super::weights::{to_device, Weights};
 
 /// LoRA factors on the device: A [r, in], B [out, r] (f32) and the scale.
@@ -130,8 +130,9 @@ pub struct Qwen2 {
     /// None when tied to `embed`.
     pub lm_head: Option<Tensor>,
     pub(crate) rope: Rope,
-    /// The decoder layers that stream from the checkpoint (None: all resident): a streamed
-    /// layer's frozen tensors in `layers` are views of its ring slot.
+    /// The memory plan under a budget and the decoder layers that stream from the checkpoint
+    /// (None: no budget, all resident): a streamed layer's frozen tensors in `layers` are views
+    /// of its ring slot.
     stream: Option<LayerStream>,
     /// Set once the length warning ([`Qwen2Config::length_warning`]) has been printed.
     length_warned: AtomicBool,
@@ -458,13 +459,13 @@ impl Qwen2 {
     /// against the config first. Under a device memory budget ([`Gpu::device_memory`]) the plan
     /// is made for the weights alone (what inference holds besides them comes on top).
     pub fn load(gpu: &Gpu, dir: impl AsRef<Path>) -> Result<Qwen2> {
-        Qwen2::load_planned(gpu, dir, 0)
+        Qwen2::load_planned(gpu, dir, Working::default())
     }
 
-    /// [`Qwen2::load`] under the memory plan for a workload that holds `working` bytes besides the
+    /// [`Qwen2::load`] under the memory plan for a workload that holds `working` besides the
     /// weights ([`MemoryPlan::fit`] of [`Gpu::device_memory`]): the layers that do not fit stream
     /// from the memory-mapped checkpoint.
-    pub fn load_planned(gpu: &Gpu, dir: impl AsRef<Path>, working: u64) -> Result<Qwen2> {
+    pub fn load_planned(gpu: &Gpu, dir: impl AsRef<Path>, working: Working) -> Result<Qwen2> {
         let dir = dir.as_ref();
         ensure!(
             dir.is_dir(),
@@ -492,9 +493,13 @@ impl Qwen2 {
         Qwen2::build_planned(gpu, config, &plan, tensor)
     }
 
-    /// Hands the model the stream of its streamed layers (read from `source`), if `plan` has any.
+    /// Hands the model its plan under a budget, and the stream of its streamed layers (read from
+    /// `source`).
     pub(crate) fn streaming_from(mut self, plan: MemoryPlan, source: Option<Weights>) -> Qwen2 {
-        self.stream = (plan.slots > 0).then(|| LayerStream::new(plan, source));
+        self.stream = plan
+            .budget
+            .is_some()
+            .then(|| LayerStream::new(plan, source));
         self
     }
 
@@ -567,7 +572,7 @@ impl Qwen2 {
         })
     }
 
-    /// The plan of the streamed layers (None: every layer is resident).
+    /// The memory plan under a budget (None: no budget, everything resident).
     pub fn memory_plan(&self) -> Option<&MemoryPlan> {
         self.stream.as_ref().map(|s| &s.plan)
     }

@@ -104,6 +104,14 @@ pub fn lora_bytes(config: &Qwen2Config, ranks: &PerProj<Option<usize>>) -> u64 {
     per_layer * config.num_hidden_layers as u64
 }
 
+/// What a workload holds on the device besides the weights, as its caller estimates it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Working {
+    pub bytes: u64,
+    /// The part of `bytes` that is checkpointed layer inputs, which can wait in host memory.
+    pub offloadable: u64,
+}
+
 /// What stays on the device and what streams.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryPlan {
@@ -119,6 +127,9 @@ pub struct MemoryPlan {
     /// What the workload holds besides the weights (activations, LoRA state, ...), as estimated
     /// by the caller.
     pub working: u64,
+    /// Bytes of checkpointed layer inputs that wait in host memory between the forward and the
+    /// backward (0: they stay on the device).
+    pub offloaded: u64,
     pub budget: Option<u64>,
 }
 
@@ -133,15 +144,21 @@ impl MemoryPlan {
             layer_bytes,
             other_bytes,
             working: 0,
+            offloaded: 0,
             budget: None,
         }
     }
 
     /// The plan for `budget` bytes of device memory of which the workload needs `working`
-    /// besides the weights, cheapest first: everything resident if it fits; else as many layers
-    /// resident as fit beside two streaming slots (one when two do not fit). A budget below the
-    /// one-slot plan is refused with the size that would fit.
-    pub fn fit(config: &Qwen2Config, budget: Option<u64>, working: u64) -> Result<MemoryPlan> {
+    /// besides the weights, `offloadable` of it checkpointed layer inputs that can wait in host
+    /// memory; cheapest first: everything resident if it fits; else as many layers resident as
+    /// fit beside two streaming slots (one when two do not fit); else the same with the layer
+    /// inputs offloaded. A budget below the last is refused with the size that would fit.
+    pub fn fit(config: &Qwen2Config, budget: Option<u64>, working: Working) -> Result<MemoryPlan> {
+        let Working {
+            bytes: working,
+            offloadable,
+        } = working;
         let mut plan = MemoryPlan {
             working,
             budget,
@@ -150,25 +167,36 @@ impl MemoryPlan {
         let Some(budget) = budget else {
             return Ok(plan);
         };
-        if plan.device_bytes() <= budget {
-            return Ok(plan);
+        let layers_that_fit = |working: u64| {
+            let room = budget.saturating_sub(plan.other_bytes + working);
+            (room / plan.layer_bytes) as usize
+        };
+        let mut fit = layers_that_fit(working);
+        if fit == 0 && offloadable > 0 {
+            plan.offloaded = offloadable;
+            plan.working = working - offloadable;
+            fit = layers_that_fit(plan.working);
         }
-        let fixed = plan.other_bytes + working;
-        let layers_that_fit = (budget.saturating_sub(fixed) / plan.layer_bytes) as usize;
-        let least = fixed + plan.layer_bytes;
+        let least = plan.other_bytes + plan.layer_bytes + plan.working;
         ensure!(
-            layers_that_fit >= 1,
+            fit >= 1,
             "--device-memory {}: this run needs at least {:.1} MiB (--device-memory {least}B): \
              {:.1} MiB of embedding and LM head, one streamed decoder layer of {:.1} MiB and \
-             {:.1} MiB of activations and trained state",
+             {:.1} MiB of activations and trained state{}",
             human(budget),
             least as f64 / MIB as f64,
             plan.other_bytes as f64 / MIB as f64,
             plan.layer_bytes as f64 / MIB as f64,
-            working as f64 / MIB as f64
+            plan.working as f64 / MIB as f64,
+            match plan.offloaded {
+                0 => "",
+                _ => " (the layer inputs offloaded to host memory)",
+            }
         );
-        plan.slots = layers_that_fit.min(2);
-        plan.resident_layers = (layers_that_fit - plan.slots).min(plan.layers - 1);
+        if fit < plan.layers {
+            plan.slots = fit.min(2);
+            plan.resident_layers = fit - plan.slots;
+        }
         Ok(plan)
     }
 
@@ -187,6 +215,12 @@ impl MemoryPlan {
         self.weight_device_bytes() + self.working
     }
 
+    /// Bytes moved host <-> device by one training micro-batch: weight uploads, and offloaded layer
+    /// inputs down after the forward and up before the backward.
+    pub fn training_traffic(&self) -> u64 {
+        self.training_uploads() + 2 * self.offloaded
+    }
+
     /// Layer uploads host -> device of one forward pass followed by the backward (a training
     /// micro-batch): each streamed layer once per direction, but for the `slots` layers still
     /// held where one direction ends and the other begins.
@@ -195,9 +229,10 @@ impl MemoryPlan {
     }
 
     /// Host memory the plan reads weights from: the memory-mapped streamed layers, which the page
-    /// cache holds if RAM allows (else they are read from disk on every pass).
+    /// cache holds if RAM allows (else they are read from disk on every pass), and the offloaded
+    /// layer inputs.
     pub fn host_bytes(&self) -> u64 {
-        self.streamed_layers() as u64 * self.layer_bytes
+        self.streamed_layers() as u64 * self.layer_bytes + self.offloaded
     }
 }
 
@@ -238,10 +273,17 @@ impl fmt::Display for MemoryPlan {
                 size(self.slots as u64 * self.layer_bytes)
             )?,
         }
+        if self.offloaded > 0 {
+            writeln!(
+                f,
+                "  offloaded: checkpointed layer inputs   {}   (to the host and back each step)",
+                size(self.offloaded)
+            )?;
+        }
         writeln!(
             f,
-            "  host -> device per micro-batch step    {}",
-            size(self.training_uploads())
+            "  host <-> device per micro-batch step  {}",
+            size(self.training_traffic())
         )?;
         write!(
             f,

@@ -566,8 +566,8 @@ fn load_model(
             let ranks = adapter.ranks();
             // Factors, gradients and (AdamW) two moments.
             let state = lora_bytes(&model_config, &ranks) * if adamw { 4 } else { 2 };
-            let working =
-                micro_batch_bytes(&model_config, &ranks, lora.dropout > 0.0, tokens) + state;
+            let mut working = micro_batch_bytes(&model_config, &ranks, lora.dropout > 0.0, tokens);
+            working.bytes += state;
             let mut model = match config_only {
                 true => Qwen2::zeroed_planned(gpu, model_config, working)?,
                 false => Qwen2::load_planned(gpu, model_dir, working)?,
@@ -591,7 +591,7 @@ fn check_full_fits(gpu: &Gpu, c: &Qwen2Config, adamw: bool, tokens: usize) -> Re
     let (layer, other) = weight_bytes(c, true);
     let weights = layer * c.num_hidden_layers as u64 + other;
     let copies = if adamw { 4 } else { 2 };
-    let need = weights * copies + micro_batch_bytes(c, &PerProj::default(), false, tokens);
+    let need = weights * copies + micro_batch_bytes(c, &PerProj::default(), false, tokens).bytes;
     ensure!(
         need <= budget,
         "--device-memory {:.2} GiB is too small for full fine-tuning, which keeps its f32 weights, \
