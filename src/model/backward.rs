@@ -354,11 +354,9 @@ impl Qwen2 {
         })
     }
 
-    /// A zero-weight bf16 model of `config`'s shapes under the memory plan of
-    /// [`Qwen2::load_planned`]: the dry run of a checkpoint directory that holds only its
-    /// config.json (nothing is uploaded or streamed in a dry run).
-    pub fn zeroed_planned(gpu: &Gpu, config: Qwen2Config, working: Working) -> Result<Qwen2> {
-        let plan = MemoryPlan::fit(&config, gpu.device_memory(), working)?;
+    /// A zero-weight bf16 model of `config`'s shapes under `plan`: the dry run of a checkpoint
+    /// directory that holds only its config.json (nothing is uploaded or streamed in a dry run).
+    pub fn zeroed_planned(gpu: &Gpu, config: Qwen2Config, plan: MemoryPlan) -> Result<Qwen2> {
         let zeros = |spec: &TensorSpec, dtype| Tensor::zeros(gpu, &spec.shape, dtype);
         let model = Qwen2::build_planned(gpu, config, &plan, zeros)?;
         Ok(model.streaming_from(plan, None))

@@ -474,8 +474,19 @@ impl Qwen2 {
         );
         let config = Qwen2Config::load(dir)?;
         let weights = Weights::open(dir)?;
-        weights.validate(&config)?;
         let plan = MemoryPlan::fit(&config, gpu.device_memory(), working)?;
+        Qwen2::from_weights(gpu, config, weights, plan)
+    }
+
+    /// The model of `config` from the checkpoint `weights` (checked against the config first),
+    /// the layers `plan` streams left in the memory map.
+    pub fn from_weights(
+        gpu: &Gpu,
+        config: Qwen2Config,
+        weights: Weights,
+        plan: MemoryPlan,
+    ) -> Result<Qwen2> {
+        weights.validate(&config)?;
         let upload = |spec: &TensorSpec, dtype| to_device(gpu, &weights.get(&spec.name)?, dtype);
         let model = Qwen2::build_planned(gpu, config, &plan, upload)?;
         Ok(model.streaming_from(plan, Some(weights)))

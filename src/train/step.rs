@@ -11,8 +11,9 @@ use wgtrain_kernels::ops::optim::{adamw_step, grad_norm_sq, sgd_step, AdamW};
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
 use super::config::{OptimizerKind, OptimizerSettings};
-use crate::model::residency::size;
-use crate::model::{Grads, LoraDropout, MemoryPlan, Param, Qwen2, IGNORE};
+use crate::model::backward::micro_batch_bytes;
+use crate::model::residency::{lora_bytes, size, Working};
+use crate::model::{Grads, LoraDropout, MemoryPlan, Param, PerProj, Qwen2, Qwen2Config, IGNORE};
 
 /// AdamW's moments of one parameter.
 pub struct Moments {
@@ -122,6 +123,21 @@ pub fn update(
     }
     batch.submit();
     gpu.wait()
+}
+
+/// What a LoRA optimizer step on a micro-batch of `tokens` tokens holds on the device besides the
+/// frozen weights (the memory plan's working set): the micro-batch's activations and the LoRA
+/// factors of `ranks` with their gradients and (AdamW) two moments.
+pub fn lora_step_working(
+    config: &Qwen2Config,
+    ranks: &PerProj<Option<usize>>,
+    adamw: bool,
+    dropout: bool,
+    tokens: usize,
+) -> Working {
+    let mut working = micro_batch_bytes(config, ranks, dropout, tokens);
+    working.bytes += lora_bytes(config, ranks) * if adamw { 4 } else { 2 };
+    working
 }
 
 /// The device memory of one optimizer step on a run's largest micro-batch (`--dry-run`).

@@ -35,11 +35,13 @@ use super::flops::{row_flops, Trainable};
 use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics, METRICS_FILE};
 use super::run_dir::{check_not_in_use, check_output_apart, RunDir};
 use super::schedule::Schedule;
-use super::step::{gradients, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments};
+use super::step::{
+    gradients, lora_step_working, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments,
+};
 use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
 use crate::model::backward::micro_batch_bytes;
-use crate::model::residency::{lora_bytes, weight_bytes};
+use crate::model::residency::{weight_bytes, MemoryPlan};
 use crate::model::{
     next_token_targets, Adapter, AdapterConfig, Grads, LoraDropout, LoraPair, Param, PerProj,
     Qwen2, Qwen2Config, TargetModules, Weights, HF_SIDE_FILES,
@@ -563,13 +565,14 @@ fn load_model(
                 Some(dir) => Adapter::load(dir, &model_config)?,
                 None => new_adapter(&model_config, lora, config.seed)?,
             };
-            let ranks = adapter.ranks();
-            // Factors, gradients and (AdamW) two moments.
-            let state = lora_bytes(&model_config, &ranks) * if adamw { 4 } else { 2 };
-            let mut working = micro_batch_bytes(&model_config, &ranks, lora.dropout > 0.0, tokens);
-            working.bytes += state;
+            let dropout = lora.dropout > 0.0;
+            let working =
+                lora_step_working(&model_config, &adapter.ranks(), adamw, dropout, tokens);
             let mut model = match config_only {
-                true => Qwen2::zeroed_planned(gpu, model_config, working)?,
+                true => {
+                    let plan = MemoryPlan::fit(&model_config, gpu.device_memory(), working)?;
+                    Qwen2::zeroed_planned(gpu, model_config, plan)?
+                }
                 false => Qwen2::load_planned(gpu, model_dir, working)?,
             };
             model.apply_adapter(gpu, &adapter)?;
