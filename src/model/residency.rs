@@ -6,9 +6,10 @@
 //! as a resident layer holds them): streamed layer `l` runs in slot `(l - resident_layers) %
 //! slots`, uploaded from the memory-mapped checkpoint just before it is needed
 //! ([`LayerStream`]). Two slots let the next layer's upload be queued before the current layer's
-//! work; one slot is the smallest plan. The embedding, LM head, final norm and the LoRA state
-//! stay resident. Paging changes where bytes live, never the arithmetic: a streamed run is
-//! bit-identical to a resident one.
+//! work; one slot is the smallest plan. When even that does not fit, training's checkpointed
+//! layer inputs wait in host memory between the forward and the backward. The embedding, LM
+//! head, final norm and the LoRA state stay resident. Paging changes where bytes live, never the
+//! arithmetic: a streamed run is bit-identical to a resident one.
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -249,45 +250,41 @@ impl fmt::Display for MemoryPlan {
         let budget = self.budget.map_or("no limit".to_string(), |b| {
             format!("--device-memory {}", human(b))
         });
+        let line = |f: &mut fmt::Formatter, label: String, bytes: u64| {
+            writeln!(f, "  {label:<38}{}", size(bytes))
+        };
         writeln!(f, "memory plan ({budget}):")?;
-        writeln!(
+        line(
             f,
-            "  resident: embedding, final norm, LM head {}",
-            size(self.other_bytes)
+            "resident: embedding, norm, LM head".into(),
+            self.other_bytes,
         )?;
-        writeln!(
+        line(
             f,
-            "  resident: decoder layers 0..{:<3}          {}   ({:.1} MiB each)",
-            self.resident_layers,
-            size(self.resident_layers as u64 * self.layer_bytes),
-            self.layer_bytes as f64 / MIB as f64
+            format!("resident: decoder layers 0..{}", self.resident_layers),
+            self.resident_layers as u64 * self.layer_bytes,
         )?;
-        match self.streamed_layers() {
-            0 => writeln!(f, "  streamed: nothing")?,
-            n => writeln!(
-                f,
-                "  streamed: decoder layers {}..{} ({n}) through {} device slot(s) {}",
-                self.resident_layers,
-                self.layers,
-                self.slots,
-                size(self.slots as u64 * self.layer_bytes)
-            )?,
+        if self.slots > 0 {
+            let (first, layers) = (self.resident_layers, self.layers);
+            let label = format!("streamed: layers {first}..{layers}, {} slot(s)", self.slots);
+            line(f, label, self.slots as u64 * self.layer_bytes)?;
         }
         if self.offloaded > 0 {
-            writeln!(
+            line(
                 f,
-                "  offloaded: checkpointed layer inputs   {}   (to the host and back each step)",
-                size(self.offloaded)
+                "offloaded: layer inputs, to the host".into(),
+                self.offloaded,
             )?;
         }
-        writeln!(
+        line(
             f,
-            "  host <-> device per micro-batch step  {}",
-            size(self.training_traffic())
+            "host <-> device per micro-batch step".into(),
+            self.training_traffic(),
         )?;
         write!(
             f,
-            "  host memory read through the map      {}",
+            "  {:<38}{}",
+            "host memory the plan reads from",
             size(self.host_bytes())
         )
     }
@@ -356,5 +353,52 @@ impl LayerStream {
         }
         held[slot] = Some(l);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_their_units() {
+        assert_eq!(parse_size("24GiB").unwrap(), 24 << 30);
+        assert_eq!(parse_size("512mib").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1.5 GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("16GB").unwrap(), 16_000_000_000);
+        assert_eq!(parse_size("123B").unwrap(), 123);
+        for bad in ["24", "GiB", "0MiB", "1.2.3GiB", "24 XB", ""] {
+            let err = parse_size(bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("'{bad}'")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn plans_go_from_resident_to_streamed_to_offloaded_to_refused() {
+        let config = Qwen2Config::qwen25("7B").unwrap();
+        let (layer, other) = weight_bytes(&config, false);
+        let working = Working {
+            bytes: 10 * layer,
+            offloadable: 5 * layer,
+        };
+        let plan = |budget: u64| MemoryPlan::fit(&config, Some(budget), working);
+        let all = other + 28 * layer + working.bytes;
+        let resident = plan(all).unwrap();
+        assert_eq!((resident.resident_layers, resident.slots), (28, 0));
+        assert_eq!(resident.device_bytes(), all);
+        let streamed = plan(all - 1).unwrap();
+        assert_eq!((streamed.resident_layers, streamed.slots), (25, 2));
+        assert_eq!(streamed.training_uploads(), 2 * layer);
+        let one_slot = plan(other + working.bytes + layer).unwrap();
+        assert_eq!((one_slot.resident_layers, one_slot.slots), (0, 1));
+        assert_eq!(one_slot.offloaded, 0);
+        let offloaded = plan(other + working.bytes + layer - 1).unwrap();
+        assert_eq!(offloaded.offloaded, working.offloadable);
+        assert!(offloaded.device_bytes() < other + working.bytes + layer);
+        let least = other + working.bytes - working.offloadable + layer;
+        assert_eq!(plan(least).unwrap().slots, 1);
+        let err = plan(least - 1).unwrap_err().to_string();
+        assert!(err.contains(&format!("--device-memory {least}B")), "{err}");
+        assert_eq!(MemoryPlan::fit(&config, None, working).unwrap().slots, 0);
     }
 }

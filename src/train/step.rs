@@ -218,7 +218,7 @@ impl fmt::Display for MemoryReport {
         )?;
         writeln!(
             f,
-            "  host -> device during the step        {}",
+            "  streamed host -> device in the step   {}",
             size(self.streamed)
         )?;
         write!(
