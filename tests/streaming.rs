@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 use common::{fixtures, train_args, wgtrain};
 use wgtrain::model::residency::weight_bytes;
 use wgtrain::model::{
-    generate, Adapter, GenerateOptions, Grads, LoraDropout, Qwen2, Qwen2Config, SamplingParams,
+    generate, Adapter, GenerateOptions, Grads, LoraDropout, Proj, Qwen2, Qwen2Config,
+    SamplingParams,
 };
+use wgtrain::train::config::LoraSettings;
 use wgtrain::train::demo::write_random_weights;
+use wgtrain::train::trainer::new_adapter;
 use wgtrain_kernels::{Gpu, GpuOptions};
 
 fn gpu_with(device_memory: Option<u64>) -> Gpu {
@@ -53,13 +56,21 @@ fn rows() -> Vec<(Vec<u32>, Vec<u32>)> {
 /// KV-cached decoding) and the LoRA gradients of two micro-batches with dropout (the second
 /// starting from the slots the first left).
 fn outputs(gpu: &Gpu, dir: &Path) -> (Vec<u64>, Qwen2) {
-    let model_config = Qwen2Config::load(dir).unwrap();
     let mut model = Qwen2::load(gpu, dir).unwrap();
-    let adapter_dir = fixtures().join("tiny-qwen2-tied/adapter-random");
-    if model_config.hidden_size == 192 && model_config.num_hidden_layers == 2 {
-        let adapter = Adapter::load(&adapter_dir, &model.config).unwrap();
-        model.apply_adapter(gpu, &adapter).unwrap();
-    }
+    // The fixture's trained adapter, or a fresh one (B zero) on the generated model.
+    let adapter = match dir.join("adapter-random") {
+        trained if trained.is_dir() => Adapter::load(&trained, &model.config).unwrap(),
+        _ => {
+            let lora = LoraSettings {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                targets: Proj::ALL.to_vec(),
+            };
+            new_adapter(&model.config, &lora, 1).unwrap()
+        }
+    };
+    model.apply_adapter(gpu, &adapter).unwrap();
     let rows = rows();
     let batch: Vec<(&[u32], &[u32])> = rows
         .iter()
