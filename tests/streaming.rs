@@ -245,17 +245,18 @@ fn budgets_that_cannot_be_met_or_read_are_refused() {
         err.contains("--device-memory 0.1MiB: this run needs at least"),
         "{err}"
     );
-    // At the least size named, loss runs (streaming every layer).
-    let out = wgtrain(&[
-        "loss",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--device-memory",
-        &least_budget(&err),
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    // At the least size named, loss streams every layer and prints the resident loss.
+    let loss = |budget: &[&str]| {
+        let mut args = vec!["loss", "--model", model.to_str().unwrap()];
+        args.extend(["--data", data.to_str().unwrap()]);
+        args.extend(budget);
+        let out = wgtrain(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
+    };
+    let least = least_budget(&err);
+    assert_eq!(loss(&["--device-memory", &least]), loss(&[]));
 
     for bad in ["24", "24XB", "GiB", "0MiB", "1.2.3GiB"] {
         let out = wgtrain(&train_args(
