@@ -74,7 +74,7 @@ fn qwen25_05b_lora_step_at_16k_tokens_fits_8_gib() {
         targets: Proj::ALL.to_vec(),
     };
     model
-        .apply_adapter(&gpu, &new_adapter(&model, &lora, 0).unwrap())
+        .apply_adapter(&gpu, &new_adapter(&model.config, &lora, 0).unwrap())
         .unwrap();
     let t = 16384;
     let r = step(&gpu, &model, t, None);

@@ -61,6 +61,8 @@ pub struct GpuOptions {
     pub dry_run: bool,
     /// Kernel variants forced over the adapter's plan, `family=variant,...` (see [`KernelPlan`]).
     pub kernels: Option<String>,
+    /// The device memory a model may plan with (`--device-memory`): None, everything resident.
+    pub device_memory: Option<u64>,
 }
 
 impl GpuOptions {
@@ -84,6 +86,7 @@ impl GpuOptions {
             max_binding_bytes,
             dry_run: false,
             kernels: std::env::var("WGTRAIN_KERNELS").ok(),
+            device_memory: None,
         })
     }
 }
@@ -242,6 +245,7 @@ pub struct Gpu {
     /// The kernel variant each family runs here.
     pub plan: KernelPlan,
     dry_run: bool,
+    device_memory: Option<u64>,
     memory: Arc<MemoryCounter>,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
 }
@@ -289,6 +293,7 @@ impl Gpu {
             max_binding_bytes,
             plan,
             dry_run: options.dry_run,
+            device_memory: options.device_memory,
             memory: Arc::default(),
             pipelines: Mutex::new(HashMap::new()),
         })
@@ -307,6 +312,11 @@ impl Gpu {
     /// Opened with [`GpuOptions::dry_run`]: nothing executes.
     pub fn is_dry_run(&self) -> bool {
         self.dry_run
+    }
+
+    /// The device memory budget a model plans with ([`GpuOptions::device_memory`]).
+    pub fn device_memory(&self) -> Option<u64> {
+        self.device_memory
     }
 
     /// Device bytes of the tensors alive now, and the peak since the last [`Gpu::reset_peak`].

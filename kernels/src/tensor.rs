@@ -34,6 +34,8 @@ pub struct Tensor {
     chunks: Vec<wgpu::Buffer>,
     /// The chunks' bytes, counted in [`Gpu::memory`] while the tensor lives.
     _allocation: Allocation,
+    /// A handle on another tensor's buffers ([`Tensor::alias`]): owns no device bytes.
+    aliased: bool,
 }
 
 /// Where a row lives: the chunk's buffer and the element offset of the row inside it.
@@ -126,26 +128,37 @@ impl Tensor {
             rows_per_chunk,
             chunks,
             _allocation: gpu.allocate(bytes),
+            aliased: false,
         })
     }
 
     /// A tensor holding `bytes` (the raw little-endian elements, e.g. straight from a memory-mapped
-    /// safetensors file); written chunk by chunk without an intermediate copy. A dry run checks
-    /// the length and writes nothing.
+    /// safetensors file); see [`Tensor::write_bytes`].
     pub fn from_bytes(gpu: &Gpu, shape: &[usize], dtype: DType, bytes: &[u8]) -> Result<Tensor> {
         let t = Tensor::zeros(gpu, shape, dtype)?;
-        if bytes.len() != t.numel() * dtype.bytes() {
+        t.write_bytes(gpu, bytes)?;
+        Ok(t)
+    }
+
+    /// Overwrites the tensor with `bytes` (its raw little-endian elements), chunk by chunk without
+    /// an intermediate copy. The write is queued: it runs after every batch submitted before it
+    /// and before any submitted after it, so work recorded but not yet submitted must not read
+    /// the old values. A dry run checks the length and writes nothing.
+    pub fn write_bytes(&self, gpu: &Gpu, bytes: &[u8]) -> Result<()> {
+        let dtype = self.dtype;
+        if bytes.len() != self.numel() * dtype.bytes() {
             bail!(
-                "tensor {shape:?} {dtype:?} needs {} bytes, got {}",
-                t.numel() * dtype.bytes(),
+                "tensor {:?} {dtype:?} needs {} bytes, got {}",
+                self.shape,
+                self.numel() * dtype.bytes(),
                 bytes.len()
             );
         }
         if gpu.is_dry_run() {
-            return Ok(t);
+            return Ok(());
         }
-        let chunk_bytes = t.rows_per_chunk * t.row_len() * dtype.bytes();
-        for (buffer, part) in t.chunks.iter().zip(bytes.chunks(chunk_bytes)) {
+        let chunk_bytes = self.rows_per_chunk * self.row_len() * dtype.bytes();
+        for (buffer, part) in self.chunks.iter().zip(bytes.chunks(chunk_bytes)) {
             if part.len() % 4 == 0 {
                 gpu.queue.write_buffer(buffer, 0, part);
             } else {
@@ -155,7 +168,21 @@ impl Tensor {
                 gpu.queue.write_buffer(buffer, 0, &padded);
             }
         }
-        Ok(t)
+        Ok(())
+    }
+
+    /// A second handle on this tensor's device buffers that owns none of their bytes (counted
+    /// once, by the original): e.g. each streamed decoder layer's view of the ring slot it runs
+    /// in. Writes through either are seen by both.
+    pub fn alias(&self, gpu: &Gpu) -> Tensor {
+        Tensor {
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            rows_per_chunk: self.rows_per_chunk,
+            chunks: self.chunks.clone(),
+            _allocation: gpu.allocate(0),
+            aliased: true,
+        }
     }
 
     pub fn from_f32(gpu: &Gpu, shape: &[usize], data: &[f32]) -> Result<Tensor> {
@@ -198,9 +225,12 @@ impl Tensor {
         &self.chunks
     }
 
-    /// Bytes on the device.
+    /// Bytes on the device that this tensor owns (none for an alias).
     pub fn device_bytes(&self) -> u64 {
-        self.chunks.iter().map(|b| b.size()).sum()
+        match self.aliased {
+            true => 0,
+            false => self.chunks.iter().map(|b| b.size()).sum(),
+        }
     }
 
     /// Row boundaries between chunks (exclusive of 0 and rows).

@@ -5,6 +5,8 @@ use wgtrain_kernels::gpu::{list_adapters, OPTIONAL_FEATURES};
 use wgtrain_kernels::plan::KernelPlan;
 use wgtrain_kernels::{ops, Backend, Gpu, GpuOptions};
 
+use crate::model::parse_size;
+
 /// Where to run: shared by every subcommand that uses the GPU.
 #[derive(Args, Clone, Debug)]
 pub struct DeviceArgs {
@@ -22,6 +24,32 @@ impl DeviceArgs {
         let mut options = GpuOptions::from_env()?;
         options.backend = self.backend;
         options.device = self.device.clone();
+        Ok(options)
+    }
+
+    pub fn open(&self) -> Result<Gpu> {
+        Gpu::new(&self.options()?)
+    }
+}
+
+/// Where to run a model: the device and the memory the model may take on it.
+#[derive(Args, Clone, Debug)]
+pub struct ModelDeviceArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Device memory the model may use, e.g. 24GiB, 512MiB or 16GB (default: no limit, every
+    /// weight resident). Frozen decoder layers that do not fit stream from the memory-mapped
+    /// checkpoint through a ring of device slots; a budget that cannot be met is refused with
+    /// the size that would fit. Training plans for its largest micro-batch; loss, generate and
+    /// eval plan for the weights (their activations and KV cache come on top).
+    #[arg(long, env = "WGTRAIN_DEVICE_MEMORY", value_parser = parse_size)]
+    pub device_memory: Option<u64>,
+}
+
+impl ModelDeviceArgs {
+    pub fn options(&self) -> Result<GpuOptions> {
+        let mut options = self.device.options()?;
+        options.device_memory = self.device_memory;
         Ok(options)
     }
 

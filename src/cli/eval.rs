@@ -10,7 +10,7 @@ use anyhow::Result;
 use clap::{ArgGroup, Args};
 use std::path::{Path, PathBuf};
 
-use super::device::DeviceArgs;
+use super::device::ModelDeviceArgs;
 
 /// Grade generations from a file (no model needed), or generate them with a model on a benchmark
 /// and grade them; writes results.jsonl and summary.json.
@@ -87,7 +87,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub overwrite: bool,
     #[command(flatten)]
-    pub device: DeviceArgs,
+    pub device: ModelDeviceArgs,
 }
 
 pub fn run(args: EvalArgs) -> Result<i32> {

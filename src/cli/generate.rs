@@ -6,7 +6,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use super::device::DeviceArgs;
+use super::device::ModelDeviceArgs;
 use crate::data::chat::ChatEncoder;
 use crate::data::{Message, Role};
 use crate::model::{
@@ -50,7 +50,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
-    pub device: DeviceArgs,
+    pub device: ModelDeviceArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<i32> {

@@ -7,7 +7,7 @@ use anyhow::{ensure, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use super::device::DeviceArgs;
+use super::device::ModelDeviceArgs;
 use crate::data::chat::ChatEncoder;
 use crate::data::Dataset;
 use crate::model::{next_token_targets, Adapter, LossSum, Qwen2, IGNORE};
@@ -31,7 +31,7 @@ pub struct LossArgs {
     #[arg(long, default_value_t = 1)]
     pub batch_size: usize,
     #[command(flatten)]
-    pub device: DeviceArgs,
+    pub device: ModelDeviceArgs,
 }
 
 pub fn run(args: LossArgs) -> Result<i32> {

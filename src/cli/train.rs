@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use wgtrain_kernels::Gpu;
 
-use super::device::DeviceArgs;
+use super::device::ModelDeviceArgs;
 use super::signals::StopRequest;
 use crate::train::config::TrainConfig;
 use crate::train::llama_factory::read_llama_factory_yaml;
@@ -25,7 +25,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub settings: TrainSettings,
     #[command(flatten)]
-    pub device: DeviceArgs,
+    pub device: ModelDeviceArgs,
     /// Check that the run fits the device, training nothing: set it up as usual, run one
     /// optimizer step on its largest micro-batch with every tensor allocated but no kernel
     /// executed, print the device memory that takes and exit without touching --output.

@@ -12,7 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value};
 
 use super::config::Qwen2Config;
-use super::params::{names, Proj};
+use super::params::{names, PerProj, Proj};
 use super::weights::{WeightDType, WeightView};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -193,6 +193,15 @@ pub fn tensor_name(layer: usize, proj: Proj, which: &str) -> String {
 }
 
 impl Adapter {
+    /// The rank of each projection that has a LoRA in some layer.
+    pub fn ranks(&self) -> PerProj<Option<usize>> {
+        let mut ranks = PerProj::default();
+        for &(_, p) in self.modules.keys() {
+            ranks[p] = Some(self.config.r);
+        }
+        ranks
+    }
+
     /// The (layer, projection) pairs `config` targets in `model`.
     pub fn targets(config: &AdapterConfig, model: &Qwen2Config) -> Result<Vec<(usize, Proj)>> {
         let regex = match &config.target_modules {

@@ -26,8 +26,9 @@ use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
-use super::params::{names, PerProj, Proj};
+use super::params::{names, PerProj, Proj, TensorSpec};
 use super::qwen2::{pad_rows, LayerActs, LoraDropout, LossSum, Qwen2, Step};
+use super::residency::{MemoryPlan, Working};
 use super::weights::{to_device, Weights};
 
 /// Gradients of one layer's weights under full fine-tuning.
@@ -211,18 +212,117 @@ struct Scratch {
 }
 
 impl Scratch {
+    /// The columns of each buffer, in field order.
+    fn widths(c: &Qwen2Config) -> [usize; 8] {
+        let (i, h, q, kv) = (c.intermediate_size, c.hidden_size, c.q_dim(), c.kv_dim());
+        [i, i, i, h, q, q, kv, kv]
+    }
+
     fn new(gpu: &Gpu, c: &Qwen2Config, rows: usize) -> Result<Scratch> {
         let z = |cols: usize| Tensor::zeros(gpu, &[rows, cols], DType::F32);
+        let [act, gate, up, xn, attn, q, k, v] = Scratch::widths(c);
         Ok(Scratch {
-            d_act: z(c.intermediate_size)?,
-            d_gate: z(c.intermediate_size)?,
-            d_up: z(c.intermediate_size)?,
-            d_xn: z(c.hidden_size)?,
-            d_attn: z(c.q_dim())?,
-            dq: z(c.q_dim())?,
-            dk: z(c.kv_dim())?,
-            dv: z(c.kv_dim())?,
+            d_act: z(act)?,
+            d_gate: z(gate)?,
+            d_up: z(up)?,
+            d_xn: z(xn)?,
+            d_attn: z(attn)?,
+            dq: z(q)?,
+            dk: z(k)?,
+            dv: z(v)?,
         })
+    }
+}
+
+/// Device bytes [`Qwen2::forward_backward`] holds for a micro-batch of `tokens` tokens (padded
+/// rows together) with LoRAs of `ranks`, with or without LoRA dropout, besides the weights and
+/// the trained state: every layer's input (offloadable but for two), one layer's activations and
+/// their gradients, the LoRA backward's temporaries (and dropout's materialised inputs) of one
+/// layer, the final norm's and the LM head's buffers and one logits chunk. The kernels' smaller
+/// temporaries are not in it (the dry run counts them).
+pub fn micro_batch_bytes(
+    c: &Qwen2Config,
+    ranks: &PerProj<Option<usize>>,
+    dropout: bool,
+    tokens: usize,
+) -> Working {
+    let (n, h, layers) = (
+        tokens as u64,
+        c.hidden_size as u64,
+        c.num_hidden_layers as u64,
+    );
+    let layer_input = n * h * 4;
+    let scratch = Scratch::widths(c).iter().sum::<usize>() as u64 * n * 4;
+    // Per LoRA projection: dy·B [n, r], and with dropout its dropped input [n, in].
+    let lora: usize = ranks
+        .iter()
+        .filter_map(|(p, r)| r.map(|r| r + if dropout { p.shape(c).1 } else { 0 }))
+        .sum();
+    // hidden, dhidden, dres [n, h]; rstd, lse, targets, token ids [n].
+    let head = 3 * n * h * 4 + 4 * n * 4;
+    let chunking = Chunking::default();
+    let logits = (tokens.min(chunking.rows) * c.vocab_size.min(chunking.vocab) * 4) as u64;
+    Working {
+        bytes: (layers + 1) * layer_input
+            + LayerActs::bytes_for(c, ranks, tokens)
+            + scratch
+            + lora as u64 * n * 4
+            + head
+            + logits,
+        offloadable: (layers - 1) * layer_input,
+    }
+}
+
+/// Each decoder layer's input, kept from the forward for the backward's recomputation: all on
+/// the device, or (offloaded) read back to host memory once its layer has run and written back
+/// before its backward, two device buffers taking turns.
+struct LayerInputs {
+    device: Vec<Tensor>,
+    /// Offloaded: the inputs saved so far, by layer (empty in a dry run, which moves nothing).
+    host: Option<Vec<Vec<u8>>>,
+}
+
+impl LayerInputs {
+    fn new(gpu: &Gpu, layers: usize, shape: &[usize], offload: bool) -> Result<LayerInputs> {
+        let buffers = if offload { 2 } else { layers + 1 };
+        Ok(LayerInputs {
+            device: (0..buffers)
+                .map(|_| Tensor::zeros(gpu, shape, DType::F32))
+                .collect::<Result<_>>()?,
+            host: offload.then(Vec::new),
+        })
+    }
+
+    /// The buffer of layer `l`'s input (of the final norm's for l = layers).
+    fn at(&self, l: usize) -> &Tensor {
+        match self.host {
+            Some(_) => &self.device[l % 2],
+            None => &self.device[l],
+        }
+    }
+
+    /// After layer `l`'s forward is recorded: offloaded, runs it and reads its input back.
+    fn save(&mut self, batch: &mut Batch, l: usize) -> Result<()> {
+        let gpu = batch.gpu;
+        if let Some(host) = &mut self.host {
+            batch.flush();
+            let input = &self.device[l % 2];
+            host.push(match gpu.is_dry_run() {
+                true => Vec::new(),
+                false => input.to_bytes(gpu)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Before layer `l` is recomputed: offloaded, writes its input back (after the recorded
+    /// work, which may still read the buffer).
+    fn restore(&self, batch: &mut Batch, l: usize) -> Result<()> {
+        if let (Some(host), false) = (&self.host, batch.gpu.is_dry_run()) {
+            batch.flush();
+            self.device[l % 2].write_bytes(batch.gpu, &host[l])?;
+        }
+        Ok(())
     }
 }
 
@@ -254,6 +354,14 @@ impl Qwen2 {
         })
     }
 
+    /// A zero-weight bf16 model of `config`'s shapes under `plan`: the dry run of a checkpoint
+    /// directory that holds only its config.json (nothing is uploaded or streamed in a dry run).
+    pub fn zeroed_planned(gpu: &Gpu, config: Qwen2Config, plan: MemoryPlan) -> Result<Qwen2> {
+        let zeros = |spec: &TensorSpec, dtype| Tensor::zeros(gpu, &spec.shape, dtype);
+        let model = Qwen2::build_planned(gpu, config, &plan, zeros)?;
+        Ok(model.streaming_from(plan, None))
+    }
+
     /// One micro-batch of `rows` — (ids, targets) pairs, padded to the longest with unsupervised
     /// tokens — forward and backward: adds `grad_scale ·` d(summed loss) to `grads` and returns
     /// the summed loss. `dropout` applies LoRA dropout with this micro-batch's seed.
@@ -280,23 +388,26 @@ impl Qwen2 {
         let token_ids = TokenIds::new(gpu, &ids)?;
         let mut batch = gpu.batch();
 
-        // Forward, keeping each layer's input: xs[l] feeds layer l, xs[L] the final norm.
-        let xs = (0..=self.layers.len())
-            .map(|_| Tensor::zeros(gpu, &[n, h], DType::F32))
-            .collect::<Result<Vec<_>>>()?;
+        // Forward, keeping each layer's input for the backward.
+        let layers = self.layers.len();
+        let offload = self.memory_plan().is_some_and(|p| p.offloaded > 0);
+        let mut inputs = LayerInputs::new(gpu, layers, &[n, h], offload)?;
         let acts = LayerActs::new(gpu, self, n)?;
-        embedding_forward(&mut batch, &token_ids, &self.embed, &xs[0])?;
+        embedding_forward(&mut batch, &token_ids, &self.embed, inputs.at(0))?;
         // A submit after each layer's forward (and, below, its recomputation and its backward),
         // so that the temporaries its ops keep (Batch::keep; e.g. LoRA dropout's inputs) are
         // released as it goes rather than piling up over the whole model.
-        for l in 0..self.layers.len() {
-            self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
+        for l in 0..layers {
+            self.stream_in(&mut batch, l, Some(l + 1).filter(|&n| n < layers))?;
+            let (x, out) = (inputs.at(l), inputs.at(l + 1));
+            self.layer_forward(&mut batch, l, x, out, &acts, &step)?;
             batch.flush();
+            inputs.save(&mut batch, l)?;
         }
         let eps = c.rms_norm_eps as f32;
         let hidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
         let rstd = Tensor::zeros(gpu, &[n], DType::F32)?;
-        let last = &xs[self.layers.len()];
+        let last = inputs.at(layers);
         rmsnorm_forward(&mut batch, last, &self.norm, eps, &hidden, &rstd)?;
 
         let targets_t = Tensor::from_u32(gpu, &[n], &targets)?;
@@ -336,11 +447,14 @@ impl Qwen2 {
         )?;
 
         let scratch = Scratch::new(gpu, c, n)?;
-        // Recomputing layer l overwrites xs[l + 1], which is no longer needed.
-        for l in (0..self.layers.len()).rev() {
-            self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
+        // Recomputing layer l overwrites the input of layer l + 1, which is no longer needed.
+        for l in (0..layers).rev() {
+            self.stream_in(&mut batch, l, l.checked_sub(1))?;
+            inputs.restore(&mut batch, l)?;
+            let (x, out) = (inputs.at(l), inputs.at(l + 1));
+            self.layer_forward(&mut batch, l, x, out, &acts, &step)?;
             batch.flush();
-            self.layer_backward(&mut batch, l, &xs[l], &acts, &step, &scratch, &dres, grads)
+            self.layer_backward(&mut batch, l, x, &acts, &step, &scratch, &dres, grads)
                 .with_context(|| format!("backward of layer {l}"))?;
             batch.flush();
         }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod generate;
 pub mod params;
 pub mod qwen2;
+pub mod residency;
 pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
@@ -18,6 +19,7 @@ pub use generate::{
 };
 pub use params::{qwen2_tensors, PerProj, Proj, TensorSpec};
 pub use qwen2::{next_token_targets, KvCache, LayerActs, LoraDropout, LossSum, Qwen2, IGNORE};
+pub use residency::{parse_size, MemoryPlan};
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{Encoding, SpecialTokens, Tokenizer};
 pub use weights::{to_device, WeightDType, WeightView, Weights, HF_SIDE_FILES};

@@ -131,17 +131,25 @@ pub mod names {
     pub const FINAL_NORM: &str = "model.norm.weight";
     pub const LM_HEAD: &str = "lm_head.weight";
 
+    /// The prefix of every decoder layer's tensors.
+    pub const LAYERS: &str = "model.layers.";
+
+    /// The prefix of decoder layer `l`'s tensors.
+    pub fn layer(l: usize) -> String {
+        format!("{LAYERS}{l}.")
+    }
+
     /// The module path of projection `p` of layer `l` (what PEFT's `target_modules` matches).
     pub fn module(l: usize, p: Proj) -> String {
-        format!("model.layers.{l}.{}", p.path())
+        format!("{}{}", layer(l), p.path())
     }
 
     pub fn input_norm(l: usize) -> String {
-        format!("model.layers.{l}.input_layernorm.weight")
+        format!("{}input_layernorm.weight", layer(l))
     }
 
     pub fn post_norm(l: usize) -> String {
-        format!("model.layers.{l}.post_attention_layernorm.weight")
+        format!("{}post_attention_layernorm.weight", layer(l))
     }
 
     pub fn weight(l: usize, p: Proj) -> String {

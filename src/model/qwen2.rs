@@ -41,6 +41,7 @@ use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
 use super::adapter::Adapter;
 use super::config::Qwen2Config;
 use super::params::{names, PerProj, Proj, TensorSpec};
+use super::residency::{LayerStream, MemoryPlan, Working};
 use super::weights::{to_device, Weights};
 
 /// LoRA factors on the device: A [r, in], B [out, r] (f32) and the scale.
@@ -90,6 +91,36 @@ pub struct Layer {
     pub proj: PerProj<Linear>,
 }
 
+impl Layer {
+    /// The frozen tensors of layer `l` with their checkpoint names (what streaming uploads).
+    pub(crate) fn tensors(&self, l: usize) -> Vec<(String, &Tensor)> {
+        let mut out = vec![
+            (names::input_norm(l), &self.input_norm),
+            (names::post_norm(l), &self.post_norm),
+        ];
+        for (p, linear) in self.proj.iter() {
+            out.push((names::weight(l, p), &linear.weight));
+            if let Some(b) = &linear.bias {
+                out.push((names::bias(l, p), b));
+            }
+        }
+        out
+    }
+
+    /// A view of `slot`'s frozen tensors without a LoRA: a streamed layer that runs in that slot.
+    fn view_of(gpu: &Gpu, slot: &Layer) -> Layer {
+        Layer {
+            input_norm: slot.input_norm.alias(gpu),
+            post_norm: slot.post_norm.alias(gpu),
+            proj: PerProj::from_fn(|p| Linear {
+                weight: slot.proj[p].weight.alias(gpu),
+                bias: slot.proj[p].bias.as_ref().map(|b| b.alias(gpu)),
+                lora: None,
+            }),
+        }
+    }
+}
+
 /// The model on the device.
 pub struct Qwen2 {
     pub config: Qwen2Config,
@@ -99,6 +130,10 @@ pub struct Qwen2 {
     /// None when tied to `embed`.
     pub lm_head: Option<Tensor>,
     pub(crate) rope: Rope,
+    /// The memory plan under a budget and the decoder layers that stream from the checkpoint
+    /// (None: no budget, all resident): a streamed layer's frozen tensors in `layers` are views
+    /// of its ring slot.
+    stream: Option<LayerStream>,
     /// Set once the length warning ([`Qwen2Config::length_warning`]) has been printed.
     length_warned: AtomicBool,
 }
@@ -132,16 +167,15 @@ pub struct LayerActs<T = Tensor> {
 }
 
 impl<T> LayerActs<T> {
-    /// The activations for `rows` tokens, each made by `make(shape)`: the one list of their
-    /// shapes, in allocation order.
+    /// The activations for `rows` tokens with LoRAs of `ranks`, each made by `make(shape)`: the
+    /// one list of their shapes, in allocation order.
     fn build(
-        model: &Qwen2,
+        c: &Qwen2Config,
+        ranks: &PerProj<Option<usize>>,
         rows: usize,
         mut make: impl FnMut(&[usize]) -> Result<T>,
     ) -> Result<LayerActs<T>> {
-        let c = &model.config;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        let ranks = model.lora_ranks();
         Ok(LayerActs {
             rows,
             xn: make(&[rows, h])?,
@@ -167,13 +201,21 @@ impl<T> LayerActs<T> {
 impl LayerActs {
     /// Activations sized for `rows` tokens (one set serves every layer of an inference pass).
     pub fn new(gpu: &Gpu, model: &Qwen2, rows: usize) -> Result<LayerActs> {
-        LayerActs::build(model, rows, |shape| Tensor::zeros(gpu, shape, DType::F32))
+        let ranks = model.lora_ranks();
+        LayerActs::build(&model.config, &ranks, rows, |shape| {
+            Tensor::zeros(gpu, shape, DType::F32)
+        })
     }
 
     /// Device bytes `LayerActs::new(.., rows)` allocates.
     pub fn bytes(model: &Qwen2, rows: usize) -> u64 {
+        LayerActs::bytes_for(&model.config, &model.lora_ranks(), rows)
+    }
+
+    /// Device bytes of the activations of `rows` tokens with LoRAs of `ranks`.
+    pub fn bytes_for(config: &Qwen2Config, ranks: &PerProj<Option<usize>>, rows: usize) -> u64 {
         let mut f32s = 0;
-        let counted = LayerActs::<()>::build(model, rows, |shape| {
+        let counted = LayerActs::<()>::build(config, ranks, rows, |shape| {
             f32s += shape.iter().product::<usize>();
             Ok(())
         });
@@ -414,8 +456,16 @@ pub struct LossSum {
 
 impl Qwen2 {
     /// Loads a Hugging Face checkpoint directory (config.json + safetensors), checking every tensor
-    /// against the config first.
+    /// against the config first. Under a device memory budget ([`Gpu::device_memory`]) the plan
+    /// is made for the weights alone (what inference holds besides them comes on top).
     pub fn load(gpu: &Gpu, dir: impl AsRef<Path>) -> Result<Qwen2> {
+        Qwen2::load_planned(gpu, dir, Working::default())
+    }
+
+    /// [`Qwen2::load`] under the memory plan for a workload that holds `working` besides the
+    /// weights ([`MemoryPlan::fit`] of [`Gpu::device_memory`]): the layers that do not fit stream
+    /// from the memory-mapped checkpoint.
+    pub fn load_planned(gpu: &Gpu, dir: impl AsRef<Path>, working: Working) -> Result<Qwen2> {
         let dir = dir.as_ref();
         ensure!(
             dir.is_dir(),
@@ -424,10 +474,22 @@ impl Qwen2 {
         );
         let config = Qwen2Config::load(dir)?;
         let weights = Weights::open(dir)?;
+        let plan = MemoryPlan::fit(&config, gpu.device_memory(), working)?;
+        Qwen2::from_weights(gpu, config, weights, plan)
+    }
+
+    /// The model of `config` from the checkpoint `weights` (checked against the config first),
+    /// the layers `plan` streams left in the memory map.
+    pub fn from_weights(
+        gpu: &Gpu,
+        config: Qwen2Config,
+        weights: Weights,
+        plan: MemoryPlan,
+    ) -> Result<Qwen2> {
         weights.validate(&config)?;
-        Qwen2::build(gpu, config, |spec, dtype| {
-            to_device(gpu, &weights.get(&spec.name)?, dtype)
-        })
+        let upload = |spec: &TensorSpec, dtype| to_device(gpu, &weights.get(&spec.name)?, dtype);
+        let model = Qwen2::build_planned(gpu, config, &plan, upload)?;
+        Ok(model.streaming_from(plan, Some(weights)))
     }
 
     /// Builds the model from `tensor(spec, dtype)`, called once for every tensor of
@@ -436,6 +498,29 @@ impl Qwen2 {
     pub fn build(
         gpu: &Gpu,
         config: Qwen2Config,
+        tensor: impl FnMut(&TensorSpec, DType) -> Result<Tensor>,
+    ) -> Result<Qwen2> {
+        let plan = MemoryPlan::resident(&config);
+        Qwen2::build_planned(gpu, config, &plan, tensor)
+    }
+
+    /// Hands the model its plan under a budget, and the stream of its streamed layers (read from
+    /// `source`).
+    pub(crate) fn streaming_from(mut self, plan: MemoryPlan, source: Option<Weights>) -> Qwen2 {
+        self.stream = plan
+            .budget
+            .is_some()
+            .then(|| LayerStream::new(plan, source));
+        self
+    }
+
+    /// [`Qwen2::build`] under `plan`: `tensor` is called for the resident layers and for the first
+    /// layer of each ring slot (which it then holds); the other streamed layers are views of
+    /// their slot. The caller gives the model its [`LayerStream`] ([`Qwen2::streaming_from`]).
+    pub(crate) fn build_planned(
+        gpu: &Gpu,
+        config: Qwen2Config,
+        plan: &MemoryPlan,
         mut tensor: impl FnMut(&TensorSpec, DType) -> Result<Tensor>,
     ) -> Result<Qwen2> {
         check_head_dim(config.head_dim).context("model config")?;
@@ -455,6 +540,11 @@ impl Qwen2 {
         let embed = get(names::EMBED.into(), &[config.vocab_size, h])?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
+            if l >= plan.resident_layers + plan.slots {
+                let slot = &layers[plan.resident_layers + (l - plan.resident_layers) % plan.slots];
+                layers.push(Layer::view_of(gpu, slot));
+                continue;
+            }
             let input_norm = get(names::input_norm(l), &[h])?;
             let post_norm = get(names::post_norm(l), &[h])?;
             let linear = |proj: Proj| -> Result<Linear> {
@@ -488,8 +578,43 @@ impl Qwen2 {
             norm,
             lm_head,
             rope,
+            stream: None,
             length_warned: AtomicBool::new(false),
         })
+    }
+
+    /// The memory plan under a budget (None: no budget, everything resident).
+    pub fn memory_plan(&self) -> Option<&MemoryPlan> {
+        self.stream.as_ref().map(|s| &s.plan)
+    }
+
+    /// Bytes of streamed weights uploaded host -> device so far.
+    pub fn streamed_bytes(&self) -> u64 {
+        self.stream.as_ref().map_or(0, LayerStream::uploaded)
+    }
+
+    /// Before recording decoder layer `l`: when it streams, submits the recorded work (which may
+    /// read the slot about to be overwritten; queued uploads run after it), queues the upload of
+    /// layer `l` unless its slot holds it, then that of `next`, the layer to run after it, when
+    /// it has a slot of its own, so that its upload overlaps this layer's work.
+    pub(crate) fn stream_in(&self, batch: &mut Batch, l: usize, next: Option<usize>) -> Result<()> {
+        let Some(stream) = &self.stream else {
+            return Ok(());
+        };
+        if stream.slot(l).is_none() && next.and_then(|n| stream.slot(n)).is_none() {
+            return Ok(());
+        }
+        batch.flush();
+        let fetch = |l: usize| {
+            stream
+                .fetch(batch.gpu, l, &self.layers[l])
+                .with_context(|| format!("streaming decoder layer {l}"))
+        };
+        fetch(l)?;
+        match next {
+            Some(n) if stream.slot(n) != stream.slot(l) => fetch(n),
+            _ => Ok(()),
+        }
     }
 
     /// Prints the length warning the first time a sequence of this model reaches `tokens` past
@@ -692,7 +817,9 @@ impl Qwen2 {
         let mut x = Tensor::zeros(gpu, &[rows, h], DType::F32)?;
         let mut y = Tensor::zeros(gpu, &[rows, h], DType::F32)?;
         embedding_forward(batch, &ids, &self.embed, &x)?;
-        for l in 0..self.layers.len() {
+        let layers = self.layers.len();
+        for l in 0..layers {
+            self.stream_in(batch, l, Some(l + 1).filter(|&n| n < layers))?;
             self.layer_forward(batch, l, &x, &y, &acts, &step)?;
             std::mem::swap(&mut x, &mut y);
         }

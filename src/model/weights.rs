@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
@@ -154,6 +154,11 @@ impl Weights {
                 dir.display()
             )
         }
+    }
+
+    /// Whether `dir` holds weights for [`Weights::open`] (a config-only directory does not).
+    pub fn present(dir: &Path) -> bool {
+        dir.join("model.safetensors.index.json").exists() || dir.join("model.safetensors").exists()
     }
 
     fn open_sharded(dir: &Path, index_path: &Path) -> Result<Weights> {
@@ -318,8 +323,17 @@ impl Weights {
 /// The forward pass is expected to keep matrices BF16 (as the design stores frozen weights) and
 /// may ask for F32 for the small 1-D norm and bias vectors, which then stay exact from f16.
 pub fn to_device(gpu: &Gpu, view: &WeightView<'_>, target: DType) -> Result<Tensor> {
+    let tensor = Tensor::zeros(gpu, view.shape, target)
+        .with_context(|| format!("allocating tensor {} of {}", view.name, view.file.display()))?;
+    write_to_device(gpu, view, &tensor)?;
+    Ok(tensor)
+}
+
+/// Overwrites `tensor` (of the view's shape, BF16 or F32) with one checkpoint tensor, converted
+/// as [`to_device`] does; queued as [`Tensor::write_bytes`] is.
+pub fn write_to_device(gpu: &Gpu, view: &WeightView<'_>, tensor: &Tensor) -> Result<()> {
     let upload = |bytes: &[u8]| {
-        Tensor::from_bytes(gpu, view.shape, target, bytes).with_context(|| {
+        tensor.write_bytes(gpu, bytes).with_context(|| {
             format!(
                 "uploading tensor {} from {}",
                 view.name,
@@ -327,7 +341,15 @@ pub fn to_device(gpu: &Gpu, view: &WeightView<'_>, target: DType) -> Result<Tens
             )
         })
     };
-    match (view.dtype, target) {
+    ensure!(
+        tensor.shape() == view.shape,
+        "tensor {} in {} has shape {:?}; the device tensor is {:?}",
+        view.name,
+        view.file.display(),
+        view.shape,
+        tensor.shape()
+    );
+    match (view.dtype, tensor.dtype()) {
         (WeightDType::BF16, DType::BF16) | (WeightDType::F32, DType::F32) => upload(view.bytes),
         (_, DType::F32) => upload(
             &view

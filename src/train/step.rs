@@ -11,7 +11,9 @@ use wgtrain_kernels::ops::optim::{adamw_step, grad_norm_sq, sgd_step, AdamW};
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
 use super::config::{OptimizerKind, OptimizerSettings};
-use crate::model::{Grads, LoraDropout, Param, Qwen2, IGNORE};
+use crate::model::backward::micro_batch_bytes;
+use crate::model::residency::{lora_bytes, size, Working};
+use crate::model::{Grads, LoraDropout, MemoryPlan, Param, PerProj, Qwen2, Qwen2Config, IGNORE};
 
 /// AdamW's moments of one parameter.
 pub struct Moments {
@@ -123,6 +125,21 @@ pub fn update(
     gpu.wait()
 }
 
+/// What a LoRA optimizer step on a micro-batch of `tokens` tokens holds on the device besides the
+/// frozen weights (the memory plan's working set): the micro-batch's activations and the LoRA
+/// factors of `ranks` with their gradients and (AdamW) two moments.
+pub fn lora_step_working(
+    config: &Qwen2Config,
+    ranks: &PerProj<Option<usize>>,
+    adamw: bool,
+    dropout: bool,
+    tokens: usize,
+) -> Working {
+    let mut working = micro_batch_bytes(config, ranks, dropout, tokens);
+    working.bytes += lora_bytes(config, ranks) * if adamw { 4 } else { 2 };
+    working
+}
+
 /// The device memory of one optimizer step on a run's largest micro-batch (`--dry-run`).
 #[derive(Clone, Debug)]
 pub struct MemoryReport {
@@ -139,6 +156,10 @@ pub struct MemoryReport {
     /// The most device memory held at once during the step: all of the above, the activations and
     /// the kernels' temporaries.
     pub peak: u64,
+    /// The memory plan when decoder layers stream (`--device-memory`); None: all resident.
+    pub plan: Option<MemoryPlan>,
+    /// Bytes of streamed weights uploaded host -> device so far (in a dry run: by its one step).
+    pub streamed: u64,
 }
 
 impl MemoryReport {
@@ -163,6 +184,8 @@ impl MemoryReport {
                 .map(|m| m.m.device_bytes() + m.v.device_bytes())
                 .sum(),
             peak,
+            plan: model.memory_plan().cloned(),
+            streamed: model.streamed_bytes(),
         }
     }
 }
@@ -170,8 +193,11 @@ impl MemoryReport {
 impl fmt::Display for MemoryReport {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
-        let size = |bytes| format!("{:10.1} MiB {:7.2} GiB", mib(bytes), mib(bytes) / 1024.0);
         let state = self.trainable + self.gradients + self.optimizer;
+        match &self.plan {
+            Some(plan) => writeln!(f, "{plan}")?,
+            None => writeln!(f, "memory plan: every weight resident, nothing streams")?,
+        }
         writeln!(
             f,
             "device memory of one optimizer step on {} row(s) x {} tokens:",
@@ -190,10 +216,25 @@ impl fmt::Display for MemoryReport {
             mib(self.gradients),
             mib(self.optimizer)
         )?;
+        writeln!(
+            f,
+            "  streamed host -> device in the step   {}",
+            size(self.streamed)
+        )?;
         write!(
             f,
             "  peak device memory during the step    {}",
             size(self.peak)
-        )
+        )?;
+        match self.plan.as_ref().and_then(|p| p.budget) {
+            Some(budget) if self.peak > budget => write!(
+                f,
+                "\n  over --device-memory by {:.1} MiB: the plan's estimate leaves out the kernels' \
+                 temporaries; give {:.0} MiB or more",
+                mib(self.peak - budget),
+                mib(self.peak).ceil()
+            ),
+            _ => Ok(()),
+        }
     }
 }

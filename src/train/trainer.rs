@@ -36,12 +36,16 @@ use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics, METRI
 use super::run_dir::{check_not_in_use, check_output_apart, RunDir};
 use super::schedule::Schedule;
 use super::settings::label;
-use super::step::{gradients, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments};
+use super::step::{
+    gradients, lora_step_working, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments,
+};
 use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
+use crate::model::backward::micro_batch_bytes;
+use crate::model::residency::{weight_bytes, MemoryPlan};
 use crate::model::{
-    next_token_targets, Adapter, AdapterConfig, Grads, LoraDropout, LoraPair, Param, Qwen2,
-    Qwen2Config, TargetModules, HF_SIDE_FILES,
+    next_token_targets, Adapter, AdapterConfig, Grads, LoraDropout, LoraPair, Param, PerProj,
+    Qwen2, Qwen2Config, TargetModules, Weights, HF_SIDE_FILES,
 };
 
 /// What a finished (or interrupted) run reports.
@@ -149,7 +153,7 @@ fn warn_of_dropped_rows(rows: Vec<(String, EncodedRow)>, config: &TrainConfig) -
 }
 
 /// PEFT's fresh LoRA: A Kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, drawn from `seed`.
-pub fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adapter> {
+pub fn new_adapter(model: &Qwen2Config, lora: &LoraSettings, seed: u64) -> Result<Adapter> {
     let config = AdapterConfig {
         r: lora.rank,
         lora_alpha: lora.alpha,
@@ -163,9 +167,9 @@ pub fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adap
         use_rslora: false,
         base_model: None,
     };
-    let targets = Adapter::targets(&config, &model.config)?;
+    let targets = Adapter::targets(&config, model)?;
     for &(l, proj) in &targets {
-        let (out_f, in_f) = proj.shape(&model.config);
+        let (out_f, in_f) = proj.shape(model);
         ensure!(
             lora.rank <= out_f.min(in_f),
             "{} {} exceeds the smaller side of layer {l}'s {} ({out_f} x {in_f}): a rank \
@@ -179,7 +183,7 @@ pub fn new_adapter(model: &Qwen2, lora: &LoraSettings, seed: u64) -> Result<Adap
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut modules = BTreeMap::new();
     for (l, proj) in targets {
-        let (out_f, in_f) = proj.shape(&model.config);
+        let (out_f, in_f) = proj.shape(model);
         let bound = 1.0 / (in_f as f64).sqrt();
         let a = (0..lora.rank * in_f)
             .map(|_| {
@@ -535,23 +539,43 @@ fn training_rng(config: &TrainConfig, resume: Option<&Resume>) -> Result<ChaCha8
 }
 
 /// The model to train: f32 master weights (full), or the frozen model with the adapter applied
-/// (resumed, `--init-adapter`, or fresh) and the adapter config the run saves.
+/// (resumed, `--init-adapter`, or fresh) and the adapter config the run saves. Under a device
+/// memory budget the frozen layers that do not fit beside a micro-batch of `tokens` tokens and the
+/// LoRA state stream; full fine-tuning's weights cannot, so a budget too small for them is
+/// refused. A dry run of a directory without weights plans a zero model of its config.
 fn load_model(
     gpu: &Gpu,
     config: &TrainConfig,
     model_dir: &Path,
     resume_from: Option<&Path>,
+    tokens: usize,
 ) -> Result<(Qwen2, Option<AdapterConfig>)> {
+    let model_config = Qwen2Config::load(model_dir)?;
+    let config_only = gpu.is_dry_run() && !Weights::present(resume_from.unwrap_or(model_dir));
+    let adamw = config.optimizer.kind == OptimizerKind::Adamw;
     match &config.method {
-        Method::Full => Ok((
-            Qwen2::load_f32(gpu, resume_from.unwrap_or(model_dir))?,
-            None,
-        )),
+        Method::Full => {
+            check_full_fits(gpu, &model_config, adamw, tokens)?;
+            let model = match config_only {
+                true => Qwen2::zeroed(gpu, model_config, true)?,
+                false => Qwen2::load_f32(gpu, resume_from.unwrap_or(model_dir))?,
+            };
+            Ok((model, None))
+        }
         Method::Lora(lora) => {
-            let mut model = Qwen2::load(gpu, model_dir)?;
             let adapter = match resume_from.or(config.init_adapter.as_deref()) {
-                Some(dir) => Adapter::load(dir, &model.config)?,
-                None => new_adapter(&model, lora, config.seed)?,
+                Some(dir) => Adapter::load(dir, &model_config)?,
+                None => new_adapter(&model_config, lora, config.seed)?,
+            };
+            let dropout = lora.dropout > 0.0;
+            let working =
+                lora_step_working(&model_config, &adapter.ranks(), adamw, dropout, tokens);
+            let mut model = match config_only {
+                true => {
+                    let plan = MemoryPlan::fit(&model_config, gpu.device_memory(), working)?;
+                    Qwen2::zeroed_planned(gpu, model_config, plan)?
+                }
+                false => Qwen2::load_planned(gpu, model_dir, working)?,
             };
             model.apply_adapter(gpu, &adapter)?;
             let mut adapter_config = adapter.config.clone();
@@ -560,6 +584,29 @@ fn load_model(
             Ok((model, Some(adapter_config)))
         }
     }
+}
+
+/// Full fine-tuning keeps its f32 master weights, their gradients and (AdamW) moments on the
+/// device: under a budget too small for them and a micro-batch of `tokens` tokens, the run is
+/// refused with the size it needs.
+fn check_full_fits(gpu: &Gpu, c: &Qwen2Config, adamw: bool, tokens: usize) -> Result<()> {
+    let Some(budget) = gpu.device_memory() else {
+        return Ok(());
+    };
+    let (layer, other) = weight_bytes(c, true);
+    let weights = layer * c.num_hidden_layers as u64 + other;
+    let copies = if adamw { 4 } else { 2 };
+    let need = weights * copies + micro_batch_bytes(c, &PerProj::default(), false, tokens).bytes;
+    ensure!(
+        need <= budget,
+        "--device-memory {:.2} GiB is too small for full fine-tuning, which keeps its f32 weights, \
+         their gradients{} on the device (they do not stream) beside the activations: it needs \
+         {:.2} GiB; LoRA (--finetuning-type lora) streams the frozen weights",
+        budget as f64 / (1u64 << 30) as f64,
+        if adamw { " and AdamW's two moments" } else { "" },
+        need as f64 / (1u64 << 30) as f64
+    );
+    Ok(())
 }
 
 /// The NaN policy: a step whose loss or gradient norm is not finite stops the run before its
@@ -664,7 +711,15 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
     };
 
     let resume_from = resume.as_ref().map(|(dir, _)| dir.as_path());
-    let (model, adapter_config) = load_model(gpu, config, &model_dir, resume_from)?;
+    // The largest micro-batch: batch-size rows as long as the longest row (gradient accumulation
+    // repeats micro-batches; it does not hold more at once).
+    let longest = (0..rows.len()).max_by_key(|&i| rows[i].len()).unwrap_or(0);
+    let micro_shape = (config.batch_size.min(rows.len()), rows[longest].len());
+    let micro_tokens = micro_shape.0 * micro_shape.1;
+    let (model, adapter_config) = load_model(gpu, config, &model_dir, resume_from, micro_tokens)?;
+    if let (Some(plan), false) = (model.memory_plan(), dry_run) {
+        eprintln!("{plan}");
+    }
     let grads = Grads::new(gpu, &model)?;
     let params = grads.params(&model);
     let moments = match (resume_from, config.optimizer.kind) {
@@ -720,19 +775,19 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         Ok((g, lr, gpu.memory().peak))
     };
     if dry_run {
-        // The largest micro-batch: batch-size rows as long as the longest row (gradient
-        // accumulation repeats micro-batches; it does not hold more at once).
-        let longest = (0..rows.len()).max_by_key(|&i| rows[i].len()).unwrap_or(0);
         let step = Step {
             index: 0,
             epoch: 0,
-            micro_batches: vec![vec![longest; config.batch_size.min(rows.len())]],
+            micro_batches: vec![vec![longest; micro_shape.0]],
             epoch_progress: 0.0,
         };
         let (_, _, peak) = run_step(&step, &mut rng)?;
-        let shape = (step.micro_batches[0].len(), rows[longest].len());
         return Ok(Outcome::DryRun(MemoryReport::new(
-            &model, &params, &moments, shape, peak,
+            &model,
+            &params,
+            &moments,
+            micro_shape,
+            peak,
         )));
     }
     let run = Run {

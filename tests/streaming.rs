@@ -1,0 +1,333 @@
+//! Models larger than the device (`--device-memory`): decoder layers streamed from the memory map
+//! through a ring of device slots give bit-identical losses, logits, generations, gradients and
+//! adapters to the resident model; a budget that cannot be met is refused with the size that
+//! would fit; the dry run plans from a directory holding only config.json and the tokenizer.
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fixtures, train_args, wgtrain};
+use wgtrain::model::residency::weight_bytes;
+use wgtrain::model::{
+    generate, Adapter, GenerateOptions, Grads, LoraDropout, Proj, Qwen2, Qwen2Config,
+    SamplingParams,
+};
+use wgtrain::train::config::LoraSettings;
+use wgtrain::train::demo::write_random_weights;
+use wgtrain::train::trainer::new_adapter;
+use wgtrain_kernels::{Gpu, GpuOptions};
+
+fn gpu_with(device_memory: Option<u64>) -> Gpu {
+    Gpu::new(&GpuOptions {
+        device_memory,
+        ..GpuOptions::from_env().unwrap()
+    })
+    .unwrap()
+}
+
+/// tiny-qwen2-tied's shapes with `layers` decoder layers of random weights, in `dir`.
+fn deep_model(dir: &Path, layers: usize) -> PathBuf {
+    let text = std::fs::read_to_string(fixtures().join("tiny-qwen2-tied/config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["num_hidden_layers"] = layers.into();
+    std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+    let config = Qwen2Config::load(dir).unwrap();
+    write_random_weights(dir, &config, 7).unwrap();
+    dir.to_path_buf()
+}
+
+/// Two rows of different lengths (the shorter padded), every next token supervised.
+fn rows() -> Vec<(Vec<u32>, Vec<u32>)> {
+    [13usize, 6]
+        .iter()
+        .enumerate()
+        .map(|(r, &len)| {
+            let ids: Vec<u32> = (0..len)
+                .map(|t| ((t * 37 + r * 101 + 5) % 421) as u32)
+                .collect();
+            let mut targets = ids[1..].to_vec();
+            targets.push(wgtrain::model::IGNORE);
+            (ids, targets)
+        })
+        .collect()
+}
+
+/// Everything the model computes, as bits: loss, logits, a greedy generation (prefill and
+/// KV-cached decoding) and the LoRA gradients of two micro-batches with dropout (the second
+/// starting from the slots the first left).
+fn outputs(gpu: &Gpu, dir: &Path) -> (Vec<u64>, Qwen2) {
+    let mut model = Qwen2::load(gpu, dir).unwrap();
+    // The fixture's trained adapter, or a fresh one (B zero) on the generated model.
+    let adapter = match dir.join("adapter-random") {
+        trained if trained.is_dir() => Adapter::load(&trained, &model.config).unwrap(),
+        _ => {
+            let lora = LoraSettings {
+                rank: 4,
+                alpha: 8.0,
+                dropout: 0.0,
+                targets: Proj::ALL.to_vec(),
+            };
+            new_adapter(&model.config, &lora, 1).unwrap()
+        }
+    };
+    model.apply_adapter(gpu, &adapter).unwrap();
+    let rows = rows();
+    let batch: Vec<(&[u32], &[u32])> = rows
+        .iter()
+        .map(|(i, t)| (i.as_slice(), t.as_slice()))
+        .collect();
+    let mut bits = vec![model.loss_sum(gpu, &batch).unwrap().sum.to_bits()];
+    let ids = &rows[0].0;
+    let logits = model.logits(gpu, ids, 0..ids.len()).unwrap();
+    bits.extend(logits.iter().map(|x| x.to_bits() as u64));
+    let options = GenerateOptions {
+        max_new_tokens: 6,
+        sampling: SamplingParams::default(),
+        stop_ids: Vec::new(),
+    };
+    let generation = generate(&model, gpu, &ids[..5], &options, |_| Ok(())).unwrap();
+    bits.extend(generation.tokens.iter().map(|&t| t as u64));
+    if model
+        .layers
+        .iter()
+        .any(|l| l.proj.values().any(|p| p.lora.is_some()))
+    {
+        let grads = Grads::new(gpu, &model).unwrap();
+        for seed in [3, 4] {
+            let dropout = Some(LoraDropout { p: 0.2, seed });
+            let loss = model.forward_backward(gpu, &grads, &batch, 0.5, dropout);
+            bits.push(loss.unwrap().sum.to_bits());
+        }
+        for p in grads.params(&model) {
+            bits.extend(
+                p.grad
+                    .to_f32(gpu)
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits() as u64),
+            );
+        }
+    }
+    (bits, model)
+}
+
+/// The streamed run of `dir` with room for `layers` decoder layers beside the other weights
+/// gives the resident run's bits, with `resident` layers resident and `slots` slots.
+fn assert_streams_identically(dir: &Path, layers: u64, (resident, slots): (usize, usize)) {
+    let (resident_bits, model) = outputs(&gpu_with(None), dir);
+    assert!(model.memory_plan().is_none());
+    let (layer, other) = weight_bytes(&model.config, false);
+    let (streamed_bits, model) = outputs(&gpu_with(Some(other + layers * layer)), dir);
+    let plan = model
+        .memory_plan()
+        .expect("a budget below the model streams");
+    assert_eq!(
+        (plan.resident_layers, plan.slots),
+        (resident, slots),
+        "{plan:?}"
+    );
+    assert_eq!(resident_bits.len(), streamed_bits.len());
+    let differ = resident_bits
+        .iter()
+        .zip(&streamed_bits)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differ,
+        0,
+        "{}: {differ} values differ when streamed",
+        dir.display()
+    );
+    assert!(model.streamed_bytes() >= layer, "nothing was streamed");
+}
+
+#[test]
+fn streamed_layers_compute_what_resident_layers_compute() {
+    // One slot: every layer is uploaded before it runs (the LoRA fixture, and the sharded one).
+    assert_streams_identically(&fixtures().join("tiny-qwen2-tied"), 1, (0, 1));
+    assert_streams_identically(&fixtures().join("tiny-qwen2-untied"), 1, (0, 1));
+    // Five layers: two slots (the next layer's upload queued before this one runs), and two
+    // layers resident beside them.
+    let tmp = tempfile::tempdir().unwrap();
+    let deep = deep_model(tmp.path(), 5);
+    assert_streams_identically(&deep, 2, (0, 2));
+    assert_streams_identically(&deep, 4, (2, 2));
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The `--device-memory NB` an error names as the least that fits.
+fn least_budget(err: &str) -> String {
+    let at = err.find("(--device-memory ").expect(err) + "(--device-memory ".len();
+    let size = &err[at..];
+    size[..size.find(')').unwrap()].to_string()
+}
+
+/// Each line of a run's metrics without its timing fields.
+fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let m = v.as_object_mut().unwrap();
+            m.retain(|k, _| !k.contains("_s") && !k.contains("per_s") && !k.contains("peak"));
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn lora_training_streamed_matches_resident_through_a_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = fixtures().join("tiny-qwen2-tied/adapter-random");
+    #[rustfmt::skip]
+    let recipe = [
+        "--init-adapter", init.to_str().unwrap(), "--optimizer", "adamw", "--lr", "1e-3",
+        "--batch-size", "1", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
+        "--lora-dropout", "0.1",
+    ];
+    let resident_dir = tmp.path().join("resident");
+    let out = wgtrain(&train_args(&resident_dir, &recipe));
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    // The least budget the run accepts streams every layer through one slot and offloads the
+    // checkpointed layer inputs to host memory.
+    let streamed_dir = tmp.path().join("streamed");
+    let mut args = train_args(&streamed_dir, &recipe);
+    args.extend(["--device-memory".into(), "1MiB".into()]);
+    let refused = wgtrain(&args);
+    let err = stderr(&refused);
+    assert!(
+        !refused.status.success() && err.contains("needs at least"),
+        "{err}"
+    );
+    let least = least_budget(&err);
+    *args.last_mut().unwrap() = least.clone();
+    let out = wgtrain(&args);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("streamed: layers 0..2, 1 slot(s)"), "{err}");
+    let resident = metrics_without_timing(&resident_dir);
+    assert_eq!(resident.len(), 4);
+    assert_eq!(metrics_without_timing(&streamed_dir), resident);
+    let adapter = |dir: &Path| std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(adapter(&streamed_dir), adapter(&resident_dir));
+
+    // Resumed from its checkpoint, still streamed: the same steps and adapter.
+    let checkpoint = streamed_dir.join("checkpoint-2");
+    args.extend(["--resume".into(), checkpoint.display().to_string()]);
+    let out = wgtrain(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(metrics_without_timing(&streamed_dir), resident);
+    assert_eq!(adapter(&streamed_dir), adapter(&resident_dir));
+}
+
+#[test]
+fn budgets_that_cannot_be_met_or_read_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-qwen2-tied");
+    let data = common::short_data(tmp.path());
+    let out = wgtrain(&[
+        "loss",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--device-memory",
+        "100KiB",
+    ]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--device-memory 0.1MiB: this run needs at least"),
+        "{err}"
+    );
+    // At the least size named, loss streams every layer and prints the resident loss.
+    let loss = |budget: &[&str]| {
+        let mut args = vec!["loss", "--model", model.to_str().unwrap()];
+        args.extend(["--data", data.to_str().unwrap()]);
+        args.extend(budget);
+        let out = wgtrain(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
+    };
+    let least = least_budget(&err);
+    assert_eq!(loss(&["--device-memory", &least]), loss(&[]));
+
+    for bad in ["24", "24XB", "GiB", "0MiB", "1.2.3GiB"] {
+        let out = wgtrain(&train_args(
+            &tmp.path().join("bad"),
+            &["--device-memory", bad],
+        ));
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{bad} was accepted");
+        assert!(
+            err.contains(&format!("device memory '{bad}'")),
+            "{bad}: {err}"
+        );
+    }
+
+    // Full fine-tuning's weights do not stream: refused with the size it needs.
+    let out = wgtrain(&train_args(
+        &tmp.path().join("full"),
+        &["--adapter", "full", "--device-memory", "2MiB"],
+    ));
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("too small for full fine-tuning") && err.contains("it needs"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dry_run_plans_from_a_config_only_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let source = fixtures().join("tiny-qwen2-untied");
+    let config_only = tmp.path().join("config-only");
+    std::fs::create_dir(&config_only).unwrap();
+    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(source.join(file), config_only.join(file)).unwrap();
+    }
+    let run = |extra: &[&str]| {
+        let mut args = train_args(&tmp.path().join("run"), extra);
+        args[2] = config_only.display().to_string();
+        wgtrain(&args)
+    };
+    let out = run(&["--dry-run"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout.contains("every weight resident"), "{stdout}");
+    assert!(
+        stdout.contains("peak device memory during the step"),
+        "{stdout}"
+    );
+
+    let least = least_budget(&stderr(&run(&["--dry-run", "--device-memory", "1MiB"])));
+    let out = run(&["--dry-run", "--device-memory", &least]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout.contains("streamed: layers 0..2, 1 slot(s)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("peak device memory during the step"),
+        "{stdout}"
+    );
+    // Two layers uploaded: each once in the forward and the backward, but for the one the slot
+    // still holds where the forward ends.
+    let (layer, _) = weight_bytes(&Qwen2Config::load(&config_only).unwrap(), false);
+    let uploaded = format!("{:10.1} MiB", (2 * layer) as f64 / (1 << 20) as f64);
+    assert!(
+        stdout.contains(&format!("streamed host -> device in the step   {uploaded}")),
+        "{stdout}"
+    );
+    // Without --dry-run, the missing weights are an error.
+    let err = stderr(&run(&[]));
+    assert!(err.contains("no weights in"), "{err}");
+}
