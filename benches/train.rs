@@ -24,20 +24,16 @@
 //! `WGTRAIN_BENCH_T` (comma-separated) and `WGTRAIN_BENCH_REPS`. Timed runs default to the
 //! 0.5B and 1.5B LoRA and 0.5B full rows, dry runs to every row; `cargo bench --bench train --
 //! 0.5B` runs one model, `-- lora` or `-- full` one method (arguments combine).
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
-use wgtrain::model::{
-    Adapter, AdapterConfig, Grads, LoraPair, Proj, Qwen2, Qwen2Config, TargetModules,
-};
-use wgtrain::train::config::{OptimizerKind, OptimizerSettings};
-use wgtrain::train::step::{gradients, new_moments, update, MemoryReport, MicroBatch, Moments};
+use wgtrain::model::{Qwen2, Qwen2Config};
+use wgtrain::train::step::MemoryReport;
 
-use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
+use wgtrain_kernels::{Gpu, GpuOptions};
 
 mod common;
-use common::{env_list, random_model};
+use common::{env_list, random_adapter, random_model, Trainer};
 
 const RANK: usize = 64;
 
@@ -54,97 +50,6 @@ const CASES: [(&str, bool); 8] = [
     ("1.5B", true),
 ];
 const TIMED_CASES: usize = 3;
-
-/// A LoRA of rank [`RANK`] on every projection: A small and random, B small and non-zero (so the
-/// step's arithmetic is that of a trained adapter; the time does not depend on the values).
-fn random_adapter(model: &Qwen2) -> Result<Adapter> {
-    let config = AdapterConfig {
-        r: RANK,
-        lora_alpha: 2.0 * RANK as f64,
-        lora_dropout: 0.0,
-        target_modules: TargetModules::List(
-            Proj::ALL.iter().map(|p| p.module().to_string()).collect(),
-        ),
-        use_rslora: false,
-        base_model: None,
-    };
-    let mut modules = BTreeMap::new();
-    for (l, proj) in Adapter::targets(&config, &model.config)? {
-        let (out_f, in_f) = proj.shape(&model.config);
-        let a = (0..RANK * in_f)
-            .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-4)
-            .collect();
-        let b = (0..out_f * RANK)
-            .map(|i| ((i * 104729 % 197) as f32 - 98.0) * 1e-5)
-            .collect();
-        modules.insert((l, proj), LoraPair { a, b });
-    }
-    Ok(Adapter { config, modules })
-}
-
-const ADAMW: OptimizerSettings = OptimizerSettings {
-    kind: OptimizerKind::Adamw,
-    lr: 1e-5,
-    beta1: 0.9,
-    beta2: 0.999,
-    eps: 1e-8,
-    weight_decay: 0.01,
-};
-
-/// The trainable parameters' gradients and AdamW moments.
-struct Trainer<'a> {
-    model: &'a Qwen2,
-    grads: Grads,
-    moments: Vec<Option<Moments>>,
-    norm_sq: Tensor,
-}
-
-impl<'a> Trainer<'a> {
-    fn new(gpu: &Gpu, model: &'a Qwen2) -> Result<Trainer<'a>> {
-        let grads = Grads::new(gpu, model)?;
-        let moments = new_moments(gpu, &grads.params(model), OptimizerKind::Adamw)?;
-        Ok(Trainer {
-            model,
-            grads,
-            moments,
-            norm_sq: Tensor::zeros(gpu, &[1], DType::F32)?,
-        })
-    }
-
-    /// One optimizer step on one row of `t` tokens, as the trainer runs it: its wall-clock time
-    /// and memory.
-    fn step(&self, gpu: &Gpu, t: usize, index: usize) -> Result<(Duration, MemoryReport)> {
-        let vocab = self.model.config.vocab_size as u32;
-        let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % vocab).collect();
-        let targets: Vec<u32> = (0..t as u32).map(|i| (i * 7919 + 7919) % vocab).collect();
-        let params = self.grads.params(self.model);
-        gpu.wait()?;
-        let start = Instant::now();
-        gpu.reset_peak();
-        let micro = MicroBatch {
-            rows: vec![(&ids, &targets)],
-            dropout: None,
-        };
-        let g = gradients(gpu, self.model, &self.grads, &[micro], &self.norm_sq)?;
-        anyhow::ensure!(
-            g.loss.is_finite() && g.grad_norm.is_finite(),
-            "loss {} or gradient norm {} is not finite",
-            g.loss,
-            g.grad_norm
-        );
-        let clip = Some((&self.norm_sq, 1.0));
-        update(gpu, &params, &self.moments, &ADAMW, ADAMW.lr, index, clip)?;
-        let time = start.elapsed();
-        let memory = MemoryReport::new(
-            self.model,
-            &params,
-            &self.moments,
-            (1, t),
-            gpu.memory().peak,
-        );
-        Ok((time, memory))
-    }
-}
 
 fn mib(bytes: u64) -> String {
     format!("{:.0}", bytes as f64 / (1 << 20) as f64)
@@ -205,7 +110,7 @@ fn main() -> Result<()> {
             false => random_model(&gpu, config, full)?,
         };
         if !full {
-            let adapter = random_adapter(&model)?;
+            let adapter = random_adapter(&model, RANK)?;
             model.apply_adapter(&gpu, &adapter)?;
         }
         let trainer = Trainer::new(&gpu, &model)?;

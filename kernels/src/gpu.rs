@@ -243,6 +243,8 @@ pub struct Gpu {
     pub plan: KernelPlan,
     dry_run: bool,
     memory: Arc<MemoryCounter>,
+    /// Dispatches submitted so far (see [`Gpu::dispatches`]).
+    pub(crate) dispatches: AtomicU64,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
 }
 
@@ -290,6 +292,7 @@ impl Gpu {
             plan,
             dry_run: options.dry_run,
             memory: Arc::default(),
+            dispatches: AtomicU64::new(0),
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -315,6 +318,12 @@ impl Gpu {
             live: self.memory.live.load(Ordering::Relaxed),
             peak: self.memory.peak.load(Ordering::Relaxed),
         }
+    }
+
+    /// Kernel dispatches submitted on this device so far: the launches a workload costs, which
+    /// bound the small kernels on CPU adapters (each one is a thread-pool round trip there).
+    pub fn dispatches(&self) -> u64 {
+        self.dispatches.load(Ordering::Relaxed)
     }
 
     /// Starts a new peak from what is alive now (e.g. at the start of a training step).

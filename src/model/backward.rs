@@ -19,7 +19,7 @@ use wgtrain_kernels::ops::elementwise::{copy_rows, sum_rows};
 use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_backward, Dropout, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
-use wgtrain_kernels::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use wgtrain_kernels::ops::rmsnorm::rmsnorm_backward;
 use wgtrain_kernels::ops::rope::{rope_backward, Positions};
 use wgtrain_kernels::ops::swiglu::swiglu_backward;
 use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
@@ -27,7 +27,7 @@ use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
 use super::params::{names, PerProj, Proj};
-use super::qwen2::{pad_rows, LayerActs, LoraDropout, LossSum, Qwen2, Step};
+use super::qwen2::{pad_rows, LayerActs, LayerIo, LoraDropout, LossSum, Qwen2, Step};
 use super::weights::{to_device, Weights};
 
 /// Gradients of one layer's weights under full fine-tuning.
@@ -289,15 +289,18 @@ impl Qwen2 {
         // A submit after each layer's forward (and, below, its recomputation and its backward),
         // so that the temporaries its ops keep (Batch::keep; e.g. LoRA dropout's inputs) are
         // released as it goes rather than piling up over the whole model.
-        for l in 0..self.layers.len() {
-            self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
-            batch.flush();
-        }
-        let eps = c.rms_norm_eps as f32;
         let hidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
         let rstd = Tensor::zeros(gpu, &[n], DType::F32)?;
+        for l in 0..self.layers.len() {
+            let io = LayerIo {
+                x: &xs[l],
+                x_normed: l > 0,
+                out: Some(self.chained_out(l, &xs[l + 1], &acts, (&hidden, &rstd))),
+            };
+            self.layer_forward(&mut batch, l, io, &acts, &step)?;
+            batch.flush();
+        }
         let last = &xs[self.layers.len()];
-        rmsnorm_forward(&mut batch, last, &self.norm, eps, &hidden, &rstd)?;
 
         let targets_t = Tensor::from_u32(gpu, &[n], &targets)?;
         let lse = Tensor::zeros(gpu, &[n], DType::F32)?;
@@ -336,9 +339,15 @@ impl Qwen2 {
         )?;
 
         let scratch = Scratch::new(gpu, c, n)?;
-        // Recomputing layer l overwrites xs[l + 1], which is no longer needed.
+        // Recomputing layer l for its backward leaves out its output (the backward reads only
+        // the intermediates).
         for l in (0..self.layers.len()).rev() {
-            self.layer_forward(&mut batch, l, &xs[l], &xs[l + 1], &acts, &step)?;
+            let io = LayerIo {
+                x: &xs[l],
+                x_normed: false,
+                out: None,
+            };
+            self.layer_forward(&mut batch, l, io, &acts, &step)?;
             batch.flush();
             self.layer_backward(&mut batch, l, &xs[l], &acts, &step, &scratch, &dres, grads)
                 .with_context(|| format!("backward of layer {l}"))?;
