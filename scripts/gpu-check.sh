@@ -117,7 +117,9 @@ step() {
   return 0
 }
 
-step text "build" 600 cargo build --release --bin wgtrain --benches
+# `cargo bench` builds with the bench profile: built here, so the timed steps compile nothing.
+step text "build" 600 cargo build --release --bin wgtrain
+step text "build benches" 600 cargo bench --no-run
 step text "devices" 20 target/release/wgtrain devices
 step text "selftest" 60 target/release/wgtrain selftest
 step md "kernel benches" 120 cargo bench --bench kernels -- "${kernel_families[@]}"

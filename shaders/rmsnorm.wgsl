@@ -1,6 +1,7 @@
 // RMSNorm (Qwen2): y = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), all in f32.
-// Forward and dX run one 64-thread workgroup per row with a reduction over the row. The weight is bf16
-// (two per word) or f32 (bit patterns) as W_BF16 says. dW = sum_t dy * (x * rstd) over rows is
+// Forward (plain, or fused with the residual add before it) and dX run one 64-thread workgroup per
+// row with a reduction over the row. The weight is bf16 (two per word) or f32 (bit patterns) as
+// W_BF16 says. dW = sum_t dy * (x * rstd) over rows is
 // deterministic in two passes: rmsnorm_dw_partial writes one row of column sums per block of
 // rows into a scratch tensor, and elementwise.wgsl's sum_rows adds those rows in order.
 // Offsets are element offsets inside the bound chunks; rstd is one chunk indexed by row.

@@ -1,5 +1,6 @@
 //! RMSNorm as Qwen2 computes it, `y = w ⊙ (x · rstd)` with `rstd = 1 / sqrt(mean(x²) + eps)` per
 //! row, in f32 (`shaders/rmsnorm.wgsl`). The forward saves `rstd` for the backward.
+//! [`add_rmsnorm_forward`] fuses the residual add that precedes the norm into the same launch.
 //!
 //! Per-row vectors such as `rstd` are 1-D tensors `[T]`, hence a single chunk (a [T] tensor larger
 //! than one binding cannot be created); the kernels index them by row.
