@@ -70,7 +70,7 @@ fn plans(models: &[String]) -> Result<()> {
             continue;
         }
         let config = Qwen2Config::qwen25(name)?;
-        let adapter = random_adapter(&config)?;
+        let adapter = random_adapter(&config, RANK)?;
         for &t in &lengths {
             let flops = row_flops(&config, &Trainable::Lora(all_projections()), t) / 1e12;
             for budget in budgets()? {
@@ -118,7 +118,7 @@ fn timed() -> Result<()> {
     let config = Qwen2Config::qwen25("0.5B")?;
     let dir = tempfile::tempdir()?;
     write_random_weights(dir.path(), &config, 1)?;
-    let adapter = random_adapter(&config)?;
+    let adapter = random_adapter(&config, RANK)?;
     let work = working(&config, t);
     let (layer, other) = weight_bytes(&config, false);
     let all_streamed = Some(other + 2 * layer + work.bytes);

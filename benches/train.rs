@@ -108,7 +108,7 @@ fn main() -> Result<()> {
             false => random_model(&gpu, config, full)?,
         };
         if !full {
-            let adapter = random_adapter(&model.config)?;
+            let adapter = random_adapter(&model.config, RANK)?;
             model.apply_adapter(&gpu, &adapter)?;
         }
         let trainer = Trainer::new(&gpu, &model)?;

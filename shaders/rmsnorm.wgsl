@@ -1,6 +1,7 @@
 // RMSNorm (Qwen2): y = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps), all in f32.
-// Forward and dX run one 64-thread workgroup per row with a reduction over the row. The weight is bf16
-// (two per word) or f32 (bit patterns) as W_BF16 says. dW = sum_t dy * (x * rstd) over rows is
+// Forward (plain, or fused with the residual add before it) and dX run one 64-thread workgroup per
+// row with a reduction over the row. The weight is bf16 (two per word) or f32 (bit patterns) as
+// W_BF16 says. dW = sum_t dy * (x * rstd) over rows is
 // deterministic in two passes: rmsnorm_dw_partial writes one row of column sums per block of
 // rows into a scratch tensor, and elementwise.wgsl's sum_rows adds those rows in order.
 // Offsets are element offsets inside the bound chunks; rstd is one chunk indexed by row.
@@ -16,6 +17,7 @@ struct Params {
     out_off: u32,
     rstd_off: u32,
     block_rows: u32,
+    sum_off: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -25,6 +27,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> rstd: array<f32>;
 // y (forward), dX (backward) or the dW partial sums.
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;
+// add_rmsnorm_forward: the residual sum x + dy that it normalises.
+@group(0) @binding(6) var<storage, read_write> sum: array<f32>;
 
 // Threads per row (8 * 8, see workgroup_sum); the entry points' workgroup size.
 const WG: u32 = 64u;
@@ -59,6 +63,38 @@ fn rmsnorm_forward(
     let yr = p.out_off + row * p.cols;
     for (var c = lid; c < p.cols; c += WG) {
         out[yr + c] = weight(c) * (x[xr + c] * r);
+    }
+}
+
+// sum = x + dy (the residual add that precedes each of Qwen2's norms), then y = rmsnorm(sum) as
+// rmsnorm_forward computes it, bit for bit: one launch instead of two. Each thread reads back only
+// the sums it wrote itself, so no barrier is needed between the passes.
+@compute @workgroup_size(64)
+fn add_rmsnorm_forward(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = linear_group(wid, nwg);
+    if row >= p.rows {
+        return;
+    }
+    let xr = p.x_off + row * p.cols;
+    let dr = p.dy_off + row * p.cols;
+    let sr = p.sum_off + row * p.cols;
+    var squares = 0.0;
+    for (var c = lid; c < p.cols; c += WG) {
+        let v = x[xr + c] + dy[dr + c];
+        sum[sr + c] = v;
+        squares += v * v;
+    }
+    let r = 1.0 / sqrt(workgroup_sum(lid, squares) / f32(p.cols) + p.eps);
+    if lid == 0u {
+        rstd[p.rstd_off + row] = r;
+    }
+    let yr = p.out_off + row * p.cols;
+    for (var c = lid; c < p.cols; c += WG) {
+        out[yr + c] = weight(c) * (sum[sr + c] * r);
     }
 }
 

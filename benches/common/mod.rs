@@ -1,6 +1,6 @@
-//! What the benchmarks share: random weights at real shapes (the shapes are
-//! `Qwen2Config::qwen25`'s), a random LoRA, the trainer's optimizer step and the environment's
-//! lists.
+//! What the model and training benchmarks share: random weights at real shapes (the shapes are
+//! `Qwen2Config::qwen25`'s), a random LoRA, the trainer's optimizer step, the rows they run and
+//! the environment's lists.
 #![allow(dead_code)]
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -58,12 +58,20 @@ pub fn env_list(name: &str, default: &[usize]) -> Vec<usize> {
 
 pub const RANK: usize = 64;
 
-/// A LoRA of rank [`RANK`] on every projection: A small and random, B small and non-zero (so the
-/// step's arithmetic is that of a trained adapter; the time does not depend on the values).
-pub fn random_adapter(model: &Qwen2Config) -> Result<Adapter> {
-    let adapter = AdapterConfig {
-        r: RANK,
-        lora_alpha: 2.0 * RANK as f64,
+/// One row of `t` tokens and its next-token targets, every one supervised:
+/// `ids[i] = 7919·i mod vocab` (scripts/bench/cpu_compare.py feeds PyTorch the same ids).
+pub fn bench_row(vocab: usize, t: usize) -> (Vec<u32>, Vec<u32>) {
+    let token = |i: usize| ((i * 7919) % vocab) as u32;
+    ((0..t).map(token).collect(), (1..=t).map(token).collect())
+}
+
+/// A LoRA of rank `rank` (alpha 2·rank) on every projection: A small and random, B small and
+/// non-zero (so the step's arithmetic is that of a trained adapter; the time does not depend on
+/// the values).
+pub fn random_adapter(model: &Qwen2Config, rank: usize) -> Result<Adapter> {
+    let config = AdapterConfig {
+        r: rank,
+        lora_alpha: 2.0 * rank as f64,
         lora_dropout: 0.0,
         target_modules: TargetModules::List(
             Proj::ALL.iter().map(|p| p.module().to_string()).collect(),
@@ -72,20 +80,17 @@ pub fn random_adapter(model: &Qwen2Config) -> Result<Adapter> {
         base_model: None,
     };
     let mut modules = BTreeMap::new();
-    for (l, proj) in Adapter::targets(&adapter, model)? {
+    for (l, proj) in Adapter::targets(&config, model)? {
         let (out_f, in_f) = proj.shape(model);
-        let a = (0..RANK * in_f)
+        let a = (0..rank * in_f)
             .map(|i| ((i * 7919 % 211) as f32 - 105.0) * 1e-4)
             .collect();
-        let b = (0..out_f * RANK)
+        let b = (0..out_f * rank)
             .map(|i| ((i * 104729 % 197) as f32 - 98.0) * 1e-5)
             .collect();
         modules.insert((l, proj), LoraPair { a, b });
     }
-    Ok(Adapter {
-        config: adapter,
-        modules,
-    })
+    Ok(Adapter { config, modules })
 }
 
 const ADAMW: OptimizerSettings = OptimizerSettings {
@@ -120,9 +125,7 @@ impl<'a> Trainer<'a> {
     /// One optimizer step on one row of `t` tokens, as the trainer runs it: its wall-clock time
     /// and memory.
     pub fn step(&self, gpu: &Gpu, t: usize, index: usize) -> Result<(Duration, MemoryReport)> {
-        let vocab = self.model.config.vocab_size as u32;
-        let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7919) % vocab).collect();
-        let targets: Vec<u32> = (0..t as u32).map(|i| (i * 7919 + 7919) % vocab).collect();
+        let (ids, targets) = bench_row(self.model.config.vocab_size, t);
         let params = self.grads.params(self.model);
         gpu.wait()?;
         let start = Instant::now();

@@ -1,4 +1,5 @@
 //! Dispatches recorded and submitted together: [`Batch`], made by [`Gpu::batch`].
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -162,6 +163,8 @@ impl<'g> Batch<'g> {
             return None;
         }
         let gpu = self.gpu;
+        gpu.dispatches
+            .fetch_add(self.records.len() as u64, Ordering::Relaxed);
         let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: self.params.len() as u64 + PARAMS_SLOT,

@@ -247,6 +247,8 @@ pub struct Gpu {
     dry_run: bool,
     device_memory: Option<u64>,
     memory: Arc<MemoryCounter>,
+    /// Dispatches submitted so far (see [`Gpu::dispatches`]).
+    pub(crate) dispatches: AtomicU64,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
 }
 
@@ -295,6 +297,7 @@ impl Gpu {
             dry_run: options.dry_run,
             device_memory: options.device_memory,
             memory: Arc::default(),
+            dispatches: AtomicU64::new(0),
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -325,6 +328,12 @@ impl Gpu {
             live: self.memory.live.load(Ordering::Relaxed),
             peak: self.memory.peak.load(Ordering::Relaxed),
         }
+    }
+
+    /// Kernel dispatches submitted on this device so far: the launches a workload costs, which
+    /// bound the small kernels on CPU adapters (each one is a thread-pool round trip there).
+    pub fn dispatches(&self) -> u64 {
+        self.dispatches.load(Ordering::Relaxed)
     }
 
     /// Starts a new peak from what is alive now (e.g. at the start of a training step).

@@ -1,6 +1,7 @@
 //! Device-memory accounting (`Gpu::memory`): tensors counted while alive, temporaries an op keeps
 //! until its batch is submitted, the peak and its reset; and dry runs, which allocate the same and
-//! execute nothing.
+//! execute nothing. Also the count of submitted dispatches (`Gpu::dispatches`).
+use wgtrain_kernels::ops::elementwise::add;
 use wgtrain_kernels::ops::lora::{lora_backward, Dropout, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::optim::grad_norm_sq;
 use wgtrain_kernels::{DType, Gpu, GpuOptions, Out, Tensor};
@@ -118,4 +119,23 @@ fn a_dry_run_allocates_and_validates_but_executes_nothing() {
     assert_eq!((real.0, real.1), (dry.0, dry.1));
     assert_eq!((real.2, real.3), (vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 91.0));
     assert_eq!((dry.2, dry.3), (vec![0.0; 6], 0.0));
+}
+
+#[test]
+fn submitted_dispatches_are_counted() {
+    for dry_run in [false, true] {
+        let gpu = open(dry_run);
+        let a = Tensor::from_f32(&gpu, &[2, 3], &[1.0; 6]).unwrap();
+        let (b, c) = (
+            Tensor::zeros(&gpu, &[2, 3], DType::F32).unwrap(),
+            Tensor::zeros(&gpu, &[2, 3], DType::F32).unwrap(),
+        );
+        let mut batch = gpu.batch();
+        add(&mut batch, &a, &a, &b, 1.0, 1.0).unwrap();
+        add(&mut batch, &b, &a, &c, 1.0, 1.0).unwrap();
+        assert_eq!(gpu.dispatches(), 0, "recorded, not yet submitted");
+        batch.submit();
+        // A dry run validates its dispatches and drops them: nothing is submitted.
+        assert_eq!(gpu.dispatches(), if dry_run { 0 } else { 2 });
+    }
 }

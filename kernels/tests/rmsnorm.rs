@@ -41,6 +41,24 @@ fn matches_cpu_on_split_tensors() {
 }
 
 #[test]
+fn fused_residual_add_matches_cpu_and_the_unfused_launches() {
+    for (i, &(rows, cols)) in [(1, 1), (3, 8192), (67, 896), (5, 1001)].iter().enumerate() {
+        for w_bf16 in [false, true] {
+            assert_passed(
+                rmsnorm::check_add_forward(gpu(), rows, cols, w_bf16, 40 + i as u64).unwrap(),
+            );
+        }
+    }
+    // Chunks of one to four rows.
+    let split = split_gpu(1024);
+    for (i, &(rows, cols)) in [(37, 60), (19, 255), (1, 3)].iter().enumerate() {
+        assert_passed(
+            rmsnorm::check_add_forward(split, rows, cols, i % 2 == 0, 50 + i as u64).unwrap(),
+        );
+    }
+}
+
+#[test]
 fn cpu_backward_matches_finite_differences() {
     let (rows, cols, eps) = (3, 5, 1e-6);
     let x = to_f64(&random(1, rows * cols, 2.0));

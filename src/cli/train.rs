@@ -104,10 +104,11 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         return Ok(stop.exit_code());
     }
     println!(
-        "done: {} steps, loss {:.4} -> {:.4}, written to {}",
+        "done: {} steps, loss {:.4} -> {:.4}, {} kernel dispatches, written to {}",
         summary.steps,
         summary.first_loss,
         summary.last_loss,
+        gpu.dispatches(),
         summary.output.display()
     );
     Ok(0)

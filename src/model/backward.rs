@@ -19,7 +19,7 @@ use wgtrain_kernels::ops::elementwise::{copy_rows, sum_rows};
 use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_backward, Dropout, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
-use wgtrain_kernels::ops::rmsnorm::{rmsnorm_backward, rmsnorm_forward};
+use wgtrain_kernels::ops::rmsnorm::rmsnorm_backward;
 use wgtrain_kernels::ops::rope::{rope_backward, Positions};
 use wgtrain_kernels::ops::swiglu::swiglu_backward;
 use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
@@ -27,7 +27,7 @@ use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
 use super::params::{names, PerProj, Proj, TensorSpec};
-use super::qwen2::{pad_rows, LayerActs, LoraDropout, LossSum, Qwen2, Step};
+use super::qwen2::{pad_rows, LayerActs, LayerIo, LoraDropout, LossSum, Qwen2, Step};
 use super::residency::{MemoryPlan, Working};
 use super::weights::{to_device, Weights};
 
@@ -397,18 +397,20 @@ impl Qwen2 {
         // A submit after each layer's forward (and, below, its recomputation and its backward),
         // so that the temporaries its ops keep (Batch::keep; e.g. LoRA dropout's inputs) are
         // released as it goes rather than piling up over the whole model.
+        let hidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
+        let rstd = Tensor::zeros(gpu, &[n], DType::F32)?;
         for l in 0..layers {
             self.stream_in(&mut batch, l, Some(l + 1).filter(|&n| n < layers))?;
-            let (x, out) = (inputs.at(l), inputs.at(l + 1));
-            self.layer_forward(&mut batch, l, x, out, &acts, &step)?;
+            let io = LayerIo {
+                x: inputs.at(l),
+                x_normed: self.chains_into(l),
+                out: Some(self.chained_out(l, inputs.at(l + 1), &acts, (&hidden, &rstd))),
+            };
+            self.layer_forward(&mut batch, l, io, &acts, &step)?;
             batch.flush();
             inputs.save(&mut batch, l)?;
         }
-        let eps = c.rms_norm_eps as f32;
-        let hidden = Tensor::zeros(gpu, &[n, h], DType::F32)?;
-        let rstd = Tensor::zeros(gpu, &[n], DType::F32)?;
         let last = inputs.at(layers);
-        rmsnorm_forward(&mut batch, last, &self.norm, eps, &hidden, &rstd)?;
 
         let targets_t = Tensor::from_u32(gpu, &[n], &targets)?;
         let lse = Tensor::zeros(gpu, &[n], DType::F32)?;
@@ -447,12 +449,18 @@ impl Qwen2 {
         )?;
 
         let scratch = Scratch::new(gpu, c, n)?;
-        // Recomputing layer l overwrites the input of layer l + 1, which is no longer needed.
+        // Recomputing layer l for its backward leaves out its output (the backward reads only
+        // the intermediates).
         for l in (0..layers).rev() {
             self.stream_in(&mut batch, l, l.checked_sub(1))?;
             inputs.restore(&mut batch, l)?;
-            let (x, out) = (inputs.at(l), inputs.at(l + 1));
-            self.layer_forward(&mut batch, l, x, out, &acts, &step)?;
+            let x = inputs.at(l);
+            let io = LayerIo {
+                x,
+                x_normed: false,
+                out: None,
+            };
+            self.layer_forward(&mut batch, l, io, &acts, &step)?;
             batch.flush();
             self.layer_backward(&mut batch, l, x, &acts, &step, &scratch, &dres, grads)
                 .with_context(|| format!("backward of layer {l}"))?;

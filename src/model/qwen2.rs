@@ -29,11 +29,11 @@ use wgtrain_kernels::ops::attention::{
 /// The target of an unsupervised position.
 pub use wgtrain_kernels::ops::cross_entropy::IGNORE;
 use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking, LmHead};
-use wgtrain_kernels::ops::elementwise::{add, copy_rows, scatter_rows};
+use wgtrain_kernels::ops::elementwise::{copy_rows, scatter_rows};
 use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_forward, Dropout, Lora};
 use wgtrain_kernels::ops::matmul::{matmul_forward, Gemm, Mat};
-use wgtrain_kernels::ops::rmsnorm::rmsnorm_forward;
+use wgtrain_kernels::ops::rmsnorm::{add_rmsnorm_forward, rmsnorm_forward, ResidualAdd};
 use wgtrain_kernels::ops::rope::{rope_forward, Positions, Rope};
 use wgtrain_kernels::ops::swiglu::swiglu_forward;
 use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
@@ -391,6 +391,25 @@ fn splitmix64(x: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// The input and output of one decoder layer's forward ([`Qwen2::layer_forward`]).
+pub(crate) struct LayerIo<'a> {
+    pub(crate) x: &'a Tensor,
+    /// `acts.xn` and `acts.rstd1` already hold x's input norm: the previous layer's
+    /// [`LayerOut`] made them.
+    pub(crate) x_normed: bool,
+    /// None when recomputing the layer for its backward, which reads only the intermediates.
+    pub(crate) out: Option<LayerOut<'a>>,
+}
+
+/// Where a layer writes its output `mid + down`: `out`, and in the same launch its RMSNorm with
+/// `weight` — the next layer's input norm (into that layer's `LayerActs`) or the final norm.
+pub(crate) struct LayerOut<'a> {
+    pub(crate) out: &'a Tensor,
+    pub(crate) weight: &'a Tensor,
+    pub(crate) normed: &'a Tensor,
+    pub(crate) rstd: &'a Tensor,
+}
+
 /// Where one forward writes its new keys and values in a KV cache.
 pub(crate) struct CacheStep<'a> {
     pub(crate) cache: &'a KvCache,
@@ -693,19 +712,52 @@ impl Qwen2 {
             + self.lm_head.as_ref().map_or(0, Tensor::device_bytes)
     }
 
-    /// Records decoder layer `l`: reads the residual stream `x` [rows, hidden], writes the next
-    /// one into `out`, and leaves the layer's intermediates in `acts`.
+    /// Whether layer `l - 1`'s output was normed with layer `l`'s input norm in its own launch
+    /// ([`Qwen2::chained_out`]): layer `l`'s weights are on the device while `l - 1` runs unless
+    /// both stream through one device slot, and then `l` norms its input itself.
+    pub(crate) fn chains_into(&self, l: usize) -> bool {
+        l > 0
+            && self.stream.as_ref().is_none_or(|stream| {
+                stream.slot(l).is_none() || stream.slot(l) != stream.slot(l - 1)
+            })
+    }
+
+    /// Where layer `l` of a forward over every layer writes its output `out`: normed in the same
+    /// launch by the next layer's input norm into `acts` (which that layer then reads, see
+    /// [`LayerIo::x_normed`]), or after the last layer by the final norm into `last`
+    /// (hidden states, rstd).
+    pub(crate) fn chained_out<'a>(
+        &'a self,
+        l: usize,
+        out: &'a Tensor,
+        acts: &'a LayerActs,
+        last: (&'a Tensor, &'a Tensor),
+    ) -> LayerOut<'a> {
+        let (weight, (normed, rstd)) = match self.layers.get(l + 1) {
+            Some(next) => (&next.input_norm, (&acts.xn, &acts.rstd1)),
+            None => (&self.norm, last),
+        };
+        LayerOut {
+            out,
+            weight,
+            normed,
+            rstd,
+        }
+    }
+
+    /// Records decoder layer `l`: reads the residual stream `io.x` [rows, hidden], writes the
+    /// next one as `io.out` says, and leaves the layer's intermediates in `acts`. Each residual
+    /// add is fused with the RMSNorm that follows it (one launch fewer each, same arithmetic).
     pub(crate) fn layer_forward(
         &self,
         batch: &mut Batch,
         l: usize,
-        x: &Tensor,
-        out: &Tensor,
+        io: LayerIo,
         acts: &LayerActs,
         step: &Step,
     ) -> Result<()> {
         let c = &self.config;
-        let (layer, a) = (&self.layers[l], acts);
+        let (layer, a, x) = (&self.layers[l], acts, io.x);
         let eps = c.rms_norm_eps as f32;
         let proj = |batch: &mut Batch, p: Proj, x: &Tensor, y: &Tensor| {
             let dropout = step.dropout.and_then(|d| d.mask(l, p));
@@ -714,7 +766,9 @@ impl Qwen2 {
                 .with_context(|| format!("layer {l} {}", p.path()))
         };
 
-        rmsnorm_forward(batch, x, &layer.input_norm, eps, &a.xn, &a.rstd1)?;
+        if !io.x_normed {
+            rmsnorm_forward(batch, x, &layer.input_norm, eps, &a.xn, &a.rstd1)?;
+        }
         proj(batch, Proj::Q, &a.xn, &a.q)?;
         proj(batch, Proj::K, &a.xn, &a.k)?;
         proj(batch, Proj::V, &a.xn, &a.v)?;
@@ -764,14 +818,25 @@ impl Qwen2 {
             }
         }
         proj(batch, Proj::O, &a.attn, &a.o)?;
-        add(batch, x, &a.o, &a.mid, 1.0, 1.0)?;
-
-        rmsnorm_forward(batch, &a.mid, &layer.post_norm, eps, &a.xn2, &a.rstd2)?;
+        let residual = ResidualAdd {
+            a: x,
+            b: &a.o,
+            sum: &a.mid,
+        };
+        add_rmsnorm_forward(batch, residual, &layer.post_norm, eps, &a.xn2, &a.rstd2)?;
         proj(batch, Proj::Gate, &a.xn2, &a.gate)?;
         proj(batch, Proj::Up, &a.xn2, &a.up)?;
         swiglu_forward(batch, &a.gate, &a.up, &a.act)?;
         proj(batch, Proj::Down, &a.act, &a.down)?;
-        add(batch, &a.mid, &a.down, out, 1.0, 1.0)
+        let Some(out) = io.out else {
+            return Ok(());
+        };
+        let residual = ResidualAdd {
+            a: &a.mid,
+            b: &a.down,
+            sum: out.out,
+        };
+        add_rmsnorm_forward(batch, residual, out.weight, eps, out.normed, out.rstd)
     }
 
     /// Records embedding, every layer and the final norm over `ids` (`batch_size` sequences of
@@ -816,22 +881,20 @@ impl Qwen2 {
         let acts = LayerActs::new(gpu, self, rows)?;
         let mut x = Tensor::zeros(gpu, &[rows, h], DType::F32)?;
         let mut y = Tensor::zeros(gpu, &[rows, h], DType::F32)?;
+        let rstd = Tensor::zeros(gpu, &[rows], DType::F32)?;
         embedding_forward(batch, &ids, &self.embed, &x)?;
         let layers = self.layers.len();
         for l in 0..layers {
             self.stream_in(batch, l, Some(l + 1).filter(|&n| n < layers))?;
-            self.layer_forward(batch, l, &x, &y, &acts, &step)?;
+            // The last layer's input is free once it has run: the final norm goes there.
+            let io = LayerIo {
+                x: &x,
+                x_normed: self.chains_into(l),
+                out: Some(self.chained_out(l, &y, &acts, (&x, &rstd))),
+            };
+            self.layer_forward(batch, l, io, &acts, &step)?;
             std::mem::swap(&mut x, &mut y);
         }
-        let rstd = Tensor::zeros(gpu, &[rows], DType::F32)?;
-        rmsnorm_forward(
-            batch,
-            &x,
-            &self.norm,
-            self.config.rms_norm_eps as f32,
-            &y,
-            &rstd,
-        )?;
         Ok(y)
     }
 

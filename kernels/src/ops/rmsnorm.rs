@@ -1,5 +1,6 @@
 //! RMSNorm as Qwen2 computes it, `y = w ⊙ (x · rstd)` with `rstd = 1 / sqrt(mean(x²) + eps)` per
 //! row, in f32 (`shaders/rmsnorm.wgsl`). The forward saves `rstd` for the backward.
+//! [`add_rmsnorm_forward`] fuses the residual add that precedes the norm into the same launch.
 //!
 //! Per-row vectors such as `rstd` are 1-D tensors `[T]`, hence a single chunk (a [T] tensor larger
 //! than one binding cannot be created); the kernels index them by row.
@@ -25,6 +26,7 @@ params!(
         out_off: u32,
         rstd_off: u32,
         block_rows: u32,
+        sum_off: u32,
     }
 );
 
@@ -44,6 +46,7 @@ pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
     for w_bf16 in [false, true] {
         all.push(kernel("rmsnorm_forward", w_bf16));
+        all.push(kernel("add_rmsnorm_forward", w_bf16));
         all.push(kernel("rmsnorm_backward", w_bf16));
     }
     // The partial sums never read the weight; one variant.
@@ -79,11 +82,57 @@ pub fn rmsnorm_forward(
     y: &Tensor,
     rstd: &Tensor,
 ) -> Result<()> {
-    let w_bf16 = check_shapes(x, &[("rmsnorm y", y)], w, rstd)?;
-    let (kernel, cols) = (kernel("rmsnorm_forward", w_bf16), x.row_len() as u32);
-    for seg in row_segments(x.rows(), &[x, y]) {
+    launch_forward(batch, x, None, w, eps, y, rstd)
+}
+
+/// The residual add that precedes each of Qwen2's norms, fused into it: `sum = a + b`, then
+/// `y = rmsnorm(sum)` exactly as `add` followed by [`rmsnorm_forward`] computes them (bit for
+/// bit), in one launch. Saves `sum` (the residual stream) and `rstd`.
+pub fn add_rmsnorm_forward(
+    batch: &mut Batch,
+    residual: ResidualAdd,
+    w: &Tensor,
+    eps: f32,
+    y: &Tensor,
+    rstd: &Tensor,
+) -> Result<()> {
+    let ResidualAdd { a, b, sum } = residual;
+    launch_forward(batch, a, Some((b, sum)), w, eps, y, rstd)
+}
+
+/// `sum = a + b` (f32, same shape): the input of [`add_rmsnorm_forward`].
+#[derive(Clone, Copy)]
+pub struct ResidualAdd<'a> {
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub sum: &'a Tensor,
+}
+
+/// The forward over `x`, or over `x + b` written to `sum` when `add = Some((b, sum))`.
+fn launch_forward(
+    batch: &mut Batch,
+    x: &Tensor,
+    add: Option<(&Tensor, &Tensor)>,
+    w: &Tensor,
+    eps: f32,
+    y: &Tensor,
+    rstd: &Tensor,
+) -> Result<()> {
+    let mut tensors = vec![("rmsnorm y", y)];
+    if let Some((b, sum)) = add {
+        tensors.extend([("rmsnorm addend", b), ("rmsnorm sum", sum)]);
+    }
+    let w_bf16 = check_shapes(x, &tensors, w, rstd)?;
+    let entry = match add {
+        None => "rmsnorm_forward",
+        Some(_) => "add_rmsnorm_forward",
+    };
+    let (kernel, cols) = (kernel(entry, w_bf16), x.row_len() as u32);
+    let mut chunked: Vec<&Tensor> = tensors.iter().map(|&(_, t)| t).collect();
+    chunked.push(x);
+    for seg in row_segments(x.rows(), &chunked) {
         let (rx, ry) = (x.row(seg.start), y.row(seg.start));
-        let params = Params {
+        let mut params = Params {
             rows: seg.len() as u32,
             cols,
             eps,
@@ -93,14 +142,21 @@ pub fn rmsnorm_forward(
             out_off: ry.offset,
             rstd_off: seg.start as u32,
             block_rows: 0,
+            sum_off: 0,
         };
+        let mut buffers = vec![rx.buffer, &w.chunks()[0]];
+        let added = add.map(|(b, sum)| (b.row(seg.start), sum.row(seg.start)));
+        if let Some((rb, _)) = &added {
+            params.dy_off = rb.offset;
+            buffers.push(rb.buffer);
+        }
+        buffers.extend([&rstd.chunks()[0], ry.buffer]);
+        if let Some((_, rsum)) = &added {
+            params.sum_off = rsum.offset;
+            buffers.push(rsum.buffer);
+        }
         let groups = linear_groups(batch.gpu, seg.len() as u32);
-        batch.dispatch(
-            &kernel,
-            &params,
-            &[rx.buffer, &w.chunks()[0], &rstd.chunks()[0], ry.buffer],
-            groups,
-        )?;
+        batch.dispatch(&kernel, &params, &buffers, groups)?;
     }
     Ok(())
 }
@@ -139,6 +195,7 @@ pub fn rmsnorm_backward(
             out_off: rdx.offset,
             rstd_off: seg.start as u32,
             block_rows: 0,
+            sum_off: 0,
         };
         let groups = linear_groups(batch.gpu, seg.len() as u32);
         batch.dispatch(
@@ -188,6 +245,7 @@ pub fn rmsnorm_backward(
                 out_off: slot.offset,
                 rstd_off: first_row as u32,
                 block_rows: block_rows as u32,
+                sum_off: 0,
             };
             let groups = [(cols as u32).div_ceil(DW_COLUMNS), n as u32, 1];
             batch.dispatch(
@@ -337,9 +395,82 @@ pub fn check(
     ])
 }
 
+/// [`add_rmsnorm_forward`] on random [rows, cols] inputs against [`cpu::forward`] of the sum,
+/// and against `add` then [`rmsnorm_forward`], which it must match bit for bit (tolerance 0):
+/// the model's losses do not change when it fuses them.
+pub fn check_add_forward(
+    gpu: &Gpu,
+    rows: usize,
+    cols: usize,
+    w_bf16: bool,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let eps = 1e-6;
+    let shape = [rows, cols];
+    let (av, bv) = (
+        random(seed, rows * cols, 2.0),
+        random(seed + 1, rows * cols, 2.0),
+    );
+    let wv = random(seed + 2, cols, 1.0);
+    let (a, b) = (
+        Tensor::from_f32(gpu, &shape, &av)?,
+        Tensor::from_f32(gpu, &shape, &bv)?,
+    );
+    let (w, wv) = if w_bf16 {
+        let w = Tensor::from_f32_as_bf16(gpu, &[cols], &wv)?;
+        (w, round_bf16(&wv))
+    } else {
+        (Tensor::from_f32(gpu, &[cols], &wv)?, wv)
+    };
+    let outputs = || -> Result<[Tensor; 3]> {
+        Ok([
+            Tensor::zeros(gpu, &shape, DType::F32)?,
+            Tensor::zeros(gpu, &shape, DType::F32)?,
+            Tensor::zeros(gpu, &[rows], DType::F32)?,
+        ])
+    };
+    let ([sum, y, rstd], [sum2, y2, rstd2]) = (outputs()?, outputs()?);
+    let mut batch = gpu.batch();
+    let residual = ResidualAdd {
+        a: &a,
+        b: &b,
+        sum: &sum,
+    };
+    add_rmsnorm_forward(&mut batch, residual, &w, eps, &y, &rstd)?;
+    elementwise::add(&mut batch, &a, &b, &sum2, 1.0, 1.0)?;
+    rmsnorm_forward(&mut batch, &sum2, &w, eps, &y2, &rstd2)?;
+    batch.submit();
+
+    let sum_ref = elementwise::cpu::add(&to_f64(&av), &to_f64(&bv), 1.0, 1.0);
+    let (y_ref, rstd_ref) = cpu::forward(&sum_ref, &to_f64(&wv), eps as f64);
+    let label = format!("{rows}x{cols} w {}", if w_bf16 { "bf16" } else { "f32" });
+    let mut checks = Vec::new();
+    for (name, fused, unfused, reference) in [
+        ("sum", &sum, &sum2, &sum_ref),
+        ("y", &y, &y2, &y_ref),
+        ("rstd", &rstd, &rstd2, &rstd_ref),
+    ] {
+        let fused = fused.to_f32(gpu)?;
+        checks.push(Check {
+            kernel: format!("add_rmsnorm_forward {name}"),
+            shape: label.clone(),
+            max_err: max_error(&fused, reference),
+            tolerance: 1e-5,
+        });
+        checks.push(Check {
+            kernel: format!("add_rmsnorm_forward {name} = unfused"),
+            shape: label.clone(),
+            max_err: max_error(&fused, &to_f64(&unfused.to_f32(gpu)?)),
+            tolerance: 0.0,
+        });
+    }
+    Ok(checks)
+}
+
 pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
     let mut checks = check(gpu, 37, 896, true, true, 1)?;
     checks.extend(check(gpu, 5, 1001, false, false, 2)?);
+    checks.extend(check_add_forward(gpu, 37, 896, true, 3)?);
     Ok(checks)
 }
 

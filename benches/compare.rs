@@ -1,0 +1,86 @@
+//! `cargo bench --bench compare`: wgtrain's side of scripts/bench/cpu_compare.py, which times the
+//! same work in PyTorch (+PEFT) in the same run and prints the ratios. For each case, one row of T
+//! tokens (`common::bench_row`, the ids PyTorch is fed too):
+//! - the masked loss: the summed cross-entropy of the row's second half (its first half is a
+//!   prompt, unsupervised), forward only, read back;
+//! - a LoRA step: LoRA on all 7 projections, forward + backward over every target, the global
+//!   gradient norm (read back), clipped AdamW (the trainer's step).
+//!
+//! Cases: the tiny test checkpoints (tests/fixtures/tiny-qwen2-untied and -tied, LoRA r 8) and
+//! the Qwen2.5-0.5B shape with random bf16 weights (LoRA r 64, as `--bench train`). Each is timed
+//! wall-clock after a warm-up at the same length (pipeline compilation), median of
+//! `WGTRAIN_BENCH_REPS` (default 1) runs; `WGTRAIN_BENCH_T` sets T (default 128).
+//! `cargo bench --bench compare -- tiny` or `-- 0.5B` runs those cases only.
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use wgtrain::model::{Qwen2, Qwen2Config, IGNORE};
+use wgtrain_kernels::Gpu;
+
+mod common;
+use common::{bench_row, env_list, random_adapter, random_model, Trainer};
+
+/// (case, fixture directory or None for random weights at the 0.5B shape, LoRA rank).
+const CASES: [(&str, Option<&str>, usize); 3] = [
+    (
+        "tiny-qwen2-untied",
+        Some("tests/fixtures/tiny-qwen2-untied"),
+        8,
+    ),
+    ("tiny-qwen2-tied", Some("tests/fixtures/tiny-qwen2-tied"), 8),
+    ("0.5B", None, 64),
+];
+
+/// The median of `reps` runs of `run`, after one warm-up run.
+fn median(reps: usize, mut run: impl FnMut() -> Result<Duration>) -> Result<Duration> {
+    run()?;
+    let mut times = (0..reps).map(|_| run()).collect::<Result<Vec<_>>>()?;
+    times.sort();
+    Ok(times[reps / 2])
+}
+
+fn main() -> Result<()> {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let gpu = Gpu::from_env()?;
+    let t = env_list("WGTRAIN_BENCH_T", &[128])[0];
+    let reps = env_list("WGTRAIN_BENCH_REPS", &[1])[0].max(1);
+    println!("device: {}", gpu.describe());
+    println!("one row of {t} tokens; median of {reps} run(s) after a warm-up\n");
+    println!("| case | T | masked loss (ms) | LoRA step (ms) |");
+    println!("|---|---:|---:|---:|");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (case, fixture, rank) in CASES {
+        if !filter.is_empty() && !filter.iter().any(|f| case.contains(f.as_str())) {
+            continue;
+        }
+        let mut model = match fixture {
+            Some(dir) => Qwen2::load(&gpu, root.join(dir))?,
+            None => random_model(&gpu, Qwen2Config::qwen25(case)?, false)?,
+        };
+        let (ids, mut targets) = bench_row(model.config.vocab_size, t);
+        targets[..t / 2].fill(IGNORE);
+        let loss = median(reps, || {
+            let start = Instant::now();
+            let sum = model.loss_sum(&gpu, &[(&ids, &targets)])?;
+            ensure!(sum.sum.is_finite(), "{case}: the loss is not finite");
+            Ok(start.elapsed())
+        })?;
+        model.apply_adapter(&gpu, &random_adapter(&model.config, rank)?)?;
+        let trainer = Trainer::new(&gpu, &model)?;
+        let mut index = 0;
+        let step = median(reps, || {
+            index += 1;
+            Ok(trainer.step(&gpu, t, index)?.0)
+        })?;
+        println!(
+            "| {case} | {t} | {:.1} | {:.1} |",
+            loss.as_secs_f64() * 1e3,
+            step.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
