@@ -183,19 +183,20 @@ fn lora_on_two_ranks_trains_what_one_process_does_and_resumes_on_either() {
     assert!(err.contains("grad_accum: checkpoint 4 vs now 8"), "{err}");
 }
 
-/// Full fine-tuning, SGD (so the weights carry each step's gradient), 2 steps: 2 ranks x 2 =
-/// 1 process x 4.
+/// Full fine-tuning, SGD without warmup (so the weights carry each step's gradient and step 2's
+/// loss the first update), 2 steps: 2 ranks x 2 = 1 process x 4.
 #[test]
 fn full_fine_tuning_on_two_ranks_trains_what_one_process_does() {
     let tmp = tempfile::tempdir().unwrap();
     let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
     #[rustfmt::skip]
     let args = |out: &Path| train_args(out, &[
-        "--adapter", "full", "--optimizer", "sgd", "--lr", "0.1", "--batch-size", "1",
-        "--max-steps", "2",
+        "--adapter", "full", "--optimizer", "sgd", "--lr", "0.1", "--warmup-steps", "0",
+        "--batch-size", "1", "--max-steps", "2",
     ]);
     ok(single(&with_accum(&args(&one), 4)));
-    ok(mpirun(&[(2, &on_device_0(&with_accum(&args(&two), 2)))]));
+    let stdout = ok(mpirun(&[(2, &on_device_0(&with_accum(&args(&two), 2)))]));
+    eprintln!("{stdout}");
     assert_same_losses(&two, &one);
     assert_same_tensors(&two, &one, "model.safetensors");
 }
@@ -256,6 +257,15 @@ fn dry_run_reports_every_rank() {
     let stdout = ok(mpirun(&[(2, &args)]));
     eprintln!("{stdout}");
     assert_eq!(stdout.matches("peak device memory per rank:").count(), 1);
+    // Each rank runs one micro-batch of the same rows: the same memory.
+    let peaks = stdout.split("peak device memory per rank:").nth(1).unwrap();
+    let words: Vec<&str> = peaks.lines().next().unwrap().split_whitespace().collect();
+    let mib: Vec<&str> = words
+        .windows(2)
+        .filter(|w| w[1] == "MiB")
+        .map(|w| w[0])
+        .collect();
+    assert!(mib.len() == 2 && mib[0] == mib[1], "{peaks}");
     assert!(
         stdout.contains("2 ranks sum") && stdout.contains(" rank 1 "),
         "{stdout}"

@@ -835,12 +835,13 @@ pub fn train(
     };
     if dry_run {
         // The largest micro-batch: batch-size rows as long as the longest row (gradient
-        // accumulation repeats micro-batches; it does not hold more at once).
+        // accumulation repeats micro-batches; it does not hold more at once), one per rank.
         let longest = (0..rows.len()).max_by_key(|&i| rows[i].len()).unwrap_or(0);
+        let micro_batch = vec![longest; config.batch_size.min(rows.len())];
         let step = Step {
             index: 0,
             epoch: 0,
-            micro_batches: vec![vec![longest; config.batch_size.min(rows.len())]],
+            micro_batches: vec![micro_batch; ranks.size()],
             epoch_progress: 0.0,
         };
         let (_, _, peak) = run_step(&step, &mut rng)?;
