@@ -2,11 +2,13 @@
 //! `mpirun` starts ranks of the `wgtrain` binary on lavapipe (all on its one device, `--device 0`)
 //! with tiny-qwen2-tied and six short rows. Two ranks of two micro-batches per step train what one
 //! process of four does (LoRA with dropout, and full fine-tuning); a run resumes on another number
-//! of ranks; a rank without its device, or with other data, stops every rank naming it; and
+//! of ranks; a stop signal to one rank stops every rank after a checkpoint; a rank without its
+//! device, or with other data, stops every rank naming it; and
 //! `--dry-run` reports each rank's memory and the bytes summed per step.
 #![cfg(feature = "mpi")]
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 mod common;
 use common::{fixtures, losses, max_abs_diff, train_args, wgtrain_cmd};
@@ -16,9 +18,9 @@ use wgtrain::train::NamedTensor;
 /// Seconds after which a job counts as hung (a rank waiting for one that is gone).
 const JOB_TIMEOUT_S: &str = "600";
 
-/// `mpirun` with one app context per `(ranks, wgtrain args)`, allowed to run as root (CI) and
+/// `mpirun` with one app context per `(ranks, command)`, allowed to run as root (CI) and
 /// unbound (lavapipe's threads need every core), under [`JOB_TIMEOUT_S`].
-fn mpirun(apps: &[(usize, &[String])]) -> Output {
+fn mpirun_cmd(apps: &[(usize, Vec<String>)]) -> Command {
     let mut cmd = Command::new("timeout");
     cmd.args([
         JOB_TIMEOUT_S,
@@ -27,16 +29,34 @@ fn mpirun(apps: &[(usize, &[String])]) -> Output {
         "--bind-to",
         "none",
     ]);
-    for (i, (ranks, args)) in apps.iter().enumerate() {
+    for (i, (ranks, command)) in apps.iter().enumerate() {
         if i > 0 {
             cmd.arg(":");
         }
-        cmd.args(["-np", &ranks.to_string(), env!("CARGO_BIN_EXE_wgtrain")]);
-        cmd.args(*args);
+        cmd.args(["-np", &ranks.to_string()]).args(command);
     }
-    let out = with_mpi_env(&mut cmd).output().expect("run mpirun");
+    with_mpi_env(&mut cmd);
+    cmd
+}
+
+/// [`mpirun_cmd`] of `wgtrain` with each app's args, run to its end.
+fn mpirun(apps: &[(usize, &[String])]) -> Output {
+    let apps: Vec<(usize, Vec<String>)> = apps
+        .iter()
+        .map(|(n, args)| (*n, wgtrain_app(args)))
+        .collect();
+    let out = mpirun_cmd(&apps).output().expect("run mpirun");
     assert_ne!(out.status.code(), Some(124), "mpirun hung: {}", text(&out));
     out
+}
+
+/// The command line of `wgtrain args`.
+fn wgtrain_app(args: &[String]) -> Vec<String> {
+    [
+        vec![env!("CARGO_BIN_EXE_wgtrain").to_string()],
+        args.to_vec(),
+    ]
+    .concat()
 }
 
 /// One process, no launcher (MPI makes it a job of one rank).
@@ -215,6 +235,68 @@ fn a_rank_without_its_device_stops_every_rank() {
     );
     assert_eq!(err.matches("every rank stopped").count(), 1, "{err}");
     assert!(!out.exists(), "nothing is written");
+}
+
+/// SIGTERM to rank 1 alone, mid-run: every rank finishes the same step, rank 0 writes its
+/// checkpoint and says how to resume, the job exits with 143; resuming completes the run.
+#[test]
+fn a_stop_signal_to_one_rank_stops_every_rank_after_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    #[rustfmt::skip]
+    let args = on_device_0(&train_args(&out, &[
+        "--optimizer", "adamw", "--lora-rank", "4", "--batch-size", "1", "--max-steps", "12",
+        "--save-steps", "0",
+    ]));
+    // Rank 1 writes its pid, then becomes wgtrain.
+    let pid_file = tmp.path().join("rank-1.pid");
+    let rank_1 = [
+        vec![
+            "sh".into(),
+            "-c".into(),
+            r#"echo $$ > "$0" && exec "$@""#.into(),
+        ],
+        vec![pid_file.display().to_string()],
+        wgtrain_app(&args),
+    ]
+    .concat();
+    let job = mpirun_cmd(&[(1, wgtrain_app(&args)), (1, rank_1)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("metrics.jsonl");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !std::fs::read_to_string(&metrics).is_ok_and(|t| t.contains('\n')) {
+        assert!(Instant::now() < deadline, "no metrics line within 300 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let killed = Command::new("kill")
+        .args(["-TERM", pid.trim()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let output = job.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(143), "{}", text(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        stderr.matches("interrupted after step").count(),
+        1,
+        "{stderr}"
+    );
+    let steps = losses(&out).len();
+    assert!(steps < 12, "the run was not interrupted ({steps} steps)");
+    assert!(out
+        .join(format!("checkpoint-{steps}/train_state.json"))
+        .is_file());
+    assert!(!out.join(ADAPTER).exists());
+
+    let resumed = [args, vec!["--resume".into(), out.display().to_string()]].concat();
+    ok(mpirun(&[(2, &resumed)]));
+    let steps: Vec<u64> = losses(&out).iter().map(|(s, _)| *s).collect();
+    assert_eq!(steps, (1..=12).collect::<Vec<_>>());
+    assert!(out.join(ADAPTER).is_file());
 }
 
 /// Ranks given different data are refused at the start, naming the rank.

@@ -109,8 +109,17 @@ fn train_on_rank(args: &TrainArgs, config: &TrainConfig, ranks: &dyn Ranks) -> R
     options.dry_run = args.dry_run;
     let gpu = agree(ranks, open_device(options, ranks))?;
     let outcome = trainer::train(config, &gpu, stop.flag(), ranks)?;
+    // Every rank stopped; the exit code is that of the signal, from the rank(s) it reached.
+    let stop_code = match &outcome {
+        Outcome::Trained(summary) if summary.interrupted => ranks
+            .all_gather(&[stop.exit_code() as u8])
+            .iter()
+            .map(|code| i32::from(code[0]))
+            .max(),
+        _ => None,
+    };
     if ranks.rank() > 0 {
-        return Ok(0);
+        return Ok(stop_code.unwrap_or(0));
     }
     let summary = match outcome {
         Outcome::Trained(summary) => summary,
@@ -137,7 +146,7 @@ fn train_on_rank(args: &TrainArgs, config: &TrainConfig, ranks: &dyn Ranks) -> R
             summary.total_steps,
             summary.output.display()
         );
-        return Ok(stop.exit_code());
+        return Ok(stop_code.unwrap_or(0));
     }
     println!(
         "done: {} steps, loss {:.4} -> {:.4}, written to {}",
