@@ -679,6 +679,74 @@ fn open_metrics(
     }
 }
 
+/// The settings of a job of `ranks` processes (None: one, `config` as it is). A step is the
+/// micro-batches of every rank: its data order and the settings a resume checks count ranks x
+/// --grad-accum, so a run resumes on another number of ranks as long as that product stays.
+fn job_config(config: &TrainConfig, ranks: usize) -> Option<TrainConfig> {
+    (ranks > 1).then(|| TrainConfig {
+        grad_accum: config.grad_accum * ranks,
+        ..config.clone()
+    })
+}
+
+/// What every rank of a job must share: the settings (`summary`), the encoded rows, the model
+/// and what training starts from (a checkpoint to resume, `--init-adapter`, or neither).
+fn job_fingerprint(
+    summary: &serde_json::Value,
+    rows: &[EncodedRow],
+    targets: &[Vec<u32>],
+    model_dir: &Path,
+    resume: Option<&Resume>,
+    init_adapter: Option<&Path>,
+) -> Result<String> {
+    let start = match (resume, init_adapter) {
+        (Some((dir, state)), _) => format!("step {} {}", state.step, files_fingerprint(&[dir])?),
+        (None, Some(dir)) => files_fingerprint(&[dir])?,
+        (None, None) => "the base model".to_string(),
+    };
+    Ok(format!(
+        "settings {}, data {}, model {}, starting from {start}",
+        config_hash(summary),
+        rows_fingerprint(rows, targets),
+        files_fingerprint(&[model_dir])?,
+    ))
+}
+
+/// The dry run's step: `batch_size` rows as long as the longest row, one such micro-batch per
+/// rank (gradient accumulation repeats micro-batches; it does not hold more at once), run by
+/// `run_step`; the memory of what is `trained` and the step's peak, and with several ranks each
+/// rank's peak and the gradient bytes they sum.
+fn dry_run_step(
+    rows: &[EncodedRow],
+    batch_size: usize,
+    ranks: &dyn Ranks,
+    model: &Qwen2,
+    params: &[Param],
+    moments: &[Option<Moments>],
+    run_step: impl FnOnce(&Step) -> Result<(Gradients, f64, u64)>,
+) -> Result<Outcome> {
+    let longest = (0..rows.len()).max_by_key(|&i| rows[i].len()).unwrap_or(0);
+    let micro_batch = vec![longest; batch_size.min(rows.len())];
+    let shape = (micro_batch.len(), rows[longest].len());
+    let step = Step {
+        index: 0,
+        epoch: 0,
+        micro_batches: vec![micro_batch; ranks.size()],
+        epoch_progress: 0.0,
+    };
+    let (_, _, peak) = run_step(&step)?;
+    let memory = MemoryReport::new(model, params, moments, shape, peak);
+    let job = (ranks.size() > 1).then(|| JobReport {
+        peaks: ranks
+            .all_gather(&peak.to_le_bytes())
+            .iter()
+            .map(|b| u64::from_le_bytes(b[..].try_into().expect("8 bytes of a u64")))
+            .collect(),
+        summed_bytes: params.iter().map(|p| 4 * p.grad.numel() as u64).sum(),
+    });
+    Ok(Outcome::DryRun(memory, job))
+}
+
 /// Runs the training `config` describes on `gpu`, as one of `ranks` (data-parallel processes,
 /// each running `config.grad_accum` micro-batches of every step; rank 0 alone writes). Once
 /// `stop` is set on any rank, the step under way is finished, a checkpoint is written and the
@@ -690,20 +758,8 @@ pub fn train(
     stop: &AtomicBool,
     ranks: &dyn Ranks,
 ) -> Result<Outcome> {
-    // A step is the micro-batches of every rank: its data order and the settings a resume
-    // checks count ranks x --grad-accum, so a run resumes on another number of ranks as long as
-    // that product is the same.
-    let job;
-    let config = match ranks.size() {
-        1 => config,
-        n => {
-            job = TrainConfig {
-                grad_accum: config.grad_accum * n,
-                ..config.clone()
-            };
-            &job
-        }
-    };
+    let job = job_config(config, ranks.size());
+    let config = job.as_ref().unwrap_or(config);
     // Rank 0's lock on --output covers the job.
     let writes = ranks.rank() == 0;
     if writes {
@@ -771,20 +827,8 @@ pub fn train(
         base: &model_dir,
     };
     if ranks.size() > 1 {
-        let start_from = resume_from.or(config.init_adapter.as_deref());
-        let fingerprint = format!(
-            "settings {}, data {}, model {}, starting from {}",
-            config_hash(&summary),
-            rows_fingerprint(&rows, &targets),
-            files_fingerprint(&[&model_dir])?,
-            match (start_from, &resume) {
-                (Some(dir), Some((_, state))) => {
-                    format!("step {} {}", state.step, files_fingerprint(&[dir])?)
-                }
-                (Some(dir), None) => files_fingerprint(&[dir])?,
-                (None, _) => "the base model".to_string(),
-            }
-        );
+        let (resume, init) = (resume.as_ref(), config.init_adapter.as_deref());
+        let fingerprint = job_fingerprint(&summary, &rows, &targets, &model_dir, resume, init)?;
         check_same(ranks, "settings, model or data", &fingerprint)?;
     }
 
@@ -800,9 +844,8 @@ pub fn train(
         .or(config.init_adapter.as_deref())
         .unwrap_or(&model_dir);
     let first_step = order.position().step;
-    // The device work of one step (each micro-batch drawing its dropout seed from `rng`); returns
-    // its gradients, learning rate and peak device memory.
-    // Every rank draws the dropout seeds of every micro-batch of the step, then runs its share.
+    // The device work of one step (each micro-batch drawing its dropout seed from `rng`, on every
+    // rank, which then runs its share); returns its gradients, learning rate and peak memory.
     let run_step = |step: &Step, rng: &mut ChaCha8Rng| -> Result<(Gradients, f64, u64)> {
         let micro_batches: Vec<MicroBatch> = step
             .micro_batches
@@ -834,28 +877,11 @@ pub fn train(
         Ok((g, lr, gpu.memory().peak))
     };
     if dry_run {
-        // The largest micro-batch: batch-size rows as long as the longest row (gradient
-        // accumulation repeats micro-batches; it does not hold more at once), one per rank.
-        let longest = (0..rows.len()).max_by_key(|&i| rows[i].len()).unwrap_or(0);
-        let micro_batch = vec![longest; config.batch_size.min(rows.len())];
-        let step = Step {
-            index: 0,
-            epoch: 0,
-            micro_batches: vec![micro_batch; ranks.size()],
-            epoch_progress: 0.0,
-        };
-        let (_, _, peak) = run_step(&step, &mut rng)?;
-        let shape = (step.micro_batches[0].len(), rows[longest].len());
-        let memory = MemoryReport::new(&model, &params, &moments, shape, peak);
-        let job = (ranks.size() > 1).then(|| JobReport {
-            peaks: ranks
-                .all_gather(&peak.to_le_bytes())
-                .iter()
-                .map(|b| u64::from_le_bytes(b[..].try_into().expect("8 bytes of a u64")))
-                .collect(),
-            summed_bytes: params.iter().map(|p| 4 * p.grad.numel() as u64).sum(),
-        });
-        return Ok(Outcome::DryRun(memory, job));
+        let run_step = |step: &Step| run_step(step, &mut rng);
+        let batch_size = config.batch_size;
+        return dry_run_step(
+            &rows, batch_size, ranks, &model, &params, &moments, run_step,
+        );
     }
     let run = Run {
         config,
