@@ -97,8 +97,8 @@ pub fn run(args: TrainArgs) -> Result<i32> {
 /// This rank's part of [`run`]: the device of its local rank (`--device` overrides), the run,
 /// and (on rank 0) what is printed.
 fn train_on_rank(args: &TrainArgs, config: &TrainConfig, ranks: &dyn Ranks) -> Result<i32> {
-    for warning in &config.warnings {
-        if ranks.rank() == 0 {
+    if ranks.rank() == 0 {
+        for warning in &config.warnings {
             eprintln!("warning: {warning}");
         }
     }
