@@ -3,8 +3,8 @@
 //! with tiny-qwen2-tied and six short rows. Two ranks of two micro-batches per step train what one
 //! process of four does (LoRA with dropout, and full fine-tuning); a run resumes on another number
 //! of ranks; a stop signal to one rank stops every rank after a checkpoint; a rank without its
-//! device, or with other data, stops every rank naming it; and
-//! `--dry-run` reports each rank's memory and the bytes summed per step.
+//! device, or with other data, stops every rank naming it; and `--dry-run` reports each rank's
+//! memory and the bytes summed per step.
 #![cfg(feature = "mpi")]
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -67,7 +67,6 @@ fn single(args: &[String]) -> Output {
 fn with_mpi_env(cmd: &mut Command) -> &mut Command {
     cmd.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
 }
 
 fn text(out: &Output) -> String {
