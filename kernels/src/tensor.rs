@@ -189,6 +189,28 @@ impl Tensor {
         Tensor::from_bytes(gpu, shape, DType::F32, bytemuck::cast_slice(data))
     }
 
+    /// Overwrites an f32 tensor with `data` (queued: batches submitted after this see it), e.g.
+    /// gradients summed across processes. A dry run writes nothing.
+    pub fn write_f32(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        if self.dtype != DType::F32 || data.len() != self.numel() {
+            bail!(
+                "writing {} f32 values into a {:?} {:?} tensor",
+                data.len(),
+                self.shape,
+                self.dtype
+            );
+        }
+        if gpu.is_dry_run() {
+            return Ok(());
+        }
+        let chunk_len = self.rows_per_chunk * self.row_len();
+        for (buffer, part) in self.chunks.iter().zip(data.chunks(chunk_len)) {
+            gpu.queue
+                .write_buffer(buffer, 0, bytemuck::cast_slice(part));
+        }
+        Ok(())
+    }
+
     /// f32 values rounded to bf16 (round to nearest even) on the host.
     pub fn from_f32_as_bf16(gpu: &Gpu, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         let bf: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();

@@ -3,16 +3,17 @@
 //! is given; defaults and validation are `TrainConfig::resolve`'s.
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{anyhow, Context, Result};
 use clap::Args;
-use wgtrain_kernels::Gpu;
+use wgtrain_kernels::{Gpu, GpuOptions};
 
 use super::device::ModelDeviceArgs;
 use super::signals::StopRequest;
 use crate::train::config::TrainConfig;
 use crate::train::llama_factory::read_llama_factory_yaml;
+use crate::train::ranks::{self, agree, local_rank, RankFailed, Ranks};
 use crate::train::settings::TrainSettings;
-use crate::train::trainer::{self, Outcome};
+use crate::train::trainer::{self, kept_checkpoint, Outcome};
 
 /// Fine-tune a Qwen2 model (LoRA or full) on a chat dataset.
 #[derive(Args, Debug)]
@@ -68,24 +69,69 @@ fn demo_recipe() -> TrainSettings {
 /// (Ctrl-C, SIGTERM, SIGHUP) lets the step under way finish and writes a checkpoint, then exits
 /// with 128 + the signal; a second one exits at once (checkpoints are written atomically, so none
 /// is left half-written under its final name).
+///
+/// Under an MPI launcher (built with `--features mpi`) every rank runs this; rank 0 alone prints.
+/// A failure the ranks agreed on is printed once, with the checkpoint kept; any other error of one
+/// rank is printed naming it and ends the whole job.
 pub fn run(args: TrainArgs) -> Result<i32> {
-    let config = args.resolve()?;
-    for warning in &config.warnings {
-        eprintln!("warning: {warning}");
+    let ranks = ranks::ranks()?;
+    let ranks = &*ranks;
+    let config = agree(ranks, args.resolve())?;
+    let result = train_on_rank(&args, &config, ranks);
+    let (rank, size) = (ranks.rank(), ranks.size());
+    match result {
+        Err(err) if size > 1 => match err.chain().find_map(|e| e.downcast_ref::<RankFailed>()) {
+            None => {
+                eprintln!("error: rank {rank} of {size}: {err:#}");
+                ranks.abort(2)
+            }
+            Some(_) if rank > 0 => Ok(2),
+            // Every rank failing is the run's own error (e.g. the NaN policy, which says what
+            // it keeps).
+            Some(failed) if failed.failed.len() == size => Err(err),
+            Some(_) => Err(anyhow!("{err:#}; {}", kept_checkpoint(&config.output)?)),
+        },
+        result => result,
+    }
+}
+
+/// This rank's part of [`run`]: the device of its local rank (`--device` overrides), the run,
+/// and (on rank 0) what is printed.
+fn train_on_rank(args: &TrainArgs, config: &TrainConfig, ranks: &dyn Ranks) -> Result<i32> {
+    if ranks.rank() == 0 {
+        for warning in &config.warnings {
+            eprintln!("warning: {warning}");
+        }
     }
     let stop = StopRequest::install(
         "finishing this step and writing a checkpoint (a second signal quits at once)",
     )?;
     let mut options = args.device.options()?;
     options.dry_run = args.dry_run;
-    let gpu = Gpu::new(&options)?;
-    let summary = match trainer::train(&config, &gpu, stop.flag())? {
+    let gpu = agree(ranks, open_device(options, ranks))?;
+    let outcome = trainer::train(config, &gpu, stop.flag(), ranks)?;
+    // Every rank stopped; the exit code is that of the signal, from the rank(s) it reached.
+    let stop_code = match &outcome {
+        Outcome::Trained(summary) if summary.interrupted => ranks
+            .all_gather(&[stop.exit_code() as u8])
+            .iter()
+            .map(|code| i32::from(code[0]))
+            .max(),
+        _ => None,
+    };
+    if ranks.rank() > 0 {
+        return Ok(stop_code.unwrap_or(0));
+    }
+    let summary = match outcome {
         Outcome::Trained(summary) => summary,
-        Outcome::DryRun(report) => {
+        Outcome::DryRun(report, job) => {
             println!(
                 "dry run on the run's largest micro-batch (every tensor allocated, no kernel run; \
                  nothing written)\n{report}"
             );
+            if let Some(job) = job {
+                println!("{job}");
+            }
             return Ok(0);
         }
     };
@@ -101,7 +147,7 @@ pub fn run(args: TrainArgs) -> Result<i32> {
             summary.total_steps,
             summary.output.display()
         );
-        return Ok(stop.exit_code());
+        return Ok(stop_code.unwrap_or(0));
     }
     println!(
         "done: {} steps, loss {:.4} -> {:.4}, {} kernel dispatches, written to {}",
@@ -112,6 +158,21 @@ pub fn run(args: TrainArgs) -> Result<i32> {
         summary.output.display()
     );
     Ok(0)
+}
+
+/// The device `options` name or, with several ranks and no `--device`, the one at this rank's
+/// local rank (each process on a machine takes its own).
+fn open_device(mut options: GpuOptions, ranks: &dyn Ranks) -> Result<Gpu> {
+    if options.device.is_some() || ranks.size() == 1 {
+        return Gpu::new(&options);
+    }
+    let Some(local) = local_rank()? else {
+        return Gpu::new(&options);
+    };
+    options.device = Some(local.to_string());
+    Gpu::new(&options).with_context(|| {
+        format!("opening device {local}, this rank's local rank (--device chooses another)")
+    })
 }
 
 #[cfg(test)]

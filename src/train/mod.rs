@@ -1,5 +1,6 @@
-//! The trainer's model-independent parts: settings (one table of flags and LLaMA-Factory keys), learning-rate
-//! schedules, the data order, metrics and progress, checkpoints, and the built-in demo's model and
+//! The trainer's model-independent parts: settings (one table of flags and LLaMA-Factory keys),
+//! learning-rate schedules, the data order, metrics and progress, checkpoints, data-parallel
+//! ranks, and the built-in demo's model and
 //! data.
 pub mod batching;
 pub mod checkpoint;
@@ -8,6 +9,7 @@ pub mod demo;
 pub mod flops;
 pub mod llama_factory;
 pub mod metrics;
+pub mod ranks;
 pub mod run_dir;
 pub mod schedule;
 pub mod settings;

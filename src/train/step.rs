@@ -1,7 +1,8 @@
 //! One optimizer step on the device, shared by the trainer (and its `--dry-run`), the training
 //! benchmark and the memory tests: clear the gradients, forward + backward of every micro-batch
 //! ([`Qwen2::forward_backward`], gradients of the mean loss over the step's supervised tokens), the
-//! global gradient norm read back ([`gradients`]); then, once the caller has checked that loss and
+//! global gradient norm read back ([`gradients`]; [`gradients_across`] when the step's micro-batches
+//! are shared among data-parallel ranks); then, once the caller has checked that loss and
 //! norm are finite, the clipped SGD / AdamW update of every parameter ([`update`]). A
 //! [`MemoryReport`] sums up the device memory of such a step.
 use std::fmt;
@@ -11,6 +12,7 @@ use wgtrain_kernels::ops::optim::{adamw_step, grad_norm_sq, sgd_step, AdamW};
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
 use super::config::{OptimizerKind, OptimizerSettings};
+use super::ranks::{all_gather_ok, share, Ranks, Single};
 use crate::model::backward::micro_batch_bytes;
 use crate::model::residency::{lora_bytes, size, Working};
 use crate::model::{Grads, LoraDropout, MemoryPlan, Param, PerProj, Qwen2, Qwen2Config, IGNORE};
@@ -66,20 +68,49 @@ pub fn gradients(
     micro_batches: &[MicroBatch],
     norm_sq: &Tensor,
 ) -> Result<Gradients> {
+    gradients_across(&Single, gpu, model, grads, micro_batches, norm_sq)
+}
+
+/// [`gradients`] of a step whose `micro_batches` are shared among `ranks`: this rank runs its
+/// [`share`], then the ranks sum their gradients and loss sums in rank order, so that every rank
+/// holds the step's gradients and norm. Every rank has the whole step's rows, so each counts the
+/// step's supervised tokens itself (the scale of its backward) with no exchange. A rank's error
+/// stops every rank ([`super::ranks::RankFailed`]).
+pub fn gradients_across(
+    ranks: &dyn Ranks,
+    gpu: &Gpu,
+    model: &Qwen2,
+    grads: &Grads,
+    micro_batches: &[MicroBatch],
+    norm_sq: &Tensor,
+) -> Result<Gradients> {
     let supervised: usize = micro_batches
         .iter()
         .flat_map(|micro| &micro.rows)
         .map(|(_, targets)| targets.iter().filter(|&&t| t != IGNORE).count())
         .sum();
+    let mine = &micro_batches[share(micro_batches.len(), ranks.rank(), ranks.size())];
     grads.zero(gpu, model);
-    let mut loss_sum = 0.0;
-    for micro in micro_batches {
-        let scale = 1.0 / supervised as f32;
-        loss_sum += model
-            .forward_backward(gpu, grads, &micro.rows, scale, micro.dropout)?
-            .sum;
-    }
+    let local_loss_sum = || -> Result<f64> {
+        let mut loss_sum = 0.0;
+        for micro in mine {
+            let scale = 1.0 / supervised as f32;
+            loss_sum += model
+                .forward_backward(gpu, grads, &micro.rows, scale, micro.dropout)?
+                .sum;
+        }
+        Ok(loss_sum)
+    };
+    let loss_sums = all_gather_ok(ranks, local_loss_sum().map(|s| s.to_le_bytes().to_vec()))?;
+    let loss_sum = loss_sums
+        .iter()
+        .map(|bytes| f64::from_le_bytes(bytes[..].try_into().expect("8 bytes of an f64")))
+        .reduce(|sum, s| sum + s)
+        .unwrap_or(0.0);
     let params = grads.params(model);
+    if ranks.size() > 1 {
+        sum_gradients(ranks, gpu, &params)?;
+    }
     let grad_list: Vec<&Tensor> = params.iter().map(|p| p.grad).collect();
     let mut batch = gpu.batch();
     grad_norm_sq(&mut batch, &grad_list, norm_sq)?;
@@ -89,6 +120,39 @@ pub fn gradients(
         grad_norm: (norm_sq.to_f32(gpu)?[0] as f64).sqrt(),
         supervised,
     })
+}
+
+/// f32 values summed across ranks at once, at most (64 MiB; a larger tensor goes alone): bounds
+/// the host memory of full fine-tuning's gradients and lets LoRA's hundreds of small ones go in
+/// one exchange.
+const SUM_BUCKET: usize = 16 << 20;
+
+/// Replaces every rank's gradients by their sum over the ranks ([`Ranks::sum_in_rank_order`]),
+/// read back and written back bucket by bucket.
+fn sum_gradients(ranks: &dyn Ranks, gpu: &Gpu, params: &[Param]) -> Result<()> {
+    let mut rest = params;
+    while !rest.is_empty() {
+        let mut len = rest[0].grad.numel();
+        let mut n = 1;
+        while n < rest.len() && len + rest[n].grad.numel() <= SUM_BUCKET {
+            len += rest[n].grad.numel();
+            n += 1;
+        }
+        let (bucket, after) = rest.split_at(n);
+        let mut values = Vec::with_capacity(len);
+        for p in bucket {
+            values.extend(p.grad.to_f32(gpu)?);
+        }
+        ranks.sum_in_rank_order(&mut values);
+        let mut at = 0;
+        for p in bucket {
+            let n = p.grad.numel();
+            p.grad.write_f32(gpu, &values[at..at + n])?;
+            at += n;
+        }
+        rest = after;
+    }
+    Ok(())
 }
 
 /// Updates every parameter at learning rate `lr` as step `index` (0-based) of the run: AdamW where

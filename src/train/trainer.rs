@@ -11,6 +11,7 @@
 //! then one step on the run's largest micro-batch, and [`train`] returns the device memory that
 //! took ([`MemoryReport`]) without writing anything to the output directory.
 use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -22,7 +23,7 @@ use serde_json::json;
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
 use super::batching::{
-    drop_reason, filter_rows, BatchSettings, DataOrder, Dropped, RowCounts, Step,
+    drop_reason, filter_rows, BatchSettings, DataOrder, Dropped, Fnv, RowCounts, Step,
 };
 use super::checkpoint::{
     check_output_dir, checkpoint_dir, config_hash, latest_checkpoint, load_f32_tensors,
@@ -33,11 +34,13 @@ use super::config::{module_names, LoraSettings, Method, OptimizerKind, TrainConf
 use super::demo::{demo_config_json, write_demo_dataset, write_demo_model, DEMO_ROWS};
 use super::flops::{row_flops, Trainable};
 use super::metrics::{write_loss_svg, MetricsWriter, Progress, StepMetrics, METRICS_FILE};
+use super::ranks::{agree, any, check_same, JobReport, Ranks};
 use super::run_dir::{check_not_in_use, check_output_apart, RunDir};
 use super::schedule::Schedule;
 use super::settings::label;
 use super::step::{
-    gradients, lora_step_working, new_moments, update, Gradients, MemoryReport, MicroBatch, Moments,
+    gradients_across, lora_step_working, new_moments, update, Gradients, MemoryReport, MicroBatch,
+    Moments,
 };
 use crate::data::chat::{ChatEncoder, EncodedRow};
 use crate::data::Dataset;
@@ -67,8 +70,9 @@ pub struct TrainSummary {
 /// What [`train`] did.
 pub enum Outcome {
     Trained(TrainSummary),
-    /// On a dry-run device: one step measured, nothing trained or written.
-    DryRun(MemoryReport),
+    /// On a dry-run device: one step measured, nothing trained or written (with several ranks:
+    /// each rank's peak and the gradient bytes summed across them).
+    DryRun(MemoryReport, Option<JobReport>),
 }
 
 /// The stream of the training RNG (stream 0 of the seed draws the fresh LoRA factors).
@@ -629,13 +633,7 @@ fn stop_if_not_finite(
         check_finite_weights(gpu, params, weights_from)
             .with_context(|| format!("step {}", step.index + 1))?;
     }
-    let kept = match latest_checkpoint(output)? {
-        Some((at, dir)) => format!(
-            "the last checkpoint (step {at}) is kept in {}",
-            dir.display()
-        ),
-        None => "no checkpoint had been written yet".to_string(),
-    };
+    let kept = kept_checkpoint(output)?;
     bail!(
         "step {}: the loss ({}) or gradient norm ({}) is not finite; training stopped before \
          applying it, and {kept}. A lower --lr or --max-grad-norm needs a fresh run \
@@ -644,6 +642,76 @@ fn stop_if_not_finite(
         g.loss,
         g.grad_norm
     );
+}
+
+/// What a stopped run keeps in `output`: its last complete checkpoint, if any.
+pub fn kept_checkpoint(output: &Path) -> Result<String> {
+    Ok(match latest_checkpoint(output)? {
+        Some((at, dir)) => format!(
+            "the last checkpoint (step {at}) is kept in {}",
+            dir.display()
+        ),
+        None => "no checkpoint had been written yet".to_string(),
+    })
+}
+
+/// A fingerprint of the files of `dirs` a run reads (config and tokenizer JSON, safetensors):
+/// each one's name and size, a JSON file's bytes, a safetensors file's first and last MiB (its
+/// header and some weights; reading every weight again would cost minutes on a large model).
+fn files_fingerprint(dirs: &[&Path]) -> Result<String> {
+    const SAMPLE: u64 = 1 << 20;
+    let mut hash = Fnv::default();
+    for dir in dirs {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .map(|entry| entry.map(|e| e.path()))
+            .collect::<std::io::Result<_>>()
+            .with_context(|| format!("reading {}", dir.display()))?;
+        files.retain(|f| {
+            f.is_file()
+                && matches!(
+                    f.extension().and_then(|e| e.to_str()),
+                    Some("json" | "safetensors")
+                )
+        });
+        files.sort();
+        for file in files {
+            let mut read = || -> std::io::Result<()> {
+                let mut f = std::fs::File::open(&file)?;
+                let len = f.metadata()?.len();
+                hash.write(file.file_name().unwrap_or_default().as_encoded_bytes());
+                hash.write(&len.to_le_bytes());
+                let whole = file.extension().is_some_and(|e| e == "json") || len <= 2 * SAMPLE;
+                let samples = match whole {
+                    true => vec![(0, len)],
+                    false => vec![(0, SAMPLE), (len - SAMPLE, SAMPLE)],
+                };
+                for (at, n) in samples {
+                    let mut bytes = vec![0; n as usize];
+                    f.seek(SeekFrom::Start(at))?;
+                    f.read_exact(&mut bytes)?;
+                    hash.write(&bytes);
+                }
+                Ok(())
+            };
+            read().with_context(|| format!("reading {}", file.display()))?;
+        }
+    }
+    Ok(format!("fnv1a {:016x}", hash.0))
+}
+
+/// A fingerprint of the encoded rows (token ids and targets): the data as the run sees it.
+fn rows_fingerprint(rows: &[EncodedRow], targets: &[Vec<u32>]) -> String {
+    let mut hash = Fnv::default();
+    for (row, targets) in rows.iter().zip(targets) {
+        for ids in [&row.ids, targets] {
+            hash.write(&(ids.len() as u64).to_le_bytes());
+            for id in ids {
+                hash.write(&id.to_le_bytes());
+            }
+        }
+    }
+    format!("{} rows, fnv1a {:016x}", rows.len(), hash.0)
 }
 
 /// The run's metrics.jsonl: new, or a resumed run's with the lines up to its checkpoint (returned)
@@ -659,19 +727,100 @@ fn open_metrics(
     }
 }
 
-/// Runs the training `config` describes on `gpu`. Once `stop` is set, the step under way is
-/// finished, a checkpoint is written and the run returns as interrupted. On a dry-run device,
-/// measures one step instead (see the module documentation).
-pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outcome> {
-    check_not_in_use(&config.output)?;
+/// The settings of a job of `ranks` processes (None: one, `config` as it is). A step is the
+/// micro-batches of every rank: its data order and the settings a resume checks count ranks x
+/// --grad-accum, so a run resumes on another number of ranks as long as that product stays.
+fn job_config(config: &TrainConfig, ranks: usize) -> Option<TrainConfig> {
+    (ranks > 1).then(|| TrainConfig {
+        grad_accum: config.grad_accum * ranks,
+        ..config.clone()
+    })
+}
+
+/// What every rank of a job must share: the settings (`summary`), the encoded rows, the model
+/// and what training starts from (a checkpoint to resume, `--init-adapter`, or neither).
+fn job_fingerprint(
+    summary: &serde_json::Value,
+    rows: &[EncodedRow],
+    targets: &[Vec<u32>],
+    model_dir: &Path,
+    resume: Option<&Resume>,
+    init_adapter: Option<&Path>,
+) -> Result<String> {
+    let start = match (resume, init_adapter) {
+        (Some((dir, state)), _) => format!("step {} {}", state.step, files_fingerprint(&[dir])?),
+        (None, Some(dir)) => files_fingerprint(&[dir])?,
+        (None, None) => "the base model".to_string(),
+    };
+    Ok(format!(
+        "settings {}, data {}, model {}, starting from {start}",
+        config_hash(summary),
+        rows_fingerprint(rows, targets),
+        files_fingerprint(&[model_dir])?,
+    ))
+}
+
+/// The dry run's step: `batch_size` rows as long as the longest row, one such micro-batch per
+/// rank (gradient accumulation repeats micro-batches; it does not hold more at once), run by
+/// `run_step`; the memory of what is `trained` and the step's peak, and with several ranks each
+/// rank's peak and the gradient bytes they sum.
+fn dry_run_step(
+    rows: &[EncodedRow],
+    batch_size: usize,
+    ranks: &dyn Ranks,
+    model: &Qwen2,
+    params: &[Param],
+    moments: &[Option<Moments>],
+    run_step: impl FnOnce(&Step) -> Result<(Gradients, f64, u64)>,
+) -> Result<Outcome> {
+    let longest = (0..rows.len()).max_by_key(|&i| rows[i].len()).unwrap_or(0);
+    let micro_batch = vec![longest; batch_size.min(rows.len())];
+    let shape = (micro_batch.len(), rows[longest].len());
+    let step = Step {
+        index: 0,
+        epoch: 0,
+        micro_batches: vec![micro_batch; ranks.size()],
+        epoch_progress: 0.0,
+    };
+    let (_, _, peak) = run_step(&step)?;
+    let memory = MemoryReport::new(model, params, moments, shape, peak);
+    let job = (ranks.size() > 1).then(|| JobReport {
+        peaks: ranks
+            .all_gather(&peak.to_le_bytes())
+            .iter()
+            .map(|b| u64::from_le_bytes(b[..].try_into().expect("8 bytes of a u64")))
+            .collect(),
+        summed_bytes: params.iter().map(|p| 4 * p.grad.numel() as u64).sum(),
+    });
+    Ok(Outcome::DryRun(memory, job))
+}
+
+/// Runs the training `config` describes on `gpu`, as one of `ranks` (data-parallel processes,
+/// each running `config.grad_accum` micro-batches of every step; rank 0 alone writes). Once
+/// `stop` is set on any rank, the step under way is finished, a checkpoint is written and the
+/// run returns as interrupted. On a dry-run device, measures one step instead (see the module
+/// documentation).
+pub fn train(
+    config: &TrainConfig,
+    gpu: &Gpu,
+    stop: &AtomicBool,
+    ranks: &dyn Ranks,
+) -> Result<Outcome> {
+    let job = job_config(config, ranks.size());
+    let config = job.as_ref().unwrap_or(config);
+    // Rank 0's lock on --output covers the job.
+    let writes = ranks.rank() == 0;
+    if writes {
+        check_not_in_use(&config.output)?;
+    }
     let (adopted, resume) = settle(config)?;
     let config = adopted.as_ref().unwrap_or(config);
     let summary = config.resume_summary();
     let dry_run = gpu.is_dry_run();
     check_inputs(config)?;
-    // A dry run leaves --output alone (the demo's model and data go to a temporary directory),
-    // but refuses what the run would refuse.
-    let demo_tmp = match dry_run && config.demo {
+    // A dry run, and every rank but 0, leave --output alone (the demo's model and data go to a
+    // temporary directory), but a dry run refuses what the run would refuse.
+    let demo_tmp = match (dry_run || !writes) && config.demo {
         true => Some(tempfile::tempdir().context("creating a temporary directory")?),
         false => None,
     };
@@ -681,7 +830,7 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
     // Locked for the whole run; the demo makes its inputs in it, a run's own inputs are read
     // before it is touched.
     let open_run_dir = || -> Result<Option<RunDir>> {
-        match dry_run {
+        match dry_run || !writes {
             true => Ok(None),
             false => {
                 RunDir::open(&config.output, config.overwrite, resume.is_some(), &summary).map(Some)
@@ -733,6 +882,11 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         adapter: adapter_config.as_ref(),
         base: &model_dir,
     };
+    if ranks.size() > 1 {
+        let (resume, init) = (resume.as_ref(), config.init_adapter.as_deref());
+        let fingerprint = job_fingerprint(&summary, &rows, &targets, &model_dir, resume, init)?;
+        check_same(ranks, "settings, model or data", &fingerprint)?;
+    }
 
     let schedule = Schedule::new(
         config.scheduler,
@@ -746,8 +900,8 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         .or(config.init_adapter.as_deref())
         .unwrap_or(&model_dir);
     let first_step = order.position().step;
-    // The device work of one step (each micro-batch drawing its dropout seed from `rng`); returns
-    // its gradients, learning rate and peak device memory.
+    // The device work of one step (each micro-batch drawing its dropout seed from `rng`, on every
+    // rank, which then runs its share); returns its gradients, learning rate and peak memory.
     let run_step = |step: &Step, rng: &mut ChaCha8Rng| -> Result<(Gradients, f64, u64)> {
         let micro_batches: Vec<MicroBatch> = step
             .micro_batches
@@ -764,10 +918,14 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
             })
             .collect();
         gpu.reset_peak();
-        let g = gradients(gpu, &model, &grads, &micro_batches, &norm_sq)
+        let g = gradients_across(ranks, gpu, &model, &grads, &micro_batches, &norm_sq)
             .with_context(|| format!("step {}", step.index + 1))?;
         let first = step.index == first_step;
-        stop_if_not_finite(gpu, &g, step, first, &params, weights_from, &config.output)?;
+        // Every rank holds the same gradients, so all find the same; one message for all.
+        agree(
+            ranks,
+            stop_if_not_finite(gpu, &g, step, first, &params, weights_from, &config.output),
+        )?;
         let lr = schedule.lr(step.index);
         let clip = config.max_grad_norm.map(|max| (&norm_sq, max));
         let o = &config.optimizer;
@@ -775,24 +933,17 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
         Ok((g, lr, gpu.memory().peak))
     };
     if dry_run {
-        let step = Step {
-            index: 0,
-            epoch: 0,
-            micro_batches: vec![vec![longest; micro_shape.0]],
-            epoch_progress: 0.0,
-        };
-        let (_, _, peak) = run_step(&step, &mut rng)?;
-        return Ok(Outcome::DryRun(MemoryReport::new(
-            &model,
-            &params,
-            &moments,
-            micro_shape,
-            peak,
-        )));
+        let run_step = |step: &Step| run_step(step, &mut rng);
+        let batch_size = config.batch_size;
+        return dry_run_step(
+            &rows, batch_size, ranks, &model, &params, &moments, run_step,
+        );
     }
     let run = Run {
         config,
         gpu,
+        ranks,
+        writes,
         rows: &rows,
         counts,
         trained,
@@ -813,6 +964,9 @@ pub fn train(config: &TrainConfig, gpu: &Gpu, stop: &AtomicBool) -> Result<Outco
 struct Run<'a> {
     config: &'a TrainConfig,
     gpu: &'a Gpu,
+    ranks: &'a dyn Ranks,
+    /// Rank 0: writes metrics, progress, checkpoints and the output.
+    writes: bool,
     rows: &'a [EncodedRow],
     counts: RowCounts,
     trained: Trained<'a>,
@@ -835,24 +989,36 @@ impl Run<'_> {
         resume: Option<&Resume>,
         stop: &AtomicBool,
     ) -> Result<Outcome> {
-        let (config, model) = (self.config, self.trained.model);
-        let (mut metrics, mut history) = open_metrics(&config.output, resume)?;
+        let (config, model, ranks) = (self.config, self.trained.model, self.ranks);
+        let (mut metrics, mut history) = match self.writes {
+            true => open_metrics(&config.output, resume).map(|(m, h)| (Some(m), h))?,
+            false => (None, Vec::new()),
+        };
         let (earlier_s, mut tokens_seen) =
             resume.map_or((0.0, 0), |(_, state)| (state.elapsed_s, state.tokens_seen));
         let total_steps = order.total_steps();
         let done_before = order.position().step;
-        let mut progress = Progress::new(config.progress, total_steps, done_before, earlier_s);
+        let mut progress = self
+            .writes
+            .then(|| Progress::new(config.progress, total_steps, done_before, earlier_s));
         let resuming = resume.map_or(String::new(), |(dir, _)| {
             format!(", resuming after step {done_before} from {}", dir.display())
         });
         let counts = &self.counts;
-        progress.println(&format!(
-            "training {} rows ({} truncated, {} dropped) for {total_steps} steps on {}{resuming}",
-            counts.kept,
-            counts.truncated,
-            counts.dropped_overlong + counts.dropped_unsupervised,
-            self.gpu.describe(),
-        ));
+        let on_ranks = match ranks.size() {
+            1 => String::new(),
+            n => format!(" (rank 0 of {n})"),
+        };
+        if let Some(p) = &progress {
+            p.println(&format!(
+                "training {} rows ({} truncated, {} dropped) for {total_steps} steps on {}\
+                 {on_ranks}{resuming}",
+                counts.kept,
+                counts.truncated,
+                counts.dropped_overlong + counts.dropped_unsupervised,
+                self.gpu.describe(),
+            ));
+        }
         let trained_kind = match &config.method {
             Method::Full => Trainable::Full,
             Method::Lora(_) => Trainable::Lora(model.lora_ranks()),
@@ -894,8 +1060,10 @@ impl Run<'_> {
                 peak_mem_mib: peak as f64 / (1u64 << 20) as f64,
                 elapsed_s,
             };
-            metrics.write(&m)?;
-            progress.step(&m);
+            if let (Some(metrics), Some(progress)) = (metrics.as_mut(), progress.as_mut()) {
+                metrics.write(&m)?;
+                progress.step(&m);
+            }
             history.push(m);
             if done == done_before + 1 {
                 if let Some(run_dir) = run_dir.as_deref_mut() {
@@ -903,7 +1071,7 @@ impl Run<'_> {
                 }
             }
 
-            let stopping = stop.load(Ordering::SeqCst);
+            let stopping = any(ranks, stop.load(Ordering::SeqCst));
             let due = config.save_steps.is_some_and(|n| done % n == 0);
             if due || stopping || done == total_steps {
                 let state = TrainState {
@@ -920,25 +1088,37 @@ impl Run<'_> {
                     elapsed_s,
                     tokens_seen,
                 };
-                last_checkpoint = Some(self.checkpoint(&state)?);
+                let written = match self.writes {
+                    true => self.checkpoint(&state).map(Some),
+                    false => Ok(None),
+                };
+                last_checkpoint = agree(ranks, written)?;
             }
             if stopping && done < total_steps {
                 interrupted = true;
                 break;
             }
         }
-        progress.finish();
+        if let Some(progress) = &progress {
+            progress.finish();
+            let steps_run = order.position().step - done_before;
+            if let (n @ 2.., (bytes, seconds), 1..) = (ranks.size(), ranks.summed(), steps_run) {
+                progress.println(&format!(
+                    "gradients summed across {n} ranks: {:.3} MiB per step in {:.2} ms per step \
+                     (mean of {steps_run})",
+                    bytes as f64 / steps_run as f64 / (1u64 << 20) as f64,
+                    1e3 * seconds / steps_run as f64
+                ));
+            }
+        }
 
         // An interrupted run leaves only its checkpoint: a final adapter would look like a
         // finished run.
-        if !interrupted {
-            self.trained.save(&config.output)?;
-        }
-        write_loss_svg(
-            config.output.join("loss.svg"),
-            &history,
-            "wgtrain training loss",
-        )?;
+        let written = match self.writes {
+            true => self.write_output(interrupted, &history),
+            false => Ok(()),
+        };
+        agree(ranks, written)?;
         Ok(Outcome::Trained(TrainSummary {
             steps: order.position().step,
             total_steps,
@@ -949,6 +1129,15 @@ impl Run<'_> {
             interrupted,
             last_checkpoint,
         }))
+    }
+
+    /// The final adapter or weights (unless `interrupted`) and the loss curve of `history`.
+    fn write_output(&self, interrupted: bool, history: &[StepMetrics]) -> Result<()> {
+        let output = &self.config.output;
+        if !interrupted {
+            self.trained.save(output)?;
+        }
+        write_loss_svg(output.join("loss.svg"), history, "wgtrain training loss")
     }
 
     /// `checkpoint-<step>` with `state`, then the rotation `--save-total-limit` asks for.
