@@ -21,9 +21,13 @@ fn main() -> anyhow::Result<()> {
         Ok(list) => list
             .split(',')
             .map(|name| {
-                SIZES.iter().copied().find(|&s| s == name.trim()).ok_or_else(|| {
-                    anyhow::anyhow!("WGTRAIN_BENCH_SIZES: '{name}' is not one of {SIZES:?}")
-                })
+                SIZES
+                    .iter()
+                    .copied()
+                    .find(|&s| s == name.trim())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("WGTRAIN_BENCH_SIZES: '{name}' is not one of {SIZES:?}")
+                    })
             })
             .collect::<anyhow::Result<_>>()?,
         Err(_) => SIZES.to_vec(),

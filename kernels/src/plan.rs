@@ -188,7 +188,9 @@ mod tests {
         };
         assert_eq!(KernelPlan::choose(&gpu).gemm, GemmVariant::Tiled);
         // Forcing it onto a GPU that can run it is allowed (that is how it gets measured there).
-        let forced = KernelPlan::choose(&gpu).forced("gemm=subgroup", &gpu).unwrap();
+        let forced = KernelPlan::choose(&gpu)
+            .forced("gemm=subgroup", &gpu)
+            .unwrap();
         assert_eq!(forced.gemm, GemmVariant::Subgroup);
     }
 

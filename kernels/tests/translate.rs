@@ -25,14 +25,12 @@ fn translate(kernel: &Kernel) -> Result<(), String> {
             .subgroup_stages(ShaderStages::COMPUTE)
             .subgroup_operations(SubgroupOperationSet::BASIC | SubgroupOperationSet::BALLOT);
     }
-    let info = validator
-        .validate(&module)
-        .map_err(|e| {
-            format!(
-                "validation (baseline capabilities): {}",
-                e.emit_to_string(source)
-            )
-        })?;
+    let info = validator.validate(&module).map_err(|e| {
+        format!(
+            "validation (baseline capabilities): {}",
+            e.emit_to_string(source)
+        )
+    })?;
     for (i, ep) in module.entry_points.iter().enumerate() {
         let used = info.get_entry_point(i);
         let workgroup_bytes: u32 = module
@@ -100,11 +98,7 @@ fn every_variant_translates_to_every_backend() {
     assert!(!variants.is_empty());
     let failures: Vec<String> = variants
         .iter()
-        .filter_map(|k| {
-            translate(k)
-                .err()
-                .map(|e| format!("{}: {e}", k.key()))
-        })
+        .filter_map(|k| translate(k).err().map(|e| format!("{}: {e}", k.key())))
         .collect();
     assert!(
         failures.is_empty(),

@@ -32,6 +32,8 @@ def wgtrain_rows(t: int, sizes: str, reps: int):
         env=env, check=True, capture_output=True, text=True,
     ).stdout
     device = next((line for line in out.splitlines() if line.startswith("device:")), "device: ?")
+    # wgtrain's whole table (backward products too), for the record.
+    print("\n".join(line for line in out.splitlines() if line.startswith("|")), file=sys.stderr)
     rows = []
     for line in out.splitlines():
         m = ROW.match(line)

@@ -69,12 +69,14 @@ pub fn devices(args: DevicesArgs) -> Result<i32> {
             .map(|(name, _)| name.to_string())
             .collect();
         println!(
-            "    features: {}",
+            "    features: {}; subgroup sizes {}..={}",
             if features.is_empty() {
                 "none of the optional ones".into()
             } else {
                 features.join(", ")
-            }
+            },
+            a.info.subgroup_min_size,
+            a.info.subgroup_max_size
         );
         let forced = std::env::var("WGTRAIN_KERNELS").ok();
         let features = a.features & OPTIONAL_FEATURES;
