@@ -1,6 +1,7 @@
 //! `cargo bench`: every kernel family at Qwen2.5 model shapes on the default device
 //! (`WGTRAIN_BACKEND` / `WGTRAIN_DEVICE` choose another; `WGTRAIN_BENCH_T`, `WGTRAIN_BENCH_REPS`
-//! size the runs; `WGTRAIN_PEAK_GFLOPS` — the device's FP32 peak — adds a % of peak column).
+//! size the runs; `WGTRAIN_BENCH_SIZES=0.5B,1.5B` measures only those models; `WGTRAIN_PEAK_GFLOPS`
+//! — the device's FP32 peak — adds a % of peak column).
 //! Prints a Markdown table for docs/benchmarks.md.
 use wgtrain::model::Qwen2Config;
 use wgtrain_kernels::bench::BenchConfig;
@@ -16,7 +17,22 @@ fn main() -> anyhow::Result<()> {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let gpu = Gpu::from_env()?;
-    let shapes = SIZES
+    let sizes: Vec<&str> = match std::env::var("WGTRAIN_BENCH_SIZES") {
+        Ok(list) => list
+            .split(',')
+            .map(|name| {
+                SIZES
+                    .iter()
+                    .copied()
+                    .find(|&s| s == name.trim())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("WGTRAIN_BENCH_SIZES: '{name}' is not one of {SIZES:?}")
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        Err(_) => SIZES.to_vec(),
+    };
+    let shapes = sizes
         .iter()
         .map(|&name| Ok(Qwen2Config::qwen25(name)?.kernel_shape(name)))
         .collect::<anyhow::Result<_>>()?;

@@ -58,6 +58,14 @@ impl<'g> Batch<'g> {
         buffers: &[&wgpu::Buffer],
         groups: [u32; 3],
     ) -> Result<()> {
+        let missing = kernel.shader.features.difference(self.gpu.features);
+        if !missing.is_empty() {
+            bail!(
+                "{}: needs device features {missing:?}, which '{}' was not opened with",
+                kernel.key(),
+                self.gpu.info.name
+            );
+        }
         let pipeline = self.gpu.pipeline(kernel)?;
         if buffers.len() != pipeline.storage_bindings.len() {
             bail!(

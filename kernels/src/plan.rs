@@ -5,7 +5,7 @@
 //! adapter that can run it. A family's launcher reads its entry of [`Gpu::plan`]; a new variant
 //! (a CPU-adapter design, subgroups, cooperative matrices) is one more enum value here plus the
 //! rule that picks it.
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 
 /// What the choice depends on, as the adapter reports it.
 #[derive(Clone, Debug)]
@@ -53,8 +53,34 @@ variants!(
     GemmVariant {
         /// Workgroup-memory tiles: the portable baseline, and what discrete GPUs run.
         Tiled = "tiled",
+        /// No workgroup memory and no barriers, A shared across a subgroup by `subgroupBroadcast`
+        /// (shaders/matmul_subgroup.wgsl): what CPU adapters run, where barriers and per-lane
+        /// loads cost and FMAs are nearly free.
+        Subgroup = "subgroup",
     }
 );
+
+/// Lanes 0..7 of each subgroup hold the A values the subgroup GEMM broadcasts.
+const SUBGROUP_GEMM_LANES: u32 = 8;
+
+impl GemmVariant {
+    /// Whether the adapter can run this variant correctly, and if not, why.
+    fn runs_on(self, adapter: &AdapterTraits) -> Result<()> {
+        if self == GemmVariant::Subgroup {
+            ensure!(
+                adapter.features.contains(wgpu::Features::SUBGROUP),
+                "WGTRAIN_KERNELS: gemm=subgroup needs the SUBGROUP feature, which this adapter lacks"
+            );
+            let (min, max) = adapter.subgroup_sizes;
+            ensure!(
+                min >= SUBGROUP_GEMM_LANES,
+                "WGTRAIN_KERNELS: gemm=subgroup needs subgroups of at least {SUBGROUP_GEMM_LANES} \
+                 lanes, and this adapter may use {min}..={max}"
+            );
+        }
+        Ok(())
+    }
+}
 
 variants!(
     /// Flash attention forward, backward and decode.
@@ -93,9 +119,14 @@ impl KernelPlan {
 
     /// The plan for an adapter: the fastest variant it runs correctly, measured per device
     /// type; discrete GPUs keep the tiled kernels until a measurement on one says otherwise.
-    pub fn choose(_adapter: &AdapterTraits) -> KernelPlan {
+    pub fn choose(adapter: &AdapterTraits) -> KernelPlan {
+        let cpu = adapter.device_type == wgpu::DeviceType::Cpu;
         KernelPlan {
-            gemm: GemmVariant::Tiled,
+            gemm: if cpu && GemmVariant::Subgroup.runs_on(adapter).is_ok() {
+                GemmVariant::Subgroup
+            } else {
+                GemmVariant::Tiled
+            },
             attention: AttentionVariant::Tiled,
         }
     }
@@ -121,8 +152,8 @@ impl KernelPlan {
     }
 
     /// Refuses a variant the adapter cannot run (a missing feature or subgroup size).
-    fn check(&self, _adapter: &AdapterTraits) -> Result<()> {
-        Ok(())
+    fn check(&self, adapter: &AdapterTraits) -> Result<()> {
+        self.gemm.runs_on(adapter)
     }
 
     /// One line for `wgtrain devices`, `selftest` and run logs, e.g. `gemm=tiled attention=tiled`.
@@ -148,6 +179,45 @@ mod tests {
     }
 
     #[test]
+    fn cpu_adapters_with_wide_subgroups_take_the_subgroup_gemm() {
+        assert_eq!(KernelPlan::choose(&lavapipe()).gemm, GemmVariant::Subgroup);
+        let gpu = AdapterTraits {
+            device_type: wgpu::DeviceType::DiscreteGpu,
+            subgroup_sizes: (32, 32),
+            ..lavapipe()
+        };
+        assert_eq!(KernelPlan::choose(&gpu).gemm, GemmVariant::Tiled);
+        // Forcing it onto a GPU that can run it is allowed (that is how it gets measured there).
+        let forced = KernelPlan::choose(&gpu)
+            .forced("gemm=subgroup", &gpu)
+            .unwrap();
+        assert_eq!(forced.gemm, GemmVariant::Subgroup);
+    }
+
+    #[test]
+    fn subgroup_gemm_is_refused_where_it_would_be_wrong() {
+        let no_subgroups = AdapterTraits {
+            features: wgpu::Features::empty(),
+            ..lavapipe()
+        };
+        let narrow = AdapterTraits {
+            subgroup_sizes: (4, 32),
+            ..lavapipe()
+        };
+        for (adapter, expected) in [
+            (&no_subgroups, "needs the SUBGROUP feature"),
+            (&narrow, "at least 8 lanes, and this adapter may use 4..=32"),
+        ] {
+            assert_eq!(KernelPlan::choose(adapter).gemm, GemmVariant::Tiled);
+            let err = KernelPlan::choose(adapter)
+                .forced("gemm=subgroup", adapter)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+
+    #[test]
     fn forcing_names_family_and_variant() {
         let adapter = lavapipe();
         let plan = KernelPlan::choose(&adapter);
@@ -159,7 +229,7 @@ mod tests {
             ("gemm", "is not family=variant"),
             (
                 "gemm=fast",
-                "gemm=fast is not a variant (expected one of: tiled",
+                "gemm=fast is not a variant (expected one of: tiled, subgroup",
             ),
             ("softmax=tiled", "no kernel family 'softmax'"),
         ] {

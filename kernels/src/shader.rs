@@ -10,13 +10,23 @@ use std::fmt::Write;
 pub struct Shader {
     pub file: &'static str,
     pub source: &'static str,
+    /// A file whose declarations this one uses, loaded before it (a variant that needs a feature
+    /// lives in a file of its own, since naga validates a module's every entry point).
+    pub base: Option<&'static Shader>,
+    /// Device features its kernels need.
+    pub features: wgpu::Features,
 }
 
 macro_rules! shader {
     ($name:ident, $file:literal) => {
+        shader!($name, $file, None, wgpu::Features::empty());
+    };
+    ($name:ident, $file:literal, $base:expr, $features:expr) => {
         pub static $name: Shader = Shader {
             file: $file,
             source: include_str!(concat!("../../shaders/", $file)),
+            base: $base,
+            features: $features,
         };
     };
 }
@@ -24,6 +34,12 @@ macro_rules! shader {
 shader!(COMMON, "common.wgsl");
 shader!(ELEMENTWISE, "elementwise.wgsl");
 shader!(MATMUL, "matmul.wgsl");
+shader!(
+    MATMUL_SUBGROUP,
+    "matmul_subgroup.wgsl",
+    Some(&MATMUL),
+    wgpu::Features::SUBGROUP
+);
 shader!(CROSS_ENTROPY, "cross_entropy.wgsl");
 shader!(ATTENTION, "attention.wgsl");
 shader!(ROPE, "rope.wgsl");
@@ -37,6 +53,7 @@ pub fn all_shaders() -> Vec<&'static Shader> {
     vec![
         &ELEMENTWISE,
         &MATMUL,
+        &MATMUL_SUBGROUP,
         &CROSS_ENTROPY,
         &ATTENTION,
         &ROPE,
@@ -100,8 +117,10 @@ impl Kernel {
             };
         }
         src.push_str(COMMON.source);
-        src.push('\n');
-        src.push_str(self.shader.source);
+        for shader in [self.shader.base, Some(self.shader)].into_iter().flatten() {
+            src.push('\n');
+            src.push_str(shader.source);
+        }
         src
     }
 }

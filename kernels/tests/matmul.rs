@@ -1,11 +1,13 @@
 //! Matmul family: GPU against the f64 CPU reference on odd shapes, with whole and split tensors,
 //! and the backward references against finite differences of the forward one.
 mod common;
-use common::{assert_passed, finite_differences, gpus};
+use common::{assert_passed, finite_differences, gpu, gpus};
 
 use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::matmul::{self, cpu};
-use wgtrain_kernels::Out;
+use wgtrain_kernels::ops::{cross_entropy, lora};
+use wgtrain_kernels::plan::GemmVariant;
+use wgtrain_kernels::{Gpu, GpuOptions, Out};
 
 #[test]
 fn matmul_matches_cpu_on_odd_shapes() {
@@ -120,4 +122,54 @@ fn backward_references_match_finite_differences() {
         &cpu::matmul_backward_weight(&g, &x, m, n, k),
         &fd(&w, &|w| loss(&x, w))
     ));
+}
+
+/// Every GEMM variant this adapter can run, forced whatever the default plan or `WGTRAIN_KERNELS`
+/// says, on whole and split tensors: projections (few and many rows, bf16 and f32 W), every
+/// transpose, the fused LoRA forward/backward and the cross-entropy LM head. On lavapipe
+/// (SUBGROUP, subgroups of 8) that is both `tiled` and `subgroup`.
+#[test]
+fn every_gemm_variant_matches_cpu() {
+    let mut ran = Vec::new();
+    for variant in GemmVariant::ALL {
+        let spec = format!("gemm={}", variant.name());
+        let open = |max_binding_bytes| {
+            Gpu::new(&GpuOptions {
+                kernels: Some(spec.clone()),
+                max_binding_bytes,
+                ..GpuOptions::from_env().unwrap()
+            })
+        };
+        let whole = match open(None) {
+            Ok(gpu) => gpu,
+            Err(e) => {
+                // Not silent: the adapter said why it cannot run this variant.
+                eprintln!("{spec} not run on this adapter: {e:#}");
+                continue;
+            }
+        };
+        assert_eq!(whole.plan.gemm, *variant);
+        let split = open(Some(1024)).unwrap();
+        for gpu in [&whole, &split] {
+            for (seed, &(m, n, k)) in [(5, 33, 17), (37, 21, 19)].iter().enumerate() {
+                for bf16 in [false, true] {
+                    assert_passed(matmul::check_matmul(gpu, m, n, k, bf16, seed as u64).unwrap());
+                }
+            }
+            for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+                assert_passed(&[matmul::check_gemm(gpu, 29, 17, 41, trans_a, trans_b, 7).unwrap()]);
+            }
+            assert_passed(lora::selftest(gpu).unwrap());
+            assert_passed(cross_entropy::selftest(gpu).unwrap());
+        }
+        ran.push(variant.name());
+    }
+    // A CPU adapter with subgroups of at least 8 lanes (lavapipe) must run both.
+    let adapter = gpu();
+    if adapter.is_cpu()
+        && adapter.features.contains(wgpu::Features::SUBGROUP)
+        && adapter.info.subgroup_min_size >= 8
+    {
+        assert_eq!(ran, ["tiled", "subgroup"]);
+    }
 }

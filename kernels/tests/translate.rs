@@ -1,26 +1,36 @@
 //! Vendor neutrality without the hardware: every kernel variant the launchers can build is validated
-//! by naga with only WebGPU's baseline capabilities and translated to MSL (Metal), HLSL (DX12),
-//! SPIR-V (Vulkan) and GLSL ES 3.1 (GL), and its workgroup memory is checked against WebGPU's
-//! baseline limit. Also checks that no file or entry point in shaders/ escapes.
+//! by naga with only WebGPU's baseline capabilities (plus subgroup operations in compute shaders
+//! for the kernels that need the SUBGROUP feature, as WebGPU's `subgroups` extension allows) and
+//! translated to MSL (Metal), HLSL (DX12), SPIR-V (Vulkan) and GLSL ES 3.1 (GL), and its workgroup
+//! memory is checked against WebGPU's baseline limit. Also checks that no file or entry point in
+//! shaders/ escapes.
 use std::collections::BTreeSet;
 
 use naga::back::{glsl, hlsl, msl, spv};
-use naga::valid::{Capabilities, ValidationFlags, Validator};
+use naga::valid::{Capabilities, ShaderStages, SubgroupOperationSet, ValidationFlags, Validator};
+use wgtrain_kernels::shader::Kernel;
 use wgtrain_kernels::{ops, shader};
 
 /// WebGPU's baseline maxComputeWorkgroupStorageSize.
 const BASELINE_WORKGROUP_BYTES: u32 = 16384;
 
-fn translate(key: &str, source: &str) -> Result<(), String> {
+fn translate(kernel: &Kernel) -> Result<(), String> {
+    let source = &kernel.source();
     let module = naga::front::wgsl::parse_str(source).map_err(|e| e.emit_to_string(source))?;
-    let info = Validator::new(ValidationFlags::all(), Capabilities::empty())
-        .validate(&module)
-        .map_err(|e| {
-            format!(
-                "validation (baseline capabilities): {}",
-                e.emit_to_string(source)
-            )
-        })?;
+    let subgroups = kernel.shader.features.contains(wgpu::Features::SUBGROUP);
+    let mut validator = Validator::new(ValidationFlags::all(), Capabilities::empty());
+    if subgroups {
+        validator = Validator::new(ValidationFlags::all(), Capabilities::SUBGROUP);
+        validator
+            .subgroup_stages(ShaderStages::COMPUTE)
+            .subgroup_operations(SubgroupOperationSet::BASIC | SubgroupOperationSet::BALLOT);
+    }
+    let info = validator.validate(&module).map_err(|e| {
+        format!(
+            "validation (baseline capabilities): {}",
+            e.emit_to_string(source)
+        )
+    })?;
     for (i, ep) in module.entry_points.iter().enumerate() {
         let used = info.get_entry_point(i);
         let workgroup_bytes: u32 = module
@@ -78,7 +88,7 @@ fn translate(key: &str, source: &str) -> Result<(), String> {
         .and_then(|mut w| w.write())
         .map_err(|e| format!("GLSL ({}): {e}", ep.name))?;
     }
-    println!("ok {key}");
+    println!("ok {}", kernel.key());
     Ok(())
 }
 
@@ -88,11 +98,7 @@ fn every_variant_translates_to_every_backend() {
     assert!(!variants.is_empty());
     let failures: Vec<String> = variants
         .iter()
-        .filter_map(|k| {
-            translate(&k.key(), &k.source())
-                .err()
-                .map(|e| format!("{}: {e}", k.key()))
-        })
+        .filter_map(|k| translate(k).err().map(|e| format!("{}: {e}", k.key())))
         .collect();
     assert!(
         failures.is_empty(),

@@ -97,7 +97,7 @@ pub fn devices(args: DevicesArgs) -> Result<i32> {
             .map(|(name, _)| name.to_string())
             .collect();
         println!(
-            "    features: {}; subgroup size {}..={}",
+            "    features: {}; subgroup sizes {}..={}",
             if features.is_empty() {
                 "none of the optional ones".into()
             } else {

@@ -17,7 +17,8 @@ use super::check::{max_error, random, round_bf16, to_f64, Check};
 use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult, ModelShape};
 use crate::gpu::Gpu;
-use crate::shader::{params, Const, Kernel, MATMUL};
+use crate::plan::GemmVariant;
+use crate::shader::{params, Const, Kernel, MATMUL, MATMUL_SUBGROUP};
 use crate::tensor::{DType, Out, RowAt, Tensor};
 
 params!(
@@ -52,6 +53,11 @@ const NAIVE_WG: usize = 16;
 const GEMV_ROWS: usize = 8;
 const GEMV_WG: usize = 64;
 
+/// Rows of the subgroup kernel's block (its `SG_ROWS`): [`GEMV_ROWS`] for few-row products,
+/// else this many; and its columns per workgroup (`SG_WG` lanes of 8).
+const SUBGROUP_ROWS: u32 = 32;
+const SUBGROUP_COLS: usize = 32 * 8;
+
 /// The shader entry point of a launch.
 #[derive(Clone, Copy, PartialEq)]
 enum Entry {
@@ -60,6 +66,10 @@ enum Entry {
     Gemv,
     /// One thread per output (benchmark baseline).
     Naive,
+    /// The subgroup kernel (shaders/matmul_subgroup.wgsl) with blocks of `rows` rows.
+    Subgroup {
+        rows: u32,
+    },
 }
 
 /// Longest reduction one launch runs; longer ones accumulate over several launches. llvmpipe
@@ -227,12 +237,26 @@ impl<'a> Gemm<'a> {
         )
     }
 
-    /// Records the product into `c` with the tiled kernel, or the few-row one where it applies.
+    /// Records the product into `c` with the device plan's GEMM variant: the tiled kernel (or
+    /// the few-row one where it applies), or the subgroup kernel.
     pub fn run(&self, batch: &mut Batch, c: impl Into<Mat<'a>>) -> Result<()> {
         let c = c.into();
-        let gemv =
-            !self.trans_a && self.trans_b && self.second.is_none() && c.rows.len() <= GEMV_ROWS;
-        let entry = if gemv { Entry::Gemv } else { Entry::Tiled };
+        let few_rows = c.rows.len() <= GEMV_ROWS;
+        let entry = match batch.gpu.plan.gemm {
+            GemmVariant::Tiled
+                if few_rows && !self.trans_a && self.trans_b && self.second.is_none() =>
+            {
+                Entry::Gemv
+            }
+            GemmVariant::Tiled => Entry::Tiled,
+            GemmVariant::Subgroup => Entry::Subgroup {
+                rows: if few_rows {
+                    GEMV_ROWS as u32
+                } else {
+                    SUBGROUP_ROWS
+                },
+            },
+        };
         self.launch(batch, &c, entry)
     }
 
@@ -400,6 +424,7 @@ impl<'a> Gemm<'a> {
                         Entry::Tiled => TILE,
                         Entry::Gemv => (GEMV_ROWS, GEMV_WG),
                         Entry::Naive => (NAIVE_WG, NAIVE_WG),
+                        Entry::Subgroup { rows } => (rows as usize, SUBGROUP_COLS),
                     };
                     let groups = [
                         j.len().div_ceil(cols) as u32,
@@ -433,12 +458,15 @@ fn kernel(
     bias: bool,
     second: bool,
 ) -> Kernel {
-    let name = match entry {
-        Entry::Tiled => "gemm",
-        Entry::Gemv => "gemv",
-        Entry::Naive => "gemm_naive",
+    let kernel = match entry {
+        Entry::Tiled => Kernel::new(&MATMUL, "gemm"),
+        Entry::Gemv => Kernel::new(&MATMUL, "gemv"),
+        Entry::Naive => Kernel::new(&MATMUL, "gemm_naive"),
+        Entry::Subgroup { rows } => {
+            Kernel::new(&MATMUL_SUBGROUP, "gemm_sg").with("SG_ROWS", Const::U32(rows))
+        }
     };
-    Kernel::new(&MATMUL, name)
+    kernel
         .with("TRANS_A", Const::Bool(trans_a))
         .with("TRANS_B", Const::Bool(trans_b))
         .with("B_BF16", Const::Bool(b_bf16))
@@ -446,13 +474,22 @@ fn kernel(
         .with("SECOND", Const::Bool(second))
 }
 
-/// Every combination of layout constants for the general entry points, and those of the forward
-/// form (B transposed, no second product) for `gemv`.
+/// Every combination of layout constants for the general entry points (the subgroup one at both
+/// block heights), and those of the forward form (B transposed, no second product) for `gemv`.
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
     for bits in 0..32u32 {
         let bit = |i: u32| bits & (1 << i) != 0;
-        for entry in [Entry::Tiled, Entry::Naive] {
+        for entry in [
+            Entry::Tiled,
+            Entry::Naive,
+            Entry::Subgroup {
+                rows: GEMV_ROWS as u32,
+            },
+            Entry::Subgroup {
+                rows: SUBGROUP_ROWS,
+            },
+        ] {
             all.push(kernel(entry, bit(0), bit(1), bit(2), bit(3), bit(4)));
         }
         if !bit(0) && bit(1) && !bit(4) {
@@ -802,20 +839,31 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             )?;
         }
     }
-    // A square f32 product, tiled and naive; 1024³ on a CPU adapter, where 4096³ takes minutes.
+    // A square f32 product with the plan's kernel, the tiled one and the naive one; 1024³ on a
+    // CPU adapter, where 4096³ takes minutes.
     let s = if gpu.is_cpu() { 1024 } else { 4096 };
     let x = bench_tensor(gpu, &[s, s], DType::F32)?;
     let w = bench_tensor(gpu, &[s, s], DType::F32)?;
     let y = Tensor::zeros(gpu, &[s, s], DType::F32)?;
     let (flops, bytes) = (2.0 * (s * s * s) as f64, 12.0 * (s * s) as f64);
     let gemm = Gemm::new(&x, false, &w, true);
+    let plan = gpu.plan.gemm;
     record(
-        "gemm tiled",
+        &format!("gemm {}", plan.name()),
         format!("{s}x{s}x{s}"),
         flops,
         bytes,
         &mut |b| gemm.run(b, &y),
     )?;
+    if plan != GemmVariant::Tiled {
+        record(
+            "gemm tiled",
+            format!("{s}x{s}x{s}"),
+            flops,
+            bytes,
+            &mut |b| gemm.run_tiled(b, &y),
+        )?;
+    }
     record(
         "gemm naive",
         format!("{s}x{s}x{s}"),
