@@ -61,6 +61,11 @@ variants!(
     AttentionVariant {
         /// Key/query tiles in workgroup memory: the portable baseline.
         Tiled = "tiled",
+        /// A few query rows (or keys) per invocation with their heads in registers, the other
+        /// side streamed as vec4 loads; no workgroup memory, no barriers: for CPU adapters, where
+        /// each memory operation and barrier costs and FMAs are nearly free. Baseline WGSL only,
+        /// so any adapter runs it.
+        Rows = "rows",
     }
 );
 
@@ -93,10 +98,16 @@ impl KernelPlan {
 
     /// The plan for an adapter: the fastest variant it runs correctly, measured per device
     /// type; discrete GPUs keep the tiled kernels until a measurement on one says otherwise.
-    pub fn choose(_adapter: &AdapterTraits) -> KernelPlan {
+    pub fn choose(adapter: &AdapterTraits) -> KernelPlan {
+        let cpu = adapter.device_type == wgpu::DeviceType::Cpu;
         KernelPlan {
             gemm: GemmVariant::Tiled,
-            attention: AttentionVariant::Tiled,
+            // Measured on lavapipe (docs/benchmarks.md, attention variants).
+            attention: if cpu {
+                AttentionVariant::Rows
+            } else {
+                AttentionVariant::Tiled
+            },
         }
     }
 
@@ -145,6 +156,29 @@ mod tests {
             features: wgpu::Features::SUBGROUP,
             subgroup_sizes: (8, 8),
         }
+    }
+
+    #[test]
+    fn cpu_adapters_take_rows_attention_and_gpus_tiled() {
+        assert_eq!(
+            KernelPlan::choose(&lavapipe()).attention,
+            AttentionVariant::Rows
+        );
+        for device_type in [
+            wgpu::DeviceType::DiscreteGpu,
+            wgpu::DeviceType::IntegratedGpu,
+        ] {
+            let gpu = AdapterTraits {
+                device_type,
+                features: wgpu::Features::SUBGROUP,
+                subgroup_sizes: (32, 32),
+            };
+            assert_eq!(KernelPlan::choose(&gpu).attention, AttentionVariant::Tiled);
+        }
+        let forced = KernelPlan::choose(&lavapipe())
+            .forced("attention=tiled", &lavapipe())
+            .unwrap();
+        assert_eq!(forced.attention, AttentionVariant::Tiled);
     }
 
     #[test]
