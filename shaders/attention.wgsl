@@ -877,13 +877,12 @@ fn attn_bwd_dkv(
 }
 
 // ---------------------------------------------------------------------------------------------
-// The rows variant (CPU adapters: docs/architecture.md, Attention). An invocation owns LANE_ROWS
-// rows -- query rows of one kv head (the G heads of a query side by side, as DECODE orders them)
-// in attn_fwd_rows / attn_bwd_dq_rows, keys in attn_bwd_dkv_rows -- with their heads and
-// accumulators in registers, and streams the other side's rows itself as whole vec4 columns. No
-// workgroup memory and no barriers: on llvmpipe each memory operation and each barrier costs,
-// while an FMA is nearly free, so every loaded vec4 feeds 4 LANE_ROWS FMAs. LANE_ROWS and LANES
-// (the workgroup size) are prepended by the launcher.
+// The rows forward (CPU adapters: docs/architecture.md, Attention). An invocation owns LANE_ROWS
+// query rows of one kv head (the G heads of a query side by side, as DECODE orders them) with
+// their heads and accumulators in registers, and streams the keys and values itself as whole
+// vec4 columns. No workgroup memory and no barriers: on llvmpipe each memory operation and each
+// barrier costs while an FMA is nearly free, so every loaded vec4 feeds 4 LANE_ROWS FMAs.
+// LANE_ROWS and LANES (the workgroup size) are prepended by the launcher.
 
 // Query index and query head of row f of kv head hkv.
 fn grouped_query(f: u32, g: u32) -> u32 {
@@ -895,8 +894,7 @@ fn grouped_head(f: u32, g: u32, hkv: u32) -> u32 {
 }
 
 // Forward: as attn_fwd (same grid meaning of x: key splits when DECODE), with y = hkv * row
-// blocks of LANES * LANE_ROWS rows. Keys stream in blocks of KB, one online-softmax rescale each.
-const KB: u32 = 8u;
+// blocks of LANES * LANE_ROWS rows.
 
 @compute @workgroup_size(LANES)
 fn attn_fwd_rows(
@@ -942,52 +940,33 @@ fn attn_fwd_rows(
         }
     }
 
-    for (var j0 = kbeg; j0 < lane_end; j0 += KB) {
-        // Scores of KB keys, NEG where a row does not see the key.
-        var s: array<array<f32, LANE_ROWS>, KB>;
-        for (var kk = 0u; kk < KB; kk++) {
-            let j = j0 + kk;
-            let ok = j < lane_end;
-            let ka = select(0u, kv_at(p.k_off, b, j, hkv), ok);
-            var dot: array<vec4<f32>, LANE_ROWS>;
-            for (var c = 0u; c < D4; c++) {
-                let kc = k_col(ka, c, ok);
-                for (var r = 0u; r < LANE_ROWS; r++) {
-                    dot[r] += qr[r][c] * kc;
-                }
-            }
+    for (var j = kbeg; j < lane_end; j++) {
+        let ka = kv_at(p.k_off, b, j, hkv);
+        let va = kv_at(p.v_off, b, j, hkv);
+        var dot: array<vec4<f32>, LANE_ROWS>;
+        for (var c = 0u; c < D4; c++) {
+            let kc = k_col(ka, c, true);
             for (var r = 0u; r < LANE_ROWS; r++) {
-                let d = dot[r];
-                s[kk][r] = select(NEG, d.x + d.y + d.z + d.w, ok && j <= pos[r]);
+                dot[r] += qr[r][c] * kc;
             }
         }
-        // Online softmax in base 2, as attn_fwd; s becomes the probabilities.
+        // Online softmax in base 2, one key at a time: the rescale rides on the accumulation's
+        // FMA (acc alpha + p v), cheaper here than a block of scores kept in memory.
+        var alpha: array<f32, LANE_ROWS>;
+        var pr: array<f32, LANE_ROWS>;
         for (var r = 0u; r < LANE_ROWS; r++) {
-            var top = m[r];
-            for (var kk = 0u; kk < KB; kk++) {
-                top = max(top, s[kk][r]);
-            }
-            let alpha = exp2(m[r] - top);
+            let sr = dot[r].x + dot[r].y + dot[r].z + dot[r].w;
+            let seen = j <= pos[r];
+            let top = select(m[r], max(m[r], sr), seen);
+            alpha[r] = exp2(m[r] - top);
+            pr[r] = select(0.0, exp2(sr - top), seen);
+            l[r] = l[r] * alpha[r] + pr[r];
             m[r] = top;
-            var sum = 0.0;
-            for (var kk = 0u; kk < KB; kk++) {
-                s[kk][r] = select(0.0, exp2(s[kk][r] - top), s[kk][r] > NEG);
-                sum += s[kk][r];
-            }
-            l[r] = l[r] * alpha + sum;
-            for (var c = 0u; c < D4; c++) {
-                acc[r][c] *= alpha;
-            }
         }
-        for (var kk = 0u; kk < KB; kk++) {
-            let j = j0 + kk;
-            let ok = j < lane_end;
-            let va = select(0u, kv_at(p.v_off, b, j, hkv), ok);
-            for (var c = 0u; c < D4; c++) {
-                let vc = v_col(va, c, ok);
-                for (var r = 0u; r < LANE_ROWS; r++) {
-                    acc[r][c] += s[kk][r] * vc;
-                }
+        for (var c = 0u; c < D4; c++) {
+            let vc = v_col(va, c, true);
+            for (var r = 0u; r < LANE_ROWS; r++) {
+                acc[r][c] = acc[r][c] * alpha[r] + pr[r] * vc;
             }
         }
     }
@@ -1010,180 +989,5 @@ fn attn_fwd_rows(
             out_store(oa, c, o);
         }
         lse[la] = w.lse;
-    }
-}
-
-// Backward, dq: as attn_bwd_dq, for the LANE_ROWS query rows of each lane (grid: 1, hkv * row
-// blocks, sequences). Per key: s = q k, dP = dout v, dS = P (dP - drow), dq += dS k.
-@compute @workgroup_size(LANES)
-fn attn_bwd_dq_rows(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = p.b0 + wid.z;
-    let g = p.hq / p.hkv;
-    let nrows = g * (p.i_hi - p.i_lo);
-    let scale2 = p.scale * LOG2E;
-    let hkv = wid.y / p.row_blocks;
-    let block = p.row_blocks - 1u - wid.y % p.row_blocks;
-    let first = (block * LANES + lid) * LANE_ROWS;
-    let shift = p.tk - p.tq;
-
-    var qr: array<array<vec4<f32>, D4>, LANE_ROWS>;
-    var dr: array<array<vec4<f32>, D4>, LANE_ROWS>;
-    var acc: array<array<vec4<f32>, D4>, LANE_ROWS>;
-    var pos: array<u32, LANE_ROWS>;
-    var lse2: array<f32, LANE_ROWS>;
-    var drow_r: array<f32, LANE_ROWS>;
-    var lane_end = p.key_lo;
-    for (var r = 0u; r < LANE_ROWS; r++) {
-        let f = first + r;
-        if f < nrows {
-            let i = grouped_query(f, g);
-            let h = grouped_head(f, g, hkv);
-            pos[r] = shift + i;
-            lane_end = max(lane_end, min(p.key_hi, pos[r] + 1u));
-            let qa = q_at(p.q_off, b, i, h);
-            let da = q_at(p.dout_off, b, i, h);
-            for (var c = 0u; c < D4; c++) {
-                qr[r][c] = q_col(qa, c, true) * scale2;
-                dr[r][c] = dout_col(da, c, true);
-            }
-            let at = (b * p.tq + i - p.q_row0) * p.hq + h;
-            lse2[r] = lse[p.lse_off + at] * LOG2E;
-            drow_r[r] = drow[p.drow_off + at];
-        }
-    }
-
-    for (var j = p.key_lo; j < lane_end; j++) {
-        let ka = kv_at(p.k_off, b, j, hkv);
-        let va = kv_at(p.v_off, b, j, hkv);
-        var kr: array<vec4<f32>, D4>;
-        var s: array<vec4<f32>, LANE_ROWS>;
-        var dp: array<vec4<f32>, LANE_ROWS>;
-        for (var c = 0u; c < D4; c++) {
-            kr[c] = k_col(ka, c, true);
-            let vc = v_col(va, c, true);
-            for (var r = 0u; r < LANE_ROWS; r++) {
-                s[r] += qr[r][c] * kr[c];
-                dp[r] += dr[r][c] * vc;
-            }
-        }
-        for (var r = 0u; r < LANE_ROWS; r++) {
-            var ds = 0.0;
-            if j <= pos[r] {
-                let sr = s[r].x + s[r].y + s[r].z + s[r].w;
-                let dpr = dp[r].x + dp[r].y + dp[r].z + dp[r].w;
-                ds = exp2(sr - lse2[r]) * (dpr - drow_r[r]);
-            }
-            for (var c = 0u; c < D4; c++) {
-                acc[r][c] += ds * kr[c];
-            }
-        }
-    }
-
-    for (var r = 0u; r < LANE_ROWS; r++) {
-        let f = first + r;
-        if f >= nrows {
-            continue;
-        }
-        let row = q_at(p.dq_off, b, grouped_query(f, g), grouped_head(f, g, hkv));
-        for (var c = 0u; c < D4; c++) {
-            var x = acc[r][c] * p.scale;
-            if p.key_lo > 0u {
-                x += dq_col(row, c);
-            }
-            dq_store(row, c, x);
-        }
-    }
-}
-
-// Backward, dk and dv: as attn_bwd_dkv, for the LANE_ROWS keys of each lane (grid: key blocks of
-// LANES * LANE_ROWS, hkv, sequences); each lane walks the queries that see its first key and the
-// G query heads of each: dv += P dout, dk += dS q.
-@compute @workgroup_size(LANES)
-fn attn_bwd_dkv_rows(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let b = p.b0 + wid.z;
-    let hkv = wid.y;
-    let g = p.hq / p.hkv;
-    let scale2 = p.scale * LOG2E;
-    let shift = p.tk - p.tq;
-    let k0 = p.key_lo + (wid.x * LANES + lid) * LANE_ROWS;
-    if k0 >= p.key_hi {
-        return;
-    }
-    // The first query that sees key k0.
-    let i_first = max(p.i_lo, select(0u, k0 - shift, k0 > shift));
-
-    var kr: array<array<vec4<f32>, D4>, LANE_ROWS>;
-    var vr: array<array<vec4<f32>, D4>, LANE_ROWS>;
-    var dk_acc: array<array<vec4<f32>, D4>, LANE_ROWS>;
-    var dv_acc: array<array<vec4<f32>, D4>, LANE_ROWS>;
-    for (var r = 0u; r < LANE_ROWS; r++) {
-        let ok = k0 + r < p.key_hi;
-        let ka = select(0u, kv_at(p.k_off, b, k0 + r, hkv), ok);
-        let va = select(0u, kv_at(p.v_off, b, k0 + r, hkv), ok);
-        for (var c = 0u; c < D4; c++) {
-            kr[r][c] = k_col(ka, c, ok);
-            vr[r][c] = v_col(va, c, ok);
-        }
-    }
-
-    for (var i = i_first; i < p.i_hi; i++) {
-        for (var hh = 0u; hh < g; hh++) {
-            let head = hkv * g + hh;
-            let qa = q_at(p.q_off, b, i, head);
-            let da = q_at(p.dout_off, b, i, head);
-            let at = (b * p.tq + i - p.q_row0) * p.hq + head;
-            let lse2 = lse[p.lse_off + at] * LOG2E;
-            let drow_i = drow[p.drow_off + at];
-            var qc: array<vec4<f32>, D4>;
-            var dc: array<vec4<f32>, D4>;
-            var s: array<vec4<f32>, LANE_ROWS>;
-            var dp: array<vec4<f32>, LANE_ROWS>;
-            for (var c = 0u; c < D4; c++) {
-                qc[c] = q_col(qa, c, true);
-                dc[c] = dout_col(da, c, true);
-                for (var r = 0u; r < LANE_ROWS; r++) {
-                    s[r] += qc[c] * kr[r][c];
-                    dp[r] += dc[c] * vr[r][c];
-                }
-            }
-            for (var r = 0u; r < LANE_ROWS; r++) {
-                let key = k0 + r;
-                var pr = 0.0;
-                var ds = 0.0;
-                if key < p.key_hi && key <= shift + i {
-                    pr = exp2((s[r].x + s[r].y + s[r].z + s[r].w) * scale2 - lse2);
-                    ds = pr * (dp[r].x + dp[r].y + dp[r].z + dp[r].w - drow_i);
-                }
-                for (var c = 0u; c < D4; c++) {
-                    dv_acc[r][c] += pr * dc[c];
-                    dk_acc[r][c] += ds * qc[c];
-                }
-            }
-        }
-    }
-
-    for (var r = 0u; r < LANE_ROWS; r++) {
-        let key = k0 + r;
-        if key >= p.key_hi {
-            continue;
-        }
-        let kat = kv_at(p.dk_off, b, key, hkv);
-        let vat = kv_at(p.dv_off, b, key, hkv);
-        for (var c = 0u; c < D4; c++) {
-            var xk = dk_acc[r][c] * p.scale;
-            var xv = dv_acc[r][c];
-            if p.i_lo > 0u {
-                xk += dk_col(kat, c);
-                xv += dv_col(vat, c);
-            }
-            dk_store(kat, c, xk);
-            dv_store(vat, c, xv);
-        }
     }
 }

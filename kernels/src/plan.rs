@@ -61,10 +61,10 @@ variants!(
     AttentionVariant {
         /// Key/query tiles in workgroup memory: the portable baseline.
         Tiled = "tiled",
-        /// A few query rows (or keys) per invocation with their heads in registers, the other
-        /// side streamed as vec4 loads; no workgroup memory, no barriers: for CPU adapters, where
-        /// each memory operation and barrier costs and FMAs are nearly free. Baseline WGSL only,
-        /// so any adapter runs it.
+        /// The forward (training and decode) with a few query rows per invocation, their heads
+        /// in registers, keys and values streamed as vec4 loads; no workgroup memory, no
+        /// barriers: for CPU adapters, where each memory operation and barrier costs and FMAs
+        /// are nearly free. The backward stays tiled. Baseline WGSL only: any adapter runs it.
         Rows = "rows",
     }
 );

@@ -339,9 +339,9 @@ fn rejects_bad_shapes() {
 }
 
 /// Every attention variant, forced whatever the adapter's plan picks (the tests above run that
-/// one): at every head size, the forward on both paths (with and without per-sequence key counts,
-/// from a cache with spare rows) and the backward (with a cache offset), alternately whole and on
-/// split tensors. Small shapes, around a 64-key tile, with GQA.
+/// one): at every head size, the forward on both paths, with and without per-sequence key counts,
+/// from a cache with spare rows, alternately whole and on split tensors. Small shapes, around a
+/// 64-key tile, with GQA. (The backward kernels are the same in every variant.)
 #[test]
 fn every_variant_matches_cpu() {
     for &variant in AttentionVariant::ALL {
@@ -369,8 +369,6 @@ fn every_variant_matches_cpu() {
                 let checks = attention::check_forward_ragged(gpu, step, 72, &lens, path, seed);
                 assert_passed(checks.unwrap());
             }
-            let checks = attention::check_backward(gpu, dims(1 + i % 2, t - 2, t, hq, hkv, d), seed);
-            assert_passed(checks.unwrap());
         }
     }
 }

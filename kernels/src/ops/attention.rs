@@ -90,10 +90,12 @@ const WG: u32 = 256;
 /// Invocations per workgroup of the rows variant (its kernels' `@workgroup_size`).
 const LANES: usize = 64;
 
-/// Rows (queries, or keys in dk / dv) each invocation of the rows variant owns: as many as keep
-/// its registers (a few heads per row) within what spills cheaply.
-fn lane_rows(head_dim: usize) -> usize {
+/// Query rows each invocation of the rows forward owns: several share each loaded key row, as
+/// many as keep the registers (two heads per row) within what spills cheaply; one when decoding,
+/// where the few rows are better spread over lanes.
+fn lane_rows(head_dim: usize, decode: bool) -> usize {
     match head_dim {
+        _ if decode => 1,
         0..=64 => 4,
         65..=128 => 2,
         _ => 1,
@@ -101,8 +103,8 @@ fn lane_rows(head_dim: usize) -> usize {
 }
 
 /// Rows one workgroup of the rows variant covers.
-fn rows_per_group(head_dim: usize) -> usize {
-    LANES * lane_rows(head_dim)
+fn rows_per_group(head_dim: usize, decode: bool) -> usize {
+    LANES * lane_rows(head_dim, decode)
 }
 
 /// The shape of one attention call.
@@ -204,17 +206,15 @@ fn kernel(entry: &'static str, head_dim: usize, decode: bool, ragged: bool) -> K
         .with("DECODE", Const::Bool(decode))
         .with("RAGGED", Const::Bool(ragged))
         .with("LANES", Const::U32(LANES as u32))
-        .with("LANE_ROWS", Const::U32(lane_rows(head_dim) as u32))
+        .with("LANE_ROWS", Const::U32(lane_rows(head_dim, decode) as u32))
 }
 
-/// The entry point of `variant` for a kernel named by its tiled entry (`attn_fwd`, ...).
-fn entry(tiled: &'static str, variant: AttentionVariant) -> &'static str {
-    match (variant, tiled) {
-        (AttentionVariant::Tiled, _) => tiled,
-        (AttentionVariant::Rows, "attn_fwd") => "attn_fwd_rows",
-        (AttentionVariant::Rows, "attn_bwd_dq") => "attn_bwd_dq_rows",
-        (AttentionVariant::Rows, "attn_bwd_dkv") => "attn_bwd_dkv_rows",
-        (AttentionVariant::Rows, shared) => shared,
+/// The forward entry point of `variant` (the backward is the tiled one in every variant: rows
+/// backward kernels measured slower on lavapipe, docs/benchmarks.md).
+fn forward_entry(variant: AttentionVariant) -> &'static str {
+    match variant {
+        AttentionVariant::Tiled => "attn_fwd",
+        AttentionVariant::Rows => "attn_fwd_rows",
     }
 }
 
@@ -225,14 +225,11 @@ pub fn variants() -> Vec<Kernel> {
     for d in [64, 128, 10, 16, 80, 176, 250, 256] {
         for &variant in AttentionVariant::ALL {
             for (decode, ragged) in [(false, false), (true, false), (false, true), (true, true)] {
-                all.push(kernel(entry("attn_fwd", variant), d, decode, ragged));
-            }
-            for tiled in ["attn_bwd_dq", "attn_bwd_dkv"] {
-                all.push(kernel(entry(tiled, variant), d, false, false));
+                all.push(kernel(forward_entry(variant), d, decode, ragged));
             }
         }
-        for shared in ["attn_merge", "attn_bwd_prep"] {
-            all.push(kernel(shared, d, false, false));
+        for entry in ["attn_merge", "attn_bwd_prep", "attn_bwd_dq", "attn_bwd_dkv"] {
+            all.push(kernel(entry, d, false, false));
         }
     }
     all
@@ -444,7 +441,7 @@ pub fn attention_forward_with(
         }
     }
     let d = dims.head_dim;
-    let fwd = kernel(entry("attn_fwd", variant), d, false, keys.is_some());
+    let fwd = kernel(forward_entry(variant), d, false, keys.is_some());
     // Key chunks in order, so that each sequence's first keys are written before later ones merge.
     for kp in &pieces.kv {
         for qp in &pieces.q {
@@ -475,8 +472,8 @@ pub fn attention_forward_with(
     Ok(())
 }
 
-/// The grid of a kernel over the query rows of `qp` (the forward without split keys, dq) for
-/// `count` sequences, and the row blocks per kv head (Params::row_blocks) of the rows variant.
+/// The grid of the forward without split keys over the query rows of `qp` for `count`
+/// sequences, and the row blocks per kv head (Params::row_blocks) of the rows variant.
 fn query_groups(
     dims: &AttentionDims,
     variant: AttentionVariant,
@@ -494,7 +491,7 @@ fn query_groups(
             ],
         ),
         AttentionVariant::Rows => {
-            let row_blocks = (dims.group() * nq).div_ceil(rows_per_group(dims.head_dim));
+            let row_blocks = (dims.group() * nq).div_ceil(rows_per_group(dims.head_dim, false));
             (
                 row_blocks as u32,
                 [1, (dims.hkv * row_blocks) as u32, count as u32],
@@ -507,7 +504,7 @@ fn query_groups(
 fn decode_rows(head_dim: usize, variant: AttentionVariant) -> usize {
     match variant {
         AttentionVariant::Tiled => DECODE_ROWS,
-        AttentionVariant::Rows => rows_per_group(head_dim),
+        AttentionVariant::Rows => rows_per_group(head_dim, true),
     }
 }
 
@@ -566,12 +563,7 @@ fn forward_split_keys(
     let slot_out = slot_lse * d / element_width(d);
     let part_out = Tensor::scratch(batch.gpu, n_splits * slot_lse * d)?;
     let part_lse = Tensor::scratch(batch.gpu, n_splits * slot_lse)?;
-    let fwd = kernel(
-        entry("attn_fwd", variant),
-        dims.head_dim,
-        true,
-        key_lens.is_some(),
-    );
+    let fwd = kernel(forward_entry(variant), dims.head_dim, true, key_lens.is_some());
     for kp in &pieces.kv {
         let split_first = kp.lo / split_keys;
         let splits = (kp.hi - 1) / split_keys + 1 - split_first;
@@ -715,8 +707,7 @@ pub fn attention_backward(
     };
 
     // dq: key chunks in order (the first writes, later ones add).
-    let variant = batch.gpu.plan.attention;
-    let dq_kernel = kernel(entry("attn_bwd_dq", variant), d, false, false);
+    let dq_kernel = kernel("attn_bwd_dq", d, false, false);
     let q_pieces = q_pieces_of(&[q, lse, dout, &drow, dq]);
     for kp in &kv_pieces_of(&[k, v]) {
         for qp in &q_pieces {
@@ -733,21 +724,17 @@ pub fn attention_backward(
                 drow.row(qr).buffer,
                 dq.row(qr).buffer,
             ];
-            let (row_blocks, groups) = query_groups(&dims, variant, qp, count);
-            let params = Params {
-                row_blocks,
-                ..offsets(qp, kp, b0)
-            };
-            batch.dispatch(&dq_kernel, &params, &buffers, groups)?;
+            let groups = [
+                (qp.hi - qp.lo).div_ceil(BLOCK_Q) as u32,
+                dims.hq as u32,
+                count as u32,
+            ];
+            batch.dispatch(&dq_kernel, &offsets(qp, kp, b0), &buffers, groups)?;
         }
     }
 
     // dk, dv: query chunks in order (the first writes, later ones add).
-    let dkv_kernel = kernel(entry("attn_bwd_dkv", variant), d, false, false);
-    let keys_per_group = match variant {
-        AttentionVariant::Tiled => BLOCK_K,
-        AttentionVariant::Rows => rows_per_group(d),
-    };
+    let dkv_kernel = kernel("attn_bwd_dkv", d, false, false);
     let kv_pieces = kv_pieces_of(&[k, v, dk, dv]);
     for qp in &q_pieces_of(&[q, lse, dout, &drow]) {
         for kp in &kv_pieces {
@@ -766,7 +753,7 @@ pub fn attention_backward(
                 dv.row(kr).buffer,
             ];
             let groups = [
-                (kp.hi - kp.lo).div_ceil(keys_per_group) as u32,
+                (kp.hi - kp.lo).div_ceil(BLOCK_K) as u32,
                 dims.hkv as u32,
                 count as u32,
             ];
