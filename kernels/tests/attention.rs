@@ -372,3 +372,29 @@ fn every_variant_matches_cpu() {
         }
     }
 }
+
+/// The rows forward loops once per key, and llvmpipe ends a loop after 65535 iterations: more
+/// keys are refused with the way out, not computed wrong.
+#[test]
+fn rows_forward_refuses_more_keys_than_a_loop_runs() {
+    let options = GpuOptions {
+        kernels: Some("attention=rows".into()),
+        ..GpuOptions::from_env().unwrap()
+    };
+    let gpu = Gpu::new(&options).unwrap();
+    let d = dims(1, 1, 65536, 1, 1, 8);
+    let t = |rows, cols| Tensor::zeros(&gpu, &[rows, cols], DType::F32).unwrap();
+    let (q, out, lse, k, v) = (t(1, 8), t(1, 8), t(1, 1), t(65536, 8), t(65536, 8));
+    let qkv = attention::Qkv {
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    let mut batch = gpu.batch();
+    let err = attention::attention_forward(&mut batch, qkv, &out, &lse, d).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("more than the 65535 keys the rows forward takes"),
+        "{err}"
+    );
+}

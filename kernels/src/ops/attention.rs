@@ -102,6 +102,10 @@ fn lane_rows(head_dim: usize, decode: bool) -> usize {
     }
 }
 
+/// Keys the rows forward takes: it loops once per key, and llvmpipe ends a loop after 65535
+/// iterations.
+const ROWS_MAX_KEYS: usize = 65535;
+
 /// Rows one workgroup of the rows variant covers.
 fn rows_per_group(head_dim: usize, decode: bool) -> usize {
     LANES * lane_rows(head_dim, decode)
@@ -420,6 +424,13 @@ pub fn attention_forward_with(
         ),
     };
     let variant = batch.gpu.plan.attention;
+    if variant == AttentionVariant::Rows && dims.tk > ROWS_MAX_KEYS {
+        bail!(
+            "attention: {} has more than the {ROWS_MAX_KEYS} keys the rows forward takes \
+             (WGTRAIN_KERNELS=attention=tiled runs the tiled one)",
+            dims.label()
+        );
+    }
     if decode_path(&dims, path) {
         if let Some(split_keys) = decode_split_keys(batch.gpu, &dims, variant) {
             let tensors = [q, k, v, out, lse];
@@ -484,11 +495,7 @@ fn query_groups(
     match variant {
         AttentionVariant::Tiled => (
             0,
-            [
-                nq.div_ceil(BLOCK_Q) as u32,
-                dims.hq as u32,
-                count as u32,
-            ],
+            [nq.div_ceil(BLOCK_Q) as u32, dims.hq as u32, count as u32],
         ),
         AttentionVariant::Rows => {
             let row_blocks = (dims.group() * nq).div_ceil(rows_per_group(dims.head_dim, false));
@@ -563,7 +570,12 @@ fn forward_split_keys(
     let slot_out = slot_lse * d / element_width(d);
     let part_out = Tensor::scratch(batch.gpu, n_splits * slot_lse * d)?;
     let part_lse = Tensor::scratch(batch.gpu, n_splits * slot_lse)?;
-    let fwd = kernel(forward_entry(variant), dims.head_dim, true, key_lens.is_some());
+    let fwd = kernel(
+        forward_entry(variant),
+        dims.head_dim,
+        true,
+        key_lens.is_some(),
+    );
     for kp in &pieces.kv {
         let split_first = kp.lo / split_keys;
         let splits = (kp.hi - 1) / split_keys + 1 - split_first;
@@ -1099,7 +1111,10 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             continue;
         }
         let env = GpuOptions::from_env()?;
-        let forced = [env.kernels.clone(), Some(format!("attention={}", variant.name()))];
+        let forced = [
+            env.kernels.clone(),
+            Some(format!("attention={}", variant.name())),
+        ];
         let options = GpuOptions {
             kernels: Some(forced.into_iter().flatten().collect::<Vec<_>>().join(",")),
             ..env
