@@ -9,7 +9,7 @@
 // rows are the G query heads of one kv head times a few queries, the grid splits the keys, and each
 // split writes a partial result that attn_merge combines) and RAGGED (attn_fwd only: sequence b has
 // its own key count key_lens[b] <= tk, e.g. the slots of a batched KV cache; its queries are its last
-// tq positions).
+// tq positions), LANES and LANE_ROWS (attn_fwd_rows only, below).
 //
 // Along D the kernels work in vec4 columns c4 < D4 of a head (the last one half used when D % 4 = 2).
 // Registers and workgroup memory hold DP4 = D4 rounded up to 16 columns (a multiple of 64

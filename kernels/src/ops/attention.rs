@@ -21,6 +21,9 @@
 //!   and forms dq, one per 64-key block loops over the G query heads and every query tile that sees
 //!   its keys to form dk and dv. No atomics: each output element has one writer, so results are
 //!   deterministic. dq, dk and dv are overwritten, not accumulated into.
+//! - Variants ([`Gpu::plan`]): `tiled` is the design above; `rows` (CPU adapters) swaps the forward
+//!   (training, split-key and ragged) for `attn_fwd_rows`, a few query rows per invocation with no
+//!   workgroup memory and no barriers; the backward is the tiled one in both (docs/architecture.md).
 //!
 //! Split tensors: query-row tensors (q, out, lse, dout, dq) are walked by row segments; when k/v are
 //! split, the forward runs once per k/v chunk and folds each later chunk into out/lse with the
