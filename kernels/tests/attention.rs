@@ -2,7 +2,8 @@
 //! CPU forward against the plain one per sequence, and the GPU kernels (blocked and split-key
 //! forward, with and without per-sequence key counts; backward) against the CPU reference on odd
 //! shapes, with the default binding limit and with a tiny one that splits every tensor; 64 and 128
-//! throughout, every other head-size layout on its own shapes.
+//! throughout, every other head-size layout on its own shapes. Those run the adapter's attention
+//! variant (its `KernelPlan`); `every_variant_matches_cpu` forces each variant on fewer shapes.
 mod common;
 use common::{assert_passed, gpu, split_gpu};
 use wgtrain_kernels::ops::attention::{self, cpu, AttentionDims, ForwardPath, KeyLens};
