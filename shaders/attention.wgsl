@@ -9,7 +9,7 @@
 // rows are the G query heads of one kv head times a few queries, the grid splits the keys, and each
 // split writes a partial result that attn_merge combines) and RAGGED (attn_fwd only: sequence b has
 // its own key count key_lens[b] <= tk, e.g. the slots of a batched KV cache; its queries are its last
-// tq positions).
+// tq positions), LANES and LANE_ROWS (attn_fwd_rows only, below).
 //
 // Along D the kernels work in vec4 columns c4 < D4 of a head (the last one half used when D % 4 = 2).
 // Registers and workgroup memory hold DP4 = D4 rounded up to 16 columns (a multiple of 64
@@ -509,9 +509,7 @@ fn attn_fwd(
 
     let sum = rows_reduce(l, false, tx, ty);
     // Merging reads lse before any thread of the workgroup overwrites it.
-    var lse_new: array<f32, RQ>;
-    var w_new: array<f32, RQ>;
-    var w_old: array<f32, RQ>;
+    var w: array<RowWeights, RQ>;
     var la: array<u32, RQ>;
     var oa: array<u32, RQ>;
     for (var a = 0u; a < RQ; a++) {
@@ -523,19 +521,7 @@ fn attn_fwd(
         let h = row_head(f, g, head);
         la[a] = p.lse_off + split * p.lse_split_stride + row * p.hq + h;
         oa[a] = p.out_off + split * p.out_split_stride + row * (p.hq * HE) + h * HE;
-        lse_new[a] = NEG;
-        if sum[a] > 0.0 {
-            lse_new[a] = (m[a] + log2(sum[a])) * LN2;
-            w_new[a] = 1.0 / sum[a];
-        }
-        if merge {
-            let lse_old = lse[la[a]];
-            let top = max(lse_old, lse_new[a]);
-            let total = top + log(exp(lse_old - top) + exp(lse_new[a] - top));
-            w_new[a] *= exp(lse_new[a] - total);
-            w_old[a] = exp(lse_old - total);
-            lse_new[a] = total;
-        }
+        w[a] = row_weights(m[a], sum[a], merge, la[a]);
     }
     workgroupBarrier();
     for (var a = 0u; a < RQ; a++) {
@@ -544,16 +530,43 @@ fn attn_fwd(
         }
         for (var mm = 0u; mm < NV4; mm++) {
             let c4 = tx + 16u * mm;
-            var o = acc[a * NV4 + mm] * w_new[a];
+            var o = acc[a * NV4 + mm] * w[a].of_acc;
             if merge {
-                o += out_col(oa[a], c4) * w_old[a];
+                o += out_col(oa[a], c4) * w[a].of_out;
             }
             out_store(oa[a], c4, o);
         }
         if tx == 0u {
-            lse[la[a]] = lse_new[a];
+            lse[la[a]] = w[a].lse;
         }
     }
+}
+
+// A finished forward row: its log-sum-exp, and the weights of the new result (the accumulators)
+// and, when merging, of the one out already holds.
+struct RowWeights {
+    lse: f32,
+    of_acc: f32,
+    of_out: f32,
+}
+
+// From the row's running maximum m (base 2) and sum of exponentials; merging reads the old lse at
+// la (the caller makes sure no one has overwritten it yet).
+fn row_weights(m: f32, sum: f32, merge: bool, la: u32) -> RowWeights {
+    var w = RowWeights(NEG, 0.0, 0.0);
+    if sum > 0.0 {
+        w.lse = (m + log2(sum)) * LN2;
+        w.of_acc = 1.0 / sum;
+    }
+    if merge {
+        let lse_old = lse[la];
+        let top = max(lse_old, w.lse);
+        let total = top + log(exp(lse_old - top) + exp(w.lse - top));
+        w.of_acc *= exp(w.lse - total);
+        w.of_out = exp(lse_old - total);
+        w.lse = total;
+    }
+    return w;
 }
 
 // Decode: combines the splits' partial (out, lse) in part_out / part_lse into out / lse. One thread
@@ -860,5 +873,121 @@ fn attn_bwd_dkv(
             dk_store(kat, c4, xk);
             dv_store(vat, c4, xv);
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The rows forward (CPU adapters: docs/architecture.md, Attention). An invocation owns LANE_ROWS
+// query rows of one kv head (the G heads of a query side by side, as DECODE orders them) with
+// their heads and accumulators in registers, and streams the keys and values itself as whole
+// vec4 columns. No workgroup memory and no barriers: on llvmpipe each memory operation and each
+// barrier costs while an FMA is nearly free, so every loaded vec4 feeds 4 LANE_ROWS FMAs.
+// LANE_ROWS and LANES (the workgroup size) are prepended by the launcher.
+
+// Query index and query head of row f of kv head hkv.
+fn grouped_query(f: u32, g: u32) -> u32 {
+    return p.i_lo + f / g;
+}
+
+fn grouped_head(f: u32, g: u32, hkv: u32) -> u32 {
+    return hkv * g + f % g;
+}
+
+// Forward: as attn_fwd (same grid meaning of x: key splits when DECODE), with y = hkv * row
+// blocks of LANES * LANE_ROWS rows.
+
+@compute @workgroup_size(LANES)
+fn attn_fwd_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let b = p.b0 + wid.z;
+    let g = p.hq / p.hkv;
+    let nrows = g * (p.i_hi - p.i_lo);
+    let scale2 = p.scale * LOG2E;
+    let hkv = wid.y / p.row_blocks;
+    // Latest (most expensive) row blocks first, for a better tail.
+    let block = p.row_blocks - 1u - wid.y % p.row_blocks;
+    let first = (block * LANES + lid) * LANE_ROWS;
+    var split = 0u;
+    var kbeg = p.key_lo;
+    var kend = p.key_hi;
+    if DECODE {
+        split = p.split_first + wid.x;
+        kbeg = max(kbeg, split * p.split_keys);
+        kend = min(kend, (split + 1u) * p.split_keys);
+    }
+    let shift = key_count(b) - p.tq;
+    let merge = p.key_lo > split * p.split_keys;
+
+    var qr: array<array<vec4<f32>, D4>, LANE_ROWS>;
+    var acc: array<array<vec4<f32>, D4>, LANE_ROWS>;
+    var pos: array<u32, LANE_ROWS>;
+    var m: array<f32, LANE_ROWS>;
+    var l: array<f32, LANE_ROWS>;
+    // One past the last key any of this lane's rows sees.
+    var lane_end = kbeg;
+    for (var r = 0u; r < LANE_ROWS; r++) {
+        m[r] = NEG;
+        let f = first + r;
+        if f < nrows {
+            pos[r] = shift + grouped_query(f, g);
+            lane_end = max(lane_end, min(kend, pos[r] + 1u));
+            let at = q_at(p.q_off, b, grouped_query(f, g), grouped_head(f, g, hkv));
+            for (var c = 0u; c < D4; c++) {
+                qr[r][c] = q_col(at, c, true) * scale2;
+            }
+        }
+    }
+
+    for (var j = kbeg; j < lane_end; j++) {
+        let ka = kv_at(p.k_off, b, j, hkv);
+        let va = kv_at(p.v_off, b, j, hkv);
+        var dot: array<vec4<f32>, LANE_ROWS>;
+        for (var c = 0u; c < D4; c++) {
+            let kc = k_col(ka, c, true);
+            for (var r = 0u; r < LANE_ROWS; r++) {
+                dot[r] += qr[r][c] * kc;
+            }
+        }
+        // Online softmax in base 2, one key at a time: the rescale rides on the accumulation's
+        // FMA (acc alpha + p v), cheaper here than a block of scores kept in memory.
+        var alpha: array<f32, LANE_ROWS>;
+        var pr: array<f32, LANE_ROWS>;
+        for (var r = 0u; r < LANE_ROWS; r++) {
+            let sr = dot[r].x + dot[r].y + dot[r].z + dot[r].w;
+            let seen = j <= pos[r];
+            let top = select(m[r], max(m[r], sr), seen);
+            alpha[r] = exp2(m[r] - top);
+            pr[r] = select(0.0, exp2(sr - top), seen);
+            l[r] = l[r] * alpha[r] + pr[r];
+            m[r] = top;
+        }
+        for (var c = 0u; c < D4; c++) {
+            let vc = v_col(va, c, true);
+            for (var r = 0u; r < LANE_ROWS; r++) {
+                acc[r][c] = acc[r][c] * alpha[r] + pr[r] * vc;
+            }
+        }
+    }
+
+    for (var r = 0u; r < LANE_ROWS; r++) {
+        let f = first + r;
+        if f >= nrows {
+            continue;
+        }
+        let row = b * p.tq + grouped_query(f, g) - p.out_row0;
+        let h = grouped_head(f, g, hkv);
+        let la = p.lse_off + split * p.lse_split_stride + row * p.hq + h;
+        let oa = p.out_off + split * p.out_split_stride + row * (p.hq * HE) + h * HE;
+        let w = row_weights(m[r], l[r], merge, la);
+        for (var c = 0u; c < D4; c++) {
+            var o = acc[r][c] * w.of_acc;
+            if merge {
+                o += out_col(oa, c) * w.of_out;
+            }
+            out_store(oa, c, o);
+        }
+        lse[la] = w.lse;
     }
 }

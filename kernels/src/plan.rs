@@ -87,6 +87,11 @@ variants!(
     AttentionVariant {
         /// Key/query tiles in workgroup memory: the portable baseline.
         Tiled = "tiled",
+        /// The forward (training and decode) with a few query rows per invocation, their heads
+        /// in registers, keys and values streamed as vec4 loads; no workgroup memory, no
+        /// barriers: for CPU adapters, where each memory operation and barrier costs and FMAs
+        /// are nearly free. The backward stays tiled. Baseline WGSL only: any adapter runs it.
+        Rows = "rows",
     }
 );
 
@@ -127,7 +132,12 @@ impl KernelPlan {
             } else {
                 GemmVariant::Tiled
             },
-            attention: AttentionVariant::Tiled,
+            // Measured on lavapipe (docs/benchmarks.md, attention variants).
+            attention: if cpu {
+                AttentionVariant::Rows
+            } else {
+                AttentionVariant::Tiled
+            },
         }
     }
 
@@ -215,6 +225,29 @@ mod tests {
                 .to_string();
             assert!(err.contains(expected), "{err}");
         }
+    }
+
+    #[test]
+    fn cpu_adapters_take_rows_attention_and_gpus_tiled() {
+        assert_eq!(
+            KernelPlan::choose(&lavapipe()).attention,
+            AttentionVariant::Rows
+        );
+        for device_type in [
+            wgpu::DeviceType::DiscreteGpu,
+            wgpu::DeviceType::IntegratedGpu,
+        ] {
+            let gpu = AdapterTraits {
+                device_type,
+                features: wgpu::Features::SUBGROUP,
+                subgroup_sizes: (32, 32),
+            };
+            assert_eq!(KernelPlan::choose(&gpu).attention, AttentionVariant::Tiled);
+        }
+        let forced = KernelPlan::choose(&lavapipe())
+            .forced("attention=tiled", &lavapipe())
+            .unwrap();
+        assert_eq!(forced.attention, AttentionVariant::Tiled);
     }
 
     #[test]

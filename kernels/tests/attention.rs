@@ -2,12 +2,14 @@
 //! CPU forward against the plain one per sequence, and the GPU kernels (blocked and split-key
 //! forward, with and without per-sequence key counts; backward) against the CPU reference on odd
 //! shapes, with the default binding limit and with a tiny one that splits every tensor; 64 and 128
-//! throughout, every other head-size layout on its own shapes.
+//! throughout, every other head-size layout on its own shapes. Those run the adapter's attention
+//! variant (its `KernelPlan`); `every_variant_matches_cpu` forces each variant on fewer shapes.
 mod common;
 use common::{assert_passed, gpu, split_gpu};
 use wgtrain_kernels::ops::attention::{self, cpu, AttentionDims, ForwardPath, KeyLens};
 use wgtrain_kernels::ops::check::{random, to_f64};
-use wgtrain_kernels::{DType, Gpu, Tensor};
+use wgtrain_kernels::plan::AttentionVariant;
+use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
 
 fn dims(b: usize, tq: usize, tk: usize, hq: usize, hkv: usize, head_dim: usize) -> AttentionDims {
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -334,5 +336,66 @@ fn rejects_bad_shapes() {
     assert_eq!(
         err.to_string(),
         "attention: head_dim must be even and in 8..=256, got 65"
+    );
+}
+
+/// Every attention variant, forced whatever the adapter's plan picks (the tests above run that
+/// one): at every head size, the forward on both paths, with and without per-sequence key counts,
+/// from a cache with spare rows, alternately whole and on split tensors. Small shapes, around a
+/// 64-key tile, with GQA. (The backward kernels are the same in every variant.)
+#[test]
+fn every_variant_matches_cpu() {
+    for &variant in AttentionVariant::ALL {
+        let on = |max_binding_bytes| {
+            let options = GpuOptions {
+                kernels: Some(format!("attention={}", variant.name())),
+                max_binding_bytes,
+                ..GpuOptions::from_env().unwrap()
+            };
+            Gpu::new(&options).unwrap()
+        };
+        let (whole, split) = (on(None), on(Some(3584)));
+        assert_eq!(whole.plan.attention, variant);
+        for (i, d) in [64, 128].into_iter().chain(OTHER_HEAD_DIMS).enumerate() {
+            let gpu = if i % 2 == 0 { &whole } else { &split };
+            let (hq, hkv) = if d <= 128 { (6, 2) } else { (3, 1) };
+            let t = [70, 33][i % 2];
+            let seed = i as u64;
+            for path in [ForwardPath::Blocked, ForwardPath::SplitKeys] {
+                let prefill = dims(2, t, t, hq, hkv, d);
+                let checks = attention::check_forward(gpu, prefill, t + 2, path, seed);
+                assert_passed(checks.unwrap());
+                let step = dims(3, 1 + i % 3, 70, hq, hkv, d);
+                let lens = [step.tq, 70, 64 + step.tq];
+                let checks = attention::check_forward_ragged(gpu, step, 72, &lens, path, seed);
+                assert_passed(checks.unwrap());
+            }
+        }
+    }
+}
+
+/// The rows forward loops once per key, and llvmpipe ends a loop after 65535 iterations: more
+/// keys are refused with the way out, not computed wrong.
+#[test]
+fn rows_forward_refuses_more_keys_than_a_loop_runs() {
+    let options = GpuOptions {
+        kernels: Some("attention=rows".into()),
+        ..GpuOptions::from_env().unwrap()
+    };
+    let gpu = Gpu::new(&options).unwrap();
+    let d = dims(1, 1, 65536, 1, 1, 8);
+    let t = |rows, cols| Tensor::zeros(&gpu, &[rows, cols], DType::F32).unwrap();
+    let (q, out, lse, k, v) = (t(1, 8), t(1, 8), t(1, 1), t(65536, 8), t(65536, 8));
+    let qkv = attention::Qkv {
+        q: &q,
+        k: &k,
+        v: &v,
+    };
+    let mut batch = gpu.batch();
+    let err = attention::attention_forward(&mut batch, qkv, &out, &lse, d).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("more than the 65535 keys the rows forward takes"),
+        "{err}"
     );
 }

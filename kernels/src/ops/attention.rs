@@ -21,6 +21,9 @@
 //!   and forms dq, one per 64-key block loops over the G query heads and every query tile that sees
 //!   its keys to form dk and dv. No atomics: each output element has one writer, so results are
 //!   deterministic. dq, dk and dv are overwritten, not accumulated into.
+//! - Variants ([`Gpu::plan`]): `tiled` is the design above; `rows` (CPU adapters) swaps the forward
+//!   (training, split-key and ragged) for `attn_fwd_rows`, a few query rows per invocation with no
+//!   workgroup memory and no barriers; the backward is the tiled one in both (docs/architecture.md).
 //!
 //! Split tensors: query-row tensors (q, out, lse, dout, dq) are walked by row segments; when k/v are
 //! split, the forward runs once per k/v chunk and folds each later chunk into out/lse with the
@@ -33,7 +36,8 @@ use anyhow::{bail, Result};
 use super::check::{max_error, random, to_f64, Check};
 use crate::batch::Batch;
 use crate::bench::{BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Gpu};
+use crate::gpu::{linear_groups, Gpu, GpuOptions};
+use crate::plan::AttentionVariant;
 use crate::shader::{params, Const, Kernel, ATTENTION};
 use crate::tensor::{row_segments, DType, Tensor};
 
@@ -86,6 +90,29 @@ const DECODE_TARGET_GROUPS: usize = 512;
 /// Upper bound of the split-key scratch (partial outputs of every split).
 const DECODE_SCRATCH_BYTES: u64 = 64 << 20;
 const WG: u32 = 256;
+/// Invocations per workgroup of the rows variant (its kernels' `@workgroup_size`).
+const LANES: usize = 64;
+
+/// Query rows each invocation of the rows forward owns: several share each loaded key row, as
+/// many as keep the registers (two heads per row) within what spills cheaply; one when decoding,
+/// where the few rows are better spread over lanes.
+fn lane_rows(head_dim: usize, decode: bool) -> usize {
+    match head_dim {
+        _ if decode => 1,
+        0..=64 => 4,
+        65..=128 => 2,
+        _ => 1,
+    }
+}
+
+/// Keys the rows forward takes: it loops once per key, and llvmpipe ends a loop after 65535
+/// iterations.
+const ROWS_MAX_KEYS: usize = 65535;
+
+/// Rows one workgroup of the rows variant covers.
+fn rows_per_group(head_dim: usize, decode: bool) -> usize {
+    LANES * lane_rows(head_dim, decode)
+}
 
 /// The shape of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -185,6 +212,17 @@ fn kernel(entry: &'static str, head_dim: usize, decode: bool, ragged: bool) -> K
         .with("EL", Const::Type(element))
         .with("DECODE", Const::Bool(decode))
         .with("RAGGED", Const::Bool(ragged))
+        .with("LANES", Const::U32(LANES as u32))
+        .with("LANE_ROWS", Const::U32(lane_rows(head_dim, decode) as u32))
+}
+
+/// The forward entry point of `variant` (the backward is the tiled one in every variant: rows
+/// backward kernels measured slower on lavapipe, docs/benchmarks.md).
+fn forward_entry(variant: AttentionVariant) -> &'static str {
+    match variant {
+        AttentionVariant::Tiled => "attn_fwd",
+        AttentionVariant::Rows => "attn_fwd_rows",
+    }
 }
 
 pub fn variants() -> Vec<Kernel> {
@@ -192,8 +230,10 @@ pub fn variants() -> Vec<Kernel> {
     // The fast sizes, then one of each layout: vec2 elements (10, 250), padded to 64 (16) or 128
     // (80), fewer queries per dk / dv slice (176), fewer keys per value slice too (250, 256).
     for d in [64, 128, 10, 16, 80, 176, 250, 256] {
-        for (decode, ragged) in [(false, false), (true, false), (false, true), (true, true)] {
-            all.push(kernel("attn_fwd", d, decode, ragged));
+        for &variant in AttentionVariant::ALL {
+            for (decode, ragged) in [(false, false), (true, false), (false, true), (true, true)] {
+                all.push(kernel(forward_entry(variant), d, decode, ragged));
+            }
         }
         for entry in ["attn_merge", "attn_bwd_prep", "attn_bwd_dq", "attn_bwd_dkv"] {
             all.push(kernel(entry, d, false, false));
@@ -386,8 +426,16 @@ pub fn attention_forward_with(
             dims.tk,
         ),
     };
+    let variant = batch.gpu.plan.attention;
+    if variant == AttentionVariant::Rows && dims.tk > ROWS_MAX_KEYS {
+        bail!(
+            "attention: {} has more than the {ROWS_MAX_KEYS} keys the rows forward takes \
+             (WGTRAIN_KERNELS=attention=tiled runs the tiled one)",
+            dims.label()
+        );
+    }
     if decode_path(&dims, path) {
-        if let Some(split_keys) = decode_split_keys(batch.gpu, &dims) {
+        if let Some(split_keys) = decode_split_keys(batch.gpu, &dims, variant) {
             let tensors = [q, k, v, out, lse];
             return forward_split_keys(
                 batch,
@@ -407,19 +455,21 @@ pub fn attention_forward_with(
         }
     }
     let d = dims.head_dim;
-    let fwd = kernel("attn_fwd", d, false, keys.is_some());
+    let fwd = kernel(forward_entry(variant), d, false, keys.is_some());
     // Key chunks in order, so that each sequence's first keys are written before later ones merge.
     for kp in &pieces.kv {
         for qp in &pieces.q {
             let Some((b0, count)) = overlap(qp, kp) else {
                 continue;
             };
+            let (row_blocks, groups) = query_groups(&dims, variant, qp, count);
             let params = Params {
                 q_off: element_offset(q, qp.row0, d),
                 out_off: element_offset(out, qp.row0, d),
                 lse_off: lse.row(qp.row0).offset,
                 k_off: element_offset(k, kp.row0, d),
                 v_off: element_offset(v, kp.row0, d),
+                row_blocks,
                 ..dims_params(&dims, kv_cap, qp, kp, b0)
             };
             let buffers = [
@@ -430,15 +480,42 @@ pub fn attention_forward_with(
                 lse.row(qp.row0).buffer,
                 key_lens_buffer(keys.map(|keys| keys.lens), q, qp),
             ];
-            let groups = [
-                (qp.hi - qp.lo).div_ceil(BLOCK_Q) as u32,
-                dims.hq as u32,
-                count as u32,
-            ];
             batch.dispatch(&fwd, &params, &buffers, groups)?;
         }
     }
     Ok(())
+}
+
+/// The grid of the forward without split keys over the query rows of `qp` for `count`
+/// sequences, and the row blocks per kv head (Params::row_blocks) of the rows variant.
+fn query_groups(
+    dims: &AttentionDims,
+    variant: AttentionVariant,
+    qp: &Piece,
+    count: usize,
+) -> (u32, [u32; 3]) {
+    let nq = qp.hi - qp.lo;
+    match variant {
+        AttentionVariant::Tiled => (
+            0,
+            [nq.div_ceil(BLOCK_Q) as u32, dims.hq as u32, count as u32],
+        ),
+        AttentionVariant::Rows => {
+            let row_blocks = (dims.group() * nq).div_ceil(rows_per_group(dims.head_dim, false));
+            (
+                row_blocks as u32,
+                [1, (dims.hkv * row_blocks) as u32, count as u32],
+            )
+        }
+    }
+}
+
+/// Rows per workgroup of the split-key forward.
+fn decode_rows(head_dim: usize, variant: AttentionVariant) -> usize {
+    match variant {
+        AttentionVariant::Tiled => DECODE_ROWS,
+        AttentionVariant::Rows => rows_per_group(head_dim, true),
+    }
 }
 
 /// The buffer bound to `key_lens`: the counts, or (not RAGGED) q's chunk, never read — naga counts
@@ -459,8 +536,8 @@ fn decode_path(dims: &AttentionDims, path: ForwardPath) -> bool {
 /// Keys per split of the split-key forward: enough splits to reach DECODE_TARGET_GROUPS
 /// workgroups, whole key tiles each, the scratch within one binding. None if even one split's
 /// scratch is too large.
-fn decode_split_keys(gpu: &Gpu, dims: &AttentionDims) -> Option<usize> {
-    let row_blocks = (dims.group() * dims.tq).div_ceil(DECODE_ROWS);
+fn decode_split_keys(gpu: &Gpu, dims: &AttentionDims, variant: AttentionVariant) -> Option<usize> {
+    let row_blocks = (dims.group() * dims.tq).div_ceil(decode_rows(dims.head_dim, variant));
     let groups_per_split = dims.batch_size * dims.hkv * row_blocks;
     let wanted = DECODE_TARGET_GROUPS.div_ceil(groups_per_split).max(1);
     let split_bytes = (dims.batch_size * dims.tq * dims.hq * (dims.head_dim + 1) * 4) as u64;
@@ -488,6 +565,7 @@ fn forward_split_keys(
     pieces: &ForwardPieces,
     split_keys: usize,
 ) -> Result<()> {
+    let variant = batch.gpu.plan.attention;
     let (d, rows) = (dims.head_dim, dims.batch_size * dims.tq);
     let n_splits = dims.tk.div_ceil(split_keys);
     let slot_lse = rows * dims.hq;
@@ -495,7 +573,12 @@ fn forward_split_keys(
     let slot_out = slot_lse * d / element_width(d);
     let part_out = Tensor::scratch(batch.gpu, n_splits * slot_lse * d)?;
     let part_lse = Tensor::scratch(batch.gpu, n_splits * slot_lse)?;
-    let fwd = kernel("attn_fwd", dims.head_dim, true, key_lens.is_some());
+    let fwd = kernel(
+        forward_entry(variant),
+        dims.head_dim,
+        true,
+        key_lens.is_some(),
+    );
     for kp in &pieces.kv {
         let split_first = kp.lo / split_keys;
         let splits = (kp.hi - 1) / split_keys + 1 - split_first;
@@ -503,7 +586,7 @@ fn forward_split_keys(
             let Some((b0, count)) = overlap(qp, kp) else {
                 continue;
             };
-            let row_blocks = (dims.group() * (qp.hi - qp.lo)).div_ceil(DECODE_ROWS);
+            let row_blocks = (dims.group() * (qp.hi - qp.lo)).div_ceil(decode_rows(d, variant));
             let params = Params {
                 q_off: element_offset(q, qp.row0, d),
                 k_off: element_offset(k, kp.row0, d),
@@ -1020,10 +1103,33 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// Forward and backward at T = seq_len (causal: forward 4 B hq T^2 D / 2 flops, backward 2.5x
+/// Every variant (each on a device of `gpu`'s kind with that variant forced; all run anywhere):
+/// forward and backward at T = seq_len (causal: forward 4 B hq T^2 D / 2 flops, backward 2.5x
 /// that, the usual count of its five products) and one decode step against a seq_len cache.
 pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
+    let mut results = Vec::new();
+    for &variant in AttentionVariant::ALL {
+        if variant == gpu.plan.attention {
+            results.extend(bench_variant(gpu, config)?);
+            continue;
+        }
+        let env = GpuOptions::from_env()?;
+        let forced = [
+            env.kernels.clone(),
+            Some(format!("attention={}", variant.name())),
+        ];
+        let options = GpuOptions {
+            kernels: Some(forced.into_iter().flatten().collect::<Vec<_>>().join(",")),
+            ..env
+        };
+        results.extend(bench_variant(&Gpu::new(&options)?, config)?);
+    }
+    Ok(results)
+}
+
+fn bench_variant(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let t = config.seq_len;
+    let variant = gpu.plan.attention.name();
     let mut results = Vec::new();
     for &shape in &config.shapes {
         let d = shape.head_dim;
@@ -1064,7 +1170,7 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             attention_forward_with(b, qkv, &out, &lse, dims, None, ForwardPath::Blocked)
         })?;
         results.push(BenchResult {
-            kernel: "attention_forward".into(),
+            kernel: format!("attention_forward ({variant})"),
             shape: label.clone(),
             time,
             flops,
@@ -1074,7 +1180,7 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             attention_backward(b, qkv, &out, &lse, &dout, grads, dims)
         })?;
         results.push(BenchResult {
-            kernel: "attention_backward".into(),
+            kernel: format!("attention_backward ({variant})"),
             shape: label,
             time,
             flops: 2.5 * flops,
@@ -1091,7 +1197,7 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             attention_forward(b, Qkv { q: &q1, ..qkv }, &out1, &lse1, step)
         })?;
         results.push(BenchResult {
-            kernel: "attention_decode".into(),
+            kernel: format!("attention_decode ({variant})"),
             shape: format!(
                 "{} tq=1 tk={t} hq={} hkv={} D={d}",
                 shape.name, dims.hq, dims.hkv
