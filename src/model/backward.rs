@@ -17,7 +17,7 @@ use wgtrain_kernels::ops::cross_entropy::{
 };
 use wgtrain_kernels::ops::elementwise::{copy_rows, sum_rows};
 use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
-use wgtrain_kernels::ops::lora::{lora_backward, Dropout, InputGrad, Lora, LoraGrads};
+use wgtrain_kernels::ops::lora::{lora_backward, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
 use wgtrain_kernels::ops::rmsnorm::rmsnorm_backward;
 use wgtrain_kernels::ops::rope::{rope_backward, Positions};
@@ -30,6 +30,16 @@ use super::params::{names, PerProj, Proj, TensorSpec};
 use super::qwen2::{pad_rows, LayerActs, LayerIo, LoraDropout, LossSum, Qwen2, Step};
 use super::residency::{MemoryPlan, Working};
 use super::weights::{to_device, Weights};
+
+/// What the backward of one layer reads besides its input and scratch: which layer, its
+/// recomputed activations, the micro-batch and the gradients it accumulates into.
+#[derive(Clone, Copy)]
+struct LayerPass<'a> {
+    l: usize,
+    acts: &'a LayerActs,
+    step: &'a Step<'a>,
+    grads: &'a Grads,
+}
 
 /// Gradients of one layer's weights under full fine-tuning.
 pub struct LayerGrads {
@@ -462,7 +472,13 @@ impl Qwen2 {
             };
             self.layer_forward(&mut batch, l, io, &acts, &step)?;
             batch.flush();
-            self.layer_backward(&mut batch, l, x, &acts, &step, &scratch, &dres, grads)
+            let pass = LayerPass {
+                l,
+                acts: &acts,
+                step: &step,
+                grads,
+            };
+            self.layer_backward(&mut batch, &pass, x, &scratch, &dres)
                 .with_context(|| format!("backward of layer {l}"))?;
             batch.flush();
         }
@@ -490,26 +506,27 @@ impl Qwen2 {
         })
     }
 
-    /// Backward of layer `l` given its input `x` and recomputed `acts`: `dres` holds dL/d(output)
-    /// on entry and dL/d(input) on return.
-    #[allow(clippy::too_many_arguments)]
+    /// Backward of layer `pass.l` given its input `x` and recomputed activations: `dres` holds
+    /// dL/d(output) on entry and dL/d(input) on return.
     fn layer_backward(
         &self,
         batch: &mut Batch,
-        l: usize,
+        pass: &LayerPass,
         x: &Tensor,
-        a: &LayerActs,
-        step: &Step,
         s: &Scratch,
         dres: &Tensor,
-        grads: &Grads,
     ) -> Result<()> {
+        let LayerPass {
+            l,
+            acts: a,
+            step,
+            grads,
+        } = *pass;
         let c = &self.config;
         let layer = &self.layers[l];
         let lg = grads.full().map(|g| &g.layers[l]);
         let proj = |batch: &mut Batch, p: Proj, dy: &Tensor, x: &Tensor, dx: Out| {
-            let dropout = step.dropout.and_then(|d| d.mask(l, p));
-            self.proj_backward(batch, l, p, dy, x, a, dx, grads, dropout)
+            self.proj_backward(batch, pass, p, dy, x, dx)
                 .with_context(|| format!("layer {l} {}", p.path()))
         };
 
@@ -570,22 +587,25 @@ impl Qwen2 {
         )
     }
 
-    /// Backward of projection `p` of layer `l` (`y = x·Wᵀ + b [+ s·u·Bᵀ]`): `dx = dy·W [+ LoRA's
-    /// part] (+ beta·dx)`, and the trainable weights' gradients accumulated; `dropout` is the mask
-    /// the forward applied to the LoRA's input.
-    #[allow(clippy::too_many_arguments)]
+    /// Backward of projection `p` of layer `pass.l` (`y = x·Wᵀ + b [+ s·u·Bᵀ]`): `dx = dy·W [+
+    /// LoRA's part] (+ beta·dx)`, and the trainable weights' gradients accumulated, with the
+    /// dropout mask the forward applied to the LoRA's input.
     fn proj_backward(
         &self,
         batch: &mut Batch,
-        l: usize,
+        pass: &LayerPass,
         p: Proj,
         dy: &Tensor,
         x: &Tensor,
-        a: &LayerActs,
         dx: Out,
-        grads: &Grads,
-        dropout: Option<Dropout>,
     ) -> Result<()> {
+        let LayerPass {
+            l,
+            acts: a,
+            step,
+            grads,
+        } = *pass;
+        let dropout = step.dropout.and_then(|d| d.mask(l, p));
         let linear = &self.layers[l].proj[p];
         if let (Some(lora), Some((da, db))) = (&linear.lora, grads.lora(l, p)) {
             let u = a.u[p].as_ref().context("LoRA activation u missing")?;
