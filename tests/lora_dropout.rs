@@ -2,30 +2,17 @@
 //! the gradient of the loss under those same masks (central differences through the whole tiny
 //! model, so the forward, the per-layer recomputation and the backward must all regenerate the
 //! same masks), the masks come from the seed alone, and they change the loss.
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use wgtrain::model::adapter::tensor_name;
 use wgtrain::model::{Adapter, Grads, LoraDropout, LossSum, Proj, Qwen2};
 use wgtrain_kernels::Gpu;
 
-fn model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-qwen2-tied")
-}
+mod common;
+use common::{fixtures, supervised_rows};
 
-/// Two rows of different lengths (the shorter padded), every next token supervised.
-fn rows() -> Vec<(Vec<u32>, Vec<u32>)> {
-    [11usize, 7]
-        .iter()
-        .enumerate()
-        .map(|(r, &len)| {
-            let ids: Vec<u32> = (0..len)
-                .map(|t| ((t * 37 + r * 101 + 5) % 421) as u32)
-                .collect();
-            let mut targets = ids[1..].to_vec();
-            targets.push(wgtrain::model::IGNORE);
-            (ids, targets)
-        })
-        .collect()
+fn model_dir() -> PathBuf {
+    fixtures().join("tiny-qwen2-tied")
 }
 
 /// Summed loss and every LoRA gradient (by PEFT name) of one micro-batch.
@@ -35,7 +22,7 @@ fn step(
     dropout: Option<LoraDropout>,
 ) -> (LossSum, Vec<(String, Vec<f32>)>) {
     let grads = Grads::new(gpu, model).unwrap();
-    let rows = rows();
+    let rows = supervised_rows(&[11, 7]);
     let batch: Vec<(&[u32], &[u32])> = rows
         .iter()
         .map(|(i, t)| (i.as_slice(), t.as_slice()))

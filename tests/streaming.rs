@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixtures, train_args, wgtrain};
+use common::{fixtures, supervised_rows, train_args, wgtrain};
 use wgtrain::model::residency::weight_bytes;
 use wgtrain::model::{
     generate, Adapter, GenerateOptions, Grads, LoraDropout, Proj, Qwen2, Qwen2Config,
@@ -36,22 +36,6 @@ fn deep_model(dir: &Path, layers: usize) -> PathBuf {
     dir.to_path_buf()
 }
 
-/// Two rows of different lengths (the shorter padded), every next token supervised.
-fn rows() -> Vec<(Vec<u32>, Vec<u32>)> {
-    [13usize, 6]
-        .iter()
-        .enumerate()
-        .map(|(r, &len)| {
-            let ids: Vec<u32> = (0..len)
-                .map(|t| ((t * 37 + r * 101 + 5) % 421) as u32)
-                .collect();
-            let mut targets = ids[1..].to_vec();
-            targets.push(wgtrain::model::IGNORE);
-            (ids, targets)
-        })
-        .collect()
-}
-
 /// Everything the model computes, as bits: loss, logits, a greedy generation (prefill and
 /// KV-cached decoding) and the LoRA gradients of two micro-batches with dropout (the second
 /// starting from the slots the first left).
@@ -71,7 +55,7 @@ fn outputs(gpu: &Gpu, dir: &Path) -> (Vec<u64>, Qwen2) {
         }
     };
     model.apply_adapter(gpu, &adapter).unwrap();
-    let rows = rows();
+    let rows = supervised_rows(&[13, 6]);
     let batch: Vec<(&[u32], &[u32])> = rows
         .iter()
         .map(|(i, t)| (i.as_slice(), t.as_slice()))

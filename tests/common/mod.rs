@@ -79,3 +79,19 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Rows of the given lengths (in one batch the shorter are padded), every next token supervised:
+/// (ids, targets) with deterministic ids.
+pub fn supervised_rows(lens: &[usize]) -> Vec<(Vec<u32>, Vec<u32>)> {
+    lens.iter()
+        .enumerate()
+        .map(|(r, &len)| {
+            let ids: Vec<u32> = (0..len)
+                .map(|t| ((t * 37 + r * 101 + 5) % 421) as u32)
+                .collect();
+            let mut targets = ids[1..].to_vec();
+            targets.push(wgtrain::model::IGNORE);
+            (ids, targets)
+        })
+        .collect()
+}
