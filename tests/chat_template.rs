@@ -12,11 +12,11 @@ const IM_START: u32 = 151644;
 const IM_END: u32 = 151645;
 const NEWLINE: u32 = 198;
 
-/// shared/ ($WGTRAIN_SHARED, else ../shared beside the repo). Missing data is a failure, not a skip.
+mod common;
+
+/// shared/ with the tokenizer these tests need. Missing data is a failure, not a skip.
 fn shared() -> PathBuf {
-    let dir = std::env::var_os("WGTRAIN_SHARED")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared"));
+    let dir = common::shared();
     let tokenizer = dir.join("tokenizers/qwen2.5/tokenizer.json");
     assert!(
         tokenizer.exists(),

@@ -7,6 +7,8 @@ use serde_json::{json, Value};
 use wgtrain::data::chat::ChatEncoder;
 use wgtrain::eval::prompt::{messages, NamedPrompt, SKY_T1_SYSTEM_PROMPT};
 
+mod common;
+
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
@@ -16,7 +18,7 @@ fn model() -> PathBuf {
 }
 
 fn shared(path: &str) -> PathBuf {
-    repo().join("../shared").join(path)
+    common::shared().join(path)
 }
 
 fn wgtrain(args: &[&str]) -> Output {
@@ -117,8 +119,12 @@ fn check_summary(summary: &Value, rows: &[Value]) {
 #[test]
 fn sky_t1_prompt_is_the_shared_file_byte_for_byte() {
     let path = shared("sky_t1_system_prompt.txt");
-    let file = std::fs::read(&path)
-        .unwrap_or_else(|e| panic!("{} must exist (../shared): {e}", path.display()));
+    let file = std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{} must exist (the shared data directory: $WGTRAIN_SHARED, else ../shared): {e}",
+            path.display()
+        )
+    });
     assert_eq!(SKY_T1_SYSTEM_PROMPT.as_bytes(), file.as_slice());
 }
 
@@ -229,7 +235,11 @@ fn eval_writes_graded_rows_in_input_order_and_a_consistent_summary() {
 #[test]
 fn eval_on_aime24_uses_the_harness_sky_t1_prompt_by_default() {
     let bench = shared("bench/aime24.jsonl");
-    assert!(bench.exists(), "{} must exist (../shared)", bench.display());
+    assert!(
+        bench.exists(),
+        "{} must exist (the shared data directory: $WGTRAIN_SHARED, else ../shared)",
+        bench.display()
+    );
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("aime");
     let (model, bench_arg, out_arg) = (model(), bench.to_str().unwrap(), out.to_str().unwrap());

@@ -4,12 +4,8 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use wgtrain::eval::grader::{self, Benchmark, GroundTruth};
 
-fn shared_dir() -> PathBuf {
-    match std::env::var_os("WGTRAIN_SHARED") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"),
-    }
-}
+mod common;
+use common::shared as shared_dir;
 
 fn grader_case_files() -> Vec<PathBuf> {
     let dir = shared_dir().join("grader-cases");

@@ -7,6 +7,14 @@ use std::process::{Command, Output};
 
 use serde_json::Value;
 
+/// The shared data directory: `$WGTRAIN_SHARED`, else ../shared beside the repo. Tests that need
+/// it fail when it is missing (CI always has it), never skip.
+pub fn shared() -> PathBuf {
+    std::env::var_os("WGTRAIN_SHARED")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
+}
+
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
