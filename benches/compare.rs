@@ -19,7 +19,7 @@ use wgtrain::model::{Qwen2, Qwen2Config, IGNORE};
 use wgtrain_kernels::Gpu;
 
 mod common;
-use common::{bench_row, env_list, random_adapter, random_model, Trainer};
+use common::{bench_row, env_list, name_filter, random_adapter, random_model, Trainer};
 
 /// (case, fixture directory or None for random weights at the 0.5B shape, LoRA rank).
 const CASES: [(&str, Option<&str>, usize); 3] = [
@@ -41,10 +41,7 @@ fn median(reps: usize, mut run: impl FnMut() -> Result<Duration>) -> Result<Dura
 }
 
 fn main() -> Result<()> {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let filter = name_filter();
     let gpu = Gpu::from_env()?;
     let t = env_list("WGTRAIN_BENCH_T", &[128])[0];
     let reps = env_list("WGTRAIN_BENCH_REPS", &[1])[0].max(1);

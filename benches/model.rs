@@ -22,7 +22,7 @@ use wgtrain::model::{KvCache, LayerActs, Qwen2, Qwen2Config};
 use wgtrain_kernels::Gpu;
 
 mod common;
-use common::{env_list, random_model};
+use common::{env_list, name_filter, random_model};
 
 /// The sizes measured.
 const MODELS: [&str; 2] = ["0.5B", "1.5B"];
@@ -52,10 +52,7 @@ fn mib(bytes: u64) -> String {
 }
 
 fn main() -> Result<()> {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let filter = name_filter();
     let gpu = Gpu::from_env()?;
     let cpu = gpu.is_cpu();
     let lengths = env_list("WGTRAIN_BENCH_T", if cpu { &[32] } else { &[512, 4096] });

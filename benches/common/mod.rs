@@ -154,3 +154,12 @@ impl<'a> Trainer<'a> {
         Ok((time, memory))
     }
 }
+
+/// The names given on the bench's command line (`cargo bench --bench NAME -- a b`), flags left
+/// out: the cases to run, all when empty.
+pub fn name_filter() -> Vec<String> {
+    std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect()
+}

@@ -205,11 +205,7 @@ fn ragged_forward_refuses_bad_shapes() {
             capacity,
         };
         let mut batch = gpu.batch();
-        let qkv = attention::Qkv {
-            q: &q,
-            k: &k,
-            v: &v,
-        };
+        let qkv = attention::Qkv::new(&q, &k, &v);
         attention::attention_forward_ragged(&mut batch, qkv, &out, &lse, d, keys)
             .map_err(|e| e.to_string())
     };
@@ -386,11 +382,7 @@ fn rows_forward_refuses_more_keys_than_a_loop_runs() {
     let d = dims(1, 1, 65536, 1, 1, 8);
     let t = |rows, cols| Tensor::zeros(&gpu, &[rows, cols], DType::F32).unwrap();
     let (q, out, lse, k, v) = (t(1, 8), t(1, 8), t(1, 1), t(65536, 8), t(65536, 8));
-    let qkv = attention::Qkv {
-        q: &q,
-        k: &k,
-        v: &v,
-    };
+    let qkv = attention::Qkv::new(&q, &k, &v);
     let mut batch = gpu.batch();
     let err = attention::attention_forward(&mut batch, qkv, &out, &lse, d).unwrap_err();
     assert!(

@@ -556,16 +556,8 @@ impl Qwen2 {
             head_dim: c.head_dim,
             scale: 1.0 / (c.head_dim as f32).sqrt(),
         };
-        let qkv = Qkv {
-            q: &a.q,
-            k: &a.k,
-            v: &a.v,
-        };
-        let grads = Qkv {
-            q: &s.dq,
-            k: &s.dk,
-            v: &s.dv,
-        };
+        let qkv = Qkv::new(&a.q, &a.k, &a.v);
+        let grads = Qkv::new(&s.dq, &s.dk, &s.dv);
         attention_backward(batch, qkv, &a.attn, &a.lse, &s.d_attn, grads, dims)?;
         let positions = Positions::Sequential {
             seq_len: step.seq_len,

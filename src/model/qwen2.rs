@@ -809,11 +809,7 @@ impl Qwen2 {
             }
             // No cache, or every sequence starts empty: the new keys are all there is.
             None => {
-                let qkv = Qkv {
-                    q: &a.q,
-                    k: &a.k,
-                    v: &a.v,
-                };
+                let qkv = Qkv::new(&a.q, &a.k, &a.v);
                 attention_forward(batch, qkv, &a.attn, &a.lse, dims)?
             }
         }

@@ -330,6 +330,12 @@ pub struct Qkv<'a> {
     pub v: &'a Tensor,
 }
 
+impl<'a> Qkv<'a> {
+    pub fn new(q: &'a Tensor, k: &'a Tensor, v: &'a Tensor) -> Self {
+        Qkv { q, k, v }
+    }
+}
+
 /// Checks q / out / lse / k / v (and the key counts) and returns the rows per sequence of k and v
 /// (>= tk).
 fn check_forward_shapes(
@@ -967,11 +973,7 @@ fn forward_checks(
         capacity: kv_cap,
     });
     let mut batch = gpu.batch();
-    let qkv = Qkv {
-        q: &q,
-        k: &k,
-        v: &v,
-    };
+    let qkv = Qkv::new(&q, &k, &v);
     attention_forward_with(&mut batch, qkv, &out, &lse, dims, keys, path)?;
     batch.submit();
     let all_keys = vec![dims.tk; b];
@@ -1035,16 +1037,8 @@ pub fn check_backward(gpu: &Gpu, dims: AttentionDims, seed: u64) -> Result<Vec<C
     let dk = Tensor::zeros(gpu, &kshape, DType::F32)?;
     let dv = Tensor::zeros(gpu, &kshape, DType::F32)?;
     let mut batch = gpu.batch();
-    let qkv = Qkv {
-        q: &q,
-        k: &k,
-        v: &v,
-    };
-    let grads = Qkv {
-        q: &dq,
-        k: &dk,
-        v: &dv,
-    };
+    let qkv = Qkv::new(&q, &k, &v);
+    let grads = Qkv::new(&dq, &dk, &dv);
     attention_backward(&mut batch, qkv, &out, &lse, &dout, grads, dims)?;
     batch.submit();
     let (want_dq, want_dk, want_dv) = cpu::backward(&q64, &k64, &v64, &g64, &dims);
@@ -1154,16 +1148,8 @@ fn bench_variant(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
         let dq = Tensor::zeros(gpu, &qshape, DType::F32)?;
         let dk = Tensor::zeros(gpu, &kshape, DType::F32)?;
         let dv = Tensor::zeros(gpu, &kshape, DType::F32)?;
-        let qkv = Qkv {
-            q: &q,
-            k: &k,
-            v: &v,
-        };
-        let grads = Qkv {
-            q: &dq,
-            k: &dk,
-            v: &dv,
-        };
+        let qkv = Qkv::new(&q, &k, &v);
+        let grads = Qkv::new(&dq, &dk, &dv);
         let label = format!("{} T={t} hq={} hkv={} D={d}", shape.name, dims.hq, dims.hkv);
         let flops = 2.0 * (dims.hq * t * t * d) as f64;
         let time = crate::bench::time(gpu, config.reps, |b| {
