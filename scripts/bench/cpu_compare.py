@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # case -> (fixture directory or None for random weights at the 0.5B shape, LoRA rank): the
 # table in benches/compare.rs.
 CASES = {
@@ -32,9 +31,6 @@ CASES = {
     "tiny-qwen2-tied": ("tests/fixtures/tiny-qwen2-tied", 8),
     "0.5B": (None, 64),
 }
-# Qwen2.5-0.5B: (hidden, intermediate, layers, heads, kv heads), vocabulary.
-SHAPE_05B = (896, 4864, 24, 14, 2)
-VOCAB = 151936
 
 
 def run_wgtrain(t: int, reps: int, cases: list[str]) -> dict[str, tuple[float, float]]:
@@ -64,24 +60,14 @@ def bench_row(vocab: int, t: int):
 
 def load(case: str):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
+
+    from peft_train_step import qwen25_config  # this folder: the shared model shapes
 
     fixture, _ = CASES[case]
     if fixture is not None:
         return Qwen2ForCausalLM.from_pretrained(ROOT / fixture, torch_dtype=torch.float32)
-    hidden, inter, layers, heads, kv = SHAPE_05B
-    config = Qwen2Config(
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=VOCAB,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        use_cache=False,
-    )
+    config = qwen25_config("0.5B")
     torch.manual_seed(0)
     return Qwen2ForCausalLM(config).float()
 
@@ -100,6 +86,8 @@ def run_torch(case: str, t: int, reps: int) -> tuple[float, float]:
     """(masked loss ms, LoRA step ms) in PyTorch + PEFT."""
     import torch
     from peft import LoraConfig, get_peft_model
+
+    from peft_train_step import TARGETS
 
     model = load(case).eval()
     ids = bench_row(model.config.vocab_size, t)

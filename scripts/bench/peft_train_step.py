@@ -35,9 +35,10 @@ RANK = 64
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(name: str, method: str, device: torch.device, grad_ckpt: bool):
+def qwen25_config(name: str, **extra) -> Qwen2Config:
+    """Qwen2.5's architecture at the shape `name` (MODELS), random-weight benchmarks' config."""
     hidden, inter, layers, heads, kv = MODELS[name]
-    config = Qwen2Config(
+    return Qwen2Config(
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
@@ -47,9 +48,14 @@ def build(name: str, method: str, device: torch.device, grad_ckpt: bool):
         rope_theta=1000000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=True,
-        max_position_embeddings=32768,
-        attn_implementation="eager",
         use_cache=False,
+        **extra,
+    )
+
+
+def build(name: str, method: str, device: torch.device, grad_ckpt: bool):
+    config = qwen25_config(
+        name, max_position_embeddings=32768, attn_implementation="eager"
     )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if method == "lora" else torch.float32
