@@ -185,6 +185,26 @@ impl Tensor {
         }
     }
 
+    /// A handle, like [`Tensor::alias`], on the first `len` entries of the leading dimension:
+    /// e.g. a layer's last, shorter chunk of tokens in buffers sized for a whole chunk. Its rows
+    /// are the tensor's rows, in place.
+    pub fn prefix(&self, gpu: &Gpu, len: usize) -> Result<Tensor> {
+        let mut shape = self.shape.clone();
+        if !(1..=shape[0]).contains(&len) {
+            bail!("a prefix of {len} of tensor {:?}", self.shape);
+        }
+        shape[0] = len;
+        let rows = shape.iter().product::<usize>() / shape.last().unwrap_or(&1);
+        Ok(Tensor {
+            shape,
+            dtype: self.dtype,
+            rows_per_chunk: self.rows_per_chunk,
+            chunks: self.chunks[..rows.div_ceil(self.rows_per_chunk)].to_vec(),
+            _allocation: gpu.allocate(0),
+            aliased: true,
+        })
+    }
+
     pub fn from_f32(gpu: &Gpu, shape: &[usize], data: &[f32]) -> Result<Tensor> {
         Tensor::from_bytes(gpu, shape, DType::F32, bytemuck::cast_slice(data))
     }

@@ -93,7 +93,7 @@ fn dropout_keeps_the_expected_fraction_with_independent_seeds() {
     let run = |p: f32, seed: u32| {
         let out = Tensor::zeros(gpu, &[rows, cols], DType::F32).unwrap();
         let mut batch = gpu.batch();
-        let mask = elementwise::Dropout { p, seed };
+        let mask = elementwise::Dropout::new(p, seed);
         elementwise::dropout(&mut batch, &ones, Out::write(&out), &mask).unwrap();
         batch.submit();
         out.to_f32(gpu).unwrap()
@@ -133,7 +133,7 @@ fn dropout_keeps_the_expected_fraction_with_independent_seeds() {
         &mut batch,
         &ones,
         Out::write(&ones),
-        &elementwise::Dropout { p: 1.0, seed: 0 },
+        &elementwise::Dropout::new(1.0, 0),
     )
     .unwrap_err();
     assert!(err.to_string().contains("[0, 1)"), "{err}");

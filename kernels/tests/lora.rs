@@ -18,10 +18,7 @@ fn lora_matches_cpu_on_odd_shapes() {
             let d = Dims { m, n, k, r };
             assert_passed(lora::check_lora(whole, d, seed as u64, None).unwrap());
         }
-        let dropout = Dropout {
-            p: 0.25,
-            seed: seed as u32,
-        };
+        let dropout = Dropout::new(0.25, seed as u32);
         let d = Dims { m, n, k, r: 8 };
         assert_passed(lora::check_lora(whole, d, seed as u64, Some(dropout)).unwrap());
     }
@@ -32,7 +29,7 @@ fn lora_matches_cpu_on_split_tensors() {
     let [_, split] = gpus();
     for (seed, &(m, n, k)) in [(1, 9, 7), (37, 21, 19), (70, 33, 66)].iter().enumerate() {
         for r in [1, 8, 16] {
-            let dropout = (r == 8).then_some(Dropout { p: 0.5, seed: 11 });
+            let dropout = (r == 8).then_some(Dropout::new(0.5, 11));
             assert_passed(
                 lora::check_lora(split, Dims { m, n, k, r }, seed as u64, dropout).unwrap(),
             );
@@ -57,7 +54,7 @@ fn backward_reference_matches_finite_differences() {
     let a = to_f64(&random(4, d.r * d.k, 1.0));
     let b = to_f64(&random(5, d.n * d.r, 1.0));
     let g = to_f64(&random(6, d.m * d.n, 1.0));
-    let dropout = Dropout { p: 0.4, seed: 9 };
+    let dropout = Dropout::new(0.4, 9);
     let factors: Vec<f64> = (0..d.m * d.k)
         .map(|e| dropout.factor(e as u32) as f64)
         .collect();

@@ -81,7 +81,7 @@ fn kept_temporaries_are_counted_until_submit() {
     // flush submits and releases them too, going on with an empty batch.
     batch.flush();
     assert_eq!(gpu.memory().live, live);
-    let dropout = Some(Dropout { p: 0.1, seed: 7 });
+    let dropout = Some(Dropout::new(0.1, 7));
     let lora = Lora { dropout, ..lora };
     lora_backward(&mut batch, &dy, &x, &u, &lora, &grads, Some(input)).unwrap();
     assert_eq!(gpu.memory().live, live + (m * (r + k) * 4) as u64);

@@ -10,7 +10,7 @@
 //! whole step) so the sum is the gradient of the step's mean loss.
 use std::path::Path;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use wgtrain_kernels::ops::attention::{attention_backward, AttentionDims, Qkv};
 use wgtrain_kernels::ops::cross_entropy::{
     cross_entropy_backward, cross_entropy_forward, Chunking, LmHead,
@@ -27,8 +27,10 @@ use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
 use super::params::{names, PerProj, Proj, TensorSpec};
-use super::qwen2::{pad_rows, LayerActs, LayerIo, LoraDropout, LossSum, Qwen2, Step};
-use super::residency::{MemoryPlan, Working};
+use super::qwen2::{
+    pad_rows, token_local, LayerActs, LayerIo, LocalRows, LoraDropout, LossSum, Qwen2, Step,
+};
+use super::residency::{Chunked, MemoryPlan, Working};
 use super::weights::{to_device, Weights};
 
 /// What the backward of one layer reads besides its input and scratch: which layer, its
@@ -39,6 +41,14 @@ struct LayerPass<'a> {
     acts: &'a LayerActs,
     step: &'a Step<'a>,
     grads: &'a Grads,
+}
+
+/// The rows a projection's backward runs over: its LoRA's saved `x·Aᵀ` (in `u`) and the index
+/// of the first row in the layer (where its LoRA dropout mask starts).
+#[derive(Clone, Copy)]
+struct ProjRows<'a> {
+    u: &'a PerProj<Option<Tensor>>,
+    first: usize,
 }
 
 /// Gradients of one layer's weights under full fine-tuning.
@@ -209,78 +219,152 @@ impl Grads {
     }
 }
 
-/// Activation gradients of one layer, reused by every layer of a micro-batch.
-struct Scratch {
-    d_act: Tensor,
-    d_gate: Tensor,
-    d_up: Tensor,
-    d_xn: Tensor,
-    d_attn: Tensor,
-    dq: Tensor,
-    dk: Tensor,
-    dv: Tensor,
+/// Activation gradients of one layer, reused by every layer of a micro-batch: the attention's
+/// over all rows, the token-local part's over one token chunk (or all rows). (`T` is a device
+/// tensor but for counting their bytes.)
+struct Scratch<T = Tensor> {
+    /// Chunked only: dL/d(normed input) of all rows (a whole layer shares `local.d_xn`).
+    d_xn: Option<T>,
+    d_attn: T,
+    dq: T,
+    dk: T,
+    dv: T,
+    local: LocalGrads<T>,
+}
+
+/// Activation gradients of a layer's token-local part over `rows` tokens.
+struct LocalGrads<T = Tensor> {
+    d_act: T,
+    d_gate: T,
+    d_up: T,
+    d_xn: T,
+    /// Chunked only: the chunk's rows of dL/d(layer output) and dL/d(attention output).
+    d_out: Option<T>,
+    d_attn: Option<T>,
+}
+
+impl<T> Scratch<T> {
+    /// The gradients of `(rows, chunk)` ([`LayerActs`]), each made by `make(shape)`.
+    fn build(
+        c: &Qwen2Config,
+        (rows, chunk): (usize, usize),
+        mut make: impl FnMut(&[usize]) -> Result<T>,
+    ) -> Result<Scratch<T>> {
+        let (i, h, q, kv) = (c.intermediate_size, c.hidden_size, c.q_dim(), c.kv_dim());
+        let chunked = chunk < rows;
+        Ok(Scratch {
+            d_xn: chunked.then(|| make(&[rows, h])).transpose()?,
+            d_attn: make(&[rows, q])?,
+            dq: make(&[rows, q])?,
+            dk: make(&[rows, kv])?,
+            dv: make(&[rows, kv])?,
+            local: LocalGrads {
+                d_act: make(&[chunk, i])?,
+                d_gate: make(&[chunk, i])?,
+                d_up: make(&[chunk, i])?,
+                d_xn: make(&[chunk, h])?,
+                d_out: chunked.then(|| make(&[chunk, h])).transpose()?,
+                d_attn: chunked.then(|| make(&[chunk, q])).transpose()?,
+            },
+        })
+    }
+
+    fn d_xn(&self) -> &T {
+        self.d_xn.as_ref().unwrap_or(&self.local.d_xn)
+    }
 }
 
 impl Scratch {
-    /// The columns of each buffer, in field order.
-    fn widths(c: &Qwen2Config) -> [usize; 8] {
-        let (i, h, q, kv) = (c.intermediate_size, c.hidden_size, c.q_dim(), c.kv_dim());
-        [i, i, i, h, q, q, kv, kv]
+    fn new(gpu: &Gpu, c: &Qwen2Config, rows: (usize, usize)) -> Result<Scratch> {
+        Scratch::build(c, rows, |shape| Tensor::zeros(gpu, shape, DType::F32))
     }
 
-    fn new(gpu: &Gpu, c: &Qwen2Config, rows: usize) -> Result<Scratch> {
-        let z = |cols: usize| Tensor::zeros(gpu, &[rows, cols], DType::F32);
-        let [act, gate, up, xn, attn, q, k, v] = Scratch::widths(c);
-        Ok(Scratch {
-            d_act: z(act)?,
-            d_gate: z(gate)?,
-            d_up: z(up)?,
-            d_xn: z(xn)?,
-            d_attn: z(attn)?,
-            dq: z(q)?,
-            dk: z(k)?,
-            dv: z(v)?,
+    /// Device bytes `Scratch::new` allocates.
+    fn bytes(c: &Qwen2Config, rows: (usize, usize)) -> u64 {
+        let mut f32s = 0;
+        let counted = Scratch::<()>::build(c, rows, |shape| {
+            f32s += shape.iter().product::<usize>();
+            Ok(())
+        });
+        debug_assert!(counted.is_ok(), "counting never fails");
+        f32s as u64 * 4
+    }
+}
+
+impl LocalGrads {
+    /// These buffers' first `len` rows.
+    fn prefix(&self, gpu: &Gpu, len: usize) -> Result<LocalGrads> {
+        let prefix = |t: &Tensor| t.prefix(gpu, len);
+        let opt = |t: &Option<Tensor>| t.as_ref().map(prefix).transpose();
+        Ok(LocalGrads {
+            d_act: prefix(&self.d_act)?,
+            d_gate: prefix(&self.d_gate)?,
+            d_up: prefix(&self.d_up)?,
+            d_xn: prefix(&self.d_xn)?,
+            d_out: opt(&self.d_out)?,
+            d_attn: opt(&self.d_attn)?,
         })
     }
 }
 
 /// Device bytes [`Qwen2::forward_backward`] holds for a micro-batch of `tokens` tokens (padded
 /// rows together) with LoRAs of `ranks`, with or without LoRA dropout, besides the weights and
-/// the trained state: every layer's input (offloadable but for two), one layer's activations and
-/// their gradients, the LoRA backward's temporaries (and dropout's materialised inputs) of one
-/// layer, the final norm's and the LM head's buffers and one logits chunk. The kernels' smaller
-/// temporaries are not in it (the dry run counts them).
+/// the trained state, with whole layers and (linear in the chunk's rows) in token chunks.
 pub fn micro_batch_bytes(
     c: &Qwen2Config,
     ranks: &PerProj<Option<usize>>,
     dropout: bool,
     tokens: usize,
 ) -> Working {
+    let bytes = |chunk| micro_batch_bytes_at(c, ranks, dropout, (tokens, chunk));
+    let fixed = bytes(0);
+    Working {
+        bytes: bytes(tokens),
+        offloadable: (c.num_hidden_layers as u64 - 1) * (tokens * c.hidden_size * 4) as u64,
+        chunked: Some(Chunked {
+            tokens,
+            fixed,
+            per_row: bytes(1) - fixed,
+        }),
+    }
+}
+
+/// [`micro_batch_bytes`] of `(tokens, chunk)` ([`LayerActs`]): every layer's input, one layer's
+/// activations and their gradients, the LoRA backward's temporaries (and dropout's materialised
+/// inputs) of one layer (of one token chunk in the token-local part), the final norm's and the
+/// LM head's buffers and one logits chunk. The kernels' smaller temporaries are not in it (the
+/// dry run counts them).
+fn micro_batch_bytes_at(
+    c: &Qwen2Config,
+    ranks: &PerProj<Option<usize>>,
+    dropout: bool,
+    (tokens, chunk): (usize, usize),
+) -> u64 {
     let (n, h, layers) = (
         tokens as u64,
         c.hidden_size as u64,
         c.num_hidden_layers as u64,
     );
     let layer_input = n * h * 4;
-    let scratch = Scratch::widths(c).iter().sum::<usize>() as u64 * n * 4;
-    // Per LoRA projection: dy·B [n, r], and with dropout its dropped input [n, in].
+    // Per LoRA projection: dy·B [rows, r], and with dropout its dropped input [rows, in].
     let lora: usize = ranks
         .iter()
-        .filter_map(|(p, r)| r.map(|r| r + if dropout { p.shape(c).1 } else { 0 }))
+        .filter_map(|(p, r)| r.map(|r| (p, r)))
+        .map(|(p, r)| {
+            let rows = if token_local(p) { chunk } else { tokens };
+            rows * (r + if dropout { p.shape(c).1 } else { 0 })
+        })
         .sum();
     // hidden, dhidden, dres [n, h]; rstd, lse, targets, token ids [n].
     let head = 3 * n * h * 4 + 4 * n * 4;
     let chunking = Chunking::default();
     let logits = (tokens.min(chunking.rows) * c.vocab_size.min(chunking.vocab) * 4) as u64;
-    Working {
-        bytes: (layers + 1) * layer_input
-            + LayerActs::bytes_for(c, ranks, tokens)
-            + scratch
-            + lora as u64 * n * 4
-            + head
-            + logits,
-        offloadable: (layers - 1) * layer_input,
-    }
+    (layers + 1) * layer_input
+        + LayerActs::bytes_for(c, ranks, (tokens, chunk))
+        + Scratch::bytes(c, (tokens, chunk))
+        + lora as u64 * 4
+        + head
+        + logits
 }
 
 /// Each decoder layer's input, kept from the forward for the backward's recomputation: all on
@@ -369,7 +453,7 @@ impl Qwen2 {
     pub fn zeroed_planned(gpu: &Gpu, config: Qwen2Config, plan: MemoryPlan) -> Result<Qwen2> {
         let zeros = |spec: &TensorSpec, dtype| Tensor::zeros(gpu, &spec.shape, dtype);
         let model = Qwen2::build_planned(gpu, config, &plan, zeros)?;
-        Ok(model.streaming_from(plan, None))
+        model.streaming_from(plan, None)
     }
 
     /// One micro-batch of `rows` — (ids, targets) pairs, padded to the longest with unsupervised
@@ -458,7 +542,7 @@ impl Qwen2 {
             full.map(|g| Out::add(&g.norm)),
         )?;
 
-        let scratch = Scratch::new(gpu, c, n)?;
+        let scratch = Scratch::new(gpu, c, self.chunk_rows(n))?;
         // Recomputing layer l for its backward leaves out its output (the backward reads only
         // the intermediates).
         for l in (0..layers).rev() {
@@ -507,7 +591,8 @@ impl Qwen2 {
     }
 
     /// Backward of layer `pass.l` given its input `x` and recomputed activations: `dres` holds
-    /// dL/d(output) on entry and dL/d(input) on return.
+    /// dL/d(output) on entry and dL/d(input) on return. In token chunks, each chunk's token-local
+    /// part is recomputed just before its backward.
     fn layer_backward(
         &self,
         batch: &mut Batch,
@@ -516,37 +601,101 @@ impl Qwen2 {
         s: &Scratch,
         dres: &Tensor,
     ) -> Result<()> {
-        let LayerPass {
-            l,
-            acts: a,
-            step,
-            grads,
-        } = *pass;
-        let c = &self.config;
+        let a = pass.acts;
+        let whole = (x, &a.attn);
+        if a.local.rows == a.rows {
+            let rows = LocalRows {
+                acts: &a.local,
+                whole,
+                first: 0,
+            };
+            self.local_backward(batch, pass, rows, &s.local, (dres, &s.d_attn))?;
+        } else {
+            for first in (0..a.rows).step_by(a.local.rows) {
+                let len = a.local.rows.min(a.rows - first);
+                let chunk = a.local.chunk(batch, whole, first, len)?;
+                let rows = LocalRows {
+                    acts: &chunk,
+                    whole,
+                    first,
+                };
+                self.local_forward(batch, pass.l, rows, None, pass.step)?;
+                let g = s.local.prefix(batch.gpu, len)?;
+                let (Some(d_out), Some(d_attn)) = (&g.d_out, &g.d_attn) else {
+                    bail!("a layer's token chunk needs its chunk gradient buffers");
+                };
+                copy_rows(batch, dres, first..first + len, d_out, 0)?;
+                self.local_backward(batch, pass, rows, &g, (d_out, d_attn))?;
+                copy_rows(batch, d_attn, 0..len, &s.d_attn, first)?;
+                copy_rows(batch, d_out, 0..len, dres, first)?;
+                // Releases the chunk's temporaries (LoRA's) before the next.
+                batch.flush();
+            }
+        }
+        self.attention_backward(batch, pass, x, s, dres)
+    }
+
+    /// Backward of the token-local part over `rows` (its activations recomputed): `d_out` holds
+    /// dL/d(layer output) of the rows on entry and dL/d(mid) on return; dL/d(attention output)
+    /// goes to `d_attn`.
+    fn local_backward(
+        &self,
+        batch: &mut Batch,
+        pass: &LayerPass,
+        rows: LocalRows,
+        g: &LocalGrads,
+        (d_out, d_attn): (&Tensor, &Tensor),
+    ) -> Result<()> {
+        let (l, a) = (pass.l, rows.acts);
         let layer = &self.layers[l];
-        let lg = grads.full().map(|g| &g.layers[l]);
+        let at = ProjRows {
+            u: &a.u,
+            first: rows.first,
+        };
         let proj = |batch: &mut Batch, p: Proj, dy: &Tensor, x: &Tensor, dx: Out| {
-            self.proj_backward(batch, pass, p, dy, x, dx)
+            self.proj_backward(batch, pass, at, p, (dy, x), dx)
                 .with_context(|| format!("layer {l} {}", p.path()))
         };
-
         // MLP: out = mid + down(swiglu(gate(xn2), up(xn2))).
-        proj(batch, Proj::Down, dres, &a.act, Out::write(&s.d_act))?;
-        swiglu_backward(batch, &s.d_act, &a.gate, &a.up, &s.d_gate, &s.d_up)?;
-        proj(batch, Proj::Gate, &s.d_gate, &a.xn2, Out::write(&s.d_xn))?;
-        proj(batch, Proj::Up, &s.d_up, &a.xn2, Out::add(&s.d_xn))?;
+        proj(batch, Proj::Down, d_out, &a.act, Out::write(&g.d_act))?;
+        swiglu_backward(batch, &g.d_act, &a.gate, &a.up, &g.d_gate, &g.d_up)?;
+        proj(batch, Proj::Gate, &g.d_gate, &a.xn2, Out::write(&g.d_xn))?;
+        proj(batch, Proj::Up, &g.d_up, &a.xn2, Out::add(&g.d_xn))?;
+        let full = pass.grads.full().map(|g| &g.layers[l]);
         rmsnorm_backward(
             batch,
-            &s.d_xn,
+            &g.d_xn,
             &a.mid,
             &layer.post_norm,
             &a.rstd2,
-            Out::add(dres),
-            lg.map(|g| Out::add(&g.post_norm)),
+            Out::add(d_out),
+            full.map(|g| Out::add(&g.post_norm)),
         )?;
+        // mid = x + o(attn).
+        let (_, attn) = rows.inputs();
+        proj(batch, Proj::O, d_out, attn, Out::write(d_attn))
+    }
 
-        // Attention: mid = x + o(attn(rope(q(xn)), rope(k(xn)), v(xn))).
-        proj(batch, Proj::O, dres, &a.attn, Out::write(&s.d_attn))?;
+    /// Backward of the attention part of layer `pass.l` (from dL/d(attention output) in
+    /// `s.d_attn`): adds dL/d(input) through the input norm to `dres`, which holds dL/d(mid).
+    fn attention_backward(
+        &self,
+        batch: &mut Batch,
+        pass: &LayerPass,
+        x: &Tensor,
+        s: &Scratch,
+        dres: &Tensor,
+    ) -> Result<()> {
+        let LayerPass {
+            l, acts: a, step, ..
+        } = *pass;
+        let c = &self.config;
+        let layer = &self.layers[l];
+        let at = ProjRows { u: &a.u, first: 0 };
+        let proj = |batch: &mut Batch, p: Proj, dy: &Tensor, dx: Out| {
+            self.proj_backward(batch, pass, at, p, (dy, &a.xn), dx)
+                .with_context(|| format!("layer {l} {}", p.path()))
+        };
         let dims = AttentionDims {
             batch_size: step.batch_size,
             tq: step.seq_len,
@@ -565,42 +714,40 @@ impl Qwen2 {
         };
         rope_backward(batch, &self.rope, &s.dq, c.num_attention_heads, &positions)?;
         rope_backward(batch, &self.rope, &s.dk, c.num_key_value_heads, &positions)?;
-        proj(batch, Proj::Q, &s.dq, &a.xn, Out::write(&s.d_xn))?;
-        proj(batch, Proj::K, &s.dk, &a.xn, Out::add(&s.d_xn))?;
-        proj(batch, Proj::V, &s.dv, &a.xn, Out::add(&s.d_xn))?;
+        let d_xn = s.d_xn();
+        proj(batch, Proj::Q, &s.dq, Out::write(d_xn))?;
+        proj(batch, Proj::K, &s.dk, Out::add(d_xn))?;
+        proj(batch, Proj::V, &s.dv, Out::add(d_xn))?;
+        let full = pass.grads.full().map(|g| &g.layers[l]);
         rmsnorm_backward(
             batch,
-            &s.d_xn,
+            d_xn,
             x,
             &layer.input_norm,
             &a.rstd1,
             Out::add(dres),
-            lg.map(|g| Out::add(&g.input_norm)),
+            full.map(|g| Out::add(&g.input_norm)),
         )
     }
 
-    /// Backward of projection `p` of layer `pass.l` (`y = x·Wᵀ + b [+ s·u·Bᵀ]`): `dx = dy·W [+
-    /// LoRA's part] (+ beta·dx)`, and the trainable weights' gradients accumulated, with the
-    /// dropout mask the forward applied to the LoRA's input.
+    /// Backward of projection `p` of layer `pass.l` (`y = x·Wᵀ + b [+ s·u·Bᵀ]`) over `rows`:
+    /// `dx = dy·W [+ LoRA's part] (+ beta·dx)`, and the trainable weights' gradients
+    /// accumulated, with the dropout mask the forward applied to the LoRA's input.
     fn proj_backward(
         &self,
         batch: &mut Batch,
         pass: &LayerPass,
+        rows: ProjRows,
         p: Proj,
-        dy: &Tensor,
-        x: &Tensor,
+        (dy, x): (&Tensor, &Tensor),
         dx: Out,
     ) -> Result<()> {
-        let LayerPass {
-            l,
-            acts: a,
-            step,
-            grads,
-        } = *pass;
+        let LayerPass { l, step, grads, .. } = *pass;
         let dropout = step.dropout.and_then(|d| d.mask(l, p));
+        let dropout = dropout.map(|d| d.from_row(rows.first, x.row_len()));
         let linear = &self.layers[l].proj[p];
         if let (Some(lora), Some((da, db))) = (&linear.lora, grads.lora(l, p)) {
-            let u = a.u[p].as_ref().context("LoRA activation u missing")?;
+            let u = rows.u[p].as_ref().context("LoRA activation u missing")?;
             let lora = Lora {
                 a: &lora.a,
                 b: &lora.b,

@@ -29,7 +29,7 @@ use wgtrain_kernels::ops::attention::{
 /// The target of an unsupervised position.
 pub use wgtrain_kernels::ops::cross_entropy::IGNORE;
 use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking, LmHead};
-use wgtrain_kernels::ops::elementwise::{copy_rows, scatter_rows};
+use wgtrain_kernels::ops::elementwise::{add, copy_rows, scatter_rows};
 use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_forward, Dropout, Lora};
 use wgtrain_kernels::ops::matmul::{matmul_forward, Gemm, Mat};
@@ -134,12 +134,16 @@ pub struct Qwen2 {
     /// (None: no budget, all resident): a streamed layer's frozen tensors in `layers` are views
     /// of its ring slot.
     stream: Option<LayerStream>,
+    /// Rows of the token chunks each layer's token-local part runs in (None: whole layers).
+    token_chunk: Option<usize>,
     /// Set once the length warning ([`Qwen2Config::length_warning`]) has been printed.
     length_warned: AtomicBool,
 }
 
-/// Every intermediate of one decoder layer over `rows` tokens: what its backward reads. (`T` is
-/// a device tensor but for counting their bytes.)
+/// Every intermediate of one decoder layer over `rows` tokens: what its backward reads. The
+/// token-local part after attention ([`LocalActs`]) holds one chunk of the tokens at a time when
+/// the layer runs in token chunks ([`Qwen2::token_chunk`]). (`T` is a device tensor but for
+/// counting their bytes.)
 pub struct LayerActs<T = Tensor> {
     pub rows: usize,
     /// input_layernorm(x) and its rstd.
@@ -152,6 +156,20 @@ pub struct LayerActs<T = Tensor> {
     /// Attention output and its row log-sum-exp.
     pub attn: T,
     pub lse: T,
+    /// `x·Aᵀ` of the q, k and v LoRAs ([rows, r]; the others' are in `local`).
+    pub u: PerProj<Option<T>>,
+    pub local: LocalActs<T>,
+}
+
+/// The intermediates of a decoder layer's token-local part — o_proj, the residual adds, the
+/// post-attention norm and the MLP, each row computed from the same row alone — over `rows`
+/// tokens: one chunk of the layer's tokens, or all of them.
+pub struct LocalActs<T = Tensor> {
+    pub rows: usize,
+    /// Chunked only: the chunk's rows of the layer input and of the attention output (a whole
+    /// layer reads them in place).
+    pub x: Option<T>,
+    pub attn: Option<T>,
     pub o: T,
     /// x + o_proj(attn): the residual stream between attention and MLP.
     pub mid: T,
@@ -162,20 +180,40 @@ pub struct LayerActs<T = Tensor> {
     /// silu(gate) * up.
     pub act: T,
     pub down: T,
-    /// `x·Aᵀ` of each LoRA projection ([rows, r]).
+    /// `x·Aᵀ` of the o, gate, up and down LoRAs ([rows, r]).
     pub u: PerProj<Option<T>>,
 }
 
+/// Whether projection `p` is in a layer's token-local part (not q, k, v).
+pub(crate) fn token_local(p: Proj) -> bool {
+    matches!(p, Proj::O | Proj::Gate | Proj::Up | Proj::Down)
+}
+
+/// `x·Aᵀ` of the LoRAs of `ranks` in (`local`) or out of the token-local part over `rows` tokens.
+fn lora_us<T>(
+    ranks: &PerProj<Option<usize>>,
+    local: bool,
+    rows: usize,
+    make: &mut impl FnMut(&[usize]) -> Result<T>,
+) -> Result<PerProj<Option<T>>> {
+    PerProj::try_from_fn(|p| match ranks[p].filter(|_| token_local(p) == local) {
+        Some(r) => make(&[rows, r]).map(Some),
+        None => Ok(None),
+    })
+}
+
 impl<T> LayerActs<T> {
-    /// The activations for `rows` tokens with LoRAs of `ranks`, each made by `make(shape)`: the
-    /// one list of their shapes, in allocation order.
+    /// The activations for `rows` tokens, the token-local part `chunk` rows of them at a time,
+    /// with LoRAs of `ranks`, each made by `make(shape)`: the one list of their shapes, in
+    /// allocation order.
     fn build(
         c: &Qwen2Config,
         ranks: &PerProj<Option<usize>>,
-        rows: usize,
+        (rows, chunk): (usize, usize),
         mut make: impl FnMut(&[usize]) -> Result<T>,
     ) -> Result<LayerActs<T>> {
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let chunked = chunk < rows;
         Ok(LayerActs {
             rows,
             xn: make(&[rows, h])?,
@@ -185,35 +223,47 @@ impl<T> LayerActs<T> {
             v: make(&[rows, kv])?,
             attn: make(&[rows, q])?,
             lse: make(&[rows, c.num_attention_heads])?,
-            o: make(&[rows, h])?,
-            mid: make(&[rows, h])?,
-            xn2: make(&[rows, h])?,
-            rstd2: make(&[rows])?,
-            gate: make(&[rows, i])?,
-            up: make(&[rows, i])?,
-            act: make(&[rows, i])?,
-            down: make(&[rows, h])?,
-            u: PerProj::try_from_fn(|p| ranks[p].map(|r| make(&[rows, r])).transpose())?,
+            u: lora_us(ranks, false, rows, &mut make)?,
+            local: LocalActs {
+                rows: chunk,
+                x: chunked.then(|| make(&[chunk, h])).transpose()?,
+                attn: chunked.then(|| make(&[chunk, q])).transpose()?,
+                o: make(&[chunk, h])?,
+                mid: make(&[chunk, h])?,
+                xn2: make(&[chunk, h])?,
+                rstd2: make(&[chunk])?,
+                gate: make(&[chunk, i])?,
+                up: make(&[chunk, i])?,
+                act: make(&[chunk, i])?,
+                down: make(&[chunk, h])?,
+                u: lora_us(ranks, true, chunk, &mut make)?,
+            },
         })
     }
 }
 
 impl LayerActs {
-    /// Activations sized for `rows` tokens (one set serves every layer of an inference pass).
+    /// Activations sized for `rows` tokens (one set serves every layer of an inference pass),
+    /// the token-local part in the model's token chunks.
     pub fn new(gpu: &Gpu, model: &Qwen2, rows: usize) -> Result<LayerActs> {
         let ranks = model.lora_ranks();
-        LayerActs::build(&model.config, &ranks, rows, |shape| {
+        LayerActs::build(&model.config, &ranks, model.chunk_rows(rows), |shape| {
             Tensor::zeros(gpu, shape, DType::F32)
         })
     }
 
     /// Device bytes `LayerActs::new(.., rows)` allocates.
     pub fn bytes(model: &Qwen2, rows: usize) -> u64 {
-        LayerActs::bytes_for(&model.config, &model.lora_ranks(), rows)
+        LayerActs::bytes_for(&model.config, &model.lora_ranks(), model.chunk_rows(rows))
     }
 
-    /// Device bytes of the activations of `rows` tokens with LoRAs of `ranks`.
-    pub fn bytes_for(config: &Qwen2Config, ranks: &PerProj<Option<usize>>, rows: usize) -> u64 {
+    /// Device bytes of the activations of `(rows, chunk)` ([`LayerActs::build`]) with LoRAs of
+    /// `ranks`.
+    pub fn bytes_for(
+        config: &Qwen2Config,
+        ranks: &PerProj<Option<usize>>,
+        rows: (usize, usize),
+    ) -> u64 {
         let mut f32s = 0;
         let counted = LayerActs::<()>::build(config, ranks, rows, |shape| {
             f32s += shape.iter().product::<usize>();
@@ -221,6 +271,42 @@ impl LayerActs {
         });
         debug_assert!(counted.is_ok(), "counting never fails");
         f32s as u64 * 4
+    }
+}
+
+impl LocalActs {
+    /// The chunk of `len` rows from row `first` of a layer whose input is `x` and attention
+    /// output `attn`: these buffers' first `len` rows, the chunk's rows of x and attn copied in.
+    pub(crate) fn chunk(
+        &self,
+        batch: &mut Batch,
+        (x, attn): (&Tensor, &Tensor),
+        first: usize,
+        len: usize,
+    ) -> Result<LocalActs> {
+        let gpu = batch.gpu;
+        let prefix = |t: &Tensor| t.prefix(gpu, len);
+        let opt = |t: &Option<Tensor>| t.as_ref().map(prefix).transpose();
+        let chunk = LocalActs {
+            rows: len,
+            x: opt(&self.x)?,
+            attn: opt(&self.attn)?,
+            o: prefix(&self.o)?,
+            mid: prefix(&self.mid)?,
+            xn2: prefix(&self.xn2)?,
+            rstd2: prefix(&self.rstd2)?,
+            gate: prefix(&self.gate)?,
+            up: prefix(&self.up)?,
+            act: prefix(&self.act)?,
+            down: prefix(&self.down)?,
+            u: PerProj::try_from_fn(|p| opt(&self.u[p]))?,
+        };
+        let (Some(x_rows), Some(attn_rows)) = (&chunk.x, &chunk.attn) else {
+            bail!("a layer's token chunk needs its chunk buffers");
+        };
+        copy_rows(batch, x, first..first + len, x_rows, 0)?;
+        copy_rows(batch, attn, first..first + len, attn_rows, 0)?;
+        Ok(chunk)
     }
 }
 
@@ -376,10 +462,19 @@ impl LoraDropout {
     /// separate `lora_dropout` modules are); None when p = 0, which keeps the fused launches.
     pub(crate) fn mask(&self, layer: usize, proj: Proj) -> Option<Dropout> {
         let module = (layer * Proj::ALL.len() + proj.index()) as u64;
-        (self.p > 0.0).then(|| Dropout {
-            p: self.p,
-            seed: splitmix64(self.seed ^ splitmix64(module)) as u32,
-        })
+        let seed = splitmix64(self.seed ^ splitmix64(module)) as u32;
+        (self.p > 0.0).then(|| Dropout::new(self.p, seed))
+    }
+}
+
+/// The token chunk `WGTRAIN_TOKEN_CHUNK` forces (rows; for tests and measurements), if set.
+fn forced_token_chunk() -> Result<Option<usize>> {
+    let Ok(text) = std::env::var("WGTRAIN_TOKEN_CHUNK") else {
+        return Ok(None);
+    };
+    match text.trim().parse() {
+        Ok(rows) if rows > 0 => Ok(Some(rows)),
+        _ => bail!("WGTRAIN_TOKEN_CHUNK '{text}': expected a positive number of token rows"),
     }
 }
 
@@ -408,6 +503,28 @@ pub(crate) struct LayerOut<'a> {
     pub(crate) weight: &'a Tensor,
     pub(crate) normed: &'a Tensor,
     pub(crate) rstd: &'a Tensor,
+}
+
+/// The rows the token-local part of a layer runs over: a chunk of its tokens, or all of them.
+#[derive(Clone, Copy)]
+pub(crate) struct LocalRows<'a> {
+    /// Their activations (a chunk's, or the whole layer's).
+    pub(crate) acts: &'a LocalActs,
+    /// The layer's input and attention output, all rows (a chunk has its rows copied in `acts`).
+    pub(crate) whole: (&'a Tensor, &'a Tensor),
+    /// The index of the first row in the layer.
+    pub(crate) first: usize,
+}
+
+impl LocalRows<'_> {
+    /// The rows' input and attention output.
+    pub(crate) fn inputs(&self) -> (&Tensor, &Tensor) {
+        let a = self.acts;
+        (
+            a.x.as_ref().unwrap_or(self.whole.0),
+            a.attn.as_ref().unwrap_or(self.whole.1),
+        )
+    }
 }
 
 /// Where one forward writes its new keys and values in a KV cache.
@@ -508,7 +625,7 @@ impl Qwen2 {
         weights.validate(&config)?;
         let upload = |spec: &TensorSpec, dtype| to_device(gpu, &weights.get(&spec.name)?, dtype);
         let model = Qwen2::build_planned(gpu, config, &plan, upload)?;
-        Ok(model.streaming_from(plan, Some(weights)))
+        model.streaming_from(plan, Some(weights))
     }
 
     /// Builds the model from `tensor(spec, dtype)`, called once for every tensor of
@@ -523,14 +640,38 @@ impl Qwen2 {
         Qwen2::build_planned(gpu, config, &plan, tensor)
     }
 
-    /// Hands the model its plan under a budget, and the stream of its streamed layers (read from
-    /// `source`).
-    pub(crate) fn streaming_from(mut self, plan: MemoryPlan, source: Option<Weights>) -> Qwen2 {
+    /// Hands the model its plan under a budget, the stream of its streamed layers (read from
+    /// `source`) and the plan's token chunks, or those `WGTRAIN_TOKEN_CHUNK` forces.
+    pub(crate) fn streaming_from(
+        mut self,
+        plan: MemoryPlan,
+        source: Option<Weights>,
+    ) -> Result<Qwen2> {
+        self.set_token_chunk(forced_token_chunk()?.or(plan.chunk))?;
         self.stream = plan
             .budget
             .is_some()
             .then(|| LayerStream::new(plan, source));
-        self
+        Ok(self)
+    }
+
+    /// Rows of the token chunks each layer's token-local part (o_proj, the residual adds, the
+    /// post-attention norm and the MLP) runs in; None: whole layers.
+    pub fn token_chunk(&self) -> Option<usize> {
+        self.token_chunk
+    }
+
+    /// Runs each layer's token-local part in chunks of `rows` tokens (None: whole layers),
+    /// whatever the memory plan chose.
+    pub fn set_token_chunk(&mut self, rows: Option<usize>) -> Result<()> {
+        ensure!(rows != Some(0), "a token chunk of 0 rows");
+        self.token_chunk = rows;
+        Ok(())
+    }
+
+    /// A pass over `rows` tokens as [`LayerActs::build`] takes it: (rows, rows of a chunk).
+    pub(crate) fn chunk_rows(&self, rows: usize) -> (usize, usize) {
+        (rows, self.token_chunk.map_or(rows, |c| c.min(rows)))
     }
 
     /// [`Qwen2::build`] under `plan`: `tensor` is called for the resident layers and for the first
@@ -598,6 +739,7 @@ impl Qwen2 {
             lm_head,
             rope,
             stream: None,
+            token_chunk: None,
             length_warned: AtomicBool::new(false),
         })
     }
@@ -748,6 +890,9 @@ impl Qwen2 {
     /// Records decoder layer `l`: reads the residual stream `io.x` [rows, hidden], writes the
     /// next one as `io.out` says, and leaves the layer's intermediates in `acts`. Each residual
     /// add is fused with the RMSNorm that follows it (one launch fewer each, same arithmetic).
+    /// In token chunks, the token-local part runs chunk by chunk after attention (the layer's
+    /// output normed after the last), and a recomputation (`io.out` None) stops at attention:
+    /// the backward recomputes each chunk before its own backward.
     pub(crate) fn layer_forward(
         &self,
         batch: &mut Batch,
@@ -756,22 +901,63 @@ impl Qwen2 {
         acts: &LayerActs,
         step: &Step,
     ) -> Result<()> {
+        self.attention_forward(batch, l, &io, acts, step)?;
+        let whole = (io.x, &acts.attn);
+        if acts.local.rows == acts.rows {
+            let rows = LocalRows {
+                acts: &acts.local,
+                whole,
+                first: 0,
+            };
+            return self.local_forward(batch, l, rows, io.out, step);
+        }
+        let Some(out) = io.out else {
+            return Ok(());
+        };
+        for first in (0..acts.rows).step_by(acts.local.rows) {
+            let len = acts.local.rows.min(acts.rows - first);
+            let chunk = acts.local.chunk(batch, whole, first, len)?;
+            let rows = LocalRows {
+                acts: &chunk,
+                whole,
+                first,
+            };
+            self.local_forward(batch, l, rows, None, step)?;
+            // o is free again: it takes the chunk's output, mid + down.
+            add(batch, &chunk.mid, &chunk.down, &chunk.o, 1.0, 1.0)?;
+            copy_rows(batch, &chunk.o, 0..len, out.out, first)?;
+            // Releases the chunk's temporaries (LoRA dropout's inputs) before the next.
+            batch.flush();
+        }
+        let eps = self.config.rms_norm_eps as f32;
+        rmsnorm_forward(batch, out.out, out.weight, eps, out.normed, out.rstd)
+    }
+
+    /// Layer `l` up to and including attention: the input norm (unless `io.x_normed`), q, k, v,
+    /// RoPE and attention (reading and extending the KV cache of `step`).
+    fn attention_forward(
+        &self,
+        batch: &mut Batch,
+        l: usize,
+        io: &LayerIo,
+        a: &LayerActs,
+        step: &Step,
+    ) -> Result<()> {
         let c = &self.config;
-        let (layer, a, x) = (&self.layers[l], acts, io.x);
-        let eps = c.rms_norm_eps as f32;
-        let proj = |batch: &mut Batch, p: Proj, x: &Tensor, y: &Tensor| {
+        let layer = &self.layers[l];
+        let proj = |batch: &mut Batch, p: Proj, y: &Tensor| {
             let dropout = step.dropout.and_then(|d| d.mask(l, p));
             layer.proj[p]
-                .forward(batch, x, a.u[p].as_ref(), y, dropout)
+                .forward(batch, &a.xn, a.u[p].as_ref(), y, dropout)
                 .with_context(|| format!("layer {l} {}", p.path()))
         };
-
         if !io.x_normed {
-            rmsnorm_forward(batch, x, &layer.input_norm, eps, &a.xn, &a.rstd1)?;
+            let eps = c.rms_norm_eps as f32;
+            rmsnorm_forward(batch, io.x, &layer.input_norm, eps, &a.xn, &a.rstd1)?;
         }
-        proj(batch, Proj::Q, &a.xn, &a.q)?;
-        proj(batch, Proj::K, &a.xn, &a.k)?;
-        proj(batch, Proj::V, &a.xn, &a.v)?;
+        proj(batch, Proj::Q, &a.q)?;
+        proj(batch, Proj::K, &a.k)?;
+        proj(batch, Proj::V, &a.v)?;
         let positions = Positions::Sequential {
             seq_len: step.seq_len,
             starts: &step.starts,
@@ -798,22 +984,39 @@ impl Qwen2 {
                     capacity: kv.cache.capacity,
                 };
                 let (k, v) = (&kv.cache.k[l], &kv.cache.v[l]);
-                attention_forward_ragged(
-                    batch,
-                    Qkv { q: &a.q, k, v },
-                    &a.attn,
-                    &a.lse,
-                    dims,
-                    keys,
-                )?;
+                attention_forward_ragged(batch, Qkv { q: &a.q, k, v }, &a.attn, &a.lse, dims, keys)
             }
             // No cache, or every sequence starts empty: the new keys are all there is.
             None => {
                 let qkv = Qkv::new(&a.q, &a.k, &a.v);
-                attention_forward(batch, qkv, &a.attn, &a.lse, dims)?
+                attention_forward(batch, qkv, &a.attn, &a.lse, dims)
             }
         }
-        proj(batch, Proj::O, &a.attn, &a.o)?;
+    }
+
+    /// The token-local part of layer `l` over `rows`: from the attention output to the layer
+    /// output, written as `out` says (None: left in `mid` and `down`). LoRA dropout masks the
+    /// rows as it masks them in the whole layer.
+    pub(crate) fn local_forward(
+        &self,
+        batch: &mut Batch,
+        l: usize,
+        rows: LocalRows,
+        out: Option<LayerOut>,
+        step: &Step,
+    ) -> Result<()> {
+        let (a, first) = (rows.acts, rows.first);
+        let layer = &self.layers[l];
+        let eps = self.config.rms_norm_eps as f32;
+        let proj = |batch: &mut Batch, p: Proj, x: &Tensor, y: &Tensor| {
+            let dropout = step.dropout.and_then(|d| d.mask(l, p));
+            let dropout = dropout.map(|d| d.from_row(first, x.row_len()));
+            layer.proj[p]
+                .forward(batch, x, a.u[p].as_ref(), y, dropout)
+                .with_context(|| format!("layer {l} {}", p.path()))
+        };
+        let (x, attn) = rows.inputs();
+        proj(batch, Proj::O, attn, &a.o)?;
         let residual = ResidualAdd {
             a: x,
             b: &a.o,
@@ -824,7 +1027,7 @@ impl Qwen2 {
         proj(batch, Proj::Up, &a.xn2, &a.up)?;
         swiglu_forward(batch, &a.gate, &a.up, &a.act)?;
         proj(batch, Proj::Down, &a.act, &a.down)?;
-        let Some(out) = io.out else {
+        let Some(out) = out else {
             return Ok(());
         };
         let residual = ResidualAdd {

@@ -111,6 +111,43 @@ pub struct Working {
     pub bytes: u64,
     /// The part of `bytes` that is checkpointed layer inputs, which can wait in host memory.
     pub offloadable: u64,
+    /// What it holds with each layer's token-local part in chunks (None: it does not chunk).
+    pub chunked: Option<Chunked>,
+}
+
+impl Working {
+    /// The workload holding `bytes` more, with whole layers and in chunks alike.
+    pub fn plus(mut self, bytes: u64) -> Working {
+        self.bytes += bytes;
+        if let Some(chunked) = &mut self.chunked {
+            chunked.fixed += bytes;
+        }
+        self
+    }
+}
+
+/// A workload of `tokens` tokens per layer with each layer's token-local part run in chunks of C
+/// rows (C < `tokens`): it holds `fixed + C · per_row` bytes (layer inputs included).
+#[derive(Clone, Copy, Debug)]
+pub struct Chunked {
+    pub tokens: usize,
+    pub fixed: u64,
+    pub per_row: u64,
+}
+
+/// The fewest rows the planner gives a token chunk: fewer would leave a large GPU's GEMMs short
+/// of workgroups (and multiply the launches).
+pub const MIN_TOKEN_CHUNK: usize = 256;
+
+impl Chunked {
+    /// The most rows a chunk can have in `room` bytes (a multiple of 32, the GEMM's tile rows,
+    /// from [`MIN_TOKEN_CHUNK`] to `tokens - 1`), and the bytes held with it; None when no
+    /// chunk fits or none would be shorter than the tokens.
+    fn largest_in(&self, room: u64) -> Option<(usize, u64)> {
+        let rows = (room.checked_sub(self.fixed)? / self.per_row.max(1)) as usize;
+        let rows = rows.min(self.tokens - 1) / 32 * 32;
+        (rows >= MIN_TOKEN_CHUNK).then(|| (rows, self.fixed + rows as u64 * self.per_row))
+    }
 }
 
 /// What stays on the device and what streams.
@@ -131,6 +168,8 @@ pub struct MemoryPlan {
     /// Bytes of checkpointed layer inputs that wait in host memory between the forward and the
     /// backward (0: they stay on the device).
     pub offloaded: u64,
+    /// Rows of the token chunks each layer's token-local part runs in (None: whole layers).
+    pub chunk: Option<usize>,
     pub budget: Option<u64>,
 }
 
@@ -146,6 +185,7 @@ impl MemoryPlan {
             other_bytes,
             working: 0,
             offloaded: 0,
+            chunk: None,
             budget: None,
         }
     }
@@ -154,11 +194,14 @@ impl MemoryPlan {
     /// besides the weights, `offloadable` of it checkpointed layer inputs that can wait in host
     /// memory; cheapest first: everything resident if it fits; else as many layers resident as
     /// fit beside two streaming slots (one when two do not fit); else the same with the layer
-    /// inputs offloaded. A budget below the last is refused with the size that would fit.
+    /// inputs offloaded; else, with them offloaded, each layer's token-local part in the
+    /// longest token chunks beside two slots (one when two do not fit even with the shortest
+    /// chunks). A budget below the last is refused with the size that would fit.
     pub fn fit(config: &Qwen2Config, budget: Option<u64>, working: Working) -> Result<MemoryPlan> {
         let Working {
             bytes: working,
             offloadable,
+            chunked,
         } = working;
         let mut plan = MemoryPlan {
             working,
@@ -178,20 +221,43 @@ impl MemoryPlan {
             plan.working = working - offloadable;
             fit = layers_that_fit(plan.working);
         }
-        let least = plan.other_bytes + plan.layer_bytes + plan.working;
+        // With the layer inputs offloaded, the chunked workload's bytes at `room` for it.
+        let chunked_in = |room: u64| {
+            let chunked = chunked?;
+            let (rows, bytes) = chunked.largest_in(room + offloadable)?;
+            Some((rows, bytes - offloadable))
+        };
+        if fit == 0 {
+            let room =
+                |slots: u64| budget.saturating_sub(plan.other_bytes + slots * plan.layer_bytes);
+            if let Some((rows, bytes)) = chunked_in(room(2)).or_else(|| chunked_in(room(1))) {
+                (plan.chunk, plan.working) = (Some(rows), bytes);
+                fit = layers_that_fit(bytes);
+            }
+        }
+        // The least working set: with the layer inputs offloaded, in the shortest chunks.
+        let least_working = match chunked.filter(|c| c.tokens > MIN_TOKEN_CHUNK) {
+            Some(c) => c.fixed + MIN_TOKEN_CHUNK as u64 * c.per_row - offloadable,
+            None => working - offloadable,
+        };
+        let least = plan.other_bytes + plan.layer_bytes + least_working;
         ensure!(
             fit >= 1,
             "--device-memory {}: this run needs at least {:.1} MiB (--device-memory {least}B): \
              {:.1} MiB of embedding and LM head, one streamed decoder layer of {:.1} MiB and \
-             {:.1} MiB of activations and trained state{}",
+             {:.1} MiB of activations and trained state{}{}",
             human(budget),
             least as f64 / MIB as f64,
             plan.other_bytes as f64 / MIB as f64,
             plan.layer_bytes as f64 / MIB as f64,
-            plan.working as f64 / MIB as f64,
-            match plan.offloaded {
+            least_working as f64 / MIB as f64,
+            match offloadable {
                 0 => "",
                 _ => " (the layer inputs offloaded to host memory)",
+            },
+            match least_working < working - offloadable {
+                true => format!(" (each layer's MLP in chunks of {MIN_TOKEN_CHUNK} tokens)"),
+                false => String::new(),
             }
         );
         if fit < plan.layers {
@@ -275,6 +341,9 @@ impl fmt::Display for MemoryPlan {
                 "offloaded: layer inputs, to the host".into(),
                 self.offloaded,
             )?;
+        }
+        if let Some(rows) = self.chunk {
+            writeln!(f, "  token chunks: o_proj + MLP, {rows} tokens at a time")?;
         }
         line(
             f,
@@ -380,6 +449,7 @@ mod tests {
         let working = Working {
             bytes: 10 * layer,
             offloadable: 5 * layer,
+            chunked: None,
         };
         let plan = |budget: u64| MemoryPlan::fit(&config, Some(budget), working);
         let all = other + 28 * layer + working.bytes;

@@ -199,9 +199,8 @@ pub fn lora_step_working(
     dropout: bool,
     tokens: usize,
 ) -> Working {
-    let mut working = micro_batch_bytes(config, ranks, dropout, tokens);
-    working.bytes += lora_bytes(config, ranks) * if adamw { 4 } else { 2 };
-    working
+    let state = lora_bytes(config, ranks) * if adamw { 4 } else { 2 };
+    micro_batch_bytes(config, ranks, dropout, tokens).plus(state)
 }
 
 /// The device memory of one optimizer step on a run's largest micro-batch (`--dry-run`).

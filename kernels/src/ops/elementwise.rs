@@ -285,24 +285,42 @@ pub fn sum_rows(batch: &mut Batch, a: &Tensor, out: Out, alpha: f32) -> Result<(
     Ok(())
 }
 
-/// Inverted dropout with a counter-based mask: element e (row-major over the whole tensor) is
-/// dropped iff `hash(hash(e) ^ seed) < p·2³²`, kept elements are scaled by 1 / (1 - p). Nothing is
-/// stored: the forward, its per-layer recomputation and the backward regenerate the same mask from
-/// the seed, and since dropout is linear and diagonal its backward is the same call on the gradient.
+/// Inverted dropout with a counter-based mask: element e (row-major over the whole tensor, counted
+/// from `first`) is dropped iff `hash(hash(first + e) ^ seed) < p·2³²`, kept elements are scaled by
+/// 1 / (1 - p). Nothing is stored: the forward, its per-layer recomputation and the backward
+/// regenerate the same mask from the seed, and since dropout is linear and diagonal its backward is
+/// the same call on the gradient.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Dropout {
     /// Drop probability, in [0, 1).
     pub p: f32,
     pub seed: u32,
+    /// The mask index of the tensor's element 0: a chunk of rows of a larger tensor gets that
+    /// tensor's mask (0 for a whole tensor).
+    pub first: u32,
 }
 
 impl Dropout {
+    /// The mask of a whole tensor.
+    pub fn new(p: f32, seed: u32) -> Dropout {
+        Dropout { p, seed, first: 0 }
+    }
+
+    /// This mask over rows `row..` of a tensor of `cols` columns: what those rows get as part of
+    /// the whole tensor.
+    pub fn from_row(self, row: usize, cols: usize) -> Dropout {
+        Dropout {
+            first: self.first + (row * cols) as u32,
+            ..self
+        }
+    }
+
     fn threshold(&self) -> u32 {
         (self.p as f64 * 4294967296.0).round().min(u32::MAX as f64) as u32
     }
 
-    /// The multiplier of element `index`: 0 when dropped, else 1 / (1 - p) (the CPU mirror of the
-    /// kernel's mask).
+    /// The multiplier of mask index `index` (element `index - first`): 0 when dropped, else
+    /// 1 / (1 - p) (the CPU mirror of the kernel's mask).
     pub fn factor(&self, index: u32) -> f32 {
         if pcg_hash(pcg_hash(index) ^ self.seed) >= self.threshold() {
             1.0 / (1.0 - self.p)
@@ -326,15 +344,19 @@ pub fn dropout(batch: &mut Batch, a: &Tensor, out: Out, mask: &Dropout) -> Resul
     if !(0.0..1.0).contains(&mask.p) {
         bail!("dropout probability must lie in [0, 1), got {}", mask.p);
     }
-    if a.numel() > u32::MAX as usize {
-        bail!("dropout: {:?} has more than 2^32 elements", a.shape());
+    if (mask.first as usize + a.numel()) > u32::MAX as usize {
+        bail!(
+            "dropout: {:?} from mask index {} passes 2^32 elements",
+            a.shape(),
+            mask.first
+        );
     }
     launch_unary(batch, "dropout", a, out, |first| Params {
         alpha: 1.0 / (1.0 - mask.p),
         beta,
         seed: mask.seed,
         threshold: mask.threshold(),
-        first,
+        first: mask.first + first,
         ..Default::default()
     })
 }
@@ -349,7 +371,7 @@ pub mod cpu {
         a.iter()
             .zip(out)
             .enumerate()
-            .map(|(i, (a, o))| mask.factor(i as u32) as f64 * a + beta * o)
+            .map(|(i, (a, o))| mask.factor(mask.first + i as u32) as f64 * a + beta * o)
             .collect()
     }
 
@@ -400,10 +422,8 @@ pub fn check(gpu: &Gpu, rows: usize, cols: usize, seed: u64) -> Result<Vec<Check
     let a_bf16 = Tensor::from_f32_as_bf16(gpu, &shape, &av)?;
     let widened = Tensor::zeros(gpu, &shape, DType::F32)?;
     let dropped = Tensor::from_f32(gpu, &shape, &bv)?;
-    let mask = Dropout {
-        p: 0.3,
-        seed: seed as u32 ^ 0x9e37_79b9,
-    };
+    // A mask that starts past element 0, as a chunk of a larger tensor's rows gets.
+    let mask = Dropout::new(0.3, seed as u32 ^ 0x9e37_79b9).from_row(3, cols);
     // Moves: b's first half past its second half inside one tensor, and a's rows 1.. to the top of
     // a copy of b.
     let half = rows / 2;

@@ -404,7 +404,7 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
         r: 8,
     };
     let mut checks = check_lora(gpu, dims, 1, None)?;
-    let dropout = Dropout { p: 0.1, seed: 5 };
+    let dropout = Dropout::new(0.1, 5);
     checks.extend(check_lora(gpu, dims, 2, Some(dropout))?);
     Ok(checks)
 }
