@@ -4,7 +4,8 @@
 //! at Qwen2.5 3B, 7B, 14B and 32B shapes, T 4096 and 16384 (`WGTRAIN_BENCH_T`), without a budget
 //! and under each of `WGTRAIN_BENCH_BUDGETS` (default 24GiB,16GiB,8GiB), on a dry-run device with
 //! zero weights (the config alone; nothing downloaded or executed): the resident and streamed
-//! layers, whether the layer inputs wait in host memory, the planned and the counted peak, the
+//! layers, whether the layer inputs wait in host memory, the token chunk of each layer's
+//! token-local part (o_proj + MLP; "-": whole layers), the planned and the counted peak, the
 //! host memory the plan reads from, the bytes moved host <-> device per step and what they take
 //! over PCIe 4.0 x16 at 25 GB/s (computed, not measured), next to the step's model FLOPs.
 //! `cargo bench --bench stream -- 7B` plans one model.
@@ -12,9 +13,10 @@
 //! `WGTRAIN_BENCH_STREAM=1`: timed on the device. A 0.5B-shape checkpoint of random bf16 weights
 //! is written to a temporary directory and memory-mapped; the same LoRA step then runs with every
 //! layer resident and with every layer streamed through two slots (layer inputs on the device),
-//! alternating, `WGTRAIN_BENCH_REPS` steps each (default 3) after a warm-up, at T from
-//! `WGTRAIN_BENCH_T` (default 16 on a CPU adapter, 1024 on a GPU): the medians, their ratio and
-//! the bytes streamed per step.
+//! and resident in token chunks of `WGTRAIN_BENCH_CHUNK` rows (default T / 4), alternating,
+//! `WGTRAIN_BENCH_REPS` steps each (default 3) after a warm-up, at T from `WGTRAIN_BENCH_T`
+//! (default 16 on a CPU adapter, 1024 on a GPU): the medians, their ratios to the resident step
+//! and the bytes streamed per step.
 use std::time::Duration;
 
 use anyhow::Result;
@@ -61,10 +63,10 @@ fn plans(models: &[String]) -> Result<()> {
          executed); PCIe at 25 GB/s computed\n"
     );
     println!(
-        "| model | T | budget | resident layers | streamed (slots) | layer inputs | planned GiB | \
-         peak GiB | host GiB | host<->device GiB/step | PCIe s/step | step TFLOP |"
+        "| model | T | budget | resident layers | streamed (slots) | layer inputs | token chunk | \
+         planned GiB | peak GiB | host GiB | host<->device GiB/step | PCIe s/step | step TFLOP |"
     );
-    println!("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
     for name in ["3B", "7B", "14B", "32B"] {
         if !models.is_empty() && !models.iter().any(|m| m == name) {
             continue;
@@ -80,7 +82,7 @@ fn plans(models: &[String]) -> Result<()> {
                     Err(e) => {
                         let why = format!("{e:#}");
                         let least = why.split(": ").nth(1).unwrap_or(&why);
-                        println!("| {name} | {t} | {label} | refused: {least} |||||||||");
+                        println!("| {name} | {t} | {label} | refused: {least} ||||||||||");
                         continue;
                     }
                 };
@@ -89,12 +91,13 @@ fn plans(models: &[String]) -> Result<()> {
                 let (_, report) = Trainer::new(&gpu, &model)?.step(&gpu, t, 0)?;
                 let traffic = plan.training_traffic();
                 println!(
-                    "| {name} | {t} | {label} | {} | {} ({}) | {} | {:.1} | {:.1} | {:.1} | {:.1} | \
-                     {:.2} | {flops:.0} |",
+                    "| {name} | {t} | {label} | {} | {} ({}) | {} | {} | {:.1} | {:.1} | {:.1} | \
+                     {:.1} | {:.2} | {flops:.0} |",
                     plan.resident_layers,
                     plan.streamed_layers(),
                     plan.slots,
                     if plan.offloaded > 0 { "host" } else { "device" },
+                    plan.chunk.map_or("-".into(), |c| c.to_string()),
                     plan.device_bytes() as f64 / GIB,
                     report.peak as f64 / GIB,
                     plan.host_bytes() as f64 / GIB,
@@ -107,13 +110,14 @@ fn plans(models: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The 0.5B-shape LoRA step resident and streamed on the device, alternating.
+/// The 0.5B-shape LoRA step resident, streamed and in token chunks on the device, alternating.
 fn timed() -> Result<()> {
     let gpu = Gpu::from_env()?;
     let t = env_list(
         "WGTRAIN_BENCH_T",
         if gpu.is_cpu() { &[16] } else { &[1024] },
     )[0];
+    let chunk = env_list("WGTRAIN_BENCH_CHUNK", &[t.div_ceil(4)])[0];
     let reps = env_list("WGTRAIN_BENCH_REPS", &[3])[0].max(1);
     let config = Qwen2Config::qwen25("0.5B")?;
     let dir = tempfile::tempdir()?;
@@ -123,11 +127,12 @@ fn timed() -> Result<()> {
     let (layer, other) = weight_bytes(&config, false);
     let all_streamed = Some(other + 2 * layer + work.bytes);
     let mut models = Vec::new();
-    for budget in [None, all_streamed] {
+    for (budget, token_chunk) in [(None, None), (all_streamed, None), (None, Some(chunk))] {
         let plan = MemoryPlan::fit(&config, budget, work)?;
         let weights = Weights::open(dir.path())?;
         let mut model = Qwen2::from_weights(&gpu, config.clone(), weights, plan)?;
         model.apply_adapter(&gpu, &adapter)?;
+        model.set_token_chunk(token_chunk)?;
         models.push(model);
     }
     let plan = models[1].memory_plan().expect("streamed");
@@ -135,7 +140,8 @@ fn timed() -> Result<()> {
     println!(
         "0.5B shape, random bf16 weights memory-mapped from {}; LoRA r {RANK} all projections, \
          AdamW, one row of {t} tokens; streamed: {} layers through {} slots, {} per step \
-         planned; median of {reps} alternating steps after a warm-up",
+         planned; token chunks of {chunk} rows; median of {reps} alternating steps after a \
+         warm-up",
         dir.path().display(),
         plan.streamed_layers(),
         plan.slots,
@@ -145,7 +151,7 @@ fn timed() -> Result<()> {
         .iter()
         .map(|m| Trainer::new(&gpu, m))
         .collect::<Result<Vec<_>>>()?;
-    let mut times: [Vec<Duration>; 2] = Default::default();
+    let mut times: [Vec<Duration>; 3] = Default::default();
     for rep in 0..=reps {
         for (k, trainer) in trainers.iter().enumerate() {
             let before = models[k].streamed_bytes();
@@ -162,16 +168,19 @@ fn timed() -> Result<()> {
             }
         }
     }
-    let median = |v: &mut Vec<Duration>| {
+    let [resident, streamed, chunked] = times.map(|mut v| {
         v.sort();
         v[v.len() / 2].as_secs_f64()
-    };
-    let (resident, streamed) = (median(&mut times[0]), median(&mut times[1]));
-    println!("| T | resident step (s) | streamed step (s) | streamed / resident |");
-    println!("|---:|---:|---:|---:|");
+    });
     println!(
-        "| {t} | {resident:.3} | {streamed:.3} | {:.3} |",
-        streamed / resident
+        "| T | resident step (s) | streamed step (s) | streamed / resident | chunked step (s) | \
+         chunked / resident |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| {t} | {resident:.3} | {streamed:.3} | {:.3} | {chunked:.3} | {:.3} |",
+        streamed / resident,
+        chunked / resident
     );
     Ok(())
 }

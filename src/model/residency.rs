@@ -427,6 +427,7 @@ impl LayerStream {
 
 #[cfg(test)]
 mod tests {
+    use super::super::backward::micro_batch_bytes;
     use super::*;
 
     #[test]
@@ -470,5 +471,52 @@ mod tests {
         let err = plan(least - 1).unwrap_err().to_string();
         assert!(err.contains(&format!("--device-memory {least}B")), "{err}");
         assert_eq!(MemoryPlan::fit(&config, None, working).unwrap().slots, 0);
+    }
+
+    #[test]
+    fn long_rows_run_in_token_chunks_when_offloading_is_not_enough() {
+        let config = Qwen2Config::qwen25("7B").unwrap();
+        let ranks = PerProj::from_fn(|_| Some(64));
+        let tokens = 16384;
+        let working = micro_batch_bytes(&config, &ranks, true, tokens);
+        let chunked = working.chunked.unwrap();
+        let (layer, other) = weight_bytes(&config, false);
+        let plan = |budget: u64, working| MemoryPlan::fit(&config, Some(budget), working);
+        // Room for one streamed layer beside the offloaded workload: whole layers.
+        let offloaded = other + layer + working.bytes - working.offloadable;
+        let whole = plan(offloaded, working).unwrap();
+        assert_eq!((whole.chunk, whole.slots), (None, 1));
+        // Less: the longest chunks (a multiple of 32 rows) beside two slots, within the budget.
+        let budget = offloaded - 1;
+        let chunks = plan(budget, working).unwrap();
+        let rows = chunks.chunk.unwrap();
+        assert!(
+            rows % 32 == 0 && (MIN_TOKEN_CHUNK..tokens).contains(&rows),
+            "{rows}"
+        );
+        assert_eq!((chunks.slots, chunks.offloaded), (2, working.offloadable));
+        assert!(chunks.device_bytes() <= budget);
+        assert!(chunks.device_bytes() + 32 * chunked.per_row > budget);
+        // The least: the shortest chunks, one slot; refused below, naming that size.
+        let least = other + layer + chunked.fixed + 256 * chunked.per_row - working.offloadable;
+        let shortest = plan(least, working).unwrap();
+        assert_eq!((shortest.chunk, shortest.slots), (Some(MIN_TOKEN_CHUNK), 1));
+        let err = plan(least - 1, working).unwrap_err().to_string();
+        assert!(err.contains(&format!("--device-memory {least}B")), "{err}");
+        assert!(err.contains("in chunks of 256 tokens"), "{err}");
+        // A workload that does not chunk is refused where offloading ends.
+        let unchunked = Working {
+            chunked: None,
+            ..working
+        };
+        let err = plan(offloaded - 1, unchunked).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("--device-memory {offloaded}B")),
+            "{err}"
+        );
+        assert!(
+            least < offloaded - (4 << 30),
+            "chunks save less than 4 GiB: {err}"
+        );
     }
 }
