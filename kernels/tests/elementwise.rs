@@ -35,6 +35,32 @@ fn tensors_split_into_whole_row_chunks_and_round_trip() {
 }
 
 #[test]
+fn a_prefix_is_the_first_rows_in_place() {
+    let gpu = split_gpu(1024);
+    let data: Vec<f32> = (0..3000).map(|i| i as f32).collect();
+    let t = Tensor::from_f32(gpu, &[100, 30], &data).unwrap();
+    // 20 rows span three 8-row chunks; a write through the prefix lands in the tensor.
+    let first = t.prefix(gpu, 20).unwrap();
+    assert_eq!((first.shape(), first.chunks().len()), (&[20, 30][..], 3));
+    assert_eq!(first.device_bytes(), 0);
+    assert_eq!(first.to_f32(gpu).unwrap(), data[..600]);
+    let source = Tensor::from_f32(gpu, &[20, 30], &vec![-1.0; 600]).unwrap();
+    let mut batch = gpu.batch();
+    elementwise::copy_rows(&mut batch, &source, 0..20, &first, 0).unwrap();
+    batch.submit();
+    let mut expected = data.clone();
+    expected[..600].fill(-1.0);
+    assert_eq!(t.to_f32(gpu).unwrap(), expected);
+    // A vector's prefix: its first entries.
+    let v = Tensor::from_f32(gpu, &[5], &[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+    assert_eq!(v.prefix(gpu, 2).unwrap().to_f32(gpu).unwrap(), [1.0, 2.0]);
+    for bad in [0, 101] {
+        let err = t.prefix(gpu, bad).err().unwrap().to_string();
+        assert!(err.contains(&format!("a prefix of {bad}")), "{err}");
+    }
+}
+
+#[test]
 fn bad_sizes_are_clear_errors() {
     let gpu = split_gpu(1024);
     let err = Tensor::zeros(gpu, &[2, 1000], DType::F32)

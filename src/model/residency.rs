@@ -497,6 +497,8 @@ mod tests {
         assert_eq!((chunks.slots, chunks.offloaded), (2, working.offloadable));
         assert!(chunks.device_bytes() <= budget);
         assert!(chunks.device_bytes() + 32 * chunked.per_row > budget);
+        let shown = format!("token chunks: o_proj + MLP, {rows} tokens at a time");
+        assert!(chunks.to_string().contains(&shown), "{chunks}");
         // The least: the shortest chunks, one slot; refused below, naming that size.
         let least = other + layer + chunked.fixed + 256 * chunked.per_row - working.offloadable;
         let shortest = plan(least, working).unwrap();
