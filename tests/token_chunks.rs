@@ -4,20 +4,25 @@
 //! LoRA training run through the CLI (`WGTRAIN_TOKEN_CHUNK`).
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::{fixtures, supervised_rows, train_args, wgtrain_cmd};
+use wgtrain::model::residency::weight_bytes;
 use wgtrain::model::{
-    generate, Adapter, GenerateOptions, Grads, LoraDropout, Qwen2, SamplingParams,
+    generate, Adapter, GenerateOptions, Grads, LoraDropout, Qwen2, Qwen2Config, SamplingParams,
 };
-use wgtrain_kernels::Gpu;
+use wgtrain_kernels::{Gpu, GpuOptions};
 
 const TOLERANCE: f64 = 1e-6;
+
+fn model_dir() -> PathBuf {
+    fixtures().join("tiny-qwen2-tied")
+}
 
 /// Named groups of values the model computes with the token-local part in chunks of `chunk`
 /// rows (None: whole layers), on rows of 17 and 9 tokens (chunks of 3 leave one row over).
 fn outputs(gpu: &Gpu, chunk: Option<usize>) -> Vec<(String, Vec<f64>)> {
-    let dir = fixtures().join("tiny-qwen2-tied");
+    let dir = model_dir();
     let mut model = Qwen2::load(gpu, &dir).unwrap();
     model.set_token_chunk(chunk).unwrap();
     let adapter = Adapter::load(dir.join("adapter-random"), &model.config).unwrap();
@@ -78,12 +83,24 @@ fn ragged_token_chunks_compute_what_whole_layers_compute() {
     assert_close(&whole, &outputs(&gpu, Some(8)), "chunks of 8 tokens");
     // A chunk as long as the micro-batch is a whole layer: the same bits.
     assert_eq!(whole, outputs(&gpu, Some(64)));
+    // With every layer streamed through one device slot as well.
+    let (layer, other) = weight_bytes(&Qwen2Config::load(model_dir()).unwrap(), false);
+    let streamed = Gpu::new(&GpuOptions {
+        device_memory: Some(other + layer),
+        ..GpuOptions::from_env().unwrap()
+    })
+    .unwrap();
+    assert_close(
+        &whole,
+        &outputs(&streamed, Some(3)),
+        "streamed, chunks of 3",
+    );
 }
 
 #[test]
 fn bad_token_chunks_are_refused() {
     let gpu = Gpu::from_env().unwrap();
-    let mut model = Qwen2::load(&gpu, fixtures().join("tiny-qwen2-tied")).unwrap();
+    let mut model = Qwen2::load(&gpu, model_dir()).unwrap();
     let err = model.set_token_chunk(Some(0)).unwrap_err().to_string();
     assert!(err.contains("0 rows"), "{err}");
     let tmp = tempfile::tempdir().unwrap();
