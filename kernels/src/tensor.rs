@@ -164,7 +164,7 @@ impl Tensor {
     pub fn write_rows(&self, gpu: &Gpu, first: usize, bytes: &[u8]) -> Result<()> {
         let row_bytes = self.row_len() * self.dtype.bytes();
         let rows = bytes.len() / row_bytes;
-        if bytes.len() % row_bytes != 0 || first + rows > self.rows() {
+        if !bytes.len().is_multiple_of(row_bytes) || first + rows > self.rows() {
             bail!(
                 "writing {} bytes at row {first} of tensor {:?} {:?}: expected whole rows of {row_bytes} \
                  bytes inside its {} rows",
@@ -185,14 +185,14 @@ impl Tensor {
             }
             let offset = ((start - chunk.start) * row_bytes) as u64;
             let part = &bytes[(start - first) * row_bytes..(end - first) * row_bytes];
-            if offset % 4 != 0 || (part.len() % 4 != 0 && end != chunk.end) {
+            if !offset.is_multiple_of(4) || (!part.len().is_multiple_of(4) && end != chunk.end) {
                 bail!(
                     "rows {start}..{end} of tensor {:?} {:?} do not start and end on a word",
                     self.shape,
                     self.dtype
                 );
             }
-            if part.len() % 4 == 0 {
+            if part.len().is_multiple_of(4) {
                 gpu.queue.write_buffer(buffer, offset, part);
             } else {
                 // An odd count of bf16 elements ending the chunk: the last word needs its padding.

@@ -708,7 +708,8 @@ impl Qwen2 {
     fn logit_chunks(&self) -> Vec<Range<usize>> {
         match self.stream.as_ref().and_then(LayerStream::head_chunks) {
             Some(chunks) => chunks.to_vec(),
-            None => vec![0..self.config.vocab_size],
+            // The whole vocabulary is one chunk.
+            None => std::iter::once(0..self.config.vocab_size).collect(),
         }
     }
 

@@ -84,12 +84,7 @@ impl Chunking {
     /// where one temporary row would not fit one storage binding, and at most 2^20.
     pub fn vocab_chunks(&self, gpu: &Gpu, vocab: usize) -> Vec<Range<usize>> {
         let per_binding = (gpu.max_binding_bytes / 4) as usize;
-        let cols = self
-            .vocab
-            .min(vocab)
-            .min(per_binding)
-            .min(MAX_VOCAB_CHUNK)
-            .max(1);
+        let cols = self.vocab.min(vocab).min(per_binding).min(MAX_VOCAB_CHUNK);
         ranges(vocab, cols)
     }
 }
