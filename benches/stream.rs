@@ -191,12 +191,12 @@ fn timed() -> Result<()> {
         v.sort();
         v[v.len() / 2].as_secs_f64()
     };
-    let (resident, streamed) = (median(&mut times[0]), median(&mut times[1]));
-    println!("| T | resident step (s) | streamed step (s) | streamed / resident |");
+    let (resident, paged) = (median(&mut times[0]), median(&mut times[1]));
+    println!("| T | resident step (s) | paged step (s) | paged / resident |");
     println!("|---:|---:|---:|---:|");
     println!(
-        "| {t} | {resident:.3} | {streamed:.3} | {:.3} |",
-        streamed / resident
+        "| {t} | {resident:.3} | {paged:.3} | {:.3} |",
+        paged / resident
     );
     Ok(())
 }
