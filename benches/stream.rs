@@ -4,23 +4,25 @@
 //! at Qwen2.5 3B, 7B, 14B and 32B shapes, T 4096 and 16384 (`WGTRAIN_BENCH_T`), without a budget
 //! and under each of `WGTRAIN_BENCH_BUDGETS` (default 24GiB,16GiB,8GiB), on a dry-run device with
 //! zero weights (the config alone; nothing downloaded or executed): the resident and streamed
-//! layers, whether the layer inputs wait in host memory, the token chunk of each layer's
-//! token-local part (o_proj + MLP; "-": whole layers), the planned and the counted peak, the
+//! layers, whether the embedding and the LM head are paged, whether the layer inputs wait in
+//! host memory, the token chunk of each layer's token-local part (o_proj + MLP; "-": whole
+//! layers), the planned and the counted peak, the
 //! host memory the plan reads from, the bytes moved host <-> device per step and what they take
 //! over PCIe 4.0 x16 at 25 GB/s (computed, not measured), next to the step's model FLOPs.
 //! `cargo bench --bench stream -- 7B` plans one model.
 //!
 //! `WGTRAIN_BENCH_STREAM=1`: timed on the device. A 0.5B-shape checkpoint of random bf16 weights
 //! is written to a temporary directory and memory-mapped; the same LoRA step then runs with every
-//! layer resident and with every layer streamed through two slots (layer inputs on the device),
-//! and resident in token chunks of `WGTRAIN_BENCH_CHUNK` rows (default T / 4), alternating,
-//! `WGTRAIN_BENCH_REPS` steps each (default 3) after a warm-up, at T from `WGTRAIN_BENCH_T`
-//! (default 16 on a CPU adapter, 1024 on a GPU): the medians, their ratios to the resident step
-//! and the bytes streamed per step.
+//! weight resident, with everything paged (every layer streamed through two slots, the
+//! embedding's rows gathered on the host and the LM head's chunks streamed; layer inputs on the
+//! device), and resident in token chunks of `WGTRAIN_BENCH_CHUNK` rows (default T / 4),
+//! alternating, `WGTRAIN_BENCH_REPS` steps each (default 3) after a warm-up, at T from
+//! `WGTRAIN_BENCH_T` (default 16 on a CPU adapter, 1024 on a GPU): the medians, their ratios to
+//! the resident step and the bytes streamed per step.
 use std::time::Duration;
 
 use anyhow::Result;
-use wgtrain::model::residency::{size, weight_bytes, Working};
+use wgtrain::model::residency::{size, weight_bytes, Paging, Working};
 use wgtrain::model::{parse_size, MemoryPlan, PerProj, Proj, Qwen2, Qwen2Config, Weights};
 use wgtrain::train::demo::write_random_weights;
 use wgtrain::train::flops::{row_flops, Trainable};
@@ -63,10 +65,11 @@ fn plans(models: &[String]) -> Result<()> {
          executed); PCIe at 25 GB/s computed\n"
     );
     println!(
-        "| model | T | budget | resident layers | streamed (slots) | layer inputs | token chunk | \
-         planned GiB | peak GiB | host GiB | host<->device GiB/step | PCIe s/step | step TFLOP |"
+        "| model | T | budget | resident layers | streamed (slots) | paged | layer inputs | \
+         token chunk | planned GiB | peak GiB | host GiB | host<->device GiB/step | PCIe s/step | \
+         step TFLOP |"
     );
-    println!("|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for name in ["3B", "7B", "14B", "32B"] {
         if !models.is_empty() && !models.iter().any(|m| m == name) {
             continue;
@@ -82,7 +85,7 @@ fn plans(models: &[String]) -> Result<()> {
                     Err(e) => {
                         let why = format!("{e:#}");
                         let least = why.split(": ").nth(1).unwrap_or(&why);
-                        println!("| {name} | {t} | {label} | refused: {least} ||||||||||");
+                        println!("| {name} | {t} | {label} | refused: {least} |||||||||||");
                         continue;
                     }
                 };
@@ -90,8 +93,15 @@ fn plans(models: &[String]) -> Result<()> {
                 model.apply_adapter(&gpu, &adapter)?;
                 let (_, report) = Trainer::new(&gpu, &model)?.step(&gpu, t, 0)?;
                 let traffic = plan.training_traffic();
+                let paged = match (plan.paging.embedding, plan.paging.head) {
+                    (true, true) => "embedding, head",
+                    (true, false) => "embedding",
+                    (false, true) => "head",
+                    (false, false) => "-",
+                };
                 println!(
-                    "| {name} | {t} | {label} | {} | {} ({}) | {} | {} | {:.1} | {:.1} | {:.1} | \
+                    "| {name} | {t} | {label} | {} | {} ({}) | {paged} | {} | {} | {:.1} | {:.1} | \
+                     {:.1} | \
                      {:.1} | {:.2} | {flops:.0} |",
                     plan.resident_layers,
                     plan.streamed_layers(),
@@ -124,10 +134,19 @@ fn timed() -> Result<()> {
     write_random_weights(dir.path(), &config, 1)?;
     let adapter = random_adapter(&config, RANK)?;
     let work = working(&config, t);
-    let (layer, other) = weight_bytes(&config, false);
-    let all_streamed = Some(other + 2 * layer + work.bytes);
+    let (layer, _) = weight_bytes(&config, false);
+    // Room for the paged embedding's rows and head's ring, two layer slots and the working set.
+    let paged = MemoryPlan {
+        paging: Paging {
+            embedding: true,
+            head: true,
+            inputs: false,
+        },
+        ..MemoryPlan::fit(&config, None, work)?
+    };
+    let all_paged = Some(paged.other_device_bytes() + 2 * layer + work.bytes);
     let mut models = Vec::new();
-    for (budget, token_chunk) in [(None, None), (all_streamed, None), (None, Some(chunk))] {
+    for (budget, token_chunk) in [(None, None), (all_paged, None), (None, Some(chunk))] {
         let plan = MemoryPlan::fit(&config, budget, work)?;
         let weights = Weights::open(dir.path())?;
         let mut model = Qwen2::from_weights(&gpu, config.clone(), weights, plan)?;
@@ -136,15 +155,21 @@ fn timed() -> Result<()> {
         models.push(model);
     }
     let plan = models[1].memory_plan().expect("streamed");
+    anyhow::ensure!(
+        plan.paging.embedding && plan.paging.head && plan.slots == 2,
+        "not everything is paged: {plan:?}"
+    );
     println!("device: {}", gpu.describe());
     println!(
         "0.5B shape, random bf16 weights memory-mapped from {}; LoRA r {RANK} all projections, \
-         AdamW, one row of {t} tokens; streamed: {} layers through {} slots, {} per step \
-         planned; token chunks of {chunk} rows; median of {reps} alternating steps after a \
-         warm-up",
+         AdamW, one row of {t} tokens; paged: {} layers through {} slots, the embedding's rows, \
+         the LM head in {} chunks through {} slots, {} per step planned; token chunks of {chunk} \
+         rows; median of {reps} alternating steps after a warm-up",
         dir.path().display(),
         plan.streamed_layers(),
         plan.slots,
+        plan.head_ring.chunks,
+        plan.head_ring.slots,
         size(plan.training_traffic()).trim()
     );
     let trainers = models
@@ -168,18 +193,18 @@ fn timed() -> Result<()> {
             }
         }
     }
-    let [resident, streamed, chunked] = times.map(|mut v| {
+    let [resident, paged, chunked] = times.map(|mut v| {
         v.sort();
         v[v.len() / 2].as_secs_f64()
     });
     println!(
-        "| T | resident step (s) | streamed step (s) | streamed / resident | chunked step (s) | \
+        "| T | resident step (s) | paged step (s) | paged / resident | chunked step (s) | \
          chunked / resident |"
     );
     println!("|---:|---:|---:|---:|---:|---:|");
     println!(
-        "| {t} | {resident:.3} | {streamed:.3} | {:.3} | {chunked:.3} | {:.3} |",
-        streamed / resident,
+        "| {t} | {resident:.3} | {paged:.3} | {:.3} | {chunked:.3} | {:.3} |",
+        paged / resident,
         chunked / resident
     );
     Ok(())

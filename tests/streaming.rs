@@ -1,15 +1,17 @@
 //! Models larger than the device (`--device-memory`): decoder layers streamed from the memory map
-//! through a ring of device slots give bit-identical losses, logits, generations, gradients and
-//! adapters to the resident model; a budget that cannot be met is refused with the size that
-//! would fit; the dry run plans from a directory holding only config.json and the tokenizer.
+//! through a ring of device slots, the LM head's vocabulary chunks streamed through slots of
+//! their own and the embedding's rows gathered on the host give bit-identical losses, logits,
+//! generations, gradients and adapters to the resident model; a budget that cannot be met is
+//! refused with the size that would fit; the dry run plans from a directory holding only
+//! config.json and the tokenizer.
 mod common;
 
 use std::path::{Path, PathBuf};
 
 use common::{fixtures, supervised_rows, train_args, wgtrain};
-use wgtrain::model::residency::weight_bytes;
+use wgtrain::model::residency::{weight_bytes, Working};
 use wgtrain::model::{
-    generate, Adapter, GenerateOptions, Grads, LoraDropout, Proj, Qwen2, Qwen2Config,
+    generate, Adapter, GenerateOptions, Grads, LoraDropout, MemoryPlan, Proj, Qwen2, Qwen2Config,
     SamplingParams,
 };
 use wgtrain::train::config::LoraSettings;
@@ -27,9 +29,21 @@ fn gpu_with(device_memory: Option<u64>) -> Gpu {
 
 /// tiny-qwen2-tied's shapes with `layers` decoder layers of random weights, in `dir`.
 fn deep_model(dir: &Path, layers: usize) -> PathBuf {
-    let text = std::fs::read_to_string(fixtures().join("tiny-qwen2-tied/config.json")).unwrap();
+    model_with(dir, &[("num_hidden_layers", layers.into())])
+}
+
+/// tiny-qwen2-tied's shapes and tokenizer with the config keys `changes`, of random weights, in
+/// `dir`.
+fn model_with(dir: &Path, changes: &[(&str, serde_json::Value)]) -> PathBuf {
+    let source = fixtures().join("tiny-qwen2-tied");
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(source.join(file), dir.join(file)).unwrap();
+    }
+    let text = std::fs::read_to_string(source.join("config.json")).unwrap();
     let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    json["num_hidden_layers"] = layers.into();
+    for (key, value) in changes {
+        json[*key] = value.clone();
+    }
     std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
     let config = Qwen2Config::load(dir).unwrap();
     write_random_weights(dir, &config, 7).unwrap();
@@ -98,18 +112,24 @@ fn outputs(gpu: &Gpu, dir: &Path) -> (Vec<u64>, Qwen2) {
 /// The streamed run of `dir` with room for `layers` decoder layers beside the other weights
 /// gives the resident run's bits, with `resident` layers resident and `slots` slots.
 fn assert_streams_identically(dir: &Path, layers: u64, (resident, slots): (usize, usize)) {
-    let (resident_bits, model) = outputs(&gpu_with(None), dir);
-    assert!(model.memory_plan().is_none());
-    let (layer, other) = weight_bytes(&model.config, false);
-    let (streamed_bits, model) = outputs(&gpu_with(Some(other + layers * layer)), dir);
-    let plan = model
-        .memory_plan()
-        .expect("a budget below the model streams");
+    let (layer, other) = weight_bytes(&Qwen2Config::load(dir).unwrap(), false);
+    let plan = assert_identical(dir, other + layers * layer);
     assert_eq!(
         (plan.resident_layers, plan.slots),
         (resident, slots),
         "{plan:?}"
     );
+}
+
+/// The run of `dir` under `budget` gives the resident run's bits; its plan.
+fn assert_identical(dir: &Path, budget: u64) -> MemoryPlan {
+    let (resident_bits, model) = outputs(&gpu_with(None), dir);
+    assert!(model.memory_plan().is_none());
+    let (streamed_bits, model) = outputs(&gpu_with(Some(budget)), dir);
+    let plan = model
+        .memory_plan()
+        .expect("a budget below the model streams")
+        .clone();
     assert_eq!(resident_bits.len(), streamed_bits.len());
     let differ = resident_bits
         .iter()
@@ -119,10 +139,105 @@ fn assert_streams_identically(dir: &Path, layers: u64, (resident, slots): (usize
     assert_eq!(
         differ,
         0,
-        "{}: {differ} values differ when streamed",
+        "{}: {differ} values differ when streamed under {plan:?}",
         dir.display()
     );
-    assert!(model.streamed_bytes() >= layer, "nothing was streamed");
+    assert!(
+        model.streamed_bytes() >= plan.layer_bytes,
+        "nothing was streamed"
+    );
+    plan
+}
+
+/// The least budget `dir`'s model loads under for inference (everything paged, one slot), as
+/// the refusal of a smaller one names it.
+fn least_inference_budget(dir: &Path) -> u64 {
+    let config = Qwen2Config::load(dir).unwrap();
+    let err = MemoryPlan::fit(&config, Some(1), Working::default()).unwrap_err();
+    let least = least_budget(&err.to_string());
+    least.trim_end_matches('B').parse().unwrap()
+}
+
+#[test]
+fn paged_head_and_embedding_compute_what_resident_ones_compute() {
+    // The untied fixture (sharded, five files): its embedding's rows are gathered on the host;
+    // its head, one vocabulary chunk, would take as much room paged as resident.
+    let dir = fixtures().join("tiny-qwen2-untied");
+    let plan = assert_identical(&dir, least_inference_budget(&dir));
+    assert!(plan.paging.embedding && !plan.paging.head, "{plan:?}");
+    // 70000 entries: three chunks through two slots, each uploaded once per pass, the next
+    // one's upload queued before the current one's work; tied, and untied beside the paged
+    // embedding.
+    for tied in [true, false] {
+        let tmp = tempfile::tempdir().unwrap();
+        let changes = [
+            ("vocab_size", 70_000.into()),
+            ("tie_word_embeddings", tied.into()),
+        ];
+        let wide = model_with(tmp.path(), &changes);
+        let plan = assert_identical(&wide, least_inference_budget(&wide));
+        assert!(plan.paging.embedding && plan.paging.head, "{plan:?}");
+        assert_eq!((plan.head_ring.chunks, plan.head_ring.slots), (3, 2));
+    }
+}
+
+/// Relative difference of two runs' values, normwise: max |a - b| / max |a|.
+fn max_relative(a: &[f32], b: &[f32]) -> f64 {
+    let scale = a.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs() as f64));
+    diff / scale
+}
+
+#[test]
+fn a_paged_head_split_across_bindings_differs_by_rounding_only() {
+    // Storage bindings of 1 MiB: the resident head is split into buffers at other rows than its
+    // chunk's slot, so the backward sums its dhidden over other pieces.
+    let tmp = tempfile::tempdir().unwrap();
+    let wide = model_with(tmp.path(), &[("vocab_size", 70_000.into())]);
+    let gpu = |device_memory| {
+        Gpu::new(&GpuOptions {
+            device_memory,
+            max_binding_bytes: Some(1 << 20),
+            ..GpuOptions::from_env().unwrap()
+        })
+        .unwrap()
+    };
+    let run = |gpu: &Gpu| {
+        let mut model = Qwen2::load(gpu, &wide).unwrap();
+        let lora = LoraSettings {
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: Proj::ALL.to_vec(),
+        };
+        let mut adapter = new_adapter(&model.config, &lora, 1).unwrap();
+        for pair in adapter.modules.values_mut() {
+            pair.b.iter_mut().for_each(|b| *b = 0.01);
+        }
+        model.apply_adapter(gpu, &adapter).unwrap();
+        let rows = supervised_rows(&[13, 6]);
+        let batch: Vec<(&[u32], &[u32])> = rows
+            .iter()
+            .map(|(i, t)| (i.as_slice(), t.as_slice()))
+            .collect();
+        let grads = Grads::new(gpu, &model).unwrap();
+        let loss = model
+            .forward_backward(gpu, &grads, &batch, 1.0, None)
+            .unwrap();
+        let mut values = vec![loss.sum as f32];
+        for p in grads.params(&model) {
+            values.extend(p.grad.to_f32(gpu).unwrap());
+        }
+        (values, model.memory_plan().cloned())
+    };
+    let (resident, _) = run(&gpu(None));
+    let (paged, plan) = run(&gpu(Some(least_inference_budget(&wide))));
+    assert!(plan.unwrap().paging.head);
+    let rel = max_relative(&resident, &paged);
+    assert!(rel <= 1e-6, "paged differs from resident by {rel:e}");
 }
 
 #[test]
@@ -166,6 +281,10 @@ fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn lora_training_streamed_matches_resident_through_a_resume() {
     let tmp = tempfile::tempdir().unwrap();
+    // The tied fixture's shapes with 70000 vocabulary entries (three LM head chunks).
+    let model_dir = tmp.path().join("wide");
+    std::fs::create_dir(&model_dir).unwrap();
+    let wide = model_with(&model_dir, &[("vocab_size", 70_000.into())]);
     let init = fixtures().join("tiny-qwen2-tied/adapter-random");
     #[rustfmt::skip]
     let recipe = [
@@ -173,14 +292,19 @@ fn lora_training_streamed_matches_resident_through_a_resume() {
         "--batch-size", "1", "--grad-accum", "2", "--max-steps", "4", "--save-steps", "2",
         "--lora-dropout", "0.1",
     ];
+    let args_for = |out: &Path| {
+        let mut args = train_args(out, &recipe);
+        args[2] = wide.display().to_string();
+        args
+    };
     let resident_dir = tmp.path().join("resident");
-    let out = wgtrain(&train_args(&resident_dir, &recipe));
+    let out = wgtrain(&args_for(&resident_dir));
     assert!(out.status.success(), "{}", stderr(&out));
 
-    // The least budget the run accepts streams every layer through one slot and offloads the
-    // checkpointed layer inputs to host memory.
+    // The least budget the run accepts streams every layer through one slot, pages the tied
+    // embedding and LM head and offloads the checkpointed layer inputs to host memory.
     let streamed_dir = tmp.path().join("streamed");
-    let mut args = train_args(&streamed_dir, &recipe);
+    let mut args = args_for(&streamed_dir);
     args.extend(["--device-memory".into(), "1MiB".into()]);
     let refused = wgtrain(&args);
     let err = stderr(&refused);
@@ -194,6 +318,11 @@ fn lora_training_streamed_matches_resident_through_a_resume() {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(err.contains("streamed: layers 0..2, 1 slot(s)"), "{err}");
+    assert!(
+        err.contains("paged: LM head (tied), 3 chunk(s), 2 slot(s)"),
+        "{err}"
+    );
+    assert!(err.contains("paged: embedding rows of a forward"), "{err}");
     let resident = metrics_without_timing(&resident_dir);
     assert_eq!(resident.len(), 4);
     assert_eq!(metrics_without_timing(&streamed_dir), resident);
@@ -274,9 +403,14 @@ fn dry_run_plans_from_a_config_only_directory() {
     let source = fixtures().join("tiny-qwen2-untied");
     let config_only = tmp.path().join("config-only");
     std::fs::create_dir(&config_only).unwrap();
-    for file in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for file in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(source.join(file), config_only.join(file)).unwrap();
     }
+    // 70000 vocabulary entries: an LM head of three chunks.
+    let text = std::fs::read_to_string(source.join("config.json")).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["vocab_size"] = 70_000.into();
+    std::fs::write(config_only.join("config.json"), json.to_string()).unwrap();
     let run = |extra: &[&str]| {
         let mut args = train_args(&tmp.path().join("run"), extra);
         args[2] = config_only.display().to_string();
@@ -303,10 +437,30 @@ fn dry_run_plans_from_a_config_only_directory() {
         stdout.contains("peak device memory during the step"),
         "{stdout}"
     );
+    // The embedding's rows and the LM head's chunks are paged.
+    assert!(
+        stdout.contains("paged: embedding rows of a forward")
+            && stdout.contains("paged: LM head, 3 chunk(s), 2 slot(s)"),
+        "{stdout}"
+    );
     // Two layers uploaded: each once in the forward and the backward, but for the one the slot
-    // still holds where the forward ends.
-    let (layer, _) = weight_bytes(&Qwen2Config::load(&config_only).unwrap(), false);
-    let uploaded = format!("{:10.1} MiB", (2 * layer) as f64 / (1 << 20) as f64);
+    // still holds where the forward ends; the head's chunks 0 and 2, which take turns in slot 0,
+    // in each (chunk 1 stays in slot 1); and the micro-batch's embedding rows (bf16) and their
+    // order (u32).
+    let config = Qwen2Config::load(&config_only).unwrap();
+    let (layer, _) = weight_bytes(&config, false);
+    let head = 2 * ((32768 + 70_000 - 65536) * config.hidden_size as u64 * 2);
+    let tokens: u64 = stdout
+        .split(" row(s) x ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect(&stdout);
+    let rows = tokens * (2 * config.hidden_size as u64 + 4);
+    let uploaded = format!(
+        "{:10.1} MiB",
+        (2 * layer + head + rows) as f64 / (1 << 20) as f64
+    );
     assert!(
         stdout.contains(&format!("streamed host -> device in the step   {uploaded}")),
         "{stdout}"

@@ -154,18 +154,51 @@ impl Tensor {
                 bytes.len()
             );
         }
+        self.write_rows(gpu, 0, bytes)
+    }
+
+    /// Overwrites whole rows from row `first` on with `bytes` (their raw little-endian
+    /// elements), queued as [`Tensor::write_bytes`] is: e.g. one vocabulary chunk of a paged LM
+    /// head into the first rows of its slot. A row range that starts or ends inside a word (odd
+    /// bf16 rows) is refused unless it ends the tensor's chunk. A dry run writes nothing.
+    pub fn write_rows(&self, gpu: &Gpu, first: usize, bytes: &[u8]) -> Result<()> {
+        let row_bytes = self.row_len() * self.dtype.bytes();
+        let rows = bytes.len() / row_bytes;
+        if !bytes.len().is_multiple_of(row_bytes) || first + rows > self.rows() {
+            bail!(
+                "writing {} bytes at row {first} of tensor {:?} {:?}: expected whole rows of {row_bytes} \
+                 bytes inside its {} rows",
+                bytes.len(),
+                self.shape,
+                self.dtype,
+                self.rows()
+            );
+        }
         if gpu.is_dry_run() {
             return Ok(());
         }
-        let chunk_bytes = self.rows_per_chunk * self.row_len() * dtype.bytes();
-        for (buffer, part) in self.chunks.iter().zip(bytes.chunks(chunk_bytes)) {
-            if part.len() % 4 == 0 {
-                gpu.queue.write_buffer(buffer, 0, part);
+        for (c, buffer) in self.chunks.iter().enumerate() {
+            let chunk = c * self.rows_per_chunk..((c + 1) * self.rows_per_chunk).min(self.rows());
+            let (start, end) = (chunk.start.max(first), chunk.end.min(first + rows));
+            if start >= end {
+                continue;
+            }
+            let offset = ((start - chunk.start) * row_bytes) as u64;
+            let part = &bytes[(start - first) * row_bytes..(end - first) * row_bytes];
+            if !offset.is_multiple_of(4) || (!part.len().is_multiple_of(4) && end != chunk.end) {
+                bail!(
+                    "rows {start}..{end} of tensor {:?} {:?} do not start and end on a word",
+                    self.shape,
+                    self.dtype
+                );
+            }
+            if part.len().is_multiple_of(4) {
+                gpu.queue.write_buffer(buffer, offset, part);
             } else {
-                // An odd count of bf16 elements: the last word needs its padding half.
+                // An odd count of bf16 elements ending the chunk: the last word needs its padding.
                 let mut padded = part.to_vec();
                 padded.resize(part.len().next_multiple_of(4), 0);
-                gpu.queue.write_buffer(buffer, 0, &padded);
+                gpu.queue.write_buffer(buffer, offset, &padded);
             }
         }
         Ok(())

@@ -16,7 +16,7 @@ use wgtrain_kernels::ops::cross_entropy::{
     cross_entropy_backward, cross_entropy_forward, Chunking, LmHead,
 };
 use wgtrain_kernels::ops::elementwise::{copy_rows, sum_rows};
-use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, TokenIds};
+use wgtrain_kernels::ops::embedding::{embedding_backward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_backward, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
 use wgtrain_kernels::ops::rmsnorm::rmsnorm_backward;
@@ -117,8 +117,12 @@ impl Grads {
                 .collect::<Result<_>>()?;
             return Ok(Grads::Lora(layers));
         }
+        let embed = model
+            .embed
+            .as_ref()
+            .context("full fine-tuning keeps the embedding on the device; this model pages it")?;
         ensure!(
-            model.embed.dtype() == DType::F32,
+            embed.dtype() == DType::F32,
             "full fine-tuning needs f32 master weights (Qwen2::load_f32)"
         );
         let layers = model
@@ -140,7 +144,7 @@ impl Grads {
             })
             .collect::<Result<_>>()?;
         Ok(Grads::Full(Box::new(FullGrads {
-            embed: zeros_like(gpu, &model.embed)?,
+            embed: zeros_like(gpu, embed)?,
             layers,
             norm: zeros_like(gpu, &model.norm)?,
             lm_head: model
@@ -177,7 +181,9 @@ impl Grads {
                 let mut push = |name: String, value: &'a Tensor, grad: &'a Tensor| {
                     out.push(Param { name, value, grad })
                 };
-                push(names::EMBED.into(), &model.embed, &g.embed);
+                if let Some(embed) = &model.embed {
+                    push(names::EMBED.into(), embed, &g.embed);
+                }
                 for (l, (lg, layer)) in g.layers.iter().zip(&model.layers).enumerate() {
                     push(names::input_norm(l), &layer.input_norm, &lg.input_norm);
                     push(names::post_norm(l), &layer.post_norm, &lg.post_norm);
@@ -319,6 +325,7 @@ pub fn micro_batch_bytes(
     let bytes = |chunk| micro_batch_bytes_at(c, ranks, dropout, (tokens, chunk));
     let fixed = bytes(0);
     Working {
+        tokens,
         bytes: bytes(tokens),
         offloadable: (c.num_hidden_layers as u64 - 1) * (tokens * c.hidden_size * 4) as u64,
         chunked: Some(Chunked {
@@ -453,7 +460,7 @@ impl Qwen2 {
     pub fn zeroed_planned(gpu: &Gpu, config: Qwen2Config, plan: MemoryPlan) -> Result<Qwen2> {
         let zeros = |spec: &TensorSpec, dtype| Tensor::zeros(gpu, &spec.shape, dtype);
         let model = Qwen2::build_planned(gpu, config, &plan, zeros)?;
-        model.streaming_from(plan, None)
+        model.streaming_from(gpu, plan, None)
     }
 
     /// One micro-batch of `rows` — (ids, targets) pairs, padded to the longest with unsupervised
@@ -487,7 +494,7 @@ impl Qwen2 {
         let offload = self.memory_plan().is_some_and(|p| p.offloaded > 0);
         let mut inputs = LayerInputs::new(gpu, layers, &[n, h], offload)?;
         let acts = LayerActs::new(gpu, self, n)?;
-        embedding_forward(&mut batch, &token_ids, &self.embed, inputs.at(0))?;
+        self.record_embedding(&mut batch, &token_ids, inputs.at(0))?;
         // A submit after each layer's forward (and, below, its recomputation and its backward),
         // so that the temporaries its ops keep (Batch::keep; e.g. LoRA dropout's inputs) are
         // released as it goes rather than piling up over the whole model.
@@ -511,9 +518,10 @@ impl Qwen2 {
         let loss = Tensor::zeros(gpu, &[1], DType::F32)?;
         let count = Tensor::zeros(gpu, &[1], DType::U32)?;
         let full = grads.full();
+        let w_lm = self.head()?;
         let head = LmHead {
             hidden: &hidden,
-            w_lm: self.lm_head(),
+            w_lm,
             chunking: Chunking::default(),
         };
         cross_entropy_forward(&mut batch, head, &targets_t, &lse, &loss, &count)?;

@@ -28,7 +28,7 @@ use wgtrain_kernels::ops::attention::{
 };
 /// The target of an unsupervised position.
 pub use wgtrain_kernels::ops::cross_entropy::IGNORE;
-use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking, LmHead};
+use wgtrain_kernels::ops::cross_entropy::{cross_entropy_forward, Chunking, HeadRows, LmHead};
 use wgtrain_kernels::ops::elementwise::{add, copy_rows, scatter_rows};
 use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_forward, Dropout, Lora};
@@ -124,15 +124,17 @@ impl Layer {
 /// The model on the device.
 pub struct Qwen2 {
     pub config: Qwen2Config,
-    pub embed: Tensor,
+    /// None when the plan pages it: each forward uploads the rows of its tokens.
+    pub embed: Option<Tensor>,
     pub layers: Vec<Layer>,
     pub norm: Tensor,
-    /// None when tied to `embed`.
+    /// None when tied to `embed`, or when the plan pages it: its vocabulary chunks stream
+    /// through a ring of device slots.
     pub lm_head: Option<Tensor>,
     pub(crate) rope: Rope,
-    /// The memory plan under a budget and the decoder layers that stream from the checkpoint
-    /// (None: no budget, all resident): a streamed layer's frozen tensors in `layers` are views
-    /// of its ring slot.
+    /// The memory plan under a budget and the decoder layers, LM head chunks and embedding rows
+    /// that stream from the checkpoint (None: no budget, all resident): a streamed layer's
+    /// frozen tensors in `layers` are views of its ring slot.
     stream: Option<LayerStream>,
     /// Rows of the token chunks each layer's token-local part runs in (None: whole layers).
     token_chunk: Option<usize>,
@@ -625,7 +627,7 @@ impl Qwen2 {
         weights.validate(&config)?;
         let upload = |spec: &TensorSpec, dtype| to_device(gpu, &weights.get(&spec.name)?, dtype);
         let model = Qwen2::build_planned(gpu, config, &plan, upload)?;
-        model.streaming_from(plan, Some(weights))
+        model.streaming_from(gpu, plan, Some(weights))
     }
 
     /// Builds the model from `tensor(spec, dtype)`, called once for every tensor of
@@ -640,18 +642,19 @@ impl Qwen2 {
         Qwen2::build_planned(gpu, config, &plan, tensor)
     }
 
-    /// Hands the model its plan under a budget, the stream of its streamed layers (read from
-    /// `source`) and the plan's token chunks, or those `WGTRAIN_TOKEN_CHUNK` forces.
+    /// Hands the model its plan under a budget, the stream of its streamed layers and paged
+    /// tables (read from `source`) and the plan's token chunks, or those `WGTRAIN_TOKEN_CHUNK`
+    /// forces.
     pub(crate) fn streaming_from(
         mut self,
+        gpu: &Gpu,
         plan: MemoryPlan,
         source: Option<Weights>,
     ) -> Result<Qwen2> {
         self.set_token_chunk(forced_token_chunk()?.or(plan.chunk))?;
-        self.stream = plan
-            .budget
-            .is_some()
-            .then(|| LayerStream::new(plan, source));
+        if plan.budget.is_some() {
+            self.stream = Some(LayerStream::new(gpu, &self.config, plan, source)?);
+        }
         Ok(self)
     }
 
@@ -676,7 +679,8 @@ impl Qwen2 {
 
     /// [`Qwen2::build`] under `plan`: `tensor` is called for the resident layers and for the first
     /// layer of each ring slot (which it then holds); the other streamed layers are views of
-    /// their slot. The caller gives the model its [`LayerStream`] ([`Qwen2::streaming_from`]).
+    /// their slot, and a paged embedding or LM head is not made. The caller gives the model its
+    /// [`LayerStream`] ([`Qwen2::streaming_from`]).
     pub(crate) fn build_planned(
         gpu: &Gpu,
         config: Qwen2Config,
@@ -697,7 +701,11 @@ impl Qwen2 {
             tensor(&spec, dtype).with_context(|| format!("loading tensor {}", spec.name))
         };
         let h = config.hidden_size;
-        let embed = get(names::EMBED.into(), &[config.vocab_size, h])?;
+        let table = [config.vocab_size, h];
+        let embed = match plan.paging.embedding {
+            true => None,
+            false => Some(get(names::EMBED.into(), &table)?),
+        };
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for l in 0..config.num_hidden_layers {
             if l >= plan.resident_layers + plan.slots {
@@ -726,9 +734,9 @@ impl Qwen2 {
             });
         }
         let norm = get(names::FINAL_NORM.into(), &[h])?;
-        let lm_head = match config.tie_word_embeddings {
+        let lm_head = match config.tie_word_embeddings || plan.paging.head {
             true => None,
-            false => Some(get(names::LM_HEAD.into(), &[config.vocab_size, h])?),
+            false => Some(get(names::LM_HEAD.into(), &table)?),
         };
         let rope = Rope::new(gpu, config.head_dim, config.rope_theta)?;
         Ok(Qwen2 {
@@ -825,9 +833,50 @@ impl Qwen2 {
         ranks
     }
 
-    /// The LM head: its own matrix, or the embedding when tied.
-    pub fn lm_head(&self) -> &Tensor {
-        self.lm_head.as_ref().unwrap_or(&self.embed)
+    /// The LM head as the loss and the logits read it: its own matrix, the embedding when tied,
+    /// or (paged) its chunks uploaded from the checkpoint as they are asked for.
+    pub fn head(&self) -> Result<&dyn HeadRows> {
+        if let Some(stream) = self.stream.as_ref().filter(|s| s.head_chunks().is_some()) {
+            return Ok(stream);
+        }
+        let table = self.lm_head.as_ref().or(self.embed.as_ref());
+        Ok(table.context("the model has neither an LM head nor a paged one")?)
+    }
+
+    /// The vocabulary chunks the logits are made in: the paged head's, or one.
+    fn logit_chunks(&self) -> Vec<Range<usize>> {
+        match self.stream.as_ref().and_then(LayerStream::head_chunks) {
+            Some(chunks) => chunks.to_vec(),
+            // The whole vocabulary is one chunk.
+            None => std::iter::once(0..self.config.vocab_size).collect(),
+        }
+    }
+
+    /// Records `x = embed(ids)`: a lookup in the resident table, or (paged) in the rows of `ids`
+    /// gathered on the host from the memory map and uploaded in order, by the same kernel and so
+    /// to the same values.
+    pub(crate) fn record_embedding(
+        &self,
+        batch: &mut Batch,
+        ids: &TokenIds,
+        x: &Tensor,
+    ) -> Result<()> {
+        if let Some(table) = &self.embed {
+            return embedding_forward(batch, ids, table, x);
+        }
+        let stream = self
+            .stream
+            .as_ref()
+            .context("the model has neither an embedding table nor a paged one")?;
+        let gpu = batch.gpu;
+        ids.check_vocab(self.config.vocab_size)?;
+        let rows = stream.embedding_rows(gpu, ids.host(), self.config.hidden_size)?;
+        let order: Vec<u32> = (0..ids.host().len() as u32).collect();
+        let order = TokenIds::new(gpu, &order)?;
+        embedding_forward(batch, &order, &rows, x)?;
+        batch.keep(rows);
+        batch.keep(order.into_tensor());
+        Ok(())
     }
 
     /// Device bytes of the weights (and applied adapter).
@@ -848,10 +897,11 @@ impl Qwen2 {
                     + l.proj.values().map(linear).sum::<u64>()
             })
             .sum();
-        self.embed.device_bytes()
+        self.embed.as_ref().map_or(0, Tensor::device_bytes)
             + layers
             + self.norm.device_bytes()
             + self.lm_head.as_ref().map_or(0, Tensor::device_bytes)
+            + self.stream.as_ref().map_or(0, LayerStream::device_bytes)
     }
 
     /// Whether layer `l - 1`'s output was normed with layer `l`'s input norm in its own launch
@@ -1081,7 +1131,7 @@ impl Qwen2 {
         let mut x = Tensor::zeros(gpu, &[rows, h], DType::F32)?;
         let mut y = Tensor::zeros(gpu, &[rows, h], DType::F32)?;
         let rstd = Tensor::zeros(gpu, &[rows], DType::F32)?;
-        embedding_forward(batch, &ids, &self.embed, &x)?;
+        self.record_embedding(batch, &ids, &x)?;
         let layers = self.layers.len();
         for l in 0..layers {
             self.stream_in(batch, l, Some(l + 1).filter(|&n| n < layers))?;
@@ -1097,7 +1147,8 @@ impl Qwen2 {
         Ok(y)
     }
 
-    /// Records `logits = hidden[rows]·lm_headᵀ` into a new [rows.len(), vocab] tensor.
+    /// Records `logits = hidden[rows]·lm_headᵀ` into a new [rows.len(), vocab] tensor, one
+    /// vocabulary chunk of a paged head at a time.
     fn record_logits(
         &self,
         batch: &mut Batch,
@@ -1105,7 +1156,12 @@ impl Qwen2 {
         rows: Range<usize>,
     ) -> Result<Tensor> {
         let logits = Tensor::zeros(batch.gpu, &[rows.len(), self.config.vocab_size], DType::F32)?;
-        Gemm::new(Mat::new(hidden).rows(rows), false, self.lm_head(), true).run(batch, &logits)?;
+        let (head, chunks) = (self.head()?, self.logit_chunks());
+        for (c, cols) in chunks.iter().enumerate() {
+            let w = head.chunk(batch, cols.clone(), chunks.get(c + 1).cloned())?;
+            Gemm::new(Mat::new(hidden).rows(rows.clone()), false, w, true)
+                .run(batch, Mat::new(&logits).cols(cols.clone()))?;
+        }
         Ok(logits)
     }
 
@@ -1191,9 +1247,10 @@ impl Qwen2 {
         let lse = Tensor::zeros(gpu, &[tokens], DType::F32)?;
         let loss = Tensor::zeros(gpu, &[1], DType::F32)?;
         let count = Tensor::zeros(gpu, &[1], DType::U32)?;
+        let w_lm = self.head()?;
         let head = LmHead {
             hidden: &hidden,
-            w_lm: self.lm_head(),
+            w_lm,
             chunking: Chunking::default(),
         };
         cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count)?;

@@ -9,8 +9,10 @@
 //!
 //! A file truncated by another process *after* it was mapped can still fault on access (SIGBUS);
 //! no mmap-based loader can guard against that.
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -53,6 +55,11 @@ pub struct WeightView<'a> {
 impl WeightView<'_> {
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    /// Rows of the tensor (the product of all but its last dimension).
+    pub fn rows(&self) -> usize {
+        self.shape.iter().rev().skip(1).product()
     }
 
     /// The values as f32 (exact for all three dtypes), read straight from the mapped bytes.
@@ -332,15 +339,6 @@ pub fn to_device(gpu: &Gpu, view: &WeightView<'_>, target: DType) -> Result<Tens
 /// Overwrites `tensor` (of the view's shape, BF16 or F32) with one checkpoint tensor, converted
 /// as [`to_device`] does; queued as [`Tensor::write_bytes`] is.
 pub fn write_to_device(gpu: &Gpu, view: &WeightView<'_>, tensor: &Tensor) -> Result<()> {
-    let upload = |bytes: &[u8]| {
-        tensor.write_bytes(gpu, bytes).with_context(|| {
-            format!(
-                "uploading tensor {} from {}",
-                view.name,
-                view.file.display()
-            )
-        })
-    };
     ensure!(
         tensor.shape() == view.shape,
         "tensor {} in {} has shape {:?}; the device tensor is {:?}",
@@ -349,23 +347,51 @@ pub fn write_to_device(gpu: &Gpu, view: &WeightView<'_>, tensor: &Tensor) -> Res
         view.shape,
         tensor.shape()
     );
-    match (view.dtype, tensor.dtype()) {
-        (WeightDType::BF16, DType::BF16) | (WeightDType::F32, DType::F32) => upload(view.bytes),
-        (_, DType::F32) => upload(
-            &view
-                .values()
-                .flat_map(f32::to_le_bytes)
-                .collect::<Vec<u8>>(),
-        ),
-        (_, DType::BF16) => upload(
-            &view
-                .values()
+    let bytes = device_rows(view, 0..view.rows(), tensor.dtype())?;
+    tensor.write_bytes(gpu, &bytes).with_context(|| {
+        format!(
+            "uploading tensor {} from {}",
+            view.name,
+            view.file.display()
+        )
+    })
+}
+
+/// Rows `rows` of a checkpoint tensor as the device holds them in `target` (BF16 or F32),
+/// converted as [`to_device`] does: bf16 → BF16 and f32 → F32 are the mapped bytes themselves
+/// (no copy), anything else is converted on the host. What paging uploads: a vocabulary chunk
+/// of the LM head, the embedding rows of a micro-batch.
+pub fn device_rows<'a>(
+    view: &WeightView<'a>,
+    rows: Range<usize>,
+    target: DType,
+) -> Result<Cow<'a, [u8]>> {
+    let row_len = view.shape.last().copied().unwrap_or(1);
+    ensure!(
+        rows.start <= rows.end && rows.end <= view.rows(),
+        "rows {rows:?} of tensor {} in {}: it has {} rows",
+        view.name,
+        view.file.display(),
+        view.rows()
+    );
+    let width = view.dtype.bytes();
+    let part = WeightView {
+        bytes: &view.bytes[rows.start * row_len * width..rows.end * row_len * width],
+        ..*view
+    };
+    Ok(match (view.dtype, target) {
+        (WeightDType::BF16, DType::BF16) | (WeightDType::F32, DType::F32) => {
+            Cow::Borrowed(part.bytes)
+        }
+        (_, DType::F32) => Cow::Owned(part.values().flat_map(f32::to_le_bytes).collect()),
+        (_, DType::BF16) => Cow::Owned(
+            part.values()
                 .flat_map(|x| half::bf16::from_f32(x).to_le_bytes())
-                .collect::<Vec<u8>>(),
+                .collect(),
         ),
         (_, DType::U32) => bail!(
             "tensor {} cannot be uploaded as U32 (weights are BF16 or F32)",
             view.name
         ),
-    }
+    })
 }

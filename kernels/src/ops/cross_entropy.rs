@@ -3,7 +3,10 @@
 //!
 //! The [T, V] logits are never materialised. Hidden rows are taken in blocks and the vocabulary in
 //! chunks ([`Chunking`]); each (block, chunk) pair computes its logits into one reused temporary
-//! of at most `rows × vocab × 4` bytes (64 MiB by default, whatever T and V are).
+//! of at most `rows × vocab × 4` bytes (64 MiB by default, whatever T and V are). The vocabulary
+//! chunk is the outer loop, so that each chunk of the head is read in one stretch per pass: a
+//! head paged from host memory ([`HeadRows`]) uploads each chunk once per pass. Every row still
+//! meets the chunks in vocabulary order, so the loop order changes no sum.
 //! - Forward: per chunk, each row's max and sum of exponentials merge into running values (online
 //!   logsumexp) and the target's logit is kept; a final pass turns them into the row logsumexp
 //!   (saved for backward) and adds the loss sum and the supervised-token count to two small device
@@ -76,6 +79,56 @@ pub fn variants() -> Vec<Kernel> {
         .collect()
 }
 
+impl Chunking {
+    /// The vocabulary chunks of a `vocab`-entry head on `gpu`: of `self.vocab` entries, fewer
+    /// where one temporary row would not fit one storage binding, and at most 2^20.
+    pub fn vocab_chunks(&self, gpu: &Gpu, vocab: usize) -> Vec<Range<usize>> {
+        let per_binding = (gpu.max_binding_bytes / 4) as usize;
+        let cols = self.vocab.min(vocab).min(per_binding).min(MAX_VOCAB_CHUNK);
+        ranges(vocab, cols)
+    }
+}
+
+/// `0..n` in steps of `step`.
+fn ranges(n: usize, step: usize) -> Vec<Range<usize>> {
+    (0..n)
+        .step_by(step)
+        .map(move |s| s..(s + step).min(n))
+        .collect()
+}
+
+/// The LM head's [V, D] matrix (bf16 or f32) as the loss reads it: one vocabulary chunk at a
+/// time, each chunk of a pass asked for once and in order. A resident [`Tensor`] is one; a head
+/// paged from host memory uploads each chunk into a device slot when asked.
+pub trait HeadRows {
+    /// (V, D).
+    fn vocab_dim(&self) -> (usize, usize);
+    fn dtype(&self) -> DType;
+    /// The matrix that holds vocabulary rows `rows` (one chunk) for the work recorded next;
+    /// `next` is the chunk the caller asks for after it (None at the end of a pass), whose upload a pager may
+    /// queue now. A pager may submit the work recorded so far.
+    fn chunk(
+        &self,
+        batch: &mut Batch,
+        rows: Range<usize>,
+        next: Option<Range<usize>>,
+    ) -> Result<Mat<'_>>;
+}
+
+impl HeadRows for Tensor {
+    fn vocab_dim(&self) -> (usize, usize) {
+        (self.rows(), self.row_len())
+    }
+
+    fn dtype(&self) -> DType {
+        Tensor::dtype(self)
+    }
+
+    fn chunk(&self, _: &mut Batch, rows: Range<usize>, _: Option<Range<usize>>) -> Result<Mat<'_>> {
+        Ok(Mat::new(self).rows(rows))
+    }
+}
+
 /// Shapes of one call, validated.
 struct Problem {
     tokens: usize,
@@ -91,19 +144,19 @@ impl Problem {
         gpu: &Gpu,
         role: &str,
         hidden: &Tensor,
-        w_lm: &Tensor,
+        w_lm: &dyn HeadRows,
         chunking: Chunking,
     ) -> Result<Problem> {
-        let (tokens, dim, vocab) = (hidden.rows(), hidden.row_len(), w_lm.rows());
+        let (tokens, dim) = (hidden.rows(), hidden.row_len());
+        let (vocab, w_dim) = w_lm.vocab_dim();
         ensure!(
             hidden.dtype() == DType::F32,
             "{role}: hidden must be f32, got {:?}",
             hidden.dtype()
         );
         ensure!(
-            w_lm.row_len() == dim,
-            "{role}: w_lm {:?} does not match hidden {:?}",
-            w_lm.shape(),
+            w_dim == dim,
+            "{role}: w_lm [{vocab}, {w_dim}] does not match hidden {:?}",
             hidden.shape()
         );
         ensure!(
@@ -114,43 +167,39 @@ impl Problem {
             chunking.rows > 0 && chunking.vocab > 0,
             "{role}: empty chunking {chunking:?}"
         );
-        let per_binding = (gpu.max_binding_bytes / 4) as usize;
-        let (rows, cols) = (
-            chunking.rows.min(tokens),
-            chunking
-                .vocab
-                .min(vocab)
-                .min(per_binding)
-                .min(MAX_VOCAB_CHUNK),
-        );
-        let ranges = |n: usize, step: usize| {
-            (0..n)
-                .step_by(step)
-                .map(move |s| s..(s + step).min(n))
-                .collect()
-        };
+        let rows = chunking.rows.min(tokens);
+        let vocab_chunks = chunking.vocab_chunks(gpu, vocab);
+        let cols = vocab_chunks[0].len();
         Ok(Problem {
             tokens,
             vocab,
             row_blocks: ranges(tokens, rows),
-            vocab_chunks: ranges(vocab, cols),
+            vocab_chunks,
             logits: Tensor::zeros(gpu, &[rows, cols], DType::F32)?,
         })
     }
 
-    /// `logits[..rows, ..cols] = hidden[rows]·w_lm[cols]ᵀ`.
+    /// Each vocabulary chunk with the one after it.
+    fn chunks_and_next(
+        &self,
+    ) -> impl Iterator<Item = (usize, (Range<usize>, Option<Range<usize>>))> + '_ {
+        let chunks = &self.vocab_chunks;
+        (0..chunks.len()).map(move |c| (c, (chunks[c].clone(), chunks.get(c + 1).cloned())))
+    }
+
+    /// `logits[..rows, ..cols] = hidden[rows]·w_chunkᵀ`, `w_chunk` the head's rows `cols`.
     fn logits(
         &self,
         batch: &mut Batch,
         hidden: &Tensor,
-        w_lm: &Tensor,
+        w_chunk: &Mat,
         rows: &Range<usize>,
         cols: &Range<usize>,
     ) -> Result<()> {
         Gemm::new(
             Mat::new(hidden).rows(rows.clone()),
             false,
-            Mat::new(w_lm).rows(cols.clone()),
+            w_chunk.clone(),
             true,
         )
         .run(batch, self.block(rows, cols))
@@ -204,7 +253,7 @@ impl Problem {
 #[derive(Clone, Copy)]
 pub struct LmHead<'a> {
     pub hidden: &'a Tensor,
-    pub w_lm: &'a Tensor,
+    pub w_lm: &'a dyn HeadRows,
     pub chunking: Chunking,
 }
 
@@ -254,9 +303,10 @@ pub fn cross_entropy_forward(
         &sumexp.chunks()[0],
         &target_logit.chunks()[0],
     ];
-    for rows in &problem.row_blocks {
-        for (c, cols) in problem.vocab_chunks.iter().enumerate() {
-            problem.logits(batch, hidden, w_lm, rows, cols)?;
+    for (c, (cols, next)) in problem.chunks_and_next() {
+        let w_chunk = w_lm.chunk(batch, cols.clone(), next)?;
+        for rows in &problem.row_blocks {
+            problem.logits(batch, hidden, &w_chunk, rows, &cols)?;
             let params = Params {
                 first: u32::from(c == 0),
                 ..bytemuck::Zeroable::zeroed()
@@ -264,7 +314,7 @@ pub fn cross_entropy_forward(
             problem.over_block(
                 batch,
                 "chunk_stats",
-                (rows, cols),
+                (rows, &cols),
                 params,
                 &stats_buffers,
                 |n| linear_groups(gpu, n),
@@ -329,9 +379,10 @@ pub fn cross_entropy_backward(
         Some(DType::F32),
     )?;
     if let Some(dw) = dw_lm {
+        let (vocab, dim) = w_lm.vocab_dim();
         dw.tensor.expect(
             "cross_entropy_backward dw_lm",
-            w_lm.shape(),
+            &[vocab, dim],
             Some(DType::F32),
         )?;
     }
@@ -339,27 +390,23 @@ pub fn cross_entropy_backward(
         grad_scale,
         ..bytemuck::Zeroable::zeroed()
     };
-    for (b, rows) in problem.row_blocks.iter().enumerate() {
-        for (c, cols) in problem.vocab_chunks.iter().enumerate() {
-            problem.logits(batch, hidden, w_lm, rows, cols)?;
+    for (c, (cols, next)) in problem.chunks_and_next() {
+        let w_chunk = w_lm.chunk(batch, cols.clone(), next)?;
+        for (b, rows) in problem.row_blocks.iter().enumerate() {
+            problem.logits(batch, hidden, &w_chunk, rows, &cols)?;
             problem.over_block(
                 batch,
                 "softmax_grad",
-                (rows, cols),
+                (rows, &cols),
                 params,
                 &[targets_buf, lse_buf],
                 |n| linear_groups(gpu, (n * cols.len() as u32).div_ceil(WG)),
             )?;
-            let dlogits = problem.block(rows, cols);
+            let dlogits = problem.block(rows, &cols);
             let beta = if c == 0 { dhidden.beta } else { 1.0 };
-            Gemm::new(
-                dlogits.clone(),
-                false,
-                Mat::new(w_lm).rows(cols.clone()),
-                false,
-            )
-            .beta(beta)
-            .run(batch, Mat::new(dhidden.tensor).rows(rows.clone()))?;
+            Gemm::new(dlogits.clone(), false, w_chunk.clone(), false)
+                .beta(beta)
+                .run(batch, Mat::new(dhidden.tensor).rows(rows.clone()))?;
             if let Some(dw) = dw_lm {
                 let beta = if b == 0 { dw.beta } else { 1.0 };
                 Gemm::new(dlogits, true, Mat::new(hidden).rows(rows.clone()), false)

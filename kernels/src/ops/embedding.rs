@@ -54,6 +54,11 @@ impl TokenIds {
         &self.tensor
     }
 
+    /// The device tensor, e.g. for [`Batch::keep`] once the launches that read it are recorded.
+    pub fn into_tensor(self) -> Tensor {
+        self.tensor
+    }
+
     /// Fails on the first id outside a vocabulary of `vocab` rows, naming it and its position.
     pub fn check_vocab(&self, vocab: usize) -> Result<()> {
         match self.host.iter().position(|&id| id as usize >= vocab) {
