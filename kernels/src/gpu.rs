@@ -543,8 +543,13 @@ pub fn linear_groups(gpu: &Gpu, n: u32) -> [u32; 3] {
     }
 }
 
-/// Maps a buffer and copies `size` bytes out (blocking); zeros in a dry run.
-pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+/// Copies `size` bytes at `offset` out of a buffer (blocking); zeros in a dry run.
+pub(crate) fn read_buffer(
+    gpu: &Gpu,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    size: u64,
+) -> Result<Vec<u8>> {
     if gpu.is_dry_run() {
         return Ok(vec![0; size as usize]);
     }
@@ -555,7 +560,7 @@ pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result
         mapped_at_creation: false,
     });
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
     gpu.queue.submit([encoder.finish()]);
     let slice = staging.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -654,18 +654,27 @@ impl Qwen2 {
                 linear.lora = None;
             }
         }
+        // Every factor packed together: one optimizer launch updates them all.
+        let shapes: Vec<Vec<usize>> = adapter
+            .modules
+            .keys()
+            .flat_map(|&(_, proj)| {
+                let (out_f, in_f) = proj.shape(&self.config);
+                [vec![r, in_f], vec![out_f, r]]
+            })
+            .collect();
+        let mut packed = Tensor::packed(gpu, &shapes, DType::F32)?.into_iter();
         for (&(l, proj), pair) in &adapter.modules {
-            let (out_f, in_f) = proj.shape(&self.config);
+            let mut next = || packed.next().expect("two packed tensors per module");
+            let (a, b) = (next(), next());
+            a.write_f32(gpu, &pair.a)
+                .with_context(|| format!("LoRA A of layer {l} {}", proj.path()))?;
+            b.write_f32(gpu, &pair.b)
+                .with_context(|| format!("LoRA B of layer {l} {}", proj.path()))?;
             let layer = self.layers.get_mut(l).with_context(|| {
                 format!("the adapter has layer {l}; the model has fewer layers")
             })?;
-            layer.proj[proj].lora = Some(LoraTensors {
-                a: Tensor::from_f32(gpu, &[r, in_f], &pair.a)
-                    .with_context(|| format!("LoRA A of layer {l} {}", proj.path()))?,
-                b: Tensor::from_f32(gpu, &[out_f, r], &pair.b)
-                    .with_context(|| format!("LoRA B of layer {l} {}", proj.path()))?,
-                scale,
-            });
+            layer.proj[proj].lora = Some(LoraTensors { a, b, scale });
         }
         Ok(())
     }
