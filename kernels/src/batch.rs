@@ -1,5 +1,4 @@
 //! Dispatches recorded and submitted together: [`Batch`], made by [`Gpu::batch`].
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -171,8 +170,11 @@ impl<'g> Batch<'g> {
             return None;
         }
         let gpu = self.gpu;
-        gpu.dispatches
-            .fetch_add(self.records.len() as u64, Ordering::Relaxed);
+        let mut counts = gpu.dispatches.lock().unwrap();
+        for r in &self.records {
+            *counts.entry(r.pipeline.name).or_default() += 1;
+        }
+        drop(counts);
         let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: self.params.len() as u64 + PARAMS_SLOT,

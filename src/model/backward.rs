@@ -21,7 +21,7 @@ use wgtrain_kernels::ops::embedding::{embedding_backward, embedding_forward, Tok
 use wgtrain_kernels::ops::lora::{lora_backward, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
 use wgtrain_kernels::ops::rmsnorm::rmsnorm_backward;
-use wgtrain_kernels::ops::rope::{rope_backward, Positions};
+use wgtrain_kernels::ops::rope::{rope_backward, Positions, QueryKey};
 use wgtrain_kernels::ops::swiglu::swiglu_backward;
 use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 
@@ -592,8 +592,13 @@ impl Qwen2 {
             seq_len: step.seq_len,
             starts: &step.starts,
         };
-        rope_backward(batch, &self.rope, &s.dq, c.num_attention_heads, &positions)?;
-        rope_backward(batch, &self.rope, &s.dk, c.num_key_value_heads, &positions)?;
+        let dqk = QueryKey {
+            q: &s.dq,
+            q_heads: c.num_attention_heads,
+            k: &s.dk,
+            k_heads: c.num_key_value_heads,
+        };
+        rope_backward(batch, &self.rope, dqk, &positions)?;
         proj(batch, Proj::Q, &s.dq, &a.xn, Out::write(&s.d_xn))?;
         proj(batch, Proj::K, &s.dk, &a.xn, Out::add(&s.d_xn))?;
         proj(batch, Proj::V, &s.dv, &a.xn, Out::add(&s.d_xn))?;

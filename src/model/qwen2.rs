@@ -34,7 +34,7 @@ use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_forward, Dropout, Lora};
 use wgtrain_kernels::ops::matmul::{matmul_forward, Gemm, Mat};
 use wgtrain_kernels::ops::rmsnorm::{add_rmsnorm_forward, rmsnorm_forward, ResidualAdd};
-use wgtrain_kernels::ops::rope::{rope_forward, Positions, Rope};
+use wgtrain_kernels::ops::rope::{rope_forward, Positions, QueryKey, Rope};
 use wgtrain_kernels::ops::swiglu::swiglu_forward;
 use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
 
@@ -785,8 +785,13 @@ impl Qwen2 {
             seq_len: step.seq_len,
             starts: &step.starts,
         };
-        rope_forward(batch, &self.rope, &a.q, c.num_attention_heads, &positions)?;
-        rope_forward(batch, &self.rope, &a.k, c.num_key_value_heads, &positions)?;
+        let qk = QueryKey {
+            q: &a.q,
+            q_heads: c.num_attention_heads,
+            k: &a.k,
+            k_heads: c.num_key_value_heads,
+        };
+        rope_forward(batch, &self.rope, qk, &positions)?;
         let dims = AttentionDims {
             batch_size: step.batch_size,
             tq: step.seq_len,
