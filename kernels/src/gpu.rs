@@ -346,7 +346,7 @@ impl Gpu {
             .iter()
             .map(|((file, entry), &n)| (format!("{file}:{entry}"), n))
             .collect();
-        list.sort_by(|a, b| b.1.cmp(&a.1));
+        list.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
         list
     }
 
