@@ -137,6 +137,7 @@ impl Grads {
             "full fine-tuning needs f32 master weights (Qwen2::load_f32)"
         );
         let full = packed_like(gpu, |like| {
+            let embed = like(&model.embed)?;
             let layers = model
                 .layers
                 .iter()
@@ -152,7 +153,7 @@ impl Grads {
                 })
                 .collect::<Result<_>>()?;
             Ok(FullGrads {
-                embed: like(&model.embed)?,
+                embed,
                 layers,
                 norm: like(&model.norm)?,
                 lm_head: model.lm_head.as_ref().map(&mut *like).transpose()?,
