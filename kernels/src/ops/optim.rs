@@ -138,7 +138,7 @@ struct Item {
 /// run of consecutive spans that lie in the same buffers (one launch for tensors packed
 /// together, [`Tensor::packed`]). Workgroup `g` of a launch reads its [`Item`] from a table
 /// (the last binding, after the spans' chunks and `extra`) and, for a reduction, owns slot
-/// `base.slot + g` of the launches' running count. Returns the workgroups recorded.
+/// `slot + g`, `slot` counting the workgroups of the launches before it.
 fn launch_spans<const N: usize>(
     batch: &mut Batch,
     kernel: &Kernel,
@@ -146,8 +146,8 @@ fn launch_spans<const N: usize>(
     spans: &[Span<N>],
     per_group: usize,
     extra: &[&Chunk],
-) -> Result<usize> {
-    let mut slot = base.slot as usize;
+) -> Result<()> {
+    let mut slot = 0;
     for run in spans.chunk_by(|a, b| (0..N).all(|i| a.chunks[i].buffer == b.chunks[i].buffer)) {
         let mut items = Vec::new();
         for span in run {
@@ -178,7 +178,7 @@ fn launch_spans<const N: usize>(
         batch.keep(table);
         slot += items.len();
     }
-    Ok(slot - base.slot as usize)
+    Ok(())
 }
 
 /// `out[0] = Σ g²` over every element of every tensor in `grads` (f32; `out` [1] f32), the
