@@ -1,20 +1,19 @@
 // Optimizer kernels: the global gradient norm and the AdamW / SGD updates, with torch's formulas
 // in f32 (host scalars computed in f64 like Python floats, then rounded once).
 //
+// One launch covers many tensors: workgroup `group` of a launch (`p.n` of them) works on
+// `items[group]`, a run of one tensor's elements at word offsets in the bound buffers (each role's
+// tensors packed into shared buffers).
+//
 // The norm is deterministic in two passes: sum_squares writes one partial sum per workgroup
-// (a contiguous range of `per_group` elements of one chunk) to `partials[slot + group]`, and
-// sum_partials adds them up in one workgroup. Every reduction is a fixed tree or a fixed loop.
+// (its item's elements) to `partials[slot + group]`, and sum_partials adds them up in one
+// workgroup. Every reduction is a fixed tree or a fixed loop.
 //
 // Gradient clipping happens inside the update (`*_clipped`): the scale comes from the norm on the
-// device, so the host never waits for it. Offsets are element offsets inside the bound chunks.
+// device, so the host never waits for it.
 
 struct Params {
     n: u32,
-    param_off: u32,
-    grad_off: u32,
-    m_off: u32,
-    v_off: u32,
-    per_group: u32,
     slot: u32,
     lr: f32,
     weight_decay: f32,
@@ -41,8 +40,19 @@ struct Params {
 // sum_partials' output: the squared norm.
 @group(0) @binding(7) var<storage, read_write> total: array<f32>;
 
-const WG: u32 = 256u;
+// `n` elements at these word offsets; weight decay applies where `decays` is 1 (with the
+// hyperparameters in `p`). Offsets of roles a kernel does not bind are 0.
+struct Item {
+    n: u32,
+    decays: u32,
+    grad: u32,
+    param: u32,
+    exp_avg: u32,
+    exp_avg_sq: u32,
+}
+@group(0) @binding(8) var<storage, read> items: array<Item>;
 
+const UPDATE_THREADS: u32 = 256u;
 
 @compute @workgroup_size(64)
 fn sum_squares(
@@ -51,14 +61,13 @@ fn sum_squares(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let group = linear_group(wid, nwg);
-    let first = group * p.per_group;
-    if first >= p.n {
+    if group >= p.n {
         return;
     }
-    let last = min(first + p.per_group, p.n);
+    let item = items[group];
     var acc = 0.0;
-    for (var i = first + lid; i < last; i += SUM_THREADS) {
-        let g = grad[p.grad_off + i];
+    for (var i = lid; i < item.n; i += SUM_THREADS) {
+        let g = grad[item.grad + i];
         acc += g * g;
     }
     let sum = workgroup_sum(lid, acc);
@@ -86,11 +95,11 @@ fn clip_scale() -> f32 {
 }
 
 // torch.optim.AdamW (single-tensor): decoupled decay, then Adam with bias corrections.
-fn adamw_update(i: u32, scale: f32) {
-    let g = grad[p.grad_off + i] * scale;
-    let w = param[p.param_off + i] * p.decay;
+fn adamw_update(item: Item, i: u32, scale: f32) {
+    let g = grad[item.grad + i] * scale;
+    let w = param[item.param + i] * select(1.0, p.decay, item.decays == 1u);
     // exp_avg.lerp_(g, 1 - beta1), with torch's lerp formula for either side of 0.5.
-    let m0 = exp_avg[p.m_off + i];
+    let m0 = exp_avg[item.exp_avg + i];
     var m: f32;
     if p.m_weight < 0.5 {
         m = m0 + p.m_weight * (g - m0);
@@ -98,55 +107,81 @@ fn adamw_update(i: u32, scale: f32) {
         m = g - (g - m0) * (1.0 - p.m_weight);
     }
     // exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    let v = exp_avg_sq[p.v_off + i] * p.beta2 + p.v_weight * g * g;
-    exp_avg[p.m_off + i] = m;
-    exp_avg_sq[p.v_off + i] = v;
+    let v = exp_avg_sq[item.exp_avg_sq + i] * p.beta2 + p.v_weight * g * g;
+    exp_avg[item.exp_avg + i] = m;
+    exp_avg_sq[item.exp_avg_sq + i] = v;
     let denom = sqrt(v) / p.bc2_sqrt + p.eps;
-    param[p.param_off + i] = w - p.step_size * (m / denom);
+    param[item.param + i] = w - p.step_size * (m / denom);
 }
 
 // torch.optim.SGD without momentum: coupled (L2) weight decay, g += wd * p; p -= lr * g.
-fn sgd_update(i: u32, scale: f32) {
-    let w = param[p.param_off + i];
-    var g = grad[p.grad_off + i] * scale;
-    if p.weight_decay != 0.0 {
+fn sgd_update(item: Item, i: u32, scale: f32) {
+    let w = param[item.param + i];
+    var g = grad[item.grad + i] * scale;
+    if item.decays == 1u && p.weight_decay != 0.0 {
         g += p.weight_decay * w;
     }
-    param[p.param_off + i] = w - p.lr * g;
-}
-
-fn element(gid: vec3<u32>, nwg: vec3<u32>) -> u32 {
-    return gid.x + gid.y * nwg.x * WG;
+    param[item.param + i] = w - p.lr * g;
 }
 
 @compute @workgroup_size(256)
-fn adamw(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = element(gid, nwg);
-    if i < p.n {
-        adamw_update(i, 1.0);
+fn adamw(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = linear_group(wid, nwg);
+    if group < p.n {
+        let item = items[group];
+        for (var i = lid; i < item.n; i += UPDATE_THREADS) {
+            adamw_update(item, i, 1.0);
+        }
     }
 }
 
 @compute @workgroup_size(256)
-fn adamw_clipped(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = element(gid, nwg);
-    if i < p.n {
-        adamw_update(i, clip_scale());
+fn adamw_clipped(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = linear_group(wid, nwg);
+    if group < p.n {
+        let item = items[group];
+        let scale = clip_scale();
+        for (var i = lid; i < item.n; i += UPDATE_THREADS) {
+            adamw_update(item, i, scale);
+        }
     }
 }
 
 @compute @workgroup_size(256)
-fn sgd(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = element(gid, nwg);
-    if i < p.n {
-        sgd_update(i, 1.0);
+fn sgd(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = linear_group(wid, nwg);
+    if group < p.n {
+        let item = items[group];
+        for (var i = lid; i < item.n; i += UPDATE_THREADS) {
+            sgd_update(item, i, 1.0);
+        }
     }
 }
 
 @compute @workgroup_size(256)
-fn sgd_clipped(@builtin(global_invocation_id) gid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>) {
-    let i = element(gid, nwg);
-    if i < p.n {
-        sgd_update(i, clip_scale());
+fn sgd_clipped(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let group = linear_group(wid, nwg);
+    if group < p.n {
+        let item = items[group];
+        let scale = clip_scale();
+        for (var i = lid; i < item.n; i += UPDATE_THREADS) {
+            sgd_update(item, i, scale);
+        }
     }
 }

@@ -1,4 +1,5 @@
-// Rotary position embedding, transformers' rotate-half convention, in place on [rows, heads * D] f32.
+// Rotary position embedding, transformers' rotate-half convention, in place on the query and key
+// activations [rows, heads * D] f32 together (their heads share each angle).
 // For i < D/2 the pair (x[i], x[i + D/2]) of every head is rotated by angle = pos * inv_freq[i]:
 //   x[i] <- x[i] cos - x[i + D/2] sin,   x[i + D/2] <- x[i + D/2] cos + x[i] sin.
 // sign = -1 rotates by -angle (the transpose: the backward pass).
@@ -8,21 +9,23 @@ struct Params {
     n: u32,
     // Global row of the dispatch's first row (positions are looked up by global row).
     row0: u32,
-    // Element offset of that row inside the bound chunk of x.
-    x_off: u32,
-    heads: u32,
+    // Element offsets of that row inside the bound chunks of q and k.
+    q_off: u32,
+    k_off: u32,
+    q_heads: u32,
+    k_heads: u32,
     head_dim: u32,
     // Position of global row g: positions[g / period] + g % period. period = 1 reads one position
     // per row; period = T reads per-sequence start offsets of T consecutive rows.
     period: u32,
     sign: f32,
-    _pad: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read_write> x: array<f32>;
-@group(0) @binding(2) var<storage, read> positions: array<u32>;
-@group(0) @binding(3) var<storage, read> inv_freq: array<f32>;
+@group(0) @binding(1) var<storage, read_write> q: array<f32>;
+@group(0) @binding(2) var<storage, read_write> k: array<f32>;
+@group(0) @binding(3) var<storage, read> positions: array<u32>;
+@group(0) @binding(4) var<storage, read> inv_freq: array<f32>;
 
 // pi/2 split for Cody-Waite reduction: the first three parts have at most 7 significant bits, so
 // j * part is exact for quadrant counts j < 2^17 (angles up to ~2e5 rad, i.e. any position a
@@ -52,7 +55,7 @@ fn sin_cos(a: f32) -> vec2<f32> {
     }
 }
 
-// One thread per (row, i < D/2); it loops over the heads, which share the angle.
+// One thread per (row, i < D/2); it loops over the heads of q, then of k, which share the angle.
 @compute @workgroup_size(256)
 fn rope(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -72,12 +75,20 @@ fn rope(
     let sc = sin_cos(f32(pos) * inv_freq[i]);
     let s = p.sign * sc.x;
     let c = sc.y;
-    var e = p.x_off + r * p.heads * p.head_dim + i;
-    for (var h = 0u; h < p.heads; h++) {
-        let lo = x[e];
-        let hi = x[e + half];
-        x[e] = lo * c - hi * s;
-        x[e + half] = hi * c + lo * s;
+    var e = p.q_off + r * p.q_heads * p.head_dim + i;
+    for (var h = 0u; h < p.q_heads; h++) {
+        let lo = q[e];
+        let hi = q[e + half];
+        q[e] = lo * c - hi * s;
+        q[e + half] = hi * c + lo * s;
+        e += p.head_dim;
+    }
+    e = p.k_off + r * p.k_heads * p.head_dim + i;
+    for (var h = 0u; h < p.k_heads; h++) {
+        let lo = k[e];
+        let hi = k[e + half];
+        k[e] = lo * c - hi * s;
+        k[e + half] = hi * c + lo * s;
         e += p.head_dim;
     }
 }

@@ -1,5 +1,4 @@
 //! Dispatches recorded and submitted together: [`Batch`], made by [`Gpu::batch`].
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -8,7 +7,7 @@ use anyhow::{bail, Result};
 use crate::gpu::linear_groups;
 use crate::gpu::{read_buffer, Gpu, Pipeline, PARAMS_SLOT};
 use crate::shader::Kernel;
-use crate::tensor::{row_segments, Tensor};
+use crate::tensor::{row_segments, Chunk, Tensor};
 
 impl Gpu {
     /// A new batch of dispatches, submitted together.
@@ -24,7 +23,7 @@ impl Gpu {
 
 struct Record {
     pipeline: Arc<Pipeline>,
-    buffers: Vec<wgpu::Buffer>,
+    buffers: Vec<Chunk>,
     params_offset: u32,
     groups: [u32; 3],
 }
@@ -55,7 +54,7 @@ impl<'g> Batch<'g> {
         &mut self,
         kernel: &Kernel,
         params: &P,
-        buffers: &[&wgpu::Buffer],
+        buffers: &[&Chunk],
         groups: [u32; 3],
     ) -> Result<()> {
         let missing = kernel.shader.features.difference(self.gpu.features);
@@ -108,13 +107,13 @@ impl<'g> Batch<'g> {
     /// Records a flat kernel, one thread per `threads_per_row` of each row, once per row segment
     /// of `tensors` (indexed by the same rows; each segment lies within one chunk of every
     /// tensor). The storage bindings are the tensors' chunks in the order given, then `extra`
-    /// (whole one-chunk buffers such as tables); `params` gives the segment's parameters. The
+    /// (one-chunk tensors such as tables); `params` gives the segment's parameters. The
     /// workgroups follow the entry point's own `@workgroup_size`.
     pub fn launch_rows<P: bytemuck::Pod, const N: usize>(
         &mut self,
         kernel: &Kernel,
         tensors: [&Tensor; N],
-        extra: &[&wgpu::Buffer],
+        extra: &[&Chunk],
         threads_per_row: usize,
         params: impl Fn(&RowSegment<N>) -> P,
     ) -> Result<()> {
@@ -132,7 +131,7 @@ impl<'g> Batch<'g> {
                 offsets: at.each_ref().map(|r| r.offset),
             };
             let threads = (rows.len() * threads_per_row) as u32;
-            let mut buffers: Vec<&wgpu::Buffer> = at.iter().map(|r| r.buffer).collect();
+            let mut buffers: Vec<&Chunk> = at.iter().map(|r| r.buffer).collect();
             buffers.extend_from_slice(extra);
             let groups = linear_groups(self.gpu, threads.div_ceil(workgroup));
             self.dispatch(kernel, &params(&segment), &buffers, groups)?;
@@ -171,8 +170,11 @@ impl<'g> Batch<'g> {
             return None;
         }
         let gpu = self.gpu;
-        gpu.dispatches
-            .fetch_add(self.records.len() as u64, Ordering::Relaxed);
+        let mut counts = gpu.dispatches.lock().unwrap();
+        for r in &self.records {
+            *counts.entry(r.pipeline.name).or_default() += 1;
+        }
+        drop(counts);
         let params = gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("params"),
             size: self.params.len() as u64 + PARAMS_SLOT,
@@ -195,7 +197,7 @@ impl<'g> Batch<'g> {
                 for (&binding, b) in r.pipeline.storage_bindings.iter().zip(&r.buffers) {
                     entries.push(wgpu::BindGroupEntry {
                         binding,
-                        resource: b.as_entire_binding(),
+                        resource: b.binding(),
                     });
                 }
                 gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
@@ -268,7 +270,7 @@ impl<'g> Batch<'g> {
         };
         gpu.queue.submit([cmd]);
         drop(kept);
-        let ticks: Vec<u64> = bytemuck::cast_slice(&read_buffer(gpu, &read, 16)?).to_vec();
+        let ticks: Vec<u64> = bytemuck::cast_slice(&read_buffer(gpu, &read, 0, 16)?).to_vec();
         let ns = ticks[1].saturating_sub(ticks[0]) as f64 * gpu.queue.get_timestamp_period() as f64;
         Ok(Duration::from_nanos(ns as u64))
     }

@@ -1,5 +1,5 @@
 //! Adapter selection, the device, the pipeline cache, the count of device memory and readback.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -195,6 +195,8 @@ pub fn list_adapters(backend: Backend) -> Vec<AdapterSummary> {
 
 /// A compiled kernel variant and the layout of its bindings.
 pub(crate) struct Pipeline {
+    /// The shader file and entry point, which [`Gpu::dispatches_by_kernel`] counts by.
+    pub(crate) name: (&'static str, &'static str),
     pub(crate) pipeline: wgpu::ComputePipeline,
     pub(crate) layout: wgpu::BindGroupLayout,
     /// Binding numbers of the storage buffers the entry point uses, ascending (0 is the params).
@@ -247,8 +249,8 @@ pub struct Gpu {
     dry_run: bool,
     device_memory: Option<u64>,
     memory: Arc<MemoryCounter>,
-    /// Dispatches submitted so far (see [`Gpu::dispatches`]).
-    pub(crate) dispatches: AtomicU64,
+    /// Dispatches submitted so far by kernel, `file:entry` (see [`Gpu::dispatches`]).
+    pub(crate) dispatches: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
 }
 
@@ -297,7 +299,7 @@ impl Gpu {
             dry_run: options.dry_run,
             device_memory: options.device_memory,
             memory: Arc::default(),
-            dispatches: AtomicU64::new(0),
+            dispatches: Mutex::default(),
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -333,7 +335,19 @@ impl Gpu {
     /// Kernel dispatches submitted on this device so far: the launches a workload costs, which
     /// bound the small kernels on CPU adapters (each one is a thread-pool round trip there).
     pub fn dispatches(&self) -> u64 {
-        self.dispatches.load(Ordering::Relaxed)
+        self.dispatches.lock().unwrap().values().sum()
+    }
+
+    /// [`Gpu::dispatches`] by kernel (`shader file:entry point`), most launched first: where
+    /// fusion would save launches.
+    pub fn dispatches_by_kernel(&self) -> Vec<(String, u64)> {
+        let counts = self.dispatches.lock().unwrap();
+        let mut list: Vec<(String, u64)> = counts
+            .iter()
+            .map(|((file, entry), &n)| (format!("{file}:{entry}"), n))
+            .collect();
+        list.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+        list
     }
 
     /// Starts a new peak from what is alive now (e.g. at the start of a training step).
@@ -442,6 +456,7 @@ impl Gpu {
             });
         let storage_bindings = storage.iter().map(|&(b, _)| b).collect();
         let p = Arc::new(Pipeline {
+            name: (kernel.shader.file, kernel.entry),
             pipeline,
             layout,
             storage_bindings,
@@ -543,8 +558,13 @@ pub fn linear_groups(gpu: &Gpu, n: u32) -> [u32; 3] {
     }
 }
 
-/// Maps a buffer and copies `size` bytes out (blocking); zeros in a dry run.
-pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
+/// Copies `size` bytes at `offset` out of a buffer (blocking); zeros in a dry run.
+pub(crate) fn read_buffer(
+    gpu: &Gpu,
+    buffer: &wgpu::Buffer,
+    offset: u64,
+    size: u64,
+) -> Result<Vec<u8>> {
     if gpu.is_dry_run() {
         return Ok(vec![0; size as usize]);
     }
@@ -555,7 +575,7 @@ pub(crate) fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, size: u64) -> Result
         mapped_at_creation: false,
     });
     let mut encoder = gpu.device.create_command_encoder(&Default::default());
-    encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+    encoder.copy_buffer_to_buffer(buffer, offset, &staging, 0, size);
     gpu.queue.submit([encoder.finish()]);
     let slice = staging.slice(..);
     let (tx, rx) = std::sync::mpsc::channel();

@@ -4,6 +4,10 @@
 //! a buffer of whole rows no larger than one storage binding (`Gpu::max_binding_bytes`), so tensors
 //! of any size bind on any adapter. Launchers walk row ranges that lie inside one chunk of every
 //! tensor involved ([`row_segments`]) and pass each kernel the row offset inside its chunk.
+//!
+//! A chunk is a whole buffer, or a range of one shared with other tensors ([`Tensor::packed`]):
+//! a kernel over several such tensors binds the shared buffer once and reaches every tensor in
+//! it (the optimizer updates every trainable tensor in one launch).
 use std::ops::Range;
 
 use anyhow::{bail, Result};
@@ -27,11 +31,54 @@ impl DType {
     }
 }
 
+/// One storage binding of a tensor: `size` bytes at `offset` in `buffer` (all of it, or the
+/// tensor's range of a packed buffer).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chunk {
+    pub buffer: wgpu::Buffer,
+    /// A multiple of the device's storage offset alignment.
+    pub offset: u64,
+    pub size: u64,
+}
+
+impl Chunk {
+    fn whole(buffer: wgpu::Buffer) -> Chunk {
+        Chunk {
+            offset: 0,
+            size: buffer.size(),
+            buffer,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Index of the chunk's first 4-byte word in its buffer: where an f32 or u32 chunk starts
+    /// for a kernel that binds the whole buffer ([`Chunk::buffer_binding`]).
+    pub fn first_word(&self) -> u32 {
+        (self.offset / 4) as u32
+    }
+
+    /// The whole buffer the chunk lies in, as a binding.
+    pub fn buffer_binding(&self) -> Chunk {
+        Chunk::whole(self.buffer.clone())
+    }
+
+    pub(crate) fn binding(&self) -> wgpu::BindingResource<'_> {
+        wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+            buffer: &self.buffer,
+            offset: self.offset,
+            size: wgpu::BufferSize::new(self.size),
+        })
+    }
+}
+
 pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
     rows_per_chunk: usize,
-    chunks: Vec<wgpu::Buffer>,
+    chunks: Vec<Chunk>,
     /// The chunks' bytes, counted in [`Gpu::memory`] while the tensor lives.
     _allocation: Allocation,
     /// A handle on another tensor's buffers ([`Tensor::alias`]): owns no device bytes.
@@ -41,8 +88,8 @@ pub struct Tensor {
 /// Where a row lives: the chunk's buffer and the element offset of the row inside it.
 #[derive(Clone, Copy)]
 pub struct RowAt<'a> {
-    pub buffer: &'a wgpu::Buffer,
-    /// Element index (not word index, for bf16) of the row's first element inside `buffer`.
+    pub buffer: &'a Chunk,
+    /// Element index (not word index, for bf16) of the row's first element inside the chunk.
     pub offset: u32,
 }
 
@@ -58,7 +105,7 @@ impl Tensor {
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
         for chunk in self.chunks() {
-            encoder.clear_buffer(chunk, 0, None);
+            encoder.clear_buffer(&chunk.buffer, chunk.offset, Some(chunk.size));
         }
         gpu.queue.submit([encoder.finish()]);
     }
@@ -78,6 +125,18 @@ impl Tensor {
         Tensor::zeros_within(gpu, &[len], DType::F32, limit)
     }
 
+    /// A 1-D u32 table holding `words` in one buffer, up to the device's binding limit (like
+    /// [`Tensor::scratch`]): a kernel's per-workgroup work list.
+    pub(crate) fn table(gpu: &Gpu, words: &[u32]) -> Result<Tensor> {
+        let limit = gpu
+            .limits
+            .max_storage_buffer_binding_size
+            .min(gpu.limits.max_buffer_size);
+        let table = Tensor::zeros_within(gpu, &[words.len()], DType::U32, limit)?;
+        table.write_bytes(gpu, bytemuck::cast_slice(words))?;
+        Ok(table)
+    }
+
     /// A zero-filled tensor in chunks of at most `binding_bytes`.
     fn zeros_within(
         gpu: &Gpu,
@@ -85,51 +144,79 @@ impl Tensor {
         dtype: DType,
         binding_bytes: u64,
     ) -> Result<Tensor> {
-        let row_len = *shape.last().unwrap_or(&1);
-        let rows: usize = shape.iter().rev().skip(1).product();
-        if shape.contains(&0) {
-            bail!("tensor shape {shape:?} has a zero dimension");
+        let layout = Layout::new(shape, dtype, binding_bytes)?;
+        let chunks = layout
+            .chunk_bytes
+            .iter()
+            .map(|&bytes| Chunk::whole(new_buffer(gpu, bytes)))
+            .collect();
+        Ok(Tensor::over(
+            gpu,
+            shape,
+            dtype,
+            layout.rows_per_chunk,
+            chunks,
+        ))
+    }
+
+    /// Zero-filled tensors of `shapes`, packed into as few buffers as the binding size allows
+    /// (each chunk at the device's storage offset alignment, in order): views that work as
+    /// separate tensors do, while a kernel over all of them binds each shared buffer once (the
+    /// trainable tensors, their gradients and AdamW moments: one optimizer launch for all). Each
+    /// counts in [`Gpu::memory`] the bytes a separate tensor would (the alignment gaps, under
+    /// 256 bytes per tensor, are left out); the buffers live while any of their views does.
+    pub fn packed(gpu: &Gpu, shapes: &[Vec<usize>], dtype: DType) -> Result<Vec<Tensor>> {
+        let align = gpu.limits.min_storage_buffer_offset_alignment as u64;
+        let layouts = shapes
+            .iter()
+            .map(|s| Layout::new(s, dtype, gpu.max_binding_bytes))
+            .collect::<Result<Vec<_>>>()?;
+        // (buffer index, offset) of every chunk, and the bytes used of each buffer.
+        let mut used: Vec<u64> = Vec::new();
+        let mut places = Vec::new();
+        for bytes in layouts.iter().flat_map(|l| &l.chunk_bytes) {
+            let at = used.last().map(|u| u.next_multiple_of(align));
+            match at.filter(|at| at + bytes <= gpu.max_binding_bytes) {
+                Some(at) => *used.last_mut().unwrap() = at + bytes,
+                None => used.push(*bytes),
+            }
+            places.push((used.len() - 1, used.last().unwrap() - bytes));
         }
-        let row_bytes = (row_len * dtype.bytes()) as u64;
-        let mut rows_per_chunk = (binding_bytes / row_bytes) as usize;
-        // bf16 chunks must start on a word boundary.
-        if dtype == DType::BF16 && row_len % 2 == 1 && rows_per_chunk < rows {
-            rows_per_chunk &= !1;
-        }
-        if rows_per_chunk == 0 {
-            let what = if row_len % 2 == 1 && dtype == DType::BF16 {
-                "two rows (an odd-length bf16 row does not end on a word)"
-            } else {
-                "a row"
-            };
-            bail!(
-                "{what} of tensor {shape:?} ({row_bytes} bytes per row) do not fit one storage \
-                 binding ({binding_bytes} bytes) on this device"
-            );
-        }
-        let rows_per_chunk = rows_per_chunk.min(rows);
-        let mut chunks = Vec::new();
-        for start in (0..rows).step_by(rows_per_chunk) {
-            let n = rows_per_chunk.min(rows - start);
-            let bytes = ((n * row_len * dtype.bytes()) as u64).next_multiple_of(4);
-            chunks.push(gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            }));
-        }
-        let bytes = chunks.iter().map(wgpu::Buffer::size).sum();
-        Ok(Tensor {
+        let buffers: Vec<wgpu::Buffer> = used.iter().map(|&b| new_buffer(gpu, b)).collect();
+        let mut places = places.into_iter();
+        let tensors = shapes.iter().zip(&layouts).map(|(shape, layout)| {
+            let chunks = layout
+                .chunk_bytes
+                .iter()
+                .zip(places.by_ref())
+                .map(|(&size, (b, offset))| Chunk {
+                    buffer: buffers[b].clone(),
+                    offset,
+                    size,
+                })
+                .collect();
+            Tensor::over(gpu, shape, dtype, layout.rows_per_chunk, chunks)
+        });
+        Ok(tensors.collect())
+    }
+
+    /// The tensor stored in `chunks`, owning their bytes.
+    fn over(
+        gpu: &Gpu,
+        shape: &[usize],
+        dtype: DType,
+        rows_per_chunk: usize,
+        chunks: Vec<Chunk>,
+    ) -> Tensor {
+        let bytes = chunks.iter().map(Chunk::size).sum();
+        Tensor {
             shape: shape.to_vec(),
             dtype,
             rows_per_chunk,
             chunks,
             _allocation: gpu.allocate(bytes),
             aliased: false,
-        })
+        }
     }
 
     /// A tensor holding `bytes` (the raw little-endian elements, e.g. straight from a memory-mapped
@@ -177,7 +264,7 @@ impl Tensor {
         if gpu.is_dry_run() {
             return Ok(());
         }
-        for (c, buffer) in self.chunks.iter().enumerate() {
+        for (c, piece) in self.chunks.iter().enumerate() {
             let chunk = c * self.rows_per_chunk..((c + 1) * self.rows_per_chunk).min(self.rows());
             let (start, end) = (chunk.start.max(first), chunk.end.min(first + rows));
             if start >= end {
@@ -193,12 +280,12 @@ impl Tensor {
                 );
             }
             if part.len().is_multiple_of(4) {
-                gpu.queue.write_buffer(buffer, offset, part);
+                gpu.queue.write_buffer(&piece.buffer, piece.offset + offset, part);
             } else {
                 // An odd count of bf16 elements ending the chunk: the last word needs its padding.
                 let mut padded = part.to_vec();
                 padded.resize(part.len().next_multiple_of(4), 0);
-                gpu.queue.write_buffer(buffer, offset, &padded);
+                gpu.queue.write_buffer(&piece.buffer, piece.offset + offset, &padded);
             }
         }
         Ok(())
@@ -257,9 +344,9 @@ impl Tensor {
             return Ok(());
         }
         let chunk_len = self.rows_per_chunk * self.row_len();
-        for (buffer, part) in self.chunks.iter().zip(data.chunks(chunk_len)) {
+        for (chunk, part) in self.chunks.iter().zip(data.chunks(chunk_len)) {
             gpu.queue
-                .write_buffer(buffer, 0, bytemuck::cast_slice(part));
+                .write_buffer(&chunk.buffer, chunk.offset, bytemuck::cast_slice(part));
         }
         Ok(())
     }
@@ -296,7 +383,7 @@ impl Tensor {
         self.numel() / self.row_len()
     }
 
-    pub fn chunks(&self) -> &[wgpu::Buffer] {
+    pub fn chunks(&self) -> &[Chunk] {
         &self.chunks
     }
 
@@ -304,7 +391,7 @@ impl Tensor {
     pub fn device_bytes(&self) -> u64 {
         match self.aliased {
             true => 0,
-            false => self.chunks.iter().map(|b| b.size()).sum(),
+            false => self.chunks.iter().map(Chunk::size).sum(),
         }
     }
 
@@ -344,10 +431,11 @@ impl Tensor {
     /// Copies the tensor back to the host as raw bytes (blocking; for tests, checkpoints, reports).
     pub fn to_bytes(&self, gpu: &Gpu) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(self.numel() * self.dtype.bytes());
-        for (c, buffer) in self.chunks.iter().enumerate() {
+        for (c, chunk) in self.chunks.iter().enumerate() {
             let rows = self.chunk_rows(c * self.rows_per_chunk).len();
             let bytes = rows * self.row_len() * self.dtype.bytes();
-            out.extend_from_slice(&read_buffer(gpu, buffer, buffer.size())?[..bytes]);
+            let read = read_buffer(gpu, &chunk.buffer, chunk.offset, chunk.size)?;
+            out.extend_from_slice(&read[..bytes]);
         }
         Ok(out)
     }
@@ -371,6 +459,63 @@ impl Tensor {
         }
         Ok(bytemuck::pod_collect_to_vec(&self.to_bytes(gpu)?))
     }
+}
+
+/// How a tensor splits into chunks of at most one binding.
+struct Layout {
+    rows_per_chunk: usize,
+    /// Each chunk's bytes (whole 4-byte words).
+    chunk_bytes: Vec<u64>,
+}
+
+impl Layout {
+    fn new(shape: &[usize], dtype: DType, binding_bytes: u64) -> Result<Layout> {
+        let row_len = *shape.last().unwrap_or(&1);
+        let rows: usize = shape.iter().rev().skip(1).product();
+        if shape.contains(&0) {
+            bail!("tensor shape {shape:?} has a zero dimension");
+        }
+        let row_bytes = (row_len * dtype.bytes()) as u64;
+        let mut rows_per_chunk = (binding_bytes / row_bytes) as usize;
+        // bf16 chunks must start on a word boundary.
+        if dtype == DType::BF16 && row_len % 2 == 1 && rows_per_chunk < rows {
+            rows_per_chunk &= !1;
+        }
+        if rows_per_chunk == 0 {
+            let what = if row_len % 2 == 1 && dtype == DType::BF16 {
+                "two rows (an odd-length bf16 row does not end on a word)"
+            } else {
+                "a row"
+            };
+            bail!(
+                "{what} of tensor {shape:?} ({row_bytes} bytes per row) do not fit one storage \
+                 binding ({binding_bytes} bytes) on this device"
+            );
+        }
+        let rows_per_chunk = rows_per_chunk.min(rows);
+        let chunk_bytes = (0..rows)
+            .step_by(rows_per_chunk)
+            .map(|start| {
+                let n = rows_per_chunk.min(rows - start);
+                ((n * row_len * dtype.bytes()) as u64).next_multiple_of(4)
+            })
+            .collect();
+        Ok(Layout {
+            rows_per_chunk,
+            chunk_bytes,
+        })
+    }
+}
+
+fn new_buffer(gpu: &Gpu, bytes: u64) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE
+            | wgpu::BufferUsages::COPY_SRC
+            | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
 }
 
 /// Row ranges of `0..rows` that lie within a single chunk of every tensor given (all indexed by the

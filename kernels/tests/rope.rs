@@ -3,17 +3,20 @@
 mod common;
 use common::{assert_passed, split_gpu};
 use wgtrain_kernels::ops::check::{random, to_f64};
-use wgtrain_kernels::ops::rope::{self, cpu, rope_backward, rope_forward, Positions, Rope};
+use wgtrain_kernels::ops::rope::{
+    self, cpu, rope_backward, rope_forward, Positions, QueryKey, Rope,
+};
 use wgtrain_kernels::{Gpu, Tensor};
 
 fn run_cases(gpu: &Gpu) {
-    assert_passed(rope::check_rope(gpu, 1, 1, 64, Some(&[0]), 1).unwrap());
-    assert_passed(rope::check_rope(gpu, 15, 3, 64, Some(&[0, 9, 32767]), 2).unwrap());
-    assert_passed(rope::check_rope(gpu, 14, 2, 128, Some(&[4, 100_000]), 3).unwrap());
-    assert_passed(rope::check_rope(gpu, 33, 5, 64, None, 4).unwrap());
-    assert_passed(rope::check_rope(gpu, 9, 1, 128, None, 5).unwrap());
+    // (query heads, key heads): grouped and not.
+    assert_passed(rope::check_rope(gpu, 1, (1, 1), 64, Some(&[0]), 1).unwrap());
+    assert_passed(rope::check_rope(gpu, 15, (3, 1), 64, Some(&[0, 9, 32767]), 2).unwrap());
+    assert_passed(rope::check_rope(gpu, 14, (2, 2), 128, Some(&[4, 100_000]), 3).unwrap());
+    assert_passed(rope::check_rope(gpu, 33, (5, 1), 64, None, 4).unwrap());
+    assert_passed(rope::check_rope(gpu, 9, (1, 1), 128, None, 5).unwrap());
     // Any even head size: the attention kernels' 8..=256 (10 and 250 are 2 mod 4), and below.
-    assert_passed(rope::check_rope(gpu, 7, 3, 6, Some(&[2]), 6).unwrap());
+    assert_passed(rope::check_rope(gpu, 7, (3, 3), 6, Some(&[2]), 6).unwrap());
     for (i, (heads, d)) in [
         (5, 16),
         (4, 32),
@@ -27,7 +30,8 @@ fn run_cases(gpu: &Gpu) {
     .enumerate()
     {
         let seed = 7 + i as u64;
-        assert_passed(rope::check_rope(gpu, 14, heads, d, Some(&[3, 40_000]), seed).unwrap());
+        let checks = rope::check_rope(gpu, 14, (heads, 1), d, Some(&[3, 40_000]), seed);
+        assert_passed(checks.unwrap());
     }
 }
 
@@ -41,26 +45,49 @@ fn gpu_matches_cpu_on_split_tensors() {
     run_cases(split_gpu(1280));
 }
 
-/// <R x, y> = <x, R^T y>: the backward kernel is the transpose of the forward one.
+/// <R x, y> = <x, R^T y> for q and k: the backward kernel is the transpose of the forward one.
 #[test]
 fn backward_is_the_transpose() {
     let gpu = split_gpu(1280);
-    let (rows, heads, d) = (10, 2, 64);
-    let shape = [rows, heads * d];
-    let (xv, yv) = (
-        random(7, rows * heads * d, 1.0),
-        random(8, rows * heads * d, 1.0),
-    );
+    let (rows, heads, kv_heads, d) = (10, 2, 1, 64);
     let rope = Rope::new(gpu, d, 1e6).unwrap();
     let positions: Vec<u32> = (0..rows as u32).map(|r| 1000 * r + 3).collect();
     let table = Tensor::from_u32(gpu, &[rows], &positions).unwrap();
-    let (x, y) = (
-        Tensor::from_f32(gpu, &shape, &xv).unwrap(),
-        Tensor::from_f32(gpu, &shape, &yv).unwrap(),
+    let values = |seed, h: usize| random(seed, rows * h * d, 1.0);
+    let (xq, xk, yq, yk) = (
+        values(7, heads),
+        values(8, kv_heads),
+        values(9, heads),
+        values(10, kv_heads),
     );
+    let upload = |v: &[f32], h: usize| Tensor::from_f32(gpu, &[rows, h * d], v).unwrap();
+    let (x, y) = (
+        [upload(&xq, heads), upload(&xk, kv_heads)],
+        [upload(&yq, heads), upload(&yk, kv_heads)],
+    );
+    fn pair(t: &[Tensor; 2], (q_heads, k_heads): (usize, usize)) -> QueryKey<'_> {
+        QueryKey {
+            q: &t[0],
+            q_heads,
+            k: &t[1],
+            k_heads,
+        }
+    }
     let mut batch = gpu.batch();
-    rope_forward(&mut batch, &rope, &x, heads, &Positions::PerRow(&table)).unwrap();
-    rope_backward(&mut batch, &rope, &y, heads, &Positions::PerRow(&table)).unwrap();
+    rope_forward(
+        &mut batch,
+        &rope,
+        pair(&x, (heads, kv_heads)),
+        &Positions::PerRow(&table),
+    )
+    .unwrap();
+    rope_backward(
+        &mut batch,
+        &rope,
+        pair(&y, (heads, kv_heads)),
+        &Positions::PerRow(&table),
+    )
+    .unwrap();
     batch.submit();
     let dot = |a: &[f32], b: &[f32]| {
         a.iter()
@@ -68,12 +95,14 @@ fn backward_is_the_transpose() {
             .map(|(&p, &q)| p as f64 * q as f64)
             .sum::<f64>()
     };
-    let (rx, rty) = (x.to_f32(gpu).unwrap(), y.to_f32(gpu).unwrap());
-    let (lhs, rhs) = (dot(&rx, &yv), dot(&xv, &rty));
-    assert!(
-        (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
-        "<Rx,y> = {lhs}, <x,R^T y> = {rhs}"
-    );
+    for (i, (xv, yv)) in [(&xq, &yq), (&xk, &yk)].into_iter().enumerate() {
+        let (rx, rty) = (x[i].to_f32(gpu).unwrap(), y[i].to_f32(gpu).unwrap());
+        let (lhs, rhs) = (dot(&rx, yv), dot(xv, &rty));
+        assert!(
+            (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
+            "tensor {i}: <Rx,y> = {lhs}, <x,R^T y> = {rhs}"
+        );
+    }
 }
 
 /// The reference follows transformers: pairs (i, i + D/2), inv_freq = theta^(-2i/D), and the
@@ -108,19 +137,27 @@ fn rejects_bad_shapes() {
     let rope = Rope::new(&gpu, 64, 1e6).unwrap();
     assert!(Rope::new(&gpu, 63, 1e6).is_err());
     let x = Tensor::from_f32(&gpu, &[6, 128], &[0.0; 768]).unwrap();
+    let k = Tensor::from_f32(&gpu, &[6, 64], &[0.0; 384]).unwrap();
     let starts = Tensor::from_u32(&gpu, &[4], &[0; 4]).unwrap();
+    let qk = |q_heads, k_heads| QueryKey {
+        q: &x,
+        q_heads,
+        k: &k,
+        k_heads,
+    };
     let mut batch = gpu.batch();
-    // 6 rows are not sequences of 4; 3 heads of 64 are not 128 columns.
-    assert!(rope_forward(
-        &mut batch,
-        &rope,
-        &x,
-        2,
-        &Positions::Sequential {
-            seq_len: 4,
-            starts: &starts
-        }
-    )
-    .is_err());
-    assert!(rope_forward(&mut batch, &rope, &x, 3, &Positions::PerRow(&starts)).is_err());
+    // 6 rows are not sequences of 4.
+    let sequences = Positions::Sequential {
+        seq_len: 4,
+        starts: &starts,
+    };
+    assert!(rope_forward(&mut batch, &rope, qk(2, 1), &sequences).is_err());
+    // 3 heads of 64 are not 128 columns, nor 2 heads 64 columns.
+    let rows = Tensor::from_u32(&gpu, &[6], &[0; 6]).unwrap();
+    let per_row = Positions::PerRow(&rows);
+    assert!(rope_forward(&mut batch, &rope, qk(2, 1), &per_row).is_ok());
+    let err = rope_forward(&mut batch, &rope, qk(3, 1), &per_row).unwrap_err();
+    assert!(err.to_string().contains("rope: q"), "{err}");
+    let err = rope_forward(&mut batch, &rope, qk(2, 2), &per_row).unwrap_err();
+    assert!(err.to_string().contains("rope: k"), "{err}");
 }

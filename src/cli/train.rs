@@ -157,6 +157,12 @@ fn train_on_rank(args: &TrainArgs, config: &TrainConfig, ranks: &dyn Ranks) -> R
         gpu.dispatches(),
         summary.output.display()
     );
+    if std::env::var_os("WGTRAIN_LAUNCHES").is_some() {
+        println!("kernel dispatches by kernel:");
+        for (kernel, n) in gpu.dispatches_by_kernel() {
+            println!("  {n:8}  {kernel}");
+        }
+    }
     Ok(0)
 }
 

@@ -8,6 +8,7 @@
 //! Gradients accumulate (`beta = 1`) into [`Grads`], zeroed once per optimizer step, so the
 //! micro-batches of a step add up; the loss gradient is scaled by 1 / (supervised tokens of the
 //! whole step) so the sum is the gradient of the step's mean loss.
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -20,18 +21,18 @@ use wgtrain_kernels::ops::embedding::{embedding_backward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_backward, InputGrad, Lora, LoraGrads};
 use wgtrain_kernels::ops::matmul::{matmul_backward_input, matmul_backward_weight};
 use wgtrain_kernels::ops::rmsnorm::rmsnorm_backward;
-use wgtrain_kernels::ops::rope::{rope_backward, Positions};
+use wgtrain_kernels::ops::rope::{rope_backward, Positions, QueryKey};
 use wgtrain_kernels::ops::swiglu::swiglu_backward;
 use wgtrain_kernels::{Batch, DType, Gpu, Out, Tensor};
 
 use super::adapter::tensor_name;
 use super::config::Qwen2Config;
-use super::params::{names, PerProj, Proj, TensorSpec};
+use super::params::{names, qwen2_tensors, PerProj, Proj, TensorSpec};
 use super::qwen2::{
     pad_rows, token_local, LayerActs, LayerIo, LocalRows, LoraDropout, LossSum, Qwen2, Step,
 };
 use super::residency::{Chunked, MemoryPlan, Working};
-use super::weights::{to_device, Weights};
+use super::weights::{write_to_device, Weights};
 
 /// What the backward of one layer reads besides its input and scratch: which layer, its
 /// recomputed activations, the micro-batch and the gradients it accumulates into.
@@ -88,8 +89,30 @@ impl Param<'_> {
     }
 }
 
-fn zeros_like(gpu: &Gpu, t: &Tensor) -> Result<Tensor> {
-    Tensor::zeros(gpu, t.shape(), DType::F32)
+/// Zero f32 tensors shaped like the tensors `build` asks `like` for, packed together
+/// ([`Tensor::packed`]: one optimizer launch covers them all). `build` runs twice: first to learn
+/// the shapes (`like` hands out aliases of the tensors asked about, which own nothing), then to
+/// take the packed tensors in the same order.
+fn packed_like<R>(
+    gpu: &Gpu,
+    build: impl Fn(&mut dyn FnMut(&Tensor) -> Result<Tensor>) -> Result<R>,
+) -> Result<R> {
+    let mut shapes = Vec::new();
+    build(&mut |t| {
+        shapes.push(t.shape().to_vec());
+        Ok(t.alias(gpu))
+    })?;
+    let mut packed = Tensor::packed(gpu, &shapes, DType::F32)?.into_iter();
+    build(&mut |_| Ok(packed.next().expect("one packed tensor per shape")))
+}
+
+/// f32 tensors of every weight of `config` by checkpoint name, packed together (the master
+/// weights of full fine-tuning, which the optimizer updates in one launch).
+fn packed_weights(gpu: &Gpu, config: &Qwen2Config) -> Result<HashMap<String, Tensor>> {
+    let specs = qwen2_tensors(config);
+    let shapes: Vec<Vec<usize>> = specs.iter().map(|s| s.shape.clone()).collect();
+    let packed = Tensor::packed(gpu, &shapes, DType::F32)?;
+    Ok(specs.into_iter().map(|s| s.name).zip(packed).collect())
 }
 
 impl Grads {
@@ -102,19 +125,21 @@ impl Grads {
             .iter()
             .any(|l| l.proj.values().any(|p| p.lora.is_some()));
         if has_lora {
-            let layers = model
-                .layers
-                .iter()
-                .map(|layer| {
-                    PerProj::try_from_fn(|p| {
-                        layer.proj[p]
-                            .lora
-                            .as_ref()
-                            .map(|l| Ok((zeros_like(gpu, &l.a)?, zeros_like(gpu, &l.b)?)))
-                            .transpose()
+            let layers = packed_like(gpu, |like| {
+                model
+                    .layers
+                    .iter()
+                    .map(|layer| {
+                        PerProj::try_from_fn(|p| {
+                            layer.proj[p]
+                                .lora
+                                .as_ref()
+                                .map(|l| Ok((like(&l.a)?, like(&l.b)?)))
+                                .transpose()
+                        })
                     })
-                })
-                .collect::<Result<_>>()?;
+                    .collect()
+            })?;
             return Ok(Grads::Lora(layers));
         }
         let embed = model
@@ -125,34 +150,30 @@ impl Grads {
             embed.dtype() == DType::F32,
             "full fine-tuning needs f32 master weights (Qwen2::load_f32)"
         );
-        let layers = model
-            .layers
-            .iter()
-            .map(|layer| {
-                Ok(LayerGrads {
-                    input_norm: zeros_like(gpu, &layer.input_norm)?,
-                    post_norm: zeros_like(gpu, &layer.post_norm)?,
-                    weight: PerProj::try_from_fn(|p| zeros_like(gpu, &layer.proj[p].weight))?,
-                    bias: PerProj::try_from_fn(|p| {
-                        layer.proj[p]
-                            .bias
-                            .as_ref()
-                            .map(|b| zeros_like(gpu, b))
-                            .transpose()
-                    })?,
+        let full = packed_like(gpu, |like| {
+            let embed = like(embed)?;
+            let layers = model
+                .layers
+                .iter()
+                .map(|layer| {
+                    Ok(LayerGrads {
+                        input_norm: like(&layer.input_norm)?,
+                        post_norm: like(&layer.post_norm)?,
+                        weight: PerProj::try_from_fn(|p| like(&layer.proj[p].weight))?,
+                        bias: PerProj::try_from_fn(|p| {
+                            layer.proj[p].bias.as_ref().map(&mut *like).transpose()
+                        })?,
+                    })
                 })
+                .collect::<Result<_>>()?;
+            Ok(FullGrads {
+                embed,
+                layers,
+                norm: like(&model.norm)?,
+                lm_head: model.lm_head.as_ref().map(&mut *like).transpose()?,
             })
-            .collect::<Result<_>>()?;
-        Ok(Grads::Full(Box::new(FullGrads {
-            embed: zeros_like(gpu, embed)?,
-            layers,
-            norm: zeros_like(gpu, &model.norm)?,
-            lm_head: model
-                .lm_head
-                .as_ref()
-                .map(|t| zeros_like(gpu, t))
-                .transpose()?,
-        })))
+        })?;
+        Ok(Grads::Full(Box::new(full)))
     }
 
     /// Every trainable parameter of `model` with its gradient, in a fixed order.
@@ -428,8 +449,8 @@ impl LayerInputs {
 }
 
 impl Qwen2 {
-    /// Loads a checkpoint with every tensor f32 on the device: the master weights of full
-    /// fine-tuning, updated in place by the optimizer.
+    /// Loads a checkpoint with every tensor f32 on the device, packed together: the master
+    /// weights of full fine-tuning, updated in place by the optimizer.
     pub fn load_f32(gpu: &Gpu, dir: impl AsRef<Path>) -> Result<Qwen2> {
         let dir = dir.as_ref();
         ensure!(
@@ -440,8 +461,13 @@ impl Qwen2 {
         let config = Qwen2Config::load(dir)?;
         let weights = Weights::open(dir)?;
         weights.validate(&config)?;
+        let mut packed = packed_weights(gpu, &config)?;
         Qwen2::build(gpu, config, |spec, _| {
-            to_device(gpu, &weights.get(&spec.name)?, DType::F32)
+            let t = packed
+                .remove(&spec.name)
+                .context("one packed tensor per weight")?;
+            write_to_device(gpu, &weights.get(&spec.name)?, &t)?;
+            Ok(t)
         })
     }
 
@@ -449,9 +475,13 @@ impl Qwen2 {
     /// `f32_master` (full fine-tuning's master weights), else bf16 matrices as [`Qwen2::load`]
     /// keeps them. For dry runs at real shapes without a checkpoint.
     pub fn zeroed(gpu: &Gpu, config: Qwen2Config, f32_master: bool) -> Result<Qwen2> {
-        Qwen2::build(gpu, config, |spec, dtype| {
-            let dtype = if f32_master { DType::F32 } else { dtype };
-            Tensor::zeros(gpu, &spec.shape, dtype)
+        let mut packed = match f32_master {
+            true => packed_weights(gpu, &config)?,
+            false => HashMap::new(),
+        };
+        Qwen2::build(gpu, config, |spec, dtype| match packed.remove(&spec.name) {
+            Some(t) => Ok(t),
+            None => Tensor::zeros(gpu, &spec.shape, dtype),
         })
     }
 
@@ -720,8 +750,13 @@ impl Qwen2 {
             seq_len: step.seq_len,
             starts: &step.starts,
         };
-        rope_backward(batch, &self.rope, &s.dq, c.num_attention_heads, &positions)?;
-        rope_backward(batch, &self.rope, &s.dk, c.num_key_value_heads, &positions)?;
+        let dqk = QueryKey {
+            q: &s.dq,
+            q_heads: c.num_attention_heads,
+            k: &s.dk,
+            k_heads: c.num_key_value_heads,
+        };
+        rope_backward(batch, &self.rope, dqk, &positions)?;
         let d_xn = s.d_xn();
         proj(batch, Proj::Q, &s.dq, Out::write(d_xn))?;
         proj(batch, Proj::K, &s.dk, Out::add(d_xn))?;

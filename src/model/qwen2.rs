@@ -34,7 +34,7 @@ use wgtrain_kernels::ops::embedding::{embedding_forward, TokenIds};
 use wgtrain_kernels::ops::lora::{lora_forward, Dropout, Lora};
 use wgtrain_kernels::ops::matmul::{matmul_forward, Gemm, Mat};
 use wgtrain_kernels::ops::rmsnorm::{add_rmsnorm_forward, rmsnorm_forward, ResidualAdd};
-use wgtrain_kernels::ops::rope::{rope_forward, Positions, Rope};
+use wgtrain_kernels::ops::rope::{rope_forward, Positions, QueryKey, Rope};
 use wgtrain_kernels::ops::swiglu::swiglu_forward;
 use wgtrain_kernels::{Batch, DType, Gpu, Tensor};
 
@@ -804,18 +804,27 @@ impl Qwen2 {
                 linear.lora = None;
             }
         }
+        // Every factor packed together: one optimizer launch updates them all.
+        let shapes: Vec<Vec<usize>> = adapter
+            .modules
+            .keys()
+            .flat_map(|&(_, proj)| {
+                let (out_f, in_f) = proj.shape(&self.config);
+                [vec![r, in_f], vec![out_f, r]]
+            })
+            .collect();
+        let mut packed = Tensor::packed(gpu, &shapes, DType::F32)?.into_iter();
         for (&(l, proj), pair) in &adapter.modules {
-            let (out_f, in_f) = proj.shape(&self.config);
+            let mut next = || packed.next().expect("two packed tensors per module");
+            let (a, b) = (next(), next());
+            a.write_f32(gpu, &pair.a)
+                .with_context(|| format!("LoRA A of layer {l} {}", proj.path()))?;
+            b.write_f32(gpu, &pair.b)
+                .with_context(|| format!("LoRA B of layer {l} {}", proj.path()))?;
             let layer = self.layers.get_mut(l).with_context(|| {
                 format!("the adapter has layer {l}; the model has fewer layers")
             })?;
-            layer.proj[proj].lora = Some(LoraTensors {
-                a: Tensor::from_f32(gpu, &[r, in_f], &pair.a)
-                    .with_context(|| format!("LoRA A of layer {l} {}", proj.path()))?,
-                b: Tensor::from_f32(gpu, &[out_f, r], &pair.b)
-                    .with_context(|| format!("LoRA B of layer {l} {}", proj.path()))?,
-                scale,
-            });
+            layer.proj[proj].lora = Some(LoraTensors { a, b, scale });
         }
         Ok(())
     }
@@ -1012,8 +1021,13 @@ impl Qwen2 {
             seq_len: step.seq_len,
             starts: &step.starts,
         };
-        rope_forward(batch, &self.rope, &a.q, c.num_attention_heads, &positions)?;
-        rope_forward(batch, &self.rope, &a.k, c.num_key_value_heads, &positions)?;
+        let qk = QueryKey {
+            q: &a.q,
+            q_heads: c.num_attention_heads,
+            k: &a.k,
+            k_heads: c.num_key_value_heads,
+        };
+        rope_forward(batch, &self.rope, qk, &positions)?;
         let dims = AttentionDims {
             batch_size: step.batch_size,
             tq: step.seq_len,

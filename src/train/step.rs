@@ -8,7 +8,7 @@
 use std::fmt;
 
 use anyhow::Result;
-use wgtrain_kernels::ops::optim::{adamw_step, grad_norm_sq, sgd_step, AdamW};
+use wgtrain_kernels::ops::optim::{self, grad_norm_sq, AdamW, Optimizer, Trainable};
 use wgtrain_kernels::{DType, Gpu, Tensor};
 
 use super::config::{OptimizerKind, OptimizerSettings};
@@ -23,22 +23,25 @@ pub struct Moments {
     pub v: Tensor,
 }
 
-/// Fresh AdamW moments (zeros) or, for SGD, none.
+/// Fresh AdamW moments (zeros), each packed like the parameters ([`Tensor::packed`]: one
+/// optimizer launch for all), or, for SGD, none.
 pub fn new_moments(
     gpu: &Gpu,
     params: &[Param],
     kind: OptimizerKind,
 ) -> Result<Vec<Option<Moments>>> {
-    params
-        .iter()
-        .map(|p| match kind {
-            OptimizerKind::Adamw => Ok(Some(Moments {
-                m: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
-                v: Tensor::zeros(gpu, p.value.shape(), DType::F32)?,
-            })),
-            OptimizerKind::Sgd => Ok(None),
-        })
-        .collect()
+    match kind {
+        OptimizerKind::Adamw => {
+            let shapes: Vec<Vec<usize>> = params.iter().map(|p| p.value.shape().to_vec()).collect();
+            let m = Tensor::packed(gpu, &shapes, DType::F32)?;
+            let v = Tensor::packed(gpu, &shapes, DType::F32)?;
+            Ok(m.into_iter()
+                .zip(v)
+                .map(|(m, v)| Some(Moments { m, v }))
+                .collect())
+        }
+        OptimizerKind::Sgd => Ok(params.iter().map(|_| None).collect()),
+    }
 }
 
 /// One micro-batch of a step: (token ids, next-token targets) rows
@@ -155,9 +158,10 @@ fn sum_gradients(ranks: &dyn Ranks, gpu: &Gpu, params: &[Param]) -> Result<()> {
     Ok(())
 }
 
-/// Updates every parameter at learning rate `lr` as step `index` (0-based) of the run: AdamW where
-/// it has moments, else SGD; weight decay where the parameter decays; the gradient clipped to
-/// `clip = (norm_sq, max_norm)` if given. Waits for the update to finish.
+/// Updates every parameter at learning rate `lr` as step `index` (0-based) of the run with `o`'s
+/// optimizer (AdamW needs the `moments` of [`new_moments`]); weight decay where the parameter
+/// decays; the gradient clipped to `clip = (norm_sq, max_norm)` if given. Waits for the update
+/// to finish.
 pub fn update(
     gpu: &Gpu,
     params: &[Param],
@@ -167,24 +171,32 @@ pub fn update(
     index: usize,
     clip: Option<(&Tensor, f64)>,
 ) -> Result<()> {
+    let optimizer = match o.kind {
+        OptimizerKind::Adamw => Optimizer::AdamW(AdamW {
+            lr,
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: o.eps,
+            weight_decay: o.weight_decay,
+            step: index as u32 + 1,
+        }),
+        OptimizerKind::Sgd => Optimizer::Sgd {
+            lr,
+            weight_decay: o.weight_decay,
+        },
+    };
+    let trainables: Vec<Trainable> = params
+        .iter()
+        .zip(moments)
+        .map(|(p, moments)| Trainable {
+            param: p.value,
+            grad: p.grad,
+            moments: moments.as_ref().map(|m| (&m.m, &m.v)),
+            decays: p.decays(),
+        })
+        .collect();
     let mut batch = gpu.batch();
-    for (p, moments) in params.iter().zip(moments) {
-        let wd = if p.decays() { o.weight_decay } else { 0.0 };
-        match moments {
-            Some(Moments { m, v }) => {
-                let hyper = AdamW {
-                    lr,
-                    beta1: o.beta1,
-                    beta2: o.beta2,
-                    eps: o.eps,
-                    weight_decay: wd,
-                    step: index as u32 + 1,
-                };
-                adamw_step(&mut batch, p.value, p.grad, m, v, &hyper, clip)?
-            }
-            None => sgd_step(&mut batch, p.value, p.grad, lr, wd, clip)?,
-        }
-    }
+    optim::update(&mut batch, &trainables, &optimizer, clip)?;
     batch.submit();
     gpu.wait()
 }

@@ -331,29 +331,23 @@ fn load_moments(gpu: &Gpu, params: &[Param], path: &Path) -> Result<Vec<Option<M
         .into_iter()
         .map(|t| (t.name.clone(), t))
         .collect();
-    let moments = params
-        .iter()
-        .map(|p| {
-            let mut take = |suffix: &str| -> Result<Tensor> {
-                let name = format!("{}.{suffix}", p.name);
-                let t = saved
-                    .remove(&name)
-                    .with_context(|| format!("{}: tensor {name} is missing", path.display()))?;
-                ensure!(
-                    t.shape == p.value.shape(),
-                    "{}: tensor {name} has shape {:?}, but the parameter has {:?}",
-                    path.display(),
-                    t.shape,
-                    p.value.shape()
-                );
-                Tensor::from_f32(gpu, &t.shape, &t.data)
-            };
-            Ok(Some(Moments {
-                m: take("exp_avg")?,
-                v: take("exp_avg_sq")?,
-            }))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let moments = new_moments(gpu, params, OptimizerKind::Adamw)?;
+    for (p, m) in params.iter().zip(moments.iter().flatten()) {
+        for (suffix, moment) in [("exp_avg", &m.m), ("exp_avg_sq", &m.v)] {
+            let name = format!("{}.{suffix}", p.name);
+            let t = saved
+                .remove(&name)
+                .with_context(|| format!("{}: tensor {name} is missing", path.display()))?;
+            ensure!(
+                t.shape == p.value.shape(),
+                "{}: tensor {name} has shape {:?}, but the parameter has {:?}",
+                path.display(),
+                t.shape,
+                p.value.shape()
+            );
+            moment.write_f32(gpu, &t.data)?;
+        }
+    }
     if let Some(name) = saved.keys().min() {
         bail!(
             "{}: tensor {name} belongs to no parameter being trained",

@@ -39,7 +39,7 @@ use crate::bench::{BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Gpu, GpuOptions};
 use crate::plan::AttentionVariant;
 use crate::shader::{params, Const, Kernel, ATTENTION};
-use crate::tensor::{row_segments, DType, Tensor};
+use crate::tensor::{row_segments, Chunk, DType, Tensor};
 
 params!(
     ATTENTION,
@@ -526,7 +526,7 @@ fn decode_rows(head_dim: usize, variant: AttentionVariant) -> usize {
 
 /// The buffer bound to `key_lens`: the counts, or (not RAGGED) q's chunk, never read — naga counts
 /// a binding under a const-false branch as used. Counts are one binding (4 bytes per sequence).
-fn key_lens_buffer<'t>(lens: Option<&'t Tensor>, q: &'t Tensor, qp: &Piece) -> &'t wgpu::Buffer {
+fn key_lens_buffer<'t>(lens: Option<&'t Tensor>, q: &'t Tensor, qp: &Piece) -> &'t Chunk {
     lens.map_or(q.row(qp.row0).buffer, |lens| &lens.chunks()[0])
 }
 

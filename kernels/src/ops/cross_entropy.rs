@@ -27,7 +27,7 @@ use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Gpu};
 use crate::shader::{params, Kernel, CROSS_ENTROPY};
-use crate::tensor::{row_segments, DType, Out, Tensor};
+use crate::tensor::{row_segments, Chunk, DType, Out, Tensor};
 
 /// The target id of a token that is not supervised (prompt tokens, padding).
 pub const IGNORE: u32 = u32::MAX;
@@ -220,7 +220,7 @@ impl Problem {
         entry: &'static str,
         (rows, cols): (&Range<usize>, &Range<usize>),
         params: Params,
-        buffers: &[&wgpu::Buffer],
+        buffers: &[&Chunk],
         groups: impl Fn(u32) -> [u32; 3],
     ) -> Result<()> {
         for seg in row_segments(rows.len(), &[&self.logits]) {
@@ -258,7 +258,7 @@ pub struct LmHead<'a> {
 }
 
 /// The single buffer of a small per-token or scalar tensor.
-fn whole<'t>(t: &'t Tensor, role: &str, shape: &[usize], dtype: DType) -> Result<&'t wgpu::Buffer> {
+fn whole<'t>(t: &'t Tensor, role: &str, shape: &[usize], dtype: DType) -> Result<&'t Chunk> {
     t.expect(role, shape, Some(dtype))?;
     ensure!(
         t.chunks().len() == 1,

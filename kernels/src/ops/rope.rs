@@ -1,7 +1,8 @@
 //! Rotary position embedding (`shaders/rope.wgsl`), Qwen2 / transformers rotate-half convention.
 //!
-//! Applied in place to a [rows, heads * head_dim] f32 activation (q or k): the model keeps only the
-//! rotated tensor, and the backward rotates the gradient back in place (rotation by -angle, the
+//! Applied in place to the [rows, heads * head_dim] f32 query and key activations together
+//! ([`QueryKey`], one launch: their heads share each angle): the model keeps only the rotated
+//! tensors, and the backward rotates the gradients back in place (rotation by -angle, the
 //! transpose). Angles match transformers: `inv_freq` is computed on the host in f32 exactly as
 //! `1 / theta ** (arange(0, D, 2).float() / D)`, the angle is the f32 product position * inv_freq,
 //! and the shader evaluates sin/cos of that f32 angle to about one ulp (its own range reduction,
@@ -20,14 +21,25 @@ params!(
     struct Params {
         n: u32,
         row0: u32,
-        x_off: u32,
-        heads: u32,
+        q_off: u32,
+        k_off: u32,
+        q_heads: u32,
+        k_heads: u32,
         head_dim: u32,
         period: u32,
         sign: f32,
-        _pad: u32,
     }
 );
+
+/// The query and key activations ([rows, heads * head_dim] f32, the same rows) with their head
+/// counts: RoPE rotates both in one launch.
+#[derive(Clone, Copy)]
+pub struct QueryKey<'a> {
+    pub q: &'a Tensor,
+    pub q_heads: usize,
+    pub k: &'a Tensor,
+    pub k_heads: usize,
+}
 
 /// The inverse frequencies of one head size and theta, resident on the device.
 pub struct Rope {
@@ -85,56 +97,57 @@ pub fn variants() -> Vec<Kernel> {
 fn rotate(
     batch: &mut Batch,
     rope: &Rope,
-    x: &Tensor,
-    heads: usize,
+    qk: QueryKey,
     positions: &Positions,
     sign: f32,
 ) -> Result<()> {
     let d = rope.head_dim;
-    if x.dtype() != DType::F32 || x.shape().len() != 2 || x.row_len() != heads * d {
-        bail!(
-            "rope: x must be f32 [rows, {heads} * {d}], got {:?} {:?}",
-            x.shape(),
-            x.dtype()
-        );
+    let rows = qk.q.rows();
+    for (role, x, heads) in [("q", qk.q, qk.q_heads), ("k", qk.k, qk.k_heads)] {
+        if x.dtype() != DType::F32 || x.shape() != [rows, heads * d] {
+            bail!(
+                "rope: {role} must be f32 [{rows}, {heads} * {d}], got {:?} {:?}",
+                x.shape(),
+                x.dtype()
+            );
+        }
     }
-    let (table, period) = positions.table(x.rows())?;
+    let (table, period) = positions.table(rows)?;
     let kernel = Kernel::new(&ROPE, "rope");
     let extra = [&table.chunks()[0], &rope.inv_freq.chunks()[0]];
-    // One thread per (row, i < D/2): the heads share the angle.
-    batch.launch_rows(&kernel, [x], &extra, d / 2, |seg| Params {
+    // One thread per (row, i < D/2): the heads of q and k share the angle.
+    batch.launch_rows(&kernel, [qk.q, qk.k], &extra, d / 2, |seg| Params {
         n: (seg.count * d / 2) as u32,
         row0: seg.first as u32,
-        x_off: seg.offsets[0],
-        heads: heads as u32,
+        q_off: seg.offsets[0],
+        k_off: seg.offsets[1],
+        q_heads: qk.q_heads as u32,
+        k_heads: qk.k_heads as u32,
         head_dim: d as u32,
         period: period as u32,
         sign,
-        _pad: 0,
     })
 }
 
-/// Rotates the heads of `x` [rows, heads * head_dim] in place by their positions' angles.
+/// Rotates the heads of q and k in place by their positions' angles.
 pub fn rope_forward(
     batch: &mut Batch,
     rope: &Rope,
-    x: &Tensor,
-    heads: usize,
+    qk: QueryKey,
     positions: &Positions,
 ) -> Result<()> {
-    rotate(batch, rope, x, heads, positions, 1.0)
+    rotate(batch, rope, qk, positions, 1.0)
 }
 
-/// The backward of [`rope_forward`]: rotates the gradient `dx` in place by minus the angles (the
-/// rotation's transpose), turning dL/d(rotated) into dL/d(input).
+/// The backward of [`rope_forward`]: rotates the gradients `dq`, `dk` in place by minus the
+/// angles (the rotation's transpose), turning dL/d(rotated) into dL/d(input).
 pub fn rope_backward(
     batch: &mut Batch,
     rope: &Rope,
-    dx: &Tensor,
-    heads: usize,
+    dqk: QueryKey,
     positions: &Positions,
 ) -> Result<()> {
-    rotate(batch, rope, dx, heads, positions, -1.0)
+    rotate(batch, rope, dqk, positions, -1.0)
 }
 
 pub mod cpu {
@@ -182,27 +195,25 @@ pub mod cpu {
     }
 }
 
-/// Rotates random [rows, heads * head_dim] activations forward and back on the GPU and compares
-/// both with the CPU reference. `starts` of `Some(starts)` uses per-sequence offsets (sequences of
-/// rows / starts.len() rows); `None` uses a per-row table of scattered large positions.
+/// Rotates random [rows, heads * head_dim] query and [rows, kv_heads * head_dim] key activations
+/// forward and back on the GPU and compares all four with the CPU reference. `starts` of
+/// `Some(starts)` uses per-sequence offsets (sequences of rows / starts.len() rows); `None` uses a
+/// per-row table of scattered large positions.
 pub fn check_rope(
     gpu: &Gpu,
     rows: usize,
-    heads: usize,
+    (heads, kv_heads): (usize, usize),
     head_dim: usize,
     starts: Option<&[u32]>,
     seed: u64,
 ) -> Result<Vec<Check>> {
     let theta = 1e6;
-    let n = rows * heads * head_dim;
-    let xv = random(seed, n, 1.0);
-    let shape = [rows, heads * head_dim];
     let rope = Rope::new(gpu, head_dim, theta)?;
     let (table, host_positions, label) = match starts {
         Some(starts) => {
             let seq_len = rows / starts.len();
             let table = Tensor::from_u32(gpu, &[starts.len()], starts)?;
-            let label = format!("{rows}x{heads}x{head_dim} starts {starts:?}");
+            let label = format!("{rows}x({heads}, {kv_heads})x{head_dim} starts {starts:?}");
             (table, cpu::sequential_positions(seq_len, starts), label)
         }
         None => {
@@ -211,11 +222,8 @@ pub fn check_rope(
                 .map(|r| (r * 7919 + 13) % 131_072)
                 .collect();
             let table = Tensor::from_u32(gpu, &[rows], &positions)?;
-            (
-                table,
-                positions,
-                format!("{rows}x{heads}x{head_dim} per-row"),
-            )
+            let label = format!("{rows}x({heads}, {kv_heads})x{head_dim} per-row");
+            (table, positions, label)
         }
     };
     let positions = match starts {
@@ -225,56 +233,72 @@ pub fn check_rope(
         },
         None => Positions::PerRow(&table),
     };
-    let fwd = Tensor::from_f32(gpu, &shape, &xv)?;
-    let bwd = Tensor::from_f32(gpu, &shape, &xv)?;
+    let (qv, kv) = (
+        random(seed, rows * heads * head_dim, 1.0),
+        random(seed + 1, rows * kv_heads * head_dim, 1.0),
+    );
+    let upload = |v: &[f32], h: usize| Tensor::from_f32(gpu, &[rows, h * head_dim], v);
+    let (q, k) = (upload(&qv, heads)?, upload(&kv, kv_heads)?);
+    let (dq, dk) = (upload(&qv, heads)?, upload(&kv, kv_heads)?);
+    let pair = |q, k| QueryKey {
+        q,
+        q_heads: heads,
+        k,
+        k_heads: kv_heads,
+    };
     let mut batch = gpu.batch();
-    rope_forward(&mut batch, &rope, &fwd, heads, &positions)?;
-    rope_backward(&mut batch, &rope, &bwd, heads, &positions)?;
+    rope_forward(&mut batch, &rope, pair(&q, &k), &positions)?;
+    rope_backward(&mut batch, &rope, pair(&dq, &dk), &positions)?;
     batch.submit();
-    let x64 = to_f64(&xv);
-    let want_fwd = cpu::rope(&x64, heads, head_dim, theta, &host_positions, 1.0);
-    let want_bwd = cpu::rope(&x64, heads, head_dim, theta, &host_positions, -1.0);
-    Ok(vec![
-        Check {
-            kernel: "rope_forward".into(),
-            shape: label.clone(),
-            max_err: max_error(&fwd.to_f32(gpu)?, &want_fwd),
-            tolerance: 1e-6,
-        },
-        Check {
-            kernel: "rope_backward".into(),
-            shape: label,
-            max_err: max_error(&bwd.to_f32(gpu)?, &want_bwd),
-            tolerance: 1e-6,
-        },
-    ])
-}
-
-pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
-    let mut checks = check_rope(gpu, 37, 3, 64, Some(&[5]), 1)?;
-    checks.extend(check_rope(gpu, 22, 2, 128, None, 2)?);
+    let mut checks = Vec::new();
+    for (kernel, sign, [q, k]) in [
+        ("rope_forward", 1.0, [&q, &k]),
+        ("rope_backward", -1.0, [&dq, &dk]),
+    ] {
+        for (role, t, v, h) in [("q", q, &qv, heads), ("k", k, &kv, kv_heads)] {
+            let want = cpu::rope(&to_f64(v), h, head_dim, theta, &host_positions, sign);
+            checks.push(Check {
+                kernel: format!("{kernel} {role}"),
+                shape: label.clone(),
+                max_err: max_error(&t.to_f32(gpu)?, &want),
+                tolerance: 1e-6,
+            });
+        }
+    }
     Ok(checks)
 }
 
-/// In-place rotation of the query heads at each model shape, forward and backward.
+pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
+    let mut checks = check_rope(gpu, 37, (3, 1), 64, Some(&[5]), 1)?;
+    checks.extend(check_rope(gpu, 22, (2, 2), 128, None, 2)?);
+    Ok(checks)
+}
+
+/// In-place rotation of the query and key heads at each model shape, forward and backward.
 pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
     let t = config.seq_len;
     let mut results = Vec::new();
     for &shape in &config.shapes {
-        let (heads, d) = (shape.heads, shape.head_dim);
-        let x = Tensor::from_f32(gpu, &[t, heads * d], &random(1, t * heads * d, 1.0))?;
+        let (heads, kv_heads, d) = (shape.heads, shape.kv_heads, shape.head_dim);
+        let x = |h: usize| Tensor::from_f32(gpu, &[t, h * d], &random(1, t * h * d, 1.0));
+        let (q, k) = (x(heads)?, x(kv_heads)?);
+        let qk = QueryKey {
+            q: &q,
+            q_heads: heads,
+            k: &k,
+            k_heads: kv_heads,
+        };
         let starts = Tensor::from_u32(gpu, &[1], &[0])?;
         let positions = Positions::Sequential {
             seq_len: t,
             starts: &starts,
         };
         let rope = Rope::new(gpu, d, 1e6)?;
-        let bytes = 2.0 * (t * heads * d * 4) as f64;
-        let label = format!("{} T={t} heads={heads} D={d}", shape.name);
+        let bytes = 2.0 * (t * (heads + kv_heads) * d * 4) as f64;
+        let label = format!("{} T={t} heads={heads}+{kv_heads} D={d}", shape.name);
         for (kernel, sign) in [("rope_forward", 1.0), ("rope_backward", -1.0)] {
-            let time = crate::bench::time(gpu, config.reps, |b| {
-                rotate(b, &rope, &x, heads, &positions, sign)
-            })?;
+            let time =
+                crate::bench::time(gpu, config.reps, |b| rotate(b, &rope, qk, &positions, sign))?;
             results.push(BenchResult {
                 kernel: kernel.into(),
                 shape: label.clone(),
