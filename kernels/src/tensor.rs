@@ -10,6 +10,10 @@ use anyhow::{bail, Result};
 
 use crate::gpu::{read_buffer, Allocation, Gpu};
 
+/// Every chunk's buffer is a whole number of these bytes, so that kernels may read it as vec4s
+/// (the subgroup GEMM's 128-bit loads).
+pub const BUFFER_ALIGN: u64 = 16;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
@@ -111,7 +115,7 @@ impl Tensor {
         let mut chunks = Vec::new();
         for start in (0..rows).step_by(rows_per_chunk) {
             let n = rows_per_chunk.min(rows - start);
-            let bytes = ((n * row_len * dtype.bytes()) as u64).next_multiple_of(4);
+            let bytes = ((n * row_len * dtype.bytes()) as u64).next_multiple_of(BUFFER_ALIGN);
             chunks.push(gpu.device.create_buffer(&wgpu::BufferDescriptor {
                 label: None,
                 size: bytes,
