@@ -69,3 +69,30 @@ impl Profile {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_sums_classes_and_sorts_by_total_time() {
+        let profile = Profile::default();
+        let ms = Duration::from_millis;
+        profile.add("small", [1, 1, 1], ms(5));
+        profile.add("big", [2, 1, 1], ms(30));
+        profile.add("small", [1, 1, 1], ms(5));
+        profile.add("small", [4, 1, 1], ms(1));
+        let report = profile.report();
+        let rows: Vec<&str> = report.lines().filter(|l| l.starts_with("| ")).skip(1).collect();
+        assert_eq!(
+            rows,
+            [
+                "| 30.0 | 73.2% | 1 | 30.00 | 2x1x1 | big |",
+                "| 10.0 | 24.4% | 2 | 5.00 | 1x1x1 | small |",
+                "| 1.0 | 2.4% | 1 | 1.00 | 4x1x1 | small |",
+            ],
+            "{report}"
+        );
+        assert!(report.starts_with("kernel profile (WGTRAIN_PROFILE=1): 4 dispatches, 41.0 ms"));
+    }
+}
