@@ -68,7 +68,10 @@ fn main() -> Result<()> {
             Ok(start.elapsed())
         })?;
         if let Some(profile) = &gpu.profile {
-            eprintln!("{case} masked loss, warm-up and timed runs: {}", profile.report());
+            eprintln!(
+                "{case} masked loss, warm-up and timed runs: {}",
+                profile.report()
+            );
         }
         model.apply_adapter(&gpu, &random_adapter(&model.config, rank)?)?;
         let trainer = Trainer::new(&gpu, &model)?;
@@ -78,7 +81,10 @@ fn main() -> Result<()> {
             Ok(trainer.step(&gpu, t, index)?.0)
         })?;
         if let Some(profile) = &gpu.profile {
-            eprintln!("{case} LoRA step, warm-up and timed runs: {}", profile.report());
+            eprintln!(
+                "{case} LoRA step, warm-up and timed runs: {}",
+                profile.report()
+            );
         }
         println!(
             "| {case} | {t} | {:.1} | {:.1} |",

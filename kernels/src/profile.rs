@@ -8,10 +8,13 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// A kernel variant (as [`crate::shader::Kernel::describe`] names it) on a grid of workgroups.
+type Class = (String, [u32; 3]);
+
 /// Time and count per (kernel variant, grid).
 #[derive(Debug, Default)]
 pub struct Profile {
-    classes: Mutex<HashMap<(String, [u32; 3]), (u64, Duration)>>,
+    classes: Mutex<HashMap<Class, (u64, Duration)>>,
 }
 
 /// Kernels a printed report lists (the rest are summed in one line).
@@ -39,7 +42,7 @@ impl Profile {
     pub fn report(&self) -> String {
         let classes = std::mem::take(&mut *self.classes.lock().unwrap());
         let mut rows: Vec<_> = classes.iter().collect();
-        rows.sort_by(|a, b| b.1 .1.cmp(&a.1 .1));
+        rows.sort_by_key(|(_, (_, time))| std::cmp::Reverse(*time));
         let total: Duration = rows.iter().map(|r| r.1 .1).sum();
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let mut out = format!(
@@ -83,7 +86,11 @@ mod tests {
         profile.add("small", [1, 1, 1], ms(5));
         profile.add("small", [4, 1, 1], ms(1));
         let report = profile.report();
-        let rows: Vec<&str> = report.lines().filter(|l| l.starts_with("| ")).skip(1).collect();
+        let rows: Vec<&str> = report
+            .lines()
+            .filter(|l| l.starts_with("| "))
+            .skip(1)
+            .collect();
         assert_eq!(
             rows,
             [

@@ -163,7 +163,9 @@ fn every_gemm_variant_matches_cpu() {
             }
             for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
                 for (m, n, k) in [(29, 17, 41), (40, 72, 48), (36, 40, 16)] {
-                    assert_passed(&[matmul::check_gemm(gpu, m, n, k, trans_a, trans_b, 7).unwrap()]);
+                    assert_passed(
+                        &[matmul::check_gemm(gpu, m, n, k, trans_a, trans_b, 7).unwrap()],
+                    );
                 }
             }
             assert_passed(lora::selftest(gpu).unwrap());

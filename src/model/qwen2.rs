@@ -988,7 +988,10 @@ impl Qwen2 {
             .filter(|&i| (targets[i] as usize) < vocab)
             .collect();
         if supervised.is_empty() {
-            return Ok(LossSum { sum: 0.0, tokens: 0 });
+            return Ok(LossSum {
+                sum: 0.0,
+                tokens: 0,
+            });
         }
         let mut batch = gpu.batch();
         let all = self.record_hidden(&mut batch, &ids, rows.len(), None)?;
