@@ -10,7 +10,8 @@
 //! the Qwen2.5-0.5B shape with random bf16 weights (LoRA r 64, as `--bench train`). Each is timed
 //! wall-clock after a warm-up at the same length (pipeline compilation), median of
 //! `WGTRAIN_BENCH_REPS` (default 1) runs; `WGTRAIN_BENCH_T` sets T (default 128).
-//! `cargo bench --bench compare -- tiny` or `-- 0.5B` runs those cases only.
+//! `cargo bench --bench compare -- tiny` or `-- 0.5B` runs those cases only; with
+//! `WGTRAIN_PROFILE=1` each case's loss and step also print their per-kernel profile.
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,12 @@ fn main() -> Result<()> {
             ensure!(sum.sum.is_finite(), "{case}: the loss is not finite");
             Ok(start.elapsed())
         })?;
+        if let Some(profile) = &gpu.profile {
+            eprintln!(
+                "{case} masked loss, warm-up and timed runs: {}",
+                profile.report()
+            );
+        }
         model.apply_adapter(&gpu, &random_adapter(&model.config, rank)?)?;
         let trainer = Trainer::new(&gpu, &model)?;
         let mut index = 0;
@@ -73,6 +80,12 @@ fn main() -> Result<()> {
             index += 1;
             Ok(trainer.step(&gpu, t, index)?.0)
         })?;
+        if let Some(profile) = &gpu.profile {
+            eprintln!(
+                "{case} LoRA step, warm-up and timed runs: {}",
+                profile.report()
+            );
+        }
         println!(
             "| {case} | {t} | {:.1} | {:.1} |",
             loss.as_secs_f64() * 1e3,

@@ -4,22 +4,33 @@
 //
 // On llvmpipe (lavapipe) every per-lane memory operation and every barrier costs, while FMAs are
 // nearly free (it runs a workgroup's SIMD groups as coroutines and gathers per-lane loads one
-// element at a time). So: no workgroup memory, no barriers. Lane t of the workgroup owns the 8
-// columns j0 + 8t .. j0 + 8t + 7 of a block of SG_ROWS rows. Per K-step of 8 it reads its 8×8
-// block of op(B) as 8 contiguous runs (4 words each for bf16 B), and lane l of each subgroup reads
-// op(A)[i, k0 + l % 8] for every row i of the block, once; subgroupBroadcast from lanes 0..7 then
-// gives every lane each A value from registers. Correct for every subgroup size >= 8 (lanes past
-// 8 read duplicates); the kernel plan selects it only on adapters whose sizes are all >= 8.
+// access at a time, whatever its width). So: no workgroup memory, no barriers, and 128-bit loads.
+// Lane t of the workgroup owns the 8 columns j0 + 8t .. j0 + 8t + 7 of a block of SG_ROWS rows.
+// Per K-step of 8 it reads its 8×8 block of op(B) as 8 contiguous runs, each one vec4 load of
+// bf16 B (two of f32 B). A is read once per subgroup and shared by subgroupBroadcast: lane l of
+// each subgroup (l = lane % 8) loads rows l, l + 8, .. of the block as two vec4 each (A [M, K]),
+// or column k0 + l of every row as SG_ROWS / 4 vec4 (A stored [K, M]); the broadcasts then give
+// every lane each A value from registers. Runs that are not 16-byte aligned (an offset or row
+// length not a multiple of 4 f32 or 8 bf16) or cross an edge of the product read element by
+// element. Correct for every subgroup size >= 8 (lanes past 8 read duplicates); the kernel plan
+// selects it only on adapters whose sizes are all >= 8. Tensor buffers are whole multiples of 16
+// bytes (tensor.rs), so the vec4 views reach every element.
 //
 // Variant constants besides matmul.wgsl's: SG_ROWS, the rows of the block (8, 16 or 32: 8 for
-// few-row products such as decode's).
+// few-row products such as decode's), and SG_LANES, the workgroup's lanes (8 or 32: 8 for
+// products of at most 64 columns, such as LoRA's rank-r ones, which would idle most of 32).
 //
 // llvmpipe keeps a private array in registers only when every index is a constant, and unrolls
 // only small loops; so the block is four mat4x4 filled from whole runs, each row's update is one
-// call written out per row, and no loop indexes an array.
+// call written out per row (subgroupBroadcast needs a constant lane anyway), and no loop indexes
+// an array.
+
+// 128-bit views of bindings 1 and 2 (A and B of matmul.wgsl): this kernel reads A and B through
+// these only (an entry point may use one variable per binding).
+@group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> b4: array<vec4<u32>>;
 
 const SG_K: u32 = 8u;
-const SG_WG: u32 = 32u;
 
 // The reduction length of the first product, or of the second when `second`.
 fn sg_k(second: bool) -> u32 {
@@ -29,18 +40,81 @@ fn sg_k(second: bool) -> u32 {
     return p.k;
 }
 
-// op(A)[i, kk] of the first product, or of the second (A2) when `second`, scaled by its alpha;
-// zero outside the product. Branch-free (a clamped load and a select): llvmpipe turns each branch
-// into masked code, and this runs for every row of the block.
+// Element e of A's storage.
+fn sg_a_elem(e: u32) -> f32 {
+    return a4[e >> 2u][e & 3u];
+}
+
+// Element e of B's storage.
+fn sg_b_elem(e: u32) -> f32 {
+    if B_BF16 {
+        return bf16_unpack(b4[e >> 3u][(e >> 1u) & 3u], (e & 1u) == 1u);
+    }
+    return bitcast<f32>(b4[e >> 2u][e & 3u]);
+}
+
+// op(A)[i, kk] of the first product, or of the second (A2) when `second`, unscaled; zero outside
+// the product (a clamped load and a select: llvmpipe turns each branch into masked code).
 fn sg_a(second: bool, i: u32, kk: u32) -> f32 {
     let kn = sg_k(second);
     let ic = min(i, p.m - 1u);
     let kc = min(kk, kn - 1u);
-    var v = p.alpha * load_a(ic, kc);
+    var e = p.a_off + ic * p.lda + kc;
+    if TRANS_A {
+        e = p.a_off + kc * p.lda + ic;
+    }
+    var v = sg_a_elem(e);
     if SECOND && second {
-        v = p.alpha2 * load_a2(ic, kc);
+        v = a2[p.a2_off + ic * p.lda2 + kc];
     }
     return select(0.0, v, i < p.m && kk < kn);
+}
+
+// Four consecutive elements of A's storage from e (f32, so aligned when e % 4 = 0): one load
+// when `whole` (aligned and inside), else element by element through `sg_a`.
+fn sg_a4(second: bool, whole: bool, e: u32, i: u32, kk: u32, along_i: bool) -> vec4<f32> {
+    if whole && !(SECOND && second) {
+        return a4[e >> 2u];
+    }
+    if along_i {
+        return vec4(sg_a(second, i, kk), sg_a(second, i + 1u, kk), sg_a(second, i + 2u, kk), sg_a(second, i + 3u, kk));
+    }
+    return vec4(sg_a(second, i, kk), sg_a(second, i, kk + 1u), sg_a(second, i, kk + 2u), sg_a(second, i, kk + 3u));
+}
+
+// Row i of op(A) at k0..k0 + 7, scaled by the product's alpha (A [M, K] and A2 [M, K2]).
+fn sg_a_row(second: bool, i: u32, k0: u32) -> mat2x4<f32> {
+    var e = p.a_off + i * p.lda + k0;
+    var aligned = (p.a_off & 3u) == 0u && (p.lda & 3u) == 0u;
+    var scale = p.alpha;
+    if SECOND && second {
+        e = p.a2_off + i * p.lda2 + k0;
+        aligned = (p.a2_off & 3u) == 0u && (p.lda2 & 3u) == 0u;
+        scale = p.alpha2;
+    }
+    let whole = aligned && i < p.m && k0 + SG_K <= sg_k(second);
+    if SECOND && second && whole {
+        let lo = vec4(a2[e], a2[e + 1u], a2[e + 2u], a2[e + 3u]);
+        let hi = vec4(a2[e + 4u], a2[e + 5u], a2[e + 6u], a2[e + 7u]);
+        return mat2x4(scale * lo, scale * hi);
+    }
+    return mat2x4(
+        scale * sg_a4(second, whole, e, i, k0, false),
+        scale * sg_a4(second, whole, e + 4u, i, k0 + 4u, false),
+    );
+}
+
+// Rows i..i + 3 of op(A) at column kk, scaled (A stored [K, M]; the second product is never
+// transposed, so it reads element by element here).
+fn sg_a_col(second: bool, i: u32, kk: u32) -> vec4<f32> {
+    let e = p.a_off + kk * p.lda + i;
+    let aligned = (p.a_off & 3u) == 0u && (p.lda & 3u) == 0u;
+    let whole = aligned && i + 4u <= p.m && kk < sg_k(second);
+    var scale = p.alpha;
+    if SECOND && second {
+        scale = p.alpha2;
+    }
+    return scale * sg_a4(second, whole, e, i, kk, true);
 }
 
 // Eight consecutive elements of B's storage (or B2's): elements 0..3 and 4..7 of a run.
@@ -53,8 +127,8 @@ fn sg_word(word: u32) -> vec2<f32> {
     return vec2(bf16_unpack(word, false), bf16_unpack(word, true));
 }
 
-// The run at element e, all inside the operand: four word loads for bf16 B from an even element
-// (five from an odd one).
+// The run at element e, all inside the operand and, for B, 16-byte aligned: one vec4 load of
+// bf16 B, two of f32 B.
 fn sg_run(second: bool, e: u32) -> Run {
     if SECOND && second {
         return Run(
@@ -63,24 +137,10 @@ fn sg_run(second: bool, e: u32) -> Run {
         );
     }
     if !B_BF16 {
-        let lo = vec4(b[e], b[e + 1u], b[e + 2u], b[e + 3u]);
-        let hi = vec4(b[e + 4u], b[e + 5u], b[e + 6u], b[e + 7u]);
-        return Run(bitcast<vec4<f32>>(lo), bitcast<vec4<f32>>(hi));
+        return Run(bitcast<vec4<f32>>(b4[e >> 2u]), bitcast<vec4<f32>>(b4[(e >> 2u) + 1u]));
     }
-    let w = e >> 1u;
-    if (e & 1u) == 0u {
-        let w0 = sg_word(b[w]);
-        let w1 = sg_word(b[w + 1u]);
-        let w2 = sg_word(b[w + 2u]);
-        let w3 = sg_word(b[w + 3u]);
-        return Run(vec4(w0, w1), vec4(w2, w3));
-    }
-    let w0 = sg_word(b[w]);
-    let w1 = sg_word(b[w + 1u]);
-    let w2 = sg_word(b[w + 2u]);
-    let w3 = sg_word(b[w + 3u]);
-    let w4 = sg_word(b[w + 4u]);
-    return Run(vec4(w0.y, w1, w2.x), vec4(w2.y, w3, w4.x));
+    let w = b4[e >> 3u];
+    return Run(vec4(sg_word(w.x), sg_word(w.y)), vec4(sg_word(w.z), sg_word(w.w)));
 }
 
 // op(B)[kk, jj] of the first product or of the second; zero outside the product (branch-free).
@@ -88,7 +148,11 @@ fn sg_b(second: bool, kk: u32, jj: u32) -> f32 {
     let kn = sg_k(second);
     let kc = min(kk, kn - 1u);
     let jc = min(jj, p.n - 1u);
-    var v = load_b(kc, jc);
+    var e = p.b_off + kc * p.ldb + jc;
+    if TRANS_B {
+        e = p.b_off + jc * p.ldb + kc;
+    }
+    var v = sg_b_elem(e);
     if SECOND && second {
         v = load_b2(kc, jc);
     }
@@ -106,24 +170,31 @@ fn sg_elem(second: bool, k0: u32, j: u32, x: u32, t: u32) -> f32 {
 
 // Run x of the lane's block: a column of op(B) (j + x, from row k0) when TRANS_B, else a row
 // (k0 + x, from column j); each is contiguous in B's storage. Runs that cross an edge of the
-// product read element by element, zero outside.
+// product or are not aligned read element by element, zero outside.
 fn sg_block_run(second: bool, k0: u32, j: u32, x: u32) -> Run {
     let kn = sg_k(second);
     var e = p.b_off + k0 * p.ldb + j + x * p.ldb;
     if TRANS_B {
         e = p.b_off + j * p.ldb + k0 + x * p.ldb;
     }
+    // Runs start at multiples of 8 elements from the operand's offset, with rows of ldb.
+    var align = 3u;
+    if B_BF16 {
+        align = 7u;
+    }
+    var aligned = (p.b_off & align) == 0u && (p.ldb & align) == 0u;
     if SECOND && second {
         e = p.b2_off + k0 * p.ldb2 + j + x * p.ldb2;
         if TRANS_B {
             e = p.b2_off + j * p.ldb2 + k0 + x * p.ldb2;
         }
+        aligned = true;
     }
     var inside = k0 + x < kn && j + 8u <= p.n;
     if TRANS_B {
         inside = k0 + SG_K <= kn && j + x < p.n;
     }
-    if inside {
+    if inside && aligned {
         return sg_run(second, e);
     }
     return Run(
@@ -178,22 +249,75 @@ fn sg_block(second: bool, k0: u32, j: u32) -> Block {
     );
 }
 
-// One row's update: acc (its 8 columns as two vec4) + Σ_kk A[kk]·op(B)[kk, ..], where lane kk of
-// the subgroup holds A[kk] in `a` (subgroupBroadcast takes a constant lane).
-fn sg_row(acc: mat2x4<f32>, a: f32, blk: Block) -> mat2x4<f32> {
-    let lo = vec4(
-        subgroupBroadcast(a, 0u),
-        subgroupBroadcast(a, 1u),
-        subgroupBroadcast(a, 2u),
-        subgroupBroadcast(a, 3u),
+// One row's update: acc (its 8 columns as two vec4) + Σ_kk A[kk]·op(B)[kk, ..], with A[0..8] in
+// a (two vec4).
+fn sg_row(acc: mat2x4<f32>, a: mat2x4<f32>, blk: Block) -> mat2x4<f32> {
+    return mat2x4(acc[0] + blk.q00 * a[0] + blk.q10 * a[1], acc[1] + blk.q01 * a[0] + blk.q11 * a[1]);
+}
+
+// A[0..8] of a row whose value at column kk lane kk holds (A stored [K, M]).
+fn sg_spread(v: f32) -> mat2x4<f32> {
+    return mat2x4(
+        vec4(subgroupBroadcast(v, 0u), subgroupBroadcast(v, 1u), subgroupBroadcast(v, 2u), subgroupBroadcast(v, 3u)),
+        vec4(subgroupBroadcast(v, 4u), subgroupBroadcast(v, 5u), subgroupBroadcast(v, 6u), subgroupBroadcast(v, 7u)),
     );
-    let hi = vec4(
-        subgroupBroadcast(a, 4u),
-        subgroupBroadcast(a, 5u),
-        subgroupBroadcast(a, 6u),
-        subgroupBroadcast(a, 7u),
-    );
-    return mat2x4(acc[0] + blk.q00 * lo + blk.q10 * hi, acc[1] + blk.q01 * lo + blk.q11 * hi);
+}
+
+// The block's accumulators and the A values of the current K-step this lane loaded: rows
+// 8q + l % 8 (A [M, K], `sg_rows[q]`) or rows 4q..4q + 3 at column k0 + l % 8 (A stored [K, M],
+// `sg_cols[q]`). Private, indexed by constants only once the calls below are inlined.
+var<private> sg_acc: array<mat2x4<f32>, 32>;
+var<private> sg_rows: array<mat2x4<f32>, 4>;
+var<private> sg_cols: array<vec4<f32>, 8>;
+
+// Loads the lane's A values of rows 8q..8q + 7 of the block (i0 its first row) at K-step k0.
+fn sg_load8(q: u32, second: bool, i0: u32, k0: u32, l: u32) {
+    if TRANS_A && !(SECOND && second) {
+        sg_cols[2u * q] = sg_a_col(second, i0 + 8u * q, k0 + l);
+        sg_cols[2u * q + 1u] = sg_a_col(second, i0 + 8u * q + 4u, k0 + l);
+    } else {
+        sg_rows[q] = sg_a_row(second, i0 + 8u * q + l, k0);
+    }
+}
+
+// Updates rows 8q..8q + 7 of the block with the K-step's block of op(B).
+fn sg_update8(q: u32, second: bool, blk: Block) {
+    let r = 8u * q;
+    if TRANS_A && !(SECOND && second) {
+        let lo = sg_cols[2u * q];
+        let hi = sg_cols[2u * q + 1u];
+        sg_acc[r] = sg_row(sg_acc[r], sg_spread(lo.x), blk);
+        sg_acc[r + 1u] = sg_row(sg_acc[r + 1u], sg_spread(lo.y), blk);
+        sg_acc[r + 2u] = sg_row(sg_acc[r + 2u], sg_spread(lo.z), blk);
+        sg_acc[r + 3u] = sg_row(sg_acc[r + 3u], sg_spread(lo.w), blk);
+        sg_acc[r + 4u] = sg_row(sg_acc[r + 4u], sg_spread(hi.x), blk);
+        sg_acc[r + 5u] = sg_row(sg_acc[r + 5u], sg_spread(hi.y), blk);
+        sg_acc[r + 6u] = sg_row(sg_acc[r + 6u], sg_spread(hi.z), blk);
+        sg_acc[r + 7u] = sg_row(sg_acc[r + 7u], sg_spread(hi.w), blk);
+        return;
+    }
+    let v = sg_rows[q];
+    sg_acc[r] = sg_row(sg_acc[r], mat2x4(subgroupBroadcast(v[0], 0u), subgroupBroadcast(v[1], 0u)), blk);
+    sg_acc[r + 1u] = sg_row(sg_acc[r + 1u], mat2x4(subgroupBroadcast(v[0], 1u), subgroupBroadcast(v[1], 1u)), blk);
+    sg_acc[r + 2u] = sg_row(sg_acc[r + 2u], mat2x4(subgroupBroadcast(v[0], 2u), subgroupBroadcast(v[1], 2u)), blk);
+    sg_acc[r + 3u] = sg_row(sg_acc[r + 3u], mat2x4(subgroupBroadcast(v[0], 3u), subgroupBroadcast(v[1], 3u)), blk);
+    sg_acc[r + 4u] = sg_row(sg_acc[r + 4u], mat2x4(subgroupBroadcast(v[0], 4u), subgroupBroadcast(v[1], 4u)), blk);
+    sg_acc[r + 5u] = sg_row(sg_acc[r + 5u], mat2x4(subgroupBroadcast(v[0], 5u), subgroupBroadcast(v[1], 5u)), blk);
+    sg_acc[r + 6u] = sg_row(sg_acc[r + 6u], mat2x4(subgroupBroadcast(v[0], 6u), subgroupBroadcast(v[1], 6u)), blk);
+    sg_acc[r + 7u] = sg_row(sg_acc[r + 7u], mat2x4(subgroupBroadcast(v[0], 7u), subgroupBroadcast(v[1], 7u)), blk);
+}
+
+// Stores rows 8q..8q + 7 of the lane's columns j..j+7 (those inside C).
+fn sg_store8(q: u32, i0: u32, j: u32) {
+    let r = 8u * q;
+    sg_store(i0 + r, j, sg_acc[r]);
+    sg_store(i0 + r + 1u, j, sg_acc[r + 1u]);
+    sg_store(i0 + r + 2u, j, sg_acc[r + 2u]);
+    sg_store(i0 + r + 3u, j, sg_acc[r + 3u]);
+    sg_store(i0 + r + 4u, j, sg_acc[r + 4u]);
+    sg_store(i0 + r + 5u, j, sg_acc[r + 5u]);
+    sg_store(i0 + r + 6u, j, sg_acc[r + 6u]);
+    sg_store(i0 + r + 7u, j, sg_acc[r + 7u]);
 }
 
 // Stores row i of the lane's columns j..j+7 (those inside C).
@@ -202,102 +326,52 @@ fn sg_store(i: u32, j: u32, v: mat2x4<f32>) {
     store_row(i, j + 4u, v[1]);
 }
 
-@compute @workgroup_size(SG_WG)
+@compute @workgroup_size(SG_LANES)
 fn gemm_sg(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
     @builtin(subgroup_invocation_id) lane: u32,
 ) {
     let i0 = wid.y * SG_ROWS;
-    let j = (wid.x * SG_WG + lid) * 8u;
+    let j = (wid.x * SG_LANES + lid) * 8u;
+    let l = lane % SG_K;
     let steps1 = (p.k + SG_K - 1u) / SG_K;
     var steps = steps1;
     if SECOND {
         steps += (p.k2 + SG_K - 1u) / SG_K;
     }
-    // Zero-initialised; rows past SG_ROWS are never touched and compile away.
-    var acc: array<mat2x4<f32>, 32>;
     // Every lane walks every step (lanes past N compute discarded values): the broadcasts need
-    // the whole subgroup.
+    // the whole subgroup. Rows past SG_ROWS are never touched and compile away.
     for (var t = 0u; t < steps; t++) {
         let second = SECOND && t >= steps1;
         var k0 = t * SG_K;
         if second {
             k0 = (t - steps1) * SG_K;
         }
-        let blk = sg_block(second, k0, j);
-        let ka = k0 + lane % SG_K;
-        acc[0] = sg_row(acc[0], sg_a(second, i0 + 0u, ka), blk);
-        acc[1] = sg_row(acc[1], sg_a(second, i0 + 1u, ka), blk);
-        acc[2] = sg_row(acc[2], sg_a(second, i0 + 2u, ka), blk);
-        acc[3] = sg_row(acc[3], sg_a(second, i0 + 3u, ka), blk);
-        acc[4] = sg_row(acc[4], sg_a(second, i0 + 4u, ka), blk);
-        acc[5] = sg_row(acc[5], sg_a(second, i0 + 5u, ka), blk);
-        acc[6] = sg_row(acc[6], sg_a(second, i0 + 6u, ka), blk);
-        acc[7] = sg_row(acc[7], sg_a(second, i0 + 7u, ka), blk);
+        sg_load8(0u, second, i0, k0, l);
         if SG_ROWS > 8u {
-            acc[8] = sg_row(acc[8], sg_a(second, i0 + 8u, ka), blk);
-            acc[9] = sg_row(acc[9], sg_a(second, i0 + 9u, ka), blk);
-            acc[10] = sg_row(acc[10], sg_a(second, i0 + 10u, ka), blk);
-            acc[11] = sg_row(acc[11], sg_a(second, i0 + 11u, ka), blk);
-            acc[12] = sg_row(acc[12], sg_a(second, i0 + 12u, ka), blk);
-            acc[13] = sg_row(acc[13], sg_a(second, i0 + 13u, ka), blk);
-            acc[14] = sg_row(acc[14], sg_a(second, i0 + 14u, ka), blk);
-            acc[15] = sg_row(acc[15], sg_a(second, i0 + 15u, ka), blk);
+            sg_load8(1u, second, i0, k0, l);
         }
         if SG_ROWS > 16u {
-            acc[16] = sg_row(acc[16], sg_a(second, i0 + 16u, ka), blk);
-            acc[17] = sg_row(acc[17], sg_a(second, i0 + 17u, ka), blk);
-            acc[18] = sg_row(acc[18], sg_a(second, i0 + 18u, ka), blk);
-            acc[19] = sg_row(acc[19], sg_a(second, i0 + 19u, ka), blk);
-            acc[20] = sg_row(acc[20], sg_a(second, i0 + 20u, ka), blk);
-            acc[21] = sg_row(acc[21], sg_a(second, i0 + 21u, ka), blk);
-            acc[22] = sg_row(acc[22], sg_a(second, i0 + 22u, ka), blk);
-            acc[23] = sg_row(acc[23], sg_a(second, i0 + 23u, ka), blk);
-            acc[24] = sg_row(acc[24], sg_a(second, i0 + 24u, ka), blk);
-            acc[25] = sg_row(acc[25], sg_a(second, i0 + 25u, ka), blk);
-            acc[26] = sg_row(acc[26], sg_a(second, i0 + 26u, ka), blk);
-            acc[27] = sg_row(acc[27], sg_a(second, i0 + 27u, ka), blk);
-            acc[28] = sg_row(acc[28], sg_a(second, i0 + 28u, ka), blk);
-            acc[29] = sg_row(acc[29], sg_a(second, i0 + 29u, ka), blk);
-            acc[30] = sg_row(acc[30], sg_a(second, i0 + 30u, ka), blk);
-            acc[31] = sg_row(acc[31], sg_a(second, i0 + 31u, ka), blk);
+            sg_load8(2u, second, i0, k0, l);
+            sg_load8(3u, second, i0, k0, l);
+        }
+        let blk = sg_block(second, k0, j);
+        sg_update8(0u, second, blk);
+        if SG_ROWS > 8u {
+            sg_update8(1u, second, blk);
+        }
+        if SG_ROWS > 16u {
+            sg_update8(2u, second, blk);
+            sg_update8(3u, second, blk);
         }
     }
-    sg_store(i0 + 0u, j, acc[0]);
-    sg_store(i0 + 1u, j, acc[1]);
-    sg_store(i0 + 2u, j, acc[2]);
-    sg_store(i0 + 3u, j, acc[3]);
-    sg_store(i0 + 4u, j, acc[4]);
-    sg_store(i0 + 5u, j, acc[5]);
-    sg_store(i0 + 6u, j, acc[6]);
-    sg_store(i0 + 7u, j, acc[7]);
+    sg_store8(0u, i0, j);
     if SG_ROWS > 8u {
-        sg_store(i0 + 8u, j, acc[8]);
-        sg_store(i0 + 9u, j, acc[9]);
-        sg_store(i0 + 10u, j, acc[10]);
-        sg_store(i0 + 11u, j, acc[11]);
-        sg_store(i0 + 12u, j, acc[12]);
-        sg_store(i0 + 13u, j, acc[13]);
-        sg_store(i0 + 14u, j, acc[14]);
-        sg_store(i0 + 15u, j, acc[15]);
+        sg_store8(1u, i0, j);
     }
     if SG_ROWS > 16u {
-        sg_store(i0 + 16u, j, acc[16]);
-        sg_store(i0 + 17u, j, acc[17]);
-        sg_store(i0 + 18u, j, acc[18]);
-        sg_store(i0 + 19u, j, acc[19]);
-        sg_store(i0 + 20u, j, acc[20]);
-        sg_store(i0 + 21u, j, acc[21]);
-        sg_store(i0 + 22u, j, acc[22]);
-        sg_store(i0 + 23u, j, acc[23]);
-        sg_store(i0 + 24u, j, acc[24]);
-        sg_store(i0 + 25u, j, acc[25]);
-        sg_store(i0 + 26u, j, acc[26]);
-        sg_store(i0 + 27u, j, acc[27]);
-        sg_store(i0 + 28u, j, acc[28]);
-        sg_store(i0 + 29u, j, acc[29]);
-        sg_store(i0 + 30u, j, acc[30]);
-        sg_store(i0 + 31u, j, acc[31]);
+        sg_store8(2u, i0, j);
+        sg_store8(3u, i0, j);
     }
 }

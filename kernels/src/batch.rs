@@ -161,15 +161,18 @@ impl<'g> Batch<'g> {
         self.records.is_empty()
     }
 
-    /// The command buffer, and where `timestamps` (if given) can be read back after it ran.
+    /// The command buffers of the recorded dispatches — one, or one per dispatch when `split`
+    /// (the profile) — and where `timestamps` (if given, not with `split`) can be read back
+    /// after the first ran.
     fn encode(
-        self,
+        &self,
         timestamps: Option<&wgpu::QuerySet>,
-    ) -> Option<(wgpu::CommandBuffer, Option<wgpu::Buffer>)> {
-        if self.records.is_empty() {
-            return None;
-        }
+        split: bool,
+    ) -> (Vec<wgpu::CommandBuffer>, Option<wgpu::Buffer>) {
         let gpu = self.gpu;
+        if self.records.is_empty() {
+            return (Vec::new(), None);
+        }
         let mut counts = gpu.dispatches.lock().unwrap();
         for r in &self.records {
             *counts.entry(r.pipeline.name).or_default() += 1;
@@ -207,44 +210,67 @@ impl<'g> Batch<'g> {
                 })
             })
             .collect();
-        let mut encoder = gpu.device.create_command_encoder(&Default::default());
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("wgtrain"),
-                timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
-                    query_set: q,
-                    beginning_of_pass_write_index: Some(0),
-                    end_of_pass_write_index: Some(1),
-                }),
-            });
-            for (r, bg) in self.records.iter().zip(&groups) {
-                pass.set_pipeline(&r.pipeline.pipeline);
-                pass.set_bind_group(0, bg, &[r.params_offset]);
-                pass.dispatch_workgroups(r.groups[0], r.groups[1], r.groups[2]);
-            }
-        }
-        let read = timestamps.map(|q| {
-            let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("timestamps"),
-                size: 16,
-                usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            });
-            encoder.resolve_query_set(q, 0..2, &resolve, 0);
-            // `read_buffer` copies it to a mappable staging buffer.
-            resolve
-        });
-        Some((encoder.finish(), read))
+        let pairs: Vec<_> = self.records.iter().zip(&groups).collect();
+        let passes: Vec<_> = if split {
+            pairs.chunks(1).collect()
+        } else {
+            vec![&pairs[..]]
+        };
+        let mut read = None;
+        let commands = passes
+            .into_iter()
+            .map(|pass_records| {
+                let mut encoder = gpu.device.create_command_encoder(&Default::default());
+                {
+                    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                        label: Some("wgtrain"),
+                        timestamp_writes: timestamps.map(|q| wgpu::ComputePassTimestampWrites {
+                            query_set: q,
+                            beginning_of_pass_write_index: Some(0),
+                            end_of_pass_write_index: Some(1),
+                        }),
+                    });
+                    for (r, bg) in pass_records {
+                        pass.set_pipeline(&r.pipeline.pipeline);
+                        pass.set_bind_group(0, *bg, &[r.params_offset]);
+                        pass.dispatch_workgroups(r.groups[0], r.groups[1], r.groups[2]);
+                    }
+                }
+                if let Some(q) = timestamps {
+                    let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                        label: Some("timestamps"),
+                        size: 16,
+                        usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+                        mapped_at_creation: false,
+                    });
+                    encoder.resolve_query_set(q, 0..2, &resolve, 0);
+                    // `read_buffer` copies it to a mappable staging buffer.
+                    read = Some(resolve);
+                }
+                encoder.finish()
+            })
+            .collect();
+        (commands, read)
     }
 
     /// Submits the recorded dispatches without waiting for them (nothing in a dry run: nothing
     /// was recorded), then drops the kept temporaries. The device frees their memory once the
-    /// work is done; [`Gpu::memory`] stops counting them now.
+    /// work is done; [`Gpu::memory`] stops counting them now. Under the profile, each dispatch
+    /// is submitted and waited for on its own, and timed.
     pub fn submit(mut self) {
         let gpu = self.gpu;
         let kept = std::mem::take(&mut self.kept);
-        if let Some((cmd, _)) = self.encode(None) {
-            gpu.queue.submit([cmd]);
+        if let Some(profile) = &gpu.profile {
+            let (commands, _) = self.encode(None, true);
+            for (cmd, r) in commands.into_iter().zip(&self.records) {
+                let start = Instant::now();
+                gpu.queue.submit([cmd]);
+                // A lost device surfaces at the next readback; the profile only times.
+                let _ = gpu.wait();
+                profile.add(&r.pipeline.variant, r.groups, start.elapsed());
+            }
+        } else {
+            gpu.queue.submit(self.encode(None, false).0);
         }
         drop(kept);
     }
@@ -253,7 +279,7 @@ impl<'g> Batch<'g> {
     /// has them, wall-clock time around submit-and-wait otherwise).
     pub fn submit_timed(mut self) -> Result<Duration> {
         let gpu = self.gpu;
-        if !gpu.has_timestamps() {
+        if !gpu.has_timestamps() || gpu.profile.is_some() {
             let start = Instant::now();
             self.submit();
             gpu.wait()?;
@@ -265,10 +291,10 @@ impl<'g> Batch<'g> {
             count: 2,
         });
         let kept = std::mem::take(&mut self.kept);
-        let Some((cmd, Some(read))) = self.encode(Some(&queries)) else {
+        let (commands, Some(read)) = self.encode(Some(&queries), false) else {
             return Ok(Duration::ZERO);
         };
-        gpu.queue.submit([cmd]);
+        gpu.queue.submit(commands);
         drop(kept);
         let ticks: Vec<u64> = bytemuck::cast_slice(&read_buffer(gpu, &read, 0, 16)?).to_vec();
         let ns = ticks[1].saturating_sub(ticks[0]) as f64 * gpu.queue.get_timestamp_period() as f64;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::plan::KernelPlan;
+use crate::profile::Profile;
 use crate::shader::Kernel;
 
 /// Which graphics API to run on.
@@ -63,11 +64,14 @@ pub struct GpuOptions {
     pub kernels: Option<String>,
     /// The device memory a model may plan with (`--device-memory`): None, everything resident.
     pub device_memory: Option<u64>,
+    /// Time every dispatch on its own and print the per-kernel table when the device is dropped
+    /// ([`Profile`], `WGTRAIN_PROFILE=1`).
+    pub profile: bool,
 }
 
 impl GpuOptions {
-    /// Options from `WGTRAIN_BACKEND`, `WGTRAIN_DEVICE`, `WGTRAIN_MAX_BINDING` (bytes) and
-    /// `WGTRAIN_KERNELS`.
+    /// Options from `WGTRAIN_BACKEND`, `WGTRAIN_DEVICE`, `WGTRAIN_MAX_BINDING` (bytes),
+    /// `WGTRAIN_KERNELS` and `WGTRAIN_PROFILE`.
     pub fn from_env() -> Result<Self> {
         let backend = match std::env::var("WGTRAIN_BACKEND") {
             Ok(b) => b.parse().context("WGTRAIN_BACKEND")?,
@@ -87,6 +91,7 @@ impl GpuOptions {
             dry_run: false,
             kernels: std::env::var("WGTRAIN_KERNELS").ok(),
             device_memory: None,
+            profile: Profile::from_env()?,
         })
     }
 }
@@ -203,6 +208,8 @@ pub(crate) struct Pipeline {
     pub(crate) storage_bindings: Vec<u32>,
     /// The entry point's `@workgroup_size`, read from the WGSL.
     pub(crate) workgroup_size: [u32; 3],
+    /// The variant, as [`Kernel::describe`] names it (for the profile).
+    pub(crate) variant: String,
 }
 
 /// Device bytes held by tensors: now, and the most at once since the last [`Gpu::reset_peak`].
@@ -251,6 +258,8 @@ pub struct Gpu {
     memory: Arc<MemoryCounter>,
     /// Dispatches submitted so far by kernel, `file:entry` (see [`Gpu::dispatches`]).
     pub(crate) dispatches: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// The per-kernel profile, when [`GpuOptions::profile`] asked for one.
+    pub profile: Option<Profile>,
     pipelines: Mutex<HashMap<String, Arc<Pipeline>>>,
 }
 
@@ -300,6 +309,7 @@ impl Gpu {
             device_memory: options.device_memory,
             memory: Arc::default(),
             dispatches: Mutex::default(),
+            profile: options.profile.then(Profile::default),
             pipelines: Mutex::new(HashMap::new()),
         })
     }
@@ -461,9 +471,20 @@ impl Gpu {
             layout,
             storage_bindings,
             workgroup_size,
+            variant: kernel.describe(),
         });
         self.pipelines.lock().unwrap().insert(key, p.clone());
         Ok(p)
+    }
+}
+
+impl Drop for Gpu {
+    /// Prints the profile, if one was taken: the end of the run that used this device (or what
+    /// came after its last report).
+    fn drop(&mut self) {
+        if let Some(profile) = &self.profile {
+            eprintln!("{}", profile.report());
+        }
     }
 }
 

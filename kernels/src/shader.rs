@@ -105,6 +105,20 @@ impl Kernel {
         key
     }
 
+    /// The entry point and its constants, compactly (e.g. `gemm_sg SG_ROWS=32 TRANS_B=true`).
+    pub fn describe(&self) -> String {
+        let mut name = self.entry.to_string();
+        for (const_name, value) in &self.consts {
+            let _ = match value {
+                Const::Bool(b) => write!(name, " {const_name}={b}"),
+                Const::U32(v) => write!(name, " {const_name}={v}"),
+                Const::F32(v) => write!(name, " {const_name}={v}"),
+                Const::Type(ty) => write!(name, " {const_name}={ty}"),
+            };
+        }
+        name
+    }
+
     /// The full WGSL text of this variant.
     pub fn source(&self) -> String {
         let mut src = String::new();

@@ -14,6 +14,10 @@ use anyhow::{bail, Result};
 
 use crate::gpu::{read_buffer, Allocation, Gpu};
 
+/// Every chunk's buffer is a whole number of these bytes, so that kernels may read it as vec4s
+/// (the subgroup GEMM's 128-bit loads).
+pub const BUFFER_ALIGN: u64 = 16;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
@@ -280,12 +284,14 @@ impl Tensor {
                 );
             }
             if part.len().is_multiple_of(4) {
-                gpu.queue.write_buffer(&piece.buffer, piece.offset + offset, part);
+                gpu.queue
+                    .write_buffer(&piece.buffer, piece.offset + offset, part);
             } else {
                 // An odd count of bf16 elements ending the chunk: the last word needs its padding.
                 let mut padded = part.to_vec();
                 padded.resize(part.len().next_multiple_of(4), 0);
-                gpu.queue.write_buffer(&piece.buffer, piece.offset + offset, &padded);
+                gpu.queue
+                    .write_buffer(&piece.buffer, piece.offset + offset, &padded);
             }
         }
         Ok(())
@@ -464,7 +470,7 @@ impl Tensor {
 /// How a tensor splits into chunks of at most one binding.
 struct Layout {
     rows_per_chunk: usize,
-    /// Each chunk's bytes (whole 4-byte words).
+    /// Each chunk's bytes, in whole [`BUFFER_ALIGN`] units.
     chunk_bytes: Vec<u64>,
 }
 
@@ -497,7 +503,7 @@ impl Layout {
             .step_by(rows_per_chunk)
             .map(|start| {
                 let n = rows_per_chunk.min(rows - start);
-                ((n * row_len * dtype.bytes()) as u64).next_multiple_of(4)
+                ((n * row_len * dtype.bytes()) as u64).next_multiple_of(BUFFER_ALIGN)
             })
             .collect();
         Ok(Layout {

@@ -151,13 +151,22 @@ fn every_gemm_variant_matches_cpu() {
         assert_eq!(whole.plan.gemm, *variant);
         let split = open(Some(1024)).unwrap();
         for gpu in [&whole, &split] {
-            for (seed, &(m, n, k)) in [(5, 33, 17), (37, 21, 19)].iter().enumerate() {
+            // Odd shapes read element by element; row lengths of whole 16-byte groups take the
+            // subgroup kernel's 128-bit loads, with 8-lane workgroups at N <= 64.
+            for (seed, &(m, n, k)) in [(5, 33, 17), (37, 21, 19), (40, 72, 48), (70, 64, 40)]
+                .iter()
+                .enumerate()
+            {
                 for bf16 in [false, true] {
                     assert_passed(matmul::check_matmul(gpu, m, n, k, bf16, seed as u64).unwrap());
                 }
             }
             for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
-                assert_passed(&[matmul::check_gemm(gpu, 29, 17, 41, trans_a, trans_b, 7).unwrap()]);
+                for (m, n, k) in [(29, 17, 41), (40, 72, 48), (36, 40, 16)] {
+                    assert_passed(
+                        &[matmul::check_gemm(gpu, m, n, k, trans_a, trans_b, 7).unwrap()],
+                    );
+                }
             }
             assert_passed(lora::selftest(gpu).unwrap());
             assert_passed(cross_entropy::selftest(gpu).unwrap());
@@ -172,4 +181,34 @@ fn every_gemm_variant_matches_cpu() {
     {
         assert_eq!(ran, ["tiled", "subgroup"]);
     }
+}
+
+/// `WGTRAIN_PROFILE=1`'s table: each dispatch timed on its own under its variant and grid, the
+/// report sorted by total time, and the profile started over after a report.
+#[test]
+fn profile_counts_each_dispatch_by_kernel_and_grid() {
+    let gpu = Gpu::new(&GpuOptions {
+        profile: true,
+        ..GpuOptions::from_env().unwrap()
+    })
+    .unwrap();
+    let t = |shape: &[usize]| {
+        wgtrain_kernels::Tensor::zeros(&gpu, shape, wgtrain_kernels::DType::F32).unwrap()
+    };
+    let (x, w, y) = (t(&[40, 48]), t(&[72, 48]), t(&[40, 72]));
+    let mut batch = gpu.batch();
+    for _ in 0..3 {
+        matmul::matmul_forward(&mut batch, &x, &w, None, &y).unwrap();
+    }
+    batch.submit();
+    let profile = gpu.profile.as_ref().expect("profile on");
+    let report = profile.report();
+    assert!(report.contains("3 dispatches"), "{report}");
+    let row = report
+        .lines()
+        .find(|l| l.contains("TRANS_B=true"))
+        .unwrap_or_else(|| panic!("no forward row: {report}"));
+    // One class: 3 calls of the forward's variant on its grid.
+    assert!(row.contains("| 3 |"), "{row}");
+    assert!(profile.report().contains("0 dispatches"));
 }

@@ -1254,9 +1254,29 @@ impl Qwen2 {
     /// unsupervised, and causal attention keeps it from affecting the real tokens).
     pub fn loss_sum(&self, gpu: &Gpu, rows: &[(&[u32], &[u32])]) -> Result<LossSum> {
         let (ids, targets, _) = pad_rows(rows)?;
+        // Only supervised positions reach the LM head, the forward's largest product: a
+        // prompt's and the padding's hidden rows are left out.
+        let vocab = self.config.vocab_size;
+        let supervised: Vec<usize> = (0..targets.len())
+            .filter(|&i| (targets[i] as usize) < vocab)
+            .collect();
+        if supervised.is_empty() {
+            return Ok(LossSum {
+                sum: 0.0,
+                tokens: 0,
+            });
+        }
         let mut batch = gpu.batch();
-        let hidden = self.record_hidden(&mut batch, &ids, rows.len(), None)?;
-        let tokens = ids.len();
+        let all = self.record_hidden(&mut batch, &ids, rows.len(), None)?;
+        let hidden = Tensor::zeros(gpu, &[supervised.len(), all.row_len()], DType::F32)?;
+        let mut at = 0;
+        for run in supervised.chunk_by(|a, b| *b == a + 1) {
+            copy_rows(&mut batch, &all, run[0]..run[0] + run.len(), &hidden, at)?;
+            at += run.len();
+        }
+        batch.keep(all);
+        let targets: Vec<u32> = supervised.iter().map(|&i| targets[i]).collect();
+        let tokens = supervised.len();
         let targets = Tensor::from_u32(gpu, &[tokens], &targets)?;
         let lse = Tensor::zeros(gpu, &[tokens], DType::F32)?;
         let loss = Tensor::zeros(gpu, &[1], DType::F32)?;

@@ -69,9 +69,9 @@ pub fn size(bytes: u64) -> String {
     )
 }
 
-/// Device bytes of a tensor of `numel` elements of `width` bytes (buffers are whole words).
+/// Device bytes of a tensor of `numel` elements of `width` bytes (buffers are rounded up).
 fn tensor_bytes(numel: usize, width: usize) -> u64 {
-    ((numel * width) as u64).next_multiple_of(4)
+    ((numel * width) as u64).next_multiple_of(wgtrain_kernels::tensor::BUFFER_ALIGN)
 }
 
 /// Device bytes of the model's weights as [`super::Qwen2::load`] keeps them (bf16 matrices, f32

@@ -54,9 +54,11 @@ const GEMV_ROWS: usize = 8;
 const GEMV_WG: usize = 64;
 
 /// Rows of the subgroup kernel's block (its `SG_ROWS`): [`GEMV_ROWS`] for few-row products,
-/// else this many; and its columns per workgroup (`SG_WG` lanes of 8).
+/// else this many.
 const SUBGROUP_ROWS: u32 = 32;
-const SUBGROUP_COLS: usize = 32 * 8;
+/// Lanes of a subgroup-kernel workgroup (its `SG_LANES`, 8 columns each): the narrow width for
+/// products of at most 8 × that many columns (LoRA's rank-r products), else the wide one.
+const SUBGROUP_LANES: (u32, u32) = (8, 32);
 
 /// The shader entry point of a launch.
 #[derive(Clone, Copy, PartialEq)]
@@ -66,9 +68,11 @@ enum Entry {
     Gemv,
     /// One thread per output (benchmark baseline).
     Naive,
-    /// The subgroup kernel (shaders/matmul_subgroup.wgsl) with blocks of `rows` rows.
+    /// The subgroup kernel (shaders/matmul_subgroup.wgsl) with blocks of `rows` rows and
+    /// workgroups of `lanes` lanes.
     Subgroup {
         rows: u32,
+        lanes: u32,
     },
 }
 
@@ -255,6 +259,11 @@ impl<'a> Gemm<'a> {
                 } else {
                     SUBGROUP_ROWS
                 },
+                lanes: if c.cols.len() <= 8 * SUBGROUP_LANES.0 as usize {
+                    SUBGROUP_LANES.0
+                } else {
+                    SUBGROUP_LANES.1
+                },
             },
         };
         self.launch(batch, &c, entry)
@@ -424,7 +433,7 @@ impl<'a> Gemm<'a> {
                         Entry::Tiled => TILE,
                         Entry::Gemv => (GEMV_ROWS, GEMV_WG),
                         Entry::Naive => (NAIVE_WG, NAIVE_WG),
-                        Entry::Subgroup { rows } => (rows as usize, SUBGROUP_COLS),
+                        Entry::Subgroup { rows, lanes } => (rows as usize, 8 * lanes as usize),
                     };
                     let groups = [
                         j.len().div_ceil(cols) as u32,
@@ -462,9 +471,9 @@ fn kernel(
         Entry::Tiled => Kernel::new(&MATMUL, "gemm"),
         Entry::Gemv => Kernel::new(&MATMUL, "gemv"),
         Entry::Naive => Kernel::new(&MATMUL, "gemm_naive"),
-        Entry::Subgroup { rows } => {
-            Kernel::new(&MATMUL_SUBGROUP, "gemm_sg").with("SG_ROWS", Const::U32(rows))
-        }
+        Entry::Subgroup { rows, lanes } => Kernel::new(&MATMUL_SUBGROUP, "gemm_sg")
+            .with("SG_ROWS", Const::U32(rows))
+            .with("SG_LANES", Const::U32(lanes)),
     };
     kernel
         .with("TRANS_A", Const::Bool(trans_a))
@@ -475,21 +484,19 @@ fn kernel(
 }
 
 /// Every combination of layout constants for the general entry points (the subgroup one at both
-/// block heights), and those of the forward form (B transposed, no second product) for `gemv`.
+/// block heights and both widths), and those of the forward form (B transposed, no second
+/// product) for `gemv`.
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
     for bits in 0..32u32 {
         let bit = |i: u32| bits & (1 << i) != 0;
-        for entry in [
-            Entry::Tiled,
-            Entry::Naive,
-            Entry::Subgroup {
-                rows: GEMV_ROWS as u32,
-            },
-            Entry::Subgroup {
-                rows: SUBGROUP_ROWS,
-            },
-        ] {
+        let mut entries = vec![Entry::Tiled, Entry::Naive];
+        for rows in [GEMV_ROWS as u32, SUBGROUP_ROWS] {
+            for lanes in [SUBGROUP_LANES.0, SUBGROUP_LANES.1] {
+                entries.push(Entry::Subgroup { rows, lanes });
+            }
+        }
+        for entry in entries {
             all.push(kernel(entry, bit(0), bit(1), bit(2), bit(3), bit(4)));
         }
         if !bit(0) && bit(1) && !bit(4) {
