@@ -15,6 +15,8 @@
 // element. Correct for every subgroup size >= 8 (lanes past 8 read duplicates); the kernel plan
 // selects it only on adapters whose sizes are all >= 8. Tensor buffers are whole multiples of 16
 // bytes (tensor.rs), so the vec4 views reach every element.
+// The fused second product (SECOND: A2 [M, K2], B2 f32) runs in a loop of its own after the
+// first product's, with the same loads and broadcasts, into the same accumulators.
 //
 // Variant constants besides matmul.wgsl's: SG_ROWS, the rows of the block (8, 16 or 32: 8 for
 // few-row products such as decode's), and SG_LANES, the workgroup's lanes (8 or 32: 8 for
