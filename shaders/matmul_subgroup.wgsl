@@ -15,6 +15,8 @@
 // element. Correct for every subgroup size >= 8 (lanes past 8 read duplicates); the kernel plan
 // selects it only on adapters whose sizes are all >= 8. Tensor buffers are whole multiples of 16
 // bytes (tensor.rs), so the vec4 views reach every element.
+// The fused second product (SECOND: A2 [M, K2], B2 f32) runs in a loop of its own after the
+// first product's, with the same loads and broadcasts, into the same accumulators.
 //
 // Variant constants besides matmul.wgsl's: SG_ROWS, the rows of the block (8, 16 or 32: 8 for
 // few-row products such as decode's), and SG_LANES, the workgroup's lanes (8 or 32: 8 for
@@ -25,10 +27,12 @@
 // call written out per row (subgroupBroadcast needs a constant lane anyway), and no loop indexes
 // an array.
 
-// 128-bit views of bindings 1 and 2 (A and B of matmul.wgsl): this kernel reads A and B through
-// these only (an entry point may use one variable per binding).
+// 128-bit views of bindings 1, 2, 5 and 6 (A, B, A2 and B2 of matmul.wgsl): this kernel reads
+// its operands through these only (an entry point may use one variable per binding).
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b4: array<vec4<u32>>;
+@group(0) @binding(5) var<storage, read> a24: array<vec4<f32>>;
+@group(0) @binding(6) var<storage, read> b24: array<vec4<f32>>;
 
 const SG_K: u32 = 8u;
 
@@ -40,13 +44,24 @@ fn sg_k(second: bool) -> u32 {
     return p.k;
 }
 
-// Element e of A's storage.
-fn sg_a_elem(e: u32) -> f32 {
-    return a4[e >> 2u][e & 3u];
+// Four elements of A's storage (A2's when `second`) from e, a multiple of 4.
+fn sg_a_vec(second: bool, e: u32) -> vec4<f32> {
+    if SECOND && second {
+        return a24[e >> 2u];
+    }
+    return a4[e >> 2u];
 }
 
-// Element e of B's storage.
-fn sg_b_elem(e: u32) -> f32 {
+// Element e of A's storage (A2's when `second`).
+fn sg_a_elem(second: bool, e: u32) -> f32 {
+    return sg_a_vec(second, e & ~3u)[e & 3u];
+}
+
+// Element e of B's storage (B2's, always f32, when `second`).
+fn sg_b_elem(second: bool, e: u32) -> f32 {
+    if SECOND && second {
+        return b24[e >> 2u][e & 3u];
+    }
     if B_BF16 {
         return bf16_unpack(b4[e >> 3u][(e >> 1u) & 3u], (e & 1u) == 1u);
     }
@@ -60,21 +75,19 @@ fn sg_a(second: bool, i: u32, kk: u32) -> f32 {
     let ic = min(i, p.m - 1u);
     let kc = min(kk, kn - 1u);
     var e = p.a_off + ic * p.lda + kc;
-    if TRANS_A {
+    if SECOND && second {
+        e = p.a2_off + ic * p.lda2 + kc;
+    } else if TRANS_A {
         e = p.a_off + kc * p.lda + ic;
     }
-    var v = sg_a_elem(e);
-    if SECOND && second {
-        v = a2[p.a2_off + ic * p.lda2 + kc];
-    }
-    return select(0.0, v, i < p.m && kk < kn);
+    return select(0.0, sg_a_elem(second, e), i < p.m && kk < kn);
 }
 
-// Four consecutive elements of A's storage from e (f32, so aligned when e % 4 = 0): one load
-// when `whole` (aligned and inside), else element by element through `sg_a`.
+// Four consecutive elements of A's storage (or A2's) from e (f32, so aligned when e % 4 = 0):
+// one load when `whole` (aligned and inside), else element by element through `sg_a`.
 fn sg_a4(second: bool, whole: bool, e: u32, i: u32, kk: u32, along_i: bool) -> vec4<f32> {
-    if whole && !(SECOND && second) {
-        return a4[e >> 2u];
+    if whole {
+        return sg_a_vec(second, e);
     }
     if along_i {
         return vec4(sg_a(second, i, kk), sg_a(second, i + 1u, kk), sg_a(second, i + 2u, kk), sg_a(second, i + 3u, kk));
@@ -93,28 +106,19 @@ fn sg_a_row(second: bool, i: u32, k0: u32) -> mat2x4<f32> {
         scale = p.alpha2;
     }
     let whole = aligned && i < p.m && k0 + SG_K <= sg_k(second);
-    if SECOND && second && whole {
-        let lo = vec4(a2[e], a2[e + 1u], a2[e + 2u], a2[e + 3u]);
-        let hi = vec4(a2[e + 4u], a2[e + 5u], a2[e + 6u], a2[e + 7u]);
-        return mat2x4(scale * lo, scale * hi);
-    }
     return mat2x4(
         scale * sg_a4(second, whole, e, i, k0, false),
         scale * sg_a4(second, whole, e + 4u, i, k0 + 4u, false),
     );
 }
 
-// Rows i..i + 3 of op(A) at column kk, scaled (A stored [K, M]; the second product is never
-// transposed, so it reads element by element here).
-fn sg_a_col(second: bool, i: u32, kk: u32) -> vec4<f32> {
+// Rows i..i + 3 of op(A) at column kk, scaled (A stored [K, M]; only the first product's A is
+// ever transposed).
+fn sg_a_col(i: u32, kk: u32) -> vec4<f32> {
     let e = p.a_off + kk * p.lda + i;
     let aligned = (p.a_off & 3u) == 0u && (p.lda & 3u) == 0u;
-    let whole = aligned && i + 4u <= p.m && kk < sg_k(second);
-    var scale = p.alpha;
-    if SECOND && second {
-        scale = p.alpha2;
-    }
-    return scale * sg_a4(second, whole, e, i, kk, true);
+    let whole = aligned && i + 4u <= p.m && kk < p.k;
+    return p.alpha * sg_a4(false, whole, e, i, kk, true);
 }
 
 // Eight consecutive elements of B's storage (or B2's): elements 0..3 and 4..7 of a run.
@@ -127,14 +131,11 @@ fn sg_word(word: u32) -> vec2<f32> {
     return vec2(bf16_unpack(word, false), bf16_unpack(word, true));
 }
 
-// The run at element e, all inside the operand and, for B, 16-byte aligned: one vec4 load of
-// bf16 B, two of f32 B.
+// The run at element e, all inside the operand and 16-byte aligned: one vec4 load of bf16 B,
+// two of f32 B (and of B2).
 fn sg_run(second: bool, e: u32) -> Run {
     if SECOND && second {
-        return Run(
-            vec4(b2[e], b2[e + 1u], b2[e + 2u], b2[e + 3u]),
-            vec4(b2[e + 4u], b2[e + 5u], b2[e + 6u], b2[e + 7u]),
-        );
+        return Run(b24[e >> 2u], b24[(e >> 2u) + 1u]);
     }
     if !B_BF16 {
         return Run(bitcast<vec4<f32>>(b4[e >> 2u]), bitcast<vec4<f32>>(b4[(e >> 2u) + 1u]));
@@ -148,15 +149,17 @@ fn sg_b(second: bool, kk: u32, jj: u32) -> f32 {
     let kn = sg_k(second);
     let kc = min(kk, kn - 1u);
     let jc = min(jj, p.n - 1u);
-    var e = p.b_off + kc * p.ldb + jc;
-    if TRANS_B {
-        e = p.b_off + jc * p.ldb + kc;
-    }
-    var v = sg_b_elem(e);
+    var off = p.b_off;
+    var ld = p.ldb;
     if SECOND && second {
-        v = load_b2(kc, jc);
+        off = p.b2_off;
+        ld = p.ldb2;
     }
-    return select(0.0, v, kk < kn && jj < p.n);
+    var e = off + kc * ld + jc;
+    if TRANS_B {
+        e = off + jc * ld + kc;
+    }
+    return select(0.0, sg_b_elem(second, e), kk < kn && jj < p.n);
 }
 
 // Element t of run x of the lane's block, guarded: (k0 + t, j + x) of op(B) when TRANS_B (a run is
@@ -173,23 +176,24 @@ fn sg_elem(second: bool, k0: u32, j: u32, x: u32, t: u32) -> f32 {
 // product or are not aligned read element by element, zero outside.
 fn sg_block_run(second: bool, k0: u32, j: u32, x: u32) -> Run {
     let kn = sg_k(second);
-    var e = p.b_off + k0 * p.ldb + j + x * p.ldb;
-    if TRANS_B {
-        e = p.b_off + j * p.ldb + k0 + x * p.ldb;
-    }
-    // Runs start at multiples of 8 elements from the operand's offset, with rows of ldb.
+    var off = p.b_off;
+    var ld = p.ldb;
+    // Runs start at multiples of 8 elements from the operand's offset, with rows of ld: aligned
+    // when both are multiples of a vec4's elements (8 bf16, 4 f32; B2 is f32).
     var align = 3u;
     if B_BF16 {
         align = 7u;
     }
-    var aligned = (p.b_off & align) == 0u && (p.ldb & align) == 0u;
     if SECOND && second {
-        e = p.b2_off + k0 * p.ldb2 + j + x * p.ldb2;
-        if TRANS_B {
-            e = p.b2_off + j * p.ldb2 + k0 + x * p.ldb2;
-        }
-        aligned = true;
+        off = p.b2_off;
+        ld = p.ldb2;
+        align = 3u;
     }
+    var e = off + k0 * ld + j + x * ld;
+    if TRANS_B {
+        e = off + j * ld + k0 + x * ld;
+    }
+    let aligned = (off & align) == 0u && (ld & align) == 0u;
     var inside = k0 + x < kn && j + 8u <= p.n;
     if TRANS_B {
         inside = k0 + SG_K <= kn && j + x < p.n;
@@ -273,8 +277,8 @@ var<private> sg_cols: array<vec4<f32>, 8>;
 // Loads the lane's A values of rows 8q..8q + 7 of the block (i0 its first row) at K-step k0.
 fn sg_load8(q: u32, second: bool, i0: u32, k0: u32, l: u32) {
     if TRANS_A && !(SECOND && second) {
-        sg_cols[2u * q] = sg_a_col(second, i0 + 8u * q, k0 + l);
-        sg_cols[2u * q + 1u] = sg_a_col(second, i0 + 8u * q + 4u, k0 + l);
+        sg_cols[2u * q] = sg_a_col(i0 + 8u * q, k0 + l);
+        sg_cols[2u * q + 1u] = sg_a_col(i0 + 8u * q + 4u, k0 + l);
     } else {
         sg_rows[q] = sg_a_row(second, i0 + 8u * q + l, k0);
     }
@@ -326,28 +330,14 @@ fn sg_store(i: u32, j: u32, v: mat2x4<f32>) {
     store_row(i, j + 4u, v[1]);
 }
 
-@compute @workgroup_size(SG_LANES)
-fn gemm_sg(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-    @builtin(subgroup_invocation_id) lane: u32,
-) {
-    let i0 = wid.y * SG_ROWS;
-    let j = (wid.x * SG_LANES + lid) * 8u;
-    let l = lane % SG_K;
-    let steps1 = (p.k + SG_K - 1u) / SG_K;
-    var steps = steps1;
-    if SECOND {
-        steps += (p.k2 + SG_K - 1u) / SG_K;
-    }
+// Accumulates the first product over all its K-steps, or the second's when `second`: one loop
+// per product, so that once inlined each loop's body holds one product's loads only.
+fn sg_product(second: bool, i0: u32, j: u32, l: u32) {
+    let steps = (sg_k(second) + SG_K - 1u) / SG_K;
     // Every lane walks every step (lanes past N compute discarded values): the broadcasts need
     // the whole subgroup. Rows past SG_ROWS are never touched and compile away.
     for (var t = 0u; t < steps; t++) {
-        let second = SECOND && t >= steps1;
-        var k0 = t * SG_K;
-        if second {
-            k0 = (t - steps1) * SG_K;
-        }
+        let k0 = t * SG_K;
         sg_load8(0u, second, i0, k0, l);
         if SG_ROWS > 8u {
             sg_load8(1u, second, i0, k0, l);
@@ -365,6 +355,21 @@ fn gemm_sg(
             sg_update8(2u, second, blk);
             sg_update8(3u, second, blk);
         }
+    }
+}
+
+@compute @workgroup_size(SG_LANES)
+fn gemm_sg(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(subgroup_invocation_id) lane: u32,
+) {
+    let i0 = wid.y * SG_ROWS;
+    let j = (wid.x * SG_LANES + lid) * 8u;
+    let l = lane % SG_K;
+    sg_product(false, i0, j, l);
+    if SECOND {
+        sg_product(true, i0, j, l);
     }
     sg_store8(0u, i0, j);
     if SG_ROWS > 8u {
