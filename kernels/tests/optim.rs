@@ -214,7 +214,7 @@ fn packed_tensors_are_views_of_their_own_ranges() {
         let packed = Tensor::packed(gpu, &shapes, DType::F32).unwrap();
         let separate_bytes: u64 = shapes
             .iter()
-            .map(|s| (s.iter().product::<usize>() * 4) as u64)
+            .map(|s| Tensor::zeros(gpu, s, DType::F32).unwrap().device_bytes())
             .sum();
         assert_eq!(gpu.memory().live - before, separate_bytes);
         for (t, v) in packed.iter().zip(&values) {
