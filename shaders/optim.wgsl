@@ -124,19 +124,25 @@ fn sgd_update(item: Item, i: u32, scale: f32) {
     param[item.param + i] = w - p.lr * g;
 }
 
+// The adamw update of this workgroup's item, gradients scaled by `scale` (its own function per
+// rule, so that an entry point binds only what its rule reads).
+fn adamw_item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, scale: f32) {
+    let group = linear_group(wid, nwg);
+    if group < p.n {
+        let item = items[group];
+        for (var i = lid; i < item.n; i += UPDATE_THREADS) {
+            adamw_update(item, i, scale);
+        }
+    }
+}
+
 @compute @workgroup_size(256)
 fn adamw(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = linear_group(wid, nwg);
-    if group < p.n {
-        let item = items[group];
-        for (var i = lid; i < item.n; i += UPDATE_THREADS) {
-            adamw_update(item, i, 1.0);
-        }
-    }
+    adamw_item(wid, nwg, lid, 1.0);
 }
 
 @compute @workgroup_size(256)
@@ -145,12 +151,17 @@ fn adamw_clipped(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    adamw_item(wid, nwg, lid, clip_scale());
+}
+
+// The sgd update of this workgroup's item, gradients scaled by `scale` (its own function per
+// rule, so that an entry point binds only what its rule reads).
+fn sgd_item(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, scale: f32) {
     let group = linear_group(wid, nwg);
     if group < p.n {
         let item = items[group];
-        let scale = clip_scale();
         for (var i = lid; i < item.n; i += UPDATE_THREADS) {
-            adamw_update(item, i, scale);
+            sgd_update(item, i, scale);
         }
     }
 }
@@ -161,13 +172,7 @@ fn sgd(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = linear_group(wid, nwg);
-    if group < p.n {
-        let item = items[group];
-        for (var i = lid; i < item.n; i += UPDATE_THREADS) {
-            sgd_update(item, i, 1.0);
-        }
-    }
+    sgd_item(wid, nwg, lid, 1.0);
 }
 
 @compute @workgroup_size(256)
@@ -176,12 +181,5 @@ fn sgd_clipped(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let group = linear_group(wid, nwg);
-    if group < p.n {
-        let item = items[group];
-        let scale = clip_scale();
-        for (var i = lid; i < item.n; i += UPDATE_THREADS) {
-            sgd_update(item, i, scale);
-        }
-    }
+    sgd_item(wid, nwg, lid, clip_scale());
 }
