@@ -9,7 +9,7 @@ use wgtrain::model::{Adapter, Grads, LoraDropout, LossSum, Proj, Qwen2};
 use wgtrain_kernels::Gpu;
 
 mod common;
-use common::{fixtures, supervised_rows};
+use common::{as_batch, fixtures, supervised_rows};
 
 fn model_dir() -> PathBuf {
     fixtures().join("tiny-qwen2-tied")
@@ -23,10 +23,7 @@ fn step(
 ) -> (LossSum, Vec<(String, Vec<f32>)>) {
     let grads = Grads::new(gpu, model).unwrap();
     let rows = supervised_rows(&[11, 7]);
-    let batch: Vec<(&[u32], &[u32])> = rows
-        .iter()
-        .map(|(i, t)| (i.as_slice(), t.as_slice()))
-        .collect();
+    let batch = as_batch(&rows);
     let loss = model
         .forward_backward(gpu, &grads, &batch, 1.0, dropout)
         .unwrap();

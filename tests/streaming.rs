@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixtures, supervised_rows, train_args, wgtrain};
+use common::{as_batch, fixtures, supervised_rows, train_args, wgtrain};
 use wgtrain::model::residency::{weight_bytes, Working};
 use wgtrain::model::{
     generate, Adapter, GenerateOptions, Grads, LoraDropout, MemoryPlan, Proj, Qwen2, Qwen2Config,
@@ -70,10 +70,7 @@ fn outputs(gpu: &Gpu, dir: &Path) -> (Vec<u64>, Qwen2) {
     };
     model.apply_adapter(gpu, &adapter).unwrap();
     let rows = supervised_rows(&[13, 6]);
-    let batch: Vec<(&[u32], &[u32])> = rows
-        .iter()
-        .map(|(i, t)| (i.as_slice(), t.as_slice()))
-        .collect();
+    let batch = as_batch(&rows);
     let mut bits = vec![model.loss_sum(gpu, &batch).unwrap().sum.to_bits()];
     let ids = &rows[0].0;
     let logits = model.logits(gpu, ids, 0..ids.len()).unwrap();
@@ -219,10 +216,7 @@ fn a_paged_head_split_across_bindings_differs_by_rounding_only() {
         }
         model.apply_adapter(gpu, &adapter).unwrap();
         let rows = supervised_rows(&[13, 6]);
-        let batch: Vec<(&[u32], &[u32])> = rows
-            .iter()
-            .map(|(i, t)| (i.as_slice(), t.as_slice()))
-            .collect();
+        let batch = as_batch(&rows);
         let grads = Grads::new(gpu, &model).unwrap();
         let loss = model
             .forward_backward(gpu, &grads, &batch, 1.0, None)

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fixtures, supervised_rows, train_args, wgtrain_cmd};
+use common::{as_batch, fixtures, supervised_rows, train_args, wgtrain_cmd};
 use wgtrain::model::residency::weight_bytes;
 use wgtrain::model::{
     generate, Adapter, GenerateOptions, Grads, LoraDropout, Qwen2, Qwen2Config, SamplingParams,
@@ -28,10 +28,7 @@ fn outputs(gpu: &Gpu, chunk: Option<usize>) -> Vec<(String, Vec<f64>)> {
     let adapter = Adapter::load(dir.join("adapter-random"), &model.config).unwrap();
     model.apply_adapter(gpu, &adapter).unwrap();
     let rows = supervised_rows(&[17, 9]);
-    let batch: Vec<(&[u32], &[u32])> = rows
-        .iter()
-        .map(|(i, t)| (i.as_slice(), t.as_slice()))
-        .collect();
+    let batch = as_batch(&rows);
     let mut out = Vec::new();
     let loss = model.loss_sum(gpu, &batch).unwrap();
     out.push(("loss".to_string(), vec![loss.sum]));

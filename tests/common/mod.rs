@@ -103,3 +103,10 @@ pub fn supervised_rows(lens: &[usize]) -> Vec<(Vec<u32>, Vec<u32>)> {
         })
         .collect()
 }
+
+/// `rows` as the (ids, targets) slices a micro-batch takes.
+pub fn as_batch(rows: &[(Vec<u32>, Vec<u32>)]) -> Vec<(&[u32], &[u32])> {
+    rows.iter()
+        .map(|(i, t)| (i.as_slice(), t.as_slice()))
+        .collect()
+}
