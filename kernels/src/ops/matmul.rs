@@ -69,7 +69,9 @@ enum Entry {
     /// One thread per output (benchmark baseline).
     Naive,
     /// The subgroup kernel (shaders/matmul_subgroup.wgsl) with blocks of `rows` rows.
-    Subgroup { rows: u32 },
+    Subgroup {
+        rows: u32,
+    },
 }
 
 /// Longest reduction one launch runs; longer ones accumulate over several launches. llvmpipe
