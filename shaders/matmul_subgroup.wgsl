@@ -10,19 +10,20 @@
 // columns j0 + 8t .. j0 + 8t + 7 of a block of SG_ROWS rows.
 // Per K-step of 8 it reads its 8×8 block of op(B) as 8 contiguous runs, each one vec4 load of
 // bf16 B (two of f32 B). A is read once per workgroup and shared by subgroupBroadcast: lane l
-// loads rows l, l + 8, .. of the block as two vec4 each (A [M, K]),
-// or column k0 + l of every row as SG_ROWS / 4 vec4 (A stored [K, M]); the broadcasts then give
-// every lane each A value from registers. Runs that are not 16-byte aligned (an offset or row
-// length not a multiple of 4 f32 or 8 bf16) or cross an edge of the product read element by
-// element. Correct for every subgroup size >= 8 (a wider subgroup holds the 8 lanes and idles the
-// rest); the kernel plan selects it only on adapters whose sizes are all >= 8. Tensor buffers are whole multiples of 16
+// loads rows l, l + 8, .. of the block as two vec4 each (A [M, K]), or column k0 + l of every
+// row as SG_ROWS / 4 vec4 (A stored [K, M]); the broadcasts then give every lane each A value
+// from registers. Runs that are not 16-byte aligned (an offset or row length not a multiple of 4
+// f32 or 8 bf16) or cross an edge of the product read element by element. Correct for every
+// subgroup size >= 8 (a wider subgroup holds the 8 lanes and idles the rest); the kernel plan
+// selects it only on adapters whose sizes are all >= 8. Tensor buffers are whole multiples of 16
 // bytes (tensor.rs), so the vec4 views reach every element.
 // The fused second product (SECOND: A2 [M, K2], B2 f32) runs in a loop of its own after the
 // first product's, with the same loads and broadcasts, into the same accumulators.
 //
 // Variant constant besides matmul.wgsl's: SG_ROWS, the rows of the block, a multiple of 8 up to
-// 64. A lane loads SG_ROWS / 8 + 8 vec4 per K-step for 8 · SG_ROWS FMAs per column: the larger
-// the block, the fewer loads (what costs) per FMA; few-row products (decode's) take 8.
+// 64. Per K-step a lane loads SG_ROWS / 4 + 8 vec4 (bf16 B) for 64 · SG_ROWS FMAs: the larger the
+// block, the fewer loads (what costs) per FMA, spilled accumulators notwithstanding
+// (docs/kernels.md); few-row products (decode's) take 8.
 //
 // llvmpipe keeps a private array in registers only when every index is a constant, and unrolls
 // only small loops; so the block is four mat4x4 filled from whole runs, each row's update is one
