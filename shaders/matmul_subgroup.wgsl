@@ -5,22 +5,25 @@
 // On llvmpipe (lavapipe) every per-lane memory operation and every barrier costs, while FMAs are
 // nearly free (it runs a workgroup's SIMD groups as coroutines and gathers per-lane loads one
 // access at a time, whatever its width). So: no workgroup memory, no barriers, and 128-bit loads.
-// Lane t of the workgroup owns the 8 columns j0 + 8t .. j0 + 8t + 7 of a block of SG_ROWS rows.
+// A workgroup is one subgroup of 8 lanes (8 lanes with work in every SIMD group of a 256-bit
+// llvmpipe, where wider workgroups left whole groups idle on narrow products); lane t owns the 8
+// columns j0 + 8t .. j0 + 8t + 7 of a block of SG_ROWS rows.
 // Per K-step of 8 it reads its 8×8 block of op(B) as 8 contiguous runs, each one vec4 load of
-// bf16 B (two of f32 B). A is read once per subgroup and shared by subgroupBroadcast: lane l of
-// each subgroup (l = lane % 8) loads rows l, l + 8, .. of the block as two vec4 each (A [M, K]),
-// or column k0 + l of every row as SG_ROWS / 4 vec4 (A stored [K, M]); the broadcasts then give
-// every lane each A value from registers. Runs that are not 16-byte aligned (an offset or row
-// length not a multiple of 4 f32 or 8 bf16) or cross an edge of the product read element by
-// element. Correct for every subgroup size >= 8 (lanes past 8 read duplicates); the kernel plan
+// bf16 B (two of f32 B). A is read once per workgroup and shared by subgroupBroadcast: lane l
+// loads rows l, l + 8, .. of the block as two vec4 each (A [M, K]), or column k0 + l of every
+// row as SG_ROWS / 4 vec4 (A stored [K, M]); the broadcasts then give every lane each A value
+// from registers. Runs that are not 16-byte aligned (an offset or row length not a multiple of 4
+// f32 or 8 bf16) or cross an edge of the product read element by element. Correct for every
+// subgroup size >= 8 (a wider subgroup holds the 8 lanes and idles the rest); the kernel plan
 // selects it only on adapters whose sizes are all >= 8. Tensor buffers are whole multiples of 16
 // bytes (tensor.rs), so the vec4 views reach every element.
 // The fused second product (SECOND: A2 [M, K2], B2 f32) runs in a loop of its own after the
 // first product's, with the same loads and broadcasts, into the same accumulators.
 //
-// Variant constants besides matmul.wgsl's: SG_ROWS, the rows of the block (8, 16 or 32: 8 for
-// few-row products such as decode's), and SG_LANES, the workgroup's lanes (8 or 32: 8 for
-// products of at most 64 columns, such as LoRA's rank-r ones, which would idle most of 32).
+// Variant constant besides matmul.wgsl's: SG_ROWS, the rows of the block, a multiple of 8 up to
+// 64. Per K-step a lane loads SG_ROWS / 4 + 8 vec4 (bf16 B) for 64 · SG_ROWS FMAs: the larger the
+// block, the fewer loads (what costs) per FMA, spilled accumulators notwithstanding
+// (docs/kernels.md); few-row products (decode's) take 8.
 //
 // llvmpipe keeps a private array in registers only when every index is a constant, and unrolls
 // only small loops; so the block is four mat4x4 filled from whole runs, each row's update is one
@@ -35,6 +38,8 @@
 @group(0) @binding(6) var<storage, read> b24: array<vec4<f32>>;
 
 const SG_K: u32 = 8u;
+// Lanes of a workgroup, which must fit in one subgroup (the broadcasts read lanes 0..7).
+const SG_LANES: u32 = 8u;
 
 // The reduction length of the first product, or of the second when `second`.
 fn sg_k(second: bool) -> u32 {
@@ -270,9 +275,15 @@ fn sg_spread(v: f32) -> mat2x4<f32> {
 // The block's accumulators and the A values of the current K-step this lane loaded: rows
 // 8q + l % 8 (A [M, K], `sg_rows[q]`) or rows 4q..4q + 3 at column k0 + l % 8 (A stored [K, M],
 // `sg_cols[q]`). Private, indexed by constants only once the calls below are inlined.
-var<private> sg_acc: array<mat2x4<f32>, 32>;
-var<private> sg_rows: array<mat2x4<f32>, 4>;
-var<private> sg_cols: array<vec4<f32>, 8>;
+var<private> sg_acc: array<mat2x4<f32>, 64>;
+var<private> sg_rows: array<mat2x4<f32>, 8>;
+var<private> sg_cols: array<vec4<f32>, 16>;
+
+// Whether the block has its q-th group of 8 rows (a constant once inlined: groups past SG_ROWS
+// compile away).
+fn sg_has(q: u32) -> bool {
+    return 8u * q < SG_ROWS;
+}
 
 // Loads the lane's A values of rows 8q..8q + 7 of the block (i0 its first row) at K-step k0.
 fn sg_load8(q: u32, second: bool, i0: u32, k0: u32, l: u32) {
@@ -330,31 +341,68 @@ fn sg_store(i: u32, j: u32, v: mat2x4<f32>) {
     store_row(i, j + 4u, v[1]);
 }
 
+// Loads the lane's A values of every group of the block at K-step k0.
+fn sg_load(second: bool, i0: u32, k0: u32, l: u32) {
+    sg_load8(0u, second, i0, k0, l);
+    if sg_has(1u) {
+        sg_load8(1u, second, i0, k0, l);
+    }
+    if sg_has(2u) {
+        sg_load8(2u, second, i0, k0, l);
+    }
+    if sg_has(3u) {
+        sg_load8(3u, second, i0, k0, l);
+    }
+    if sg_has(4u) {
+        sg_load8(4u, second, i0, k0, l);
+    }
+    if sg_has(5u) {
+        sg_load8(5u, second, i0, k0, l);
+    }
+    if sg_has(6u) {
+        sg_load8(6u, second, i0, k0, l);
+    }
+    if sg_has(7u) {
+        sg_load8(7u, second, i0, k0, l);
+    }
+}
+
+// Updates every group of the block with the K-step's block of op(B).
+fn sg_update(second: bool, blk: Block) {
+    sg_update8(0u, second, blk);
+    if sg_has(1u) {
+        sg_update8(1u, second, blk);
+    }
+    if sg_has(2u) {
+        sg_update8(2u, second, blk);
+    }
+    if sg_has(3u) {
+        sg_update8(3u, second, blk);
+    }
+    if sg_has(4u) {
+        sg_update8(4u, second, blk);
+    }
+    if sg_has(5u) {
+        sg_update8(5u, second, blk);
+    }
+    if sg_has(6u) {
+        sg_update8(6u, second, blk);
+    }
+    if sg_has(7u) {
+        sg_update8(7u, second, blk);
+    }
+}
+
 // Accumulates the first product over all its K-steps, or the second's when `second`: one loop
 // per product, so that once inlined each loop's body holds one product's loads only.
 fn sg_product(second: bool, i0: u32, j: u32, l: u32) {
     let steps = (sg_k(second) + SG_K - 1u) / SG_K;
     // Every lane walks every step (lanes past N compute discarded values): the broadcasts need
-    // the whole subgroup. Rows past SG_ROWS are never touched and compile away.
+    // the whole subgroup.
     for (var t = 0u; t < steps; t++) {
         let k0 = t * SG_K;
-        sg_load8(0u, second, i0, k0, l);
-        if SG_ROWS > 8u {
-            sg_load8(1u, second, i0, k0, l);
-        }
-        if SG_ROWS > 16u {
-            sg_load8(2u, second, i0, k0, l);
-            sg_load8(3u, second, i0, k0, l);
-        }
-        let blk = sg_block(second, k0, j);
-        sg_update8(0u, second, blk);
-        if SG_ROWS > 8u {
-            sg_update8(1u, second, blk);
-        }
-        if SG_ROWS > 16u {
-            sg_update8(2u, second, blk);
-            sg_update8(3u, second, blk);
-        }
+        sg_load(second, i0, k0, l);
+        sg_update(second, sg_block(second, k0, j));
     }
 }
 
@@ -366,17 +414,31 @@ fn gemm_sg(
 ) {
     let i0 = wid.y * SG_ROWS;
     let j = (wid.x * SG_LANES + lid) * 8u;
-    let l = lane % SG_K;
+    let l = lane % SG_LANES;
     sg_product(false, i0, j, l);
     if SECOND {
         sg_product(true, i0, j, l);
     }
     sg_store8(0u, i0, j);
-    if SG_ROWS > 8u {
+    if sg_has(1u) {
         sg_store8(1u, i0, j);
     }
-    if SG_ROWS > 16u {
+    if sg_has(2u) {
         sg_store8(2u, i0, j);
+    }
+    if sg_has(3u) {
         sg_store8(3u, i0, j);
+    }
+    if sg_has(4u) {
+        sg_store8(4u, i0, j);
+    }
+    if sg_has(5u) {
+        sg_store8(5u, i0, j);
+    }
+    if sg_has(6u) {
+        sg_store8(6u, i0, j);
+    }
+    if sg_has(7u) {
+        sg_store8(7u, i0, j);
     }
 }

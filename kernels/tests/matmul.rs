@@ -152,7 +152,7 @@ fn every_gemm_variant_matches_cpu() {
         let split = open(Some(1024)).unwrap();
         for gpu in [&whole, &split] {
             // Odd shapes read element by element; row lengths of whole 16-byte groups take the
-            // subgroup kernel's 128-bit loads, with 8-lane workgroups at N <= 64.
+            // subgroup kernel's 128-bit loads; M > 32 takes its 64-row blocks.
             for (seed, &(m, n, k)) in [(5, 33, 17), (37, 21, 19), (40, 72, 48), (70, 64, 40)]
                 .iter()
                 .enumerate()
