@@ -56,9 +56,11 @@ const GEMV_WG: usize = 64;
 /// Rows of the subgroup kernel's block (its `SG_ROWS`): [`GEMV_ROWS`] for few-row products,
 /// else this many.
 const SUBGROUP_ROWS: u32 = 32;
-/// Lanes of a subgroup-kernel workgroup (its `SG_LANES`, 8 columns each): the narrow width for
-/// products of at most 8 × that many columns (LoRA's rank-r products), else the wide one.
-const SUBGROUP_LANES: (u32, u32) = (8, 32);
+/// Lanes of a subgroup-kernel workgroup (its `SG_LANES`, 8 columns each), narrowest first: a
+/// product takes the narrowest that covers its columns (8 for LoRA's rank-r products, 16 for the
+/// 128-wide ones of small models), else the widest. On llvmpipe every 8 lanes are one SIMD group
+/// that walks the whole reduction, so lanes past the last column cost as much as used ones.
+const SUBGROUP_LANES: [u32; 3] = [8, 16, 32];
 
 /// The shader entry point of a launch.
 #[derive(Clone, Copy, PartialEq)]
@@ -259,11 +261,10 @@ impl<'a> Gemm<'a> {
                 } else {
                     SUBGROUP_ROWS
                 },
-                lanes: if c.cols.len() <= 8 * SUBGROUP_LANES.0 as usize {
-                    SUBGROUP_LANES.0
-                } else {
-                    SUBGROUP_LANES.1
-                },
+                lanes: SUBGROUP_LANES
+                    .into_iter()
+                    .find(|&lanes| c.cols.len() <= 8 * lanes as usize)
+                    .unwrap_or(SUBGROUP_LANES[2]),
             },
         };
         self.launch(batch, &c, entry)
@@ -484,7 +485,7 @@ fn kernel(
 }
 
 /// Every combination of layout constants for the general entry points (the subgroup one at both
-/// block heights and both widths), and those of the forward form (B transposed, no second
+/// block heights and every width), and those of the forward form (B transposed, no second
 /// product) for `gemv`.
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
@@ -492,7 +493,7 @@ pub fn variants() -> Vec<Kernel> {
         let bit = |i: u32| bits & (1 << i) != 0;
         let mut entries = vec![Entry::Tiled, Entry::Naive];
         for rows in [GEMV_ROWS as u32, SUBGROUP_ROWS] {
-            for lanes in [SUBGROUP_LANES.0, SUBGROUP_LANES.1] {
+            for lanes in SUBGROUP_LANES {
                 entries.push(Entry::Subgroup { rows, lanes });
             }
         }
