@@ -19,8 +19,8 @@
 // first product's, with the same loads and broadcasts, into the same accumulators.
 //
 // Variant constants besides matmul.wgsl's: SG_ROWS, the rows of the block (8, 16 or 32: 8 for
-// few-row products such as decode's), and SG_LANES, the workgroup's lanes (8, 16 or 32: the
-// narrowest that covers the product's columns, e.g. 8 for LoRA's rank-r products).
+// few-row products such as decode's), and SG_LANES, the workgroup's lanes (a multiple of 8 up to
+// 32, as few as cover the product's columns: e.g. 8 for LoRA's rank-r products).
 //
 // llvmpipe keeps a private array in registers only when every index is a constant, and unrolls
 // only small loops; so the block is four mat4x4 filled from whole runs, each row's update is one

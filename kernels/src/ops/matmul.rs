@@ -56,11 +56,18 @@ const GEMV_WG: usize = 64;
 /// Rows of the subgroup kernel's block (its `SG_ROWS`): [`GEMV_ROWS`] for few-row products,
 /// else this many.
 const SUBGROUP_ROWS: u32 = 32;
-/// Lanes of a subgroup-kernel workgroup (its `SG_LANES`, 8 columns each), narrowest first: a
-/// product takes the narrowest that covers its columns (8 for LoRA's rank-r products, 16 for the
-/// 128-wide ones of small models), else the widest. On llvmpipe every 8 lanes are one SIMD group
-/// that walks the whole reduction, so lanes past the last column cost as much as used ones.
-const SUBGROUP_LANES: [u32; 3] = [8, 16, 32];
+/// Most lanes of a subgroup-kernel workgroup (its `SG_LANES`, 8 columns each).
+const SUBGROUP_LANES: u32 = 32;
+
+/// The lanes of the subgroup kernel's workgroups for a product of `cols` columns: the fewest
+/// whole groups of 8 that cover the columns in as many workgroups as the widest would take
+/// (8 for LoRA's rank-r products, 16 for 128 columns, 24 for 192, and for 344 in two
+/// workgroups). On llvmpipe every 8 lanes are one SIMD group that walks the whole reduction, so
+/// lanes past the last column cost as much as used ones.
+fn subgroup_lanes(cols: usize) -> u32 {
+    let workgroups = cols.div_ceil(8 * SUBGROUP_LANES as usize);
+    cols.div_ceil(8 * workgroups).next_multiple_of(8) as u32
+}
 
 /// The shader entry point of a launch.
 #[derive(Clone, Copy, PartialEq)]
@@ -261,10 +268,7 @@ impl<'a> Gemm<'a> {
                 } else {
                     SUBGROUP_ROWS
                 },
-                lanes: SUBGROUP_LANES
-                    .into_iter()
-                    .find(|&lanes| c.cols.len() <= 8 * lanes as usize)
-                    .unwrap_or(SUBGROUP_LANES[2]),
+                lanes: subgroup_lanes(c.cols.len()),
             },
         };
         self.launch(batch, &c, entry)
@@ -485,15 +489,15 @@ fn kernel(
 }
 
 /// Every combination of layout constants for the general entry points (the subgroup one at both
-/// block heights and every width), and those of the forward form (B transposed, no second
-/// product) for `gemv`.
+/// block heights and every width [`subgroup_lanes`] picks), and those of the forward form (B
+/// transposed, no second product) for `gemv`.
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
     for bits in 0..32u32 {
         let bit = |i: u32| bits & (1 << i) != 0;
         let mut entries = vec![Entry::Tiled, Entry::Naive];
         for rows in [GEMV_ROWS as u32, SUBGROUP_ROWS] {
-            for lanes in SUBGROUP_LANES {
+            for lanes in (8..=SUBGROUP_LANES).step_by(8) {
                 entries.push(Entry::Subgroup { rows, lanes });
             }
         }
@@ -910,4 +914,27 @@ pub fn bench_decode(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>>
         }
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subgroup_lanes;
+
+    #[test]
+    fn subgroup_workgroups_take_the_lanes_their_columns_need() {
+        // (columns, lanes): LoRA rank, tiny models' widths and their MLPs, the 0.5B shapes.
+        for (cols, lanes) in [(1, 8), (8, 8), (64, 8), (65, 16), (128, 16), (192, 24)]
+            .into_iter()
+            .chain([
+                (200, 32),
+                (256, 32),
+                (344, 24),
+                (421, 32),
+                (896, 32),
+                (4864, 32),
+            ])
+        {
+            assert_eq!(subgroup_lanes(cols), lanes, "{cols} columns");
+        }
+    }
 }
