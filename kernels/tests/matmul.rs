@@ -18,6 +18,7 @@ fn matmul_matches_cpu_on_odd_shapes() {
         (67, 45, 83),
         (130, 65, 129),
         (64, 128, 32),
+        (70, 190, 40),
     ]
     .iter()
     .enumerate()

@@ -90,8 +90,11 @@ const DECODE_TARGET_GROUPS: usize = 512;
 /// Upper bound of the split-key scratch (partial outputs of every split).
 const DECODE_SCRATCH_BYTES: u64 = 64 << 20;
 const WG: u32 = 256;
-/// Invocations per workgroup of the rows variant (its kernels' `@workgroup_size`).
-const LANES: usize = 64;
+/// Invocations per workgroup of the rows variant (its kernels' `@workgroup_size`): two SIMD
+/// groups on llvmpipe, which runs each workgroup on one thread, so that a small model's few
+/// query rows (256 per kv head at T = 128 in the tiny test models) still make several
+/// workgroups for the CPU's threads to share.
+const LANES: usize = 16;
 
 /// Query rows each invocation of the rows forward owns: several share each loaded key row, as
 /// many as keep the registers (two heads per row) within what spills cheaply; one when decoding,
