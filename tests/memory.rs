@@ -43,7 +43,7 @@ fn step(gpu: &Gpu, model: &Qwen2, t: usize, dropout: Option<LoraDropout>) -> Mem
     gradients(gpu, model, &grads, &[micro], &norm_sq).unwrap();
     let clip = Some((&norm_sq, 1.0));
     update(gpu, &params, &moments, &settings, 1e-4, 0, clip).unwrap();
-    MemoryReport::new(model, &params, &moments, (1, t), gpu.memory().peak)
+    MemoryReport::new(gpu, model, &params, &moments, (1, t), gpu.memory().peak).unwrap()
 }
 
 /// The resident set of this process (Linux), to show that a dry run touches no buffer.

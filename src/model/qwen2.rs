@@ -138,6 +138,9 @@ pub struct Qwen2 {
     stream: Option<LayerStream>,
     /// Rows of the token chunks each layer's token-local part runs in (None: whole layers).
     token_chunk: Option<usize>,
+    /// Whether training keeps every layer's activations for the backward, as
+    /// [`Qwen2::set_keep_activations`] forces it (None: as [`Qwen2::kept_activations`] decides).
+    keep_activations: Option<bool>,
     /// Set once the length warning ([`Qwen2Config::length_warning`]) has been printed.
     length_warned: AtomicBool,
 }
@@ -672,6 +675,17 @@ impl Qwen2 {
         Ok(())
     }
 
+    /// Forces training to keep every layer's activations for the backward (`Some(true)`) or to
+    /// recompute each layer (`Some(false)`), whatever the memory plan chose; None: as planned.
+    pub fn set_keep_activations(&mut self, keep: Option<bool>) {
+        self.keep_activations = keep;
+    }
+
+    /// What [`Qwen2::set_keep_activations`] forced, if anything.
+    pub(crate) fn keep_override(&self) -> Option<bool> {
+        self.keep_activations
+    }
+
     /// A pass over `rows` tokens as [`LayerActs::build`] takes it: (rows, rows of a chunk).
     pub(crate) fn chunk_rows(&self, rows: usize) -> (usize, usize) {
         (rows, self.token_chunk.map_or(rows, |c| c.min(rows)))
@@ -748,6 +762,7 @@ impl Qwen2 {
             rope,
             stream: None,
             token_chunk: None,
+            keep_activations: None,
             length_warned: AtomicBool::new(false),
         })
     }
@@ -1286,6 +1301,7 @@ impl Qwen2 {
             hidden: &hidden,
             w_lm,
             chunking: Chunking::default(),
+            kept: None,
         };
         cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count)?;
         batch.submit();

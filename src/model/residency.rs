@@ -119,6 +119,27 @@ pub struct Working {
     pub tokens: usize,
     /// What it holds with each layer's token-local part in chunks (None: it does not chunk).
     pub chunked: Option<Chunked>,
+    /// What keeping its activations for the backward adds (zero: it never keeps them).
+    pub kept: Kept,
+}
+
+/// What a training micro-batch holds on top of its working set when it keeps what its forward
+/// made for the backward instead of recomputing it ([`MemoryPlan::kept`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// Every decoder layer's activations, less the one layer's that recomputation reuses.
+    pub layers: u64,
+    /// The LM head's logits of every row, less the block that recomputing them reuses; not kept
+    /// when the head is paged (its chunks stream through their ring in both passes, as they do
+    /// without keeping).
+    pub logits: u64,
+}
+
+impl Kept {
+    /// The bytes kept under a plan that pages the LM head or not.
+    pub fn bytes(&self, head_paged: bool) -> u64 {
+        self.layers + if head_paged { 0 } else { self.logits }
+    }
 }
 
 impl Working {
@@ -235,6 +256,9 @@ pub struct MemoryPlan {
     pub offloaded: u64,
     /// Rows of the token chunks each layer's token-local part runs in (None: whole layers).
     pub chunk: Option<usize>,
+    /// Bytes (in `working`) of what training keeps from the forward for the backward instead of
+    /// recomputing it ([`Kept`]); 0: each layer is recomputed before its backward.
+    pub kept: u64,
     pub budget: Option<u64>,
 }
 
@@ -256,6 +280,7 @@ impl MemoryPlan {
             working: 0,
             offloaded: 0,
             chunk: None,
+            kept: 0,
             budget: None,
         }
     }
@@ -268,8 +293,38 @@ impl MemoryPlan {
     /// one that moves the fewest bytes host <-> device per training micro-batch (on a tie, the
     /// one that pages less); else, if none fits, the same with each layer's token-local part in
     /// token chunks, the longest that fit. A budget that none meets is refused with the size
-    /// that would fit.
+    /// that would fit. Last, a plan of whole layers with their inputs on the device keeps the
+    /// activations for the backward if they fit beside it ([`MemoryPlan::keeping`]).
     pub fn fit(config: &Qwen2Config, budget: Option<u64>, working: Working) -> Result<MemoryPlan> {
+        let plan = MemoryPlan::fit_recomputing(config, budget, working)?;
+        Ok(match budget {
+            Some(budget) => plan.keeping(working.kept, budget),
+            None => plan,
+        })
+    }
+
+    /// This plan keeping `kept` when it runs whole layers with their inputs on the device and
+    /// `kept` fits in `budget` beside everything it holds: a choice of speed (no recomputation),
+    /// made after the plan's placement, so it never makes a layer stream or a table page.
+    fn keeping(self, kept: Kept, budget: u64) -> MemoryPlan {
+        let bytes = kept.bytes(self.paging.head);
+        let whole = self.chunk.is_none() && self.offloaded == 0;
+        match bytes > 0 && whole && self.device_bytes() + bytes <= budget {
+            true => MemoryPlan {
+                kept: bytes,
+                working: self.working + bytes,
+                ..self
+            },
+            false => self,
+        }
+    }
+
+    /// [`MemoryPlan::fit`] recomputing every layer in the backward.
+    fn fit_recomputing(
+        config: &Qwen2Config,
+        budget: Option<u64>,
+        working: Working,
+    ) -> Result<MemoryPlan> {
         let resident = MemoryPlan {
             working: working.bytes,
             budget,
@@ -484,6 +539,19 @@ impl MemoryPlan {
     }
 }
 
+/// How a training step gets each layer's activations for its backward, as the plan and the dry
+/// run print it: kept from the forward (`kept` bytes beyond recomputing) or recomputed.
+pub fn activations_line(kept: Option<u64>) -> String {
+    match kept {
+        Some(bytes) => format!(
+            "  {:<38}{}",
+            "kept for the backward: activations",
+            size(bytes)
+        ),
+        None => "  activations: recomputed layer by layer in the backward".into(),
+    }
+}
+
 /// Bytes in the unit `--device-memory` takes.
 fn human(bytes: u64) -> String {
     match bytes >= GIB {
@@ -555,6 +623,9 @@ impl fmt::Display for MemoryPlan {
         }
         if let Some(rows) = self.chunk {
             writeln!(f, "  token chunks: o_proj + MLP, {rows} tokens at a time")?;
+        }
+        if self.kept > 0 {
+            writeln!(f, "{}", activations_line(Some(self.kept)))?;
         }
         line(
             f,
@@ -819,6 +890,7 @@ mod tests {
             offloadable: 5 * layer,
             tokens: 4096,
             chunked: None,
+            kept: Kept::default(),
         };
         let plan = |budget: u64| MemoryPlan::fit(&config, Some(budget), working).unwrap();
         let paging = |embedding, head, inputs| Paging {
