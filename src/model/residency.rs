@@ -972,6 +972,63 @@ mod tests {
         }
     }
 
+    #[test]
+    fn activations_are_kept_only_in_the_room_the_placement_leaves() {
+        let config = Qwen2Config::qwen25("7B").unwrap();
+        let ranks = PerProj::from_fn(|_| Some(64));
+        let working = micro_batch_bytes(&config, &ranks, false, 16);
+        let kept = working.kept.bytes(false);
+        let (layer, _) = weight_bytes(&config, false);
+        assert!(kept > 0 && working.kept.bytes(true) < kept && kept < layer);
+        let unbudgeted = MemoryPlan::fit(&config, None, working).unwrap();
+        assert_eq!(
+            unbudgeted.kept, 0,
+            "without a budget the model's rule decides"
+        );
+        let all = unbudgeted.device_bytes();
+        let plan = |budget| MemoryPlan::fit(&config, Some(budget), working).unwrap();
+        // Room for everything and the kept activations: kept, in the plan's bytes.
+        let keeping = plan(all + kept);
+        assert_eq!((keeping.kept, keeping.device_bytes()), (kept, all + kept));
+        assert_eq!((keeping.resident_layers, keeping.slots), (28, 0));
+        let shown = keeping.to_string();
+        assert!(shown.contains("kept for the backward"), "{shown}");
+        // A byte less: everything stays resident, and recomputes.
+        let tight = plan(all + kept - 1);
+        assert_eq!((tight.kept, tight.resident_layers, tight.slots), (0, 28, 0));
+        assert_eq!(tight.device_bytes(), all);
+        // Lower budgets: keeping never changes what is placed where, and fits the budget; where
+        // layers stream it keeps what fits in the room they leave.
+        let mut streamed_and_kept = 0;
+        for budget in (all / 4..all).step_by(layer as usize / 7) {
+            let Ok(recomputing) = MemoryPlan::fit_recomputing(&config, Some(budget), working)
+            else {
+                continue;
+            };
+            let p = plan(budget);
+            let placed = |p: &MemoryPlan| (p.resident_layers, p.slots, p.paging, p.chunk);
+            assert_eq!(placed(&p), placed(&recomputing), "{budget}");
+            assert!(p.device_bytes() <= budget, "{p:?}");
+            let would = working.kept.bytes(p.paging.head);
+            let whole = p.chunk.is_none() && p.offloaded == 0;
+            let room = whole && recomputing.device_bytes() + would <= budget;
+            assert_eq!(p.kept, if room { would } else { 0 }, "{budget}");
+            streamed_and_kept += usize::from(p.kept > 0 && p.slots > 0);
+        }
+        assert!(streamed_and_kept > 0);
+        // Token chunks and offloaded inputs recompute whatever the room.
+        let chunked = MemoryPlan {
+            chunk: Some(256),
+            ..unbudgeted.clone()
+        };
+        assert_eq!(chunked.keeping(working.kept, u64::MAX).kept, 0);
+        let offloaded = MemoryPlan {
+            offloaded: 1,
+            ..unbudgeted
+        };
+        assert_eq!(offloaded.keeping(working.kept, u64::MAX).kept, 0);
+    }
+
     /// The size a refusal names (`--device-memory {N}B`).
     fn named_size(err: &str) -> u64 {
         let tail = &err[err.find("--device-memory ").unwrap() + 16..];
