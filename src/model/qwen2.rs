@@ -13,8 +13,9 @@
 //! Backward-readiness: [`Qwen2::layer_forward`] reads the layer input `x` and writes the layer
 //! output, leaving every intermediate its backward needs in [`LayerActs`] (normed inputs, rstd,
 //! rotated q/k, v, attention out + lse, the mid residual, gate/up, LoRA's `u = x·Aᵀ`). A trainer
-//! keeps each layer's input and recomputes that layer into one `LayerActs` before its backward,
-//! as the design's per-layer recomputation prescribes.
+//! keeps each layer's input and either one `LayerActs` per layer from the forward or, where they
+//! do not fit, recomputes that layer into one shared `LayerActs` before its backward (the
+//! design's per-layer recomputation; see [`Qwen2::kept_activations`]).
 //!
 //! Logits are only ever formed for the rows asked for ([`Qwen2::logits`], the last row when
 //! decoding); the loss path runs the chunked LM-head cross-entropy and never materialises [T, V].

@@ -181,6 +181,15 @@ impl KeptLogits {
     }
 }
 
+/// One block of the tiling: vocabulary chunk `c`'s entries `cols`, row block `b`'s rows `rows`.
+#[derive(Clone, Copy)]
+struct BlockAt<'r> {
+    c: usize,
+    b: usize,
+    rows: &'r Range<usize>,
+    cols: &'r Range<usize>,
+}
+
 /// Shapes of one call, validated.
 struct Problem<'a> {
     tokens: usize,
@@ -280,63 +289,56 @@ impl<'a> Problem<'a> {
         (0..chunks.len()).map(move |c| (c, (chunks[c].clone(), chunks.get(c + 1).cloned())))
     }
 
-    /// The logits of chunk `c`, block `b` = `hidden[rows]·w_chunkᵀ`, `w_chunk` the head's rows
-    /// `cols`.
+    /// The logits of `at` = `hidden[rows]·w_chunkᵀ`, `w_chunk` the head's rows `cols`.
     fn make_logits(
         &self,
         batch: &mut Batch,
         hidden: &Tensor,
         w_chunk: &Mat,
-        (c, b): (usize, usize),
-        (rows, cols): (&Range<usize>, &Range<usize>),
+        at: BlockAt,
     ) -> Result<()> {
         Gemm::new(
-            Mat::new(hidden).rows(rows.clone()),
+            Mat::new(hidden).rows(at.rows.clone()),
             false,
             w_chunk.clone(),
             true,
         )
-        .run(batch, self.block((c, b), (rows, cols)))
+        .run(batch, self.block(at))
     }
 
-    /// The block holding the logits of chunk `c`'s columns `cols`, block `b`'s rows `rows`.
-    fn block(
-        &self,
-        (c, b): (usize, usize),
-        (rows, cols): (&Range<usize>, &Range<usize>),
-    ) -> Mat<'_> {
-        Mat::new(self.tensor(c, b))
-            .rows(0..rows.len())
-            .cols(0..cols.len())
+    /// The block holding the logits of `at`.
+    fn block(&self, at: BlockAt) -> Mat<'_> {
+        Mat::new(self.tensor(at.c, at.b))
+            .rows(0..at.rows.len())
+            .cols(0..at.cols.len())
     }
 
-    /// Dispatches `entry` over the logits block of chunk `c`'s columns `cols`, block `b`'s rows
-    /// `rows`, one buffer of its tensor at a time, `groups` giving the workgroups for a segment
-    /// of that many rows.
+    /// Dispatches `entry` over the logits block of `at`, one buffer of its tensor at a time,
+    /// `groups` giving the workgroups for a segment of that many rows.
     fn over_block(
         &self,
         batch: &mut Batch,
         entry: &'static str,
-        (c, b): (usize, usize),
-        (rows, cols): (&Range<usize>, &Range<usize>),
+        at: BlockAt,
         params: Params,
         buffers: &[&Chunk],
         groups: impl Fn(u32) -> [u32; 3],
     ) -> Result<()> {
-        let logits = self.tensor(c, b);
+        let BlockAt { rows, cols, .. } = at;
+        let logits = self.tensor(at.c, at.b);
         for seg in row_segments(rows.len(), &[logits]) {
-            let at = logits.row(seg.start);
+            let first = logits.row(seg.start);
             let params = Params {
                 rows: seg.len() as u32,
                 cols: cols.len() as u32,
                 ld: logits.row_len() as u32,
-                l_off: at.offset,
+                l_off: first.offset,
                 t0: (rows.start + seg.start) as u32,
                 v0: cols.start as u32,
                 vocab: self.vocab as u32,
                 ..params
             };
-            let mut all = vec![at.buffer];
+            let mut all = vec![first.buffer];
             all.extend_from_slice(buffers);
             batch.dispatch(
                 &Kernel::new(&CROSS_ENTROPY, entry),
@@ -405,20 +407,20 @@ pub fn cross_entropy_forward(
     for (c, (cols, next)) in problem.chunks_and_next() {
         let w_chunk = w_lm.chunk(batch, cols.clone(), next)?;
         for (b, rows) in problem.row_blocks.iter().enumerate() {
-            problem.make_logits(batch, hidden, &w_chunk, (c, b), (rows, &cols))?;
+            let at = BlockAt {
+                c,
+                b,
+                rows,
+                cols: &cols,
+            };
+            problem.make_logits(batch, hidden, &w_chunk, at)?;
             let params = Params {
                 first: u32::from(c == 0),
                 ..bytemuck::Zeroable::zeroed()
             };
-            problem.over_block(
-                batch,
-                "chunk_stats",
-                (c, b),
-                (rows, &cols),
-                params,
-                &stats_buffers,
-                |n| linear_groups(gpu, n),
-            )?;
+            problem.over_block(batch, "chunk_stats", at, params, &stats_buffers, |n| {
+                linear_groups(gpu, n)
+            })?;
         }
     }
     let params = Params {
@@ -489,19 +491,24 @@ pub fn cross_entropy_backward(
     for (c, (cols, next)) in problem.chunks_and_next() {
         let w_chunk = w_lm.chunk(batch, cols.clone(), next)?;
         for (b, rows) in problem.row_blocks.iter().enumerate() {
+            let at = BlockAt {
+                c,
+                b,
+                rows,
+                cols: &cols,
+            };
             if let Logits::Temporary(_) = problem.logits {
-                problem.make_logits(batch, hidden, &w_chunk, (c, b), (rows, &cols))?;
+                problem.make_logits(batch, hidden, &w_chunk, at)?;
             }
             problem.over_block(
                 batch,
                 "softmax_grad",
-                (c, b),
-                (rows, &cols),
+                at,
                 params,
                 &[targets_buf, lse_buf],
                 |n| linear_groups(gpu, (n * cols.len() as u32).div_ceil(WG)),
             )?;
-            let dlogits = problem.block((c, b), (rows, &cols));
+            let dlogits = problem.block(at);
             let beta = if c == 0 { dhidden.beta } else { 1.0 };
             Gemm::new(dlogits.clone(), false, w_chunk.clone(), false)
                 .beta(beta)
