@@ -279,7 +279,15 @@ impl fmt::Display for MemoryReport {
             Some(plan) => writeln!(f, "{plan}")?,
             None => writeln!(f, "memory plan: every weight resident, nothing streams")?,
         }
-        writeln!(f, "{}", activations_line(self.kept))?;
+        // The plan shows what it keeps; the step's choice where it shows nothing or another.
+        let planned = self
+            .plan
+            .as_ref()
+            .map(|p| p.kept)
+            .filter(|&bytes| bytes > 0);
+        if planned.is_none() || planned != self.kept {
+            writeln!(f, "{}", activations_line(self.kept))?;
+        }
         writeln!(
             f,
             "device memory of one optimizer step on {} row(s) x {} tokens:",
