@@ -13,7 +13,8 @@
 //!
 //! Memory is counted by the device (`Gpu::memory`): the weights (+ adapter), the gradients and
 //! AdamW moments, and the step's peak — everything allocated at once during it, activations and
-//! the kernels' temporaries included.
+//! the kernels' temporaries included; "kept" is what the step held by keeping its activations
+//! for the backward instead of recomputing them ("-": it recomputed; `Qwen2::kept_activations`).
 //!
 //! `WGTRAIN_BENCH_DRY=1` runs the steps on a dry-run device with zero weights: every tensor is
 //! allocated and nothing executes, so it reports the memory of any size in seconds, on any device
@@ -86,8 +87,11 @@ fn main() -> Result<()> {
              after a warm-up\n"
         );
     }
-    println!("| model | method | T | step (ms) | tokens/s | weights MiB | grads + AdamW MiB | peak MiB |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    println!(
+        "| model | method | T | step (ms) | tokens/s | weights MiB | grads + AdamW MiB | kept MiB \
+         | peak MiB |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
     // Without a filter the defaults run; a filter picks out of every case.
     let defaults = if dry { CASES.len() } else { TIMED_CASES };
     for (i, &(name, full)) in CASES.iter().enumerate() {
@@ -119,9 +123,10 @@ fn main() -> Result<()> {
         for &t in &lengths {
             let row = |time: &str, rate: &str, m: &MemoryReport| {
                 println!(
-                    "| {name} | {method} | {t} | {time} | {rate} | {} | {} | {} |",
+                    "| {name} | {method} | {t} | {time} | {rate} | {} | {} | {} | {} |",
                     mib(m.frozen + m.trainable),
                     mib(m.gradients + m.optimizer),
+                    m.kept.map_or("-".into(), mib),
                     mib(m.peak),
                 )
             };

@@ -145,12 +145,13 @@ impl<'a> Trainer<'a> {
         update(gpu, &params, &self.moments, &ADAMW, ADAMW.lr, index, clip)?;
         let time = start.elapsed();
         let memory = MemoryReport::new(
+            gpu,
             self.model,
             &params,
             &self.moments,
             (1, t),
             gpu.memory().peak,
-        );
+        )?;
         Ok((time, memory))
     }
 }

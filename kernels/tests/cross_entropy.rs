@@ -5,7 +5,7 @@ mod common;
 use common::{assert_passed, finite_differences, gpus};
 
 use wgtrain_kernels::ops::check::{random, to_f64};
-use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, IGNORE};
+use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, KeptLogits, LmHead, IGNORE};
 use wgtrain_kernels::{DType, Gpu, GpuOptions, Out, Tensor};
 
 fn case(tokens: usize, vocab: usize, dim: usize, w_bf16: bool, chunking: Chunking) -> Case {
@@ -127,6 +127,7 @@ fn ignored_tokens_add_nothing() {
         hidden: &hidden,
         w_lm: &w,
         chunking,
+        kept: None,
     };
     cross_entropy::cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count).unwrap();
     let dh = Out::write(&dhidden);
@@ -135,6 +136,115 @@ fn ignored_tokens_add_nothing() {
     assert_eq!(loss.to_f32(gpu).unwrap(), [0.0]);
     assert_eq!(count.to_u32(gpu).unwrap(), [0]);
     assert!(dhidden.to_f32(gpu).unwrap().iter().all(|&g| g == 0.0));
+}
+
+/// Forward then backward (dhidden and dW accumulating onto random values) with the logits kept
+/// or recomputed: lse, loss, count, dhidden and dW as bits, and the dispatches of the backward.
+fn kept_or_recomputed(
+    gpu: &Gpu,
+    w_bf16: bool,
+    chunking: Chunking,
+    keep: bool,
+) -> (Vec<Vec<u32>>, u64) {
+    let (tokens, vocab, dim) = (19, 1000, 40);
+    let hidden = Tensor::from_f32(gpu, &[tokens, dim], &random(1, tokens * dim, 1.0)).unwrap();
+    let w_values = random(2, vocab * dim, 1.0);
+    let w = match w_bf16 {
+        true => Tensor::from_f32_as_bf16(gpu, &[vocab, dim], &w_values),
+        false => Tensor::from_f32(gpu, &[vocab, dim], &w_values),
+    }
+    .unwrap();
+    let targets = cross_entropy::random_targets(3, tokens, vocab);
+    let targets = Tensor::from_u32(gpu, &[tokens], &targets).unwrap();
+    let lse = Tensor::zeros(gpu, &[tokens], DType::F32).unwrap();
+    let loss = Tensor::from_f32(gpu, &[1], &[1.5]).unwrap();
+    let count = Tensor::zeros(gpu, &[1], DType::U32).unwrap();
+    let dhidden = Tensor::from_f32(gpu, &[tokens, dim], &random(4, tokens * dim, 1.0)).unwrap();
+    let dw = Tensor::from_f32(gpu, &[vocab, dim], &random(5, vocab * dim, 1.0)).unwrap();
+    let mut head = LmHead {
+        hidden: &hidden,
+        w_lm: &w,
+        chunking,
+        kept: None,
+    };
+    let kept = keep.then(|| KeptLogits::new(gpu, head).unwrap());
+    head.kept = kept.as_ref();
+    let mut batch = gpu.batch();
+    cross_entropy::cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count).unwrap();
+    batch.submit();
+    let before = gpu.dispatches();
+    let mut batch = gpu.batch();
+    let (dh, dw_lm) = (Out::add(&dhidden), Some(Out::add(&dw)));
+    cross_entropy::cross_entropy_backward(&mut batch, head, &targets, &lse, 0.5, dh, dw_lm)
+        .unwrap();
+    batch.submit();
+    let dispatches = gpu.dispatches() - before;
+    let bits = |t: &Tensor| t.to_f32(gpu).unwrap().iter().map(|x| x.to_bits()).collect();
+    let values = vec![
+        bits(&lse),
+        bits(&loss),
+        count.to_u32(gpu).unwrap(),
+        bits(&dhidden),
+        bits(&dw),
+    ];
+    (values, dispatches)
+}
+
+/// Logits kept from the forward give the backward the bits it gets by recomputing them, over
+/// several row blocks and vocabulary chunks (the last of each shorter), whole and split tensors,
+/// f32 and bf16 heads, and its logits GEMMs are gone.
+#[test]
+fn kept_logits_give_the_bits_of_recomputed_ones() {
+    let chunking = Chunking {
+        rows: 8,
+        vocab: 300,
+    };
+    for gpu in gpus() {
+        for bf16 in [false, true] {
+            let (recomputed, recomputed_dispatches) =
+                kept_or_recomputed(gpu, bf16, chunking, false);
+            let (kept, kept_dispatches) = kept_or_recomputed(gpu, bf16, chunking, true);
+            assert!(
+                recomputed == kept,
+                "bf16 {bf16}: kept logits change the bits"
+            );
+            // 4 vocabulary chunks x 3 row blocks: one logits GEMM each, however it launches.
+            assert!(
+                kept_dispatches + 12 <= recomputed_dispatches,
+                "bf16 {bf16}: {kept_dispatches} dispatches kept, {recomputed_dispatches} recomputed"
+            );
+        }
+    }
+}
+
+/// Kept logits made for another tiling are refused, naming the call.
+#[test]
+fn kept_logits_of_another_tiling_are_refused() {
+    let [gpu, _] = gpus();
+    let hidden = Tensor::zeros(gpu, &[6, 4], DType::F32).unwrap();
+    let w = Tensor::zeros(gpu, &[50, 4], DType::F32).unwrap();
+    let made_for = LmHead {
+        hidden: &hidden,
+        w_lm: &w,
+        chunking: Chunking { rows: 4, vocab: 16 },
+        kept: None,
+    };
+    let kept = KeptLogits::new(gpu, made_for).unwrap();
+    let head = LmHead {
+        chunking: Chunking { rows: 3, vocab: 16 },
+        kept: Some(&kept),
+        ..made_for
+    };
+    let targets = Tensor::from_u32(gpu, &[6], &[1; 6]).unwrap();
+    let lse = Tensor::zeros(gpu, &[6], DType::F32).unwrap();
+    let loss = Tensor::zeros(gpu, &[1], DType::F32).unwrap();
+    let count = Tensor::zeros(gpu, &[1], DType::U32).unwrap();
+    let mut batch = gpu.batch();
+    let err = cross_entropy::cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cross_entropy_forward"), "{err}");
+    assert!(err.contains("kept logits"), "{err}");
 }
 
 /// L = grad_scale · Σ loss: dL/dhidden and dL/dW by central differences equal the reference.

@@ -1,9 +1,13 @@
 //! The Qwen2 backward pass, written out per layer like the forward (llm.c style, no autograd).
 //!
-//! One micro-batch: embed, run every layer keeping only its input (the residual stream), final
-//! norm, chunked LM-head cross-entropy forward and backward, then for each layer from the last:
-//! recompute it into one [`LayerActs`] from its saved input (per-layer activation recomputation)
-//! and run its backward, which turns `dres` — dL/d(layer output) — into dL/d(layer input) in place.
+//! One micro-batch: embed, run every layer keeping its input (the residual stream), final norm,
+//! chunked LM-head cross-entropy forward and backward, then for each layer from the last: its
+//! backward, which turns `dres` — dL/d(layer output) — into dL/d(layer input) in place. The
+//! backward of a layer reads its activations ([`LayerActs`]) either kept from the forward, one set
+//! per layer, or recomputed from its saved input into one set shared by every layer (per-layer
+//! activation recomputation), as [`Qwen2::kept_activations`] decides; keeping also keeps the LM
+//! head's logits for the loss's backward ([`KeptLogits`]). The same kernels run on the same
+//! inputs either way, so both give the same bits.
 //!
 //! Gradients accumulate (`beta = 1`) into [`Grads`], zeroed once per optimizer step, so the
 //! micro-batches of a step add up; the loss gradient is scaled by 1 / (supervised tokens of the
@@ -14,7 +18,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use wgtrain_kernels::ops::attention::{attention_backward, AttentionDims, Qkv};
 use wgtrain_kernels::ops::cross_entropy::{
-    cross_entropy_backward, cross_entropy_forward, Chunking, LmHead,
+    cross_entropy_backward, cross_entropy_forward, Chunking, KeptLogits, LmHead,
 };
 use wgtrain_kernels::ops::elementwise::{copy_rows, sum_rows};
 use wgtrain_kernels::ops::embedding::{embedding_backward, TokenIds};
@@ -31,11 +35,11 @@ use super::params::{names, qwen2_tensors, PerProj, Proj, TensorSpec};
 use super::qwen2::{
     pad_rows, token_local, LayerActs, LayerIo, LocalRows, LoraDropout, LossSum, Qwen2, Step,
 };
-use super::residency::{Chunked, MemoryPlan, Working};
+use super::residency::{Chunked, Kept, MemoryPlan, Working};
 use super::weights::{write_to_device, Weights};
 
 /// What the backward of one layer reads besides its input and scratch: which layer, its
-/// recomputed activations, the micro-batch and the gradients it accumulates into.
+/// activations (kept or recomputed), the micro-batch and the gradients it accumulates into.
 #[derive(Clone, Copy)]
 struct LayerPass<'a> {
     l: usize,
@@ -336,7 +340,8 @@ impl LocalGrads {
 
 /// Device bytes [`Qwen2::forward_backward`] holds for a micro-batch of `tokens` tokens (padded
 /// rows together) with LoRAs of `ranks`, with or without LoRA dropout, besides the weights and
-/// the trained state, with whole layers and (linear in the chunk's rows) in token chunks.
+/// the trained state, with whole layers and (linear in the chunk's rows) in token chunks, and
+/// what keeping the activations adds to whole layers.
 pub fn micro_batch_bytes(
     c: &Qwen2Config,
     ranks: &PerProj<Option<usize>>,
@@ -354,6 +359,58 @@ pub fn micro_batch_bytes(
             fixed,
             per_row: bytes(1) - fixed,
         }),
+        kept: kept_bytes(c, ranks, tokens),
+    }
+}
+
+/// What a micro-batch of `tokens` tokens with LoRAs of `ranks` adds by keeping its activations:
+/// the [`LayerActs`] of every layer but one and the LM head's logits of every row but one
+/// temporary block.
+fn kept_bytes(c: &Qwen2Config, ranks: &PerProj<Option<usize>>, tokens: usize) -> Kept {
+    let layer = LayerActs::bytes_for(c, ranks, (tokens, tokens));
+    Kept {
+        layers: (c.num_hidden_layers as u64 - 1) * layer,
+        logits: KeptLogits::bytes(tokens, c.vocab_size) - logits_block_bytes(c, tokens),
+    }
+}
+
+/// Device bytes of the loss's logits temporary (one block) for `tokens` rows.
+fn logits_block_bytes(c: &Qwen2Config, tokens: usize) -> u64 {
+    let chunking = Chunking::default();
+    (tokens.min(chunking.rows) * c.vocab_size.min(chunking.vocab) * 4) as u64
+}
+
+/// The share of the host's available memory ([`mem_available`]) that activations kept on a CPU
+/// adapter may take without a budget: one quarter.
+const KEPT_SHARE_OF_AVAILABLE: u64 = 4;
+
+/// The host's MemAvailable (Linux, /proc/meminfo); None where it cannot be read.
+fn mem_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether `WGTRAIN_KEEP_ACTIVATIONS` forces training to keep (1) or recompute (0) each layer's
+/// activations (for tests and measurements), if set.
+fn forced_keep_activations() -> Result<Option<bool>> {
+    let Ok(text) = std::env::var("WGTRAIN_KEEP_ACTIVATIONS") else {
+        return Ok(None);
+    };
+    match text.trim() {
+        "1" => Ok(Some(true)),
+        "0" => Ok(Some(false)),
+        _ => bail!(
+            "WGTRAIN_KEEP_ACTIVATIONS '{text}': expected 1 (keep every layer's activations for \
+             the backward) or 0 (recompute each layer)"
+        ),
     }
 }
 
@@ -385,8 +442,7 @@ fn micro_batch_bytes_at(
         .sum();
     // hidden, dhidden, dres [n, h]; rstd, lse, targets, token ids [n].
     let head = 3 * n * h * 4 + 4 * n * 4;
-    let chunking = Chunking::default();
-    let logits = (tokens.min(chunking.rows) * c.vocab_size.min(chunking.vocab) * 4) as u64;
+    let logits = logits_block_bytes(c, tokens);
     (layers + 1) * layer_input
         + LayerActs::bytes_for(c, ranks, (tokens, chunk))
         + Scratch::bytes(c, (tokens, chunk))
@@ -449,6 +505,53 @@ impl LayerInputs {
 }
 
 impl Qwen2 {
+    /// Whether a training micro-batch of `tokens` tokens keeps what its forward makes for the
+    /// backward — every layer's activations and, unless the LM head is paged, the head's logits
+    /// — instead of recomputing each layer before its backward; if so, the bytes that adds
+    /// ([`Kept`]). Forced by [`Qwen2::set_keep_activations`] or `WGTRAIN_KEEP_ACTIVATIONS`, else
+    /// only with whole layers whose inputs stay on the device, and then: under a memory plan, as
+    /// it decided for the run's largest micro-batch ([`MemoryPlan::fit`]); without a budget, on
+    /// a CPU adapter (whose memory is the host's) when they take at most a quarter of the host's
+    /// available memory; never on a GPU without a budget, nor under a budget without a plan
+    /// (full fine-tuning).
+    pub fn kept_activations(&self, gpu: &Gpu, tokens: usize) -> Result<Option<u64>> {
+        let plan = self.memory_plan();
+        let head_paged = plan.is_some_and(|p| p.paging.head);
+        let bytes = kept_bytes(&self.config, &self.lora_ranks(), tokens).bytes(head_paged);
+        let chunked = self.chunk_rows(tokens).1 < tokens;
+        let offloaded = plan.is_some_and(|p| p.offloaded > 0);
+        let forced = match self.keep_override() {
+            Some(keep) => Some(keep),
+            None => forced_keep_activations()?,
+        };
+        let keep = match forced {
+            Some(true) => {
+                ensure!(
+                    !chunked && !offloaded,
+                    "keeping every layer's activations for the backward (WGTRAIN_KEEP_ACTIVATIONS \
+                     or Qwen2::set_keep_activations) needs whole layers with their inputs on the \
+                     device; this micro-batch of {tokens} tokens {}",
+                    match chunked {
+                        true => "runs its layers in token chunks",
+                        false => "offloads its layer inputs to the host",
+                    }
+                );
+                true
+            }
+            Some(false) => false,
+            None if chunked || offloaded => false,
+            None => match plan {
+                Some(plan) => plan.kept > 0,
+                None => {
+                    gpu.device_memory().is_none()
+                        && gpu.is_cpu()
+                        && mem_available().is_some_and(|m| bytes <= m / KEPT_SHARE_OF_AVAILABLE)
+                }
+            },
+        };
+        Ok(keep.then_some(bytes))
+    }
+
     /// Loads a checkpoint with every tensor f32 on the device, packed together: the master
     /// weights of full fine-tuning, updated in place by the optimizer.
     pub fn load_f32(gpu: &Gpu, dir: impl AsRef<Path>) -> Result<Qwen2> {
@@ -519,11 +622,15 @@ impl Qwen2 {
         let token_ids = TokenIds::new(gpu, &ids)?;
         let mut batch = gpu.batch();
 
-        // Forward, keeping each layer's input for the backward.
+        // Forward, keeping each layer's input (and, kept, its activations) for the backward.
         let layers = self.layers.len();
         let offload = self.memory_plan().is_some_and(|p| p.offloaded > 0);
         let mut inputs = LayerInputs::new(gpu, layers, &[n, h], offload)?;
-        let acts = LayerActs::new(gpu, self, n)?;
+        let keep = self.kept_activations(gpu, n)?.is_some();
+        let acts = (0..if keep { layers } else { 1 })
+            .map(|_| LayerActs::new(gpu, self, n))
+            .collect::<Result<Vec<_>>>()?;
+        let acts_of = |l: usize| &acts[if keep { l.min(layers - 1) } else { 0 }];
         self.record_embedding(&mut batch, &token_ids, inputs.at(0))?;
         // A submit after each layer's forward (and, below, its recomputation and its backward),
         // so that the temporaries its ops keep (Batch::keep; e.g. LoRA dropout's inputs) are
@@ -532,12 +639,13 @@ impl Qwen2 {
         let rstd = Tensor::zeros(gpu, &[n], DType::F32)?;
         for l in 0..layers {
             self.stream_in(&mut batch, l, Some(l + 1).filter(|&n| n < layers))?;
+            let next = (inputs.at(l + 1), acts_of(l + 1), (&hidden, &rstd));
             let io = LayerIo {
                 x: inputs.at(l),
                 x_normed: self.chains_into(l),
-                out: Some(self.chained_out(l, inputs.at(l + 1), &acts, (&hidden, &rstd))),
+                out: Some(self.chained_out(l, next.0, next.1, next.2)),
             };
-            self.layer_forward(&mut batch, l, io, &acts, &step)?;
+            self.layer_forward(&mut batch, l, io, acts_of(l), &step)?;
             batch.flush();
             inputs.save(&mut batch, l)?;
         }
@@ -549,11 +657,19 @@ impl Qwen2 {
         let count = Tensor::zeros(gpu, &[1], DType::U32)?;
         let full = grads.full();
         let w_lm = self.head()?;
-        let head = LmHead {
+        let mut head = LmHead {
             hidden: &hidden,
             w_lm,
             chunking: Chunking::default(),
+            kept: None,
         };
+        // A paged head keeps its path: its chunks stream through their ring in both passes.
+        let head_paged = self.memory_plan().is_some_and(|p| p.paging.head);
+        let kept_logits = match keep && !head_paged {
+            true => Some(KeptLogits::new(gpu, head)?),
+            false => None,
+        };
+        head.kept = kept_logits.as_ref();
         cross_entropy_forward(&mut batch, head, &targets_t, &lse, &loss, &count)?;
         // Releases the forward's logits temporary before the backward makes its own.
         batch.flush();
@@ -569,6 +685,9 @@ impl Qwen2 {
             Out::write(&dhidden),
             dw_lm,
         )?;
+        if let Some(logits) = kept_logits {
+            logits.release(&mut batch);
+        }
         let dres = Tensor::zeros(gpu, &[n, h], DType::F32)?;
         rmsnorm_backward(
             &mut batch,
@@ -581,22 +700,24 @@ impl Qwen2 {
         )?;
 
         let scratch = Scratch::new(gpu, c, self.chunk_rows(n))?;
-        // Recomputing layer l for its backward leaves out its output (the backward reads only
-        // the intermediates).
         for l in (0..layers).rev() {
             self.stream_in(&mut batch, l, l.checked_sub(1))?;
-            inputs.restore(&mut batch, l)?;
             let x = inputs.at(l);
-            let io = LayerIo {
-                x,
-                x_normed: false,
-                out: None,
-            };
-            self.layer_forward(&mut batch, l, io, &acts, &step)?;
-            batch.flush();
+            if !keep {
+                // Recomputing layer l for its backward leaves out its output (the backward reads
+                // only the intermediates).
+                inputs.restore(&mut batch, l)?;
+                let io = LayerIo {
+                    x,
+                    x_normed: false,
+                    out: None,
+                };
+                self.layer_forward(&mut batch, l, io, acts_of(l), &step)?;
+                batch.flush();
+            }
             let pass = LayerPass {
                 l,
-                acts: &acts,
+                acts: acts_of(l),
                 step: &step,
                 grads,
             };

@@ -13,8 +13,9 @@
 //! Backward-readiness: [`Qwen2::layer_forward`] reads the layer input `x` and writes the layer
 //! output, leaving every intermediate its backward needs in [`LayerActs`] (normed inputs, rstd,
 //! rotated q/k, v, attention out + lse, the mid residual, gate/up, LoRA's `u = x·Aᵀ`). A trainer
-//! keeps each layer's input and recomputes that layer into one `LayerActs` before its backward,
-//! as the design's per-layer recomputation prescribes.
+//! keeps each layer's input and either one `LayerActs` per layer from the forward or, where they
+//! do not fit, recomputes that layer into one shared `LayerActs` before its backward (the
+//! design's per-layer recomputation; see [`Qwen2::kept_activations`]).
 //!
 //! Logits are only ever formed for the rows asked for ([`Qwen2::logits`], the last row when
 //! decoding); the loss path runs the chunked LM-head cross-entropy and never materialises [T, V].
@@ -138,6 +139,9 @@ pub struct Qwen2 {
     stream: Option<LayerStream>,
     /// Rows of the token chunks each layer's token-local part runs in (None: whole layers).
     token_chunk: Option<usize>,
+    /// Whether training keeps every layer's activations for the backward, as
+    /// [`Qwen2::set_keep_activations`] forces it (None: as [`Qwen2::kept_activations`] decides).
+    keep_activations: Option<bool>,
     /// Set once the length warning ([`Qwen2Config::length_warning`]) has been printed.
     length_warned: AtomicBool,
 }
@@ -672,6 +676,17 @@ impl Qwen2 {
         Ok(())
     }
 
+    /// Forces training to keep every layer's activations for the backward (`Some(true)`) or to
+    /// recompute each layer (`Some(false)`), whatever the memory plan chose; None: as planned.
+    pub fn set_keep_activations(&mut self, keep: Option<bool>) {
+        self.keep_activations = keep;
+    }
+
+    /// What [`Qwen2::set_keep_activations`] forced, if anything.
+    pub(crate) fn keep_override(&self) -> Option<bool> {
+        self.keep_activations
+    }
+
     /// A pass over `rows` tokens as [`LayerActs::build`] takes it: (rows, rows of a chunk).
     pub(crate) fn chunk_rows(&self, rows: usize) -> (usize, usize) {
         (rows, self.token_chunk.map_or(rows, |c| c.min(rows)))
@@ -748,6 +763,7 @@ impl Qwen2 {
             rope,
             stream: None,
             token_chunk: None,
+            keep_activations: None,
             length_warned: AtomicBool::new(false),
         })
     }
@@ -1286,6 +1302,7 @@ impl Qwen2 {
             hidden: &hidden,
             w_lm,
             chunking: Chunking::default(),
+            kept: None,
         };
         cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count)?;
         batch.submit();

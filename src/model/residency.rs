@@ -119,6 +119,27 @@ pub struct Working {
     pub tokens: usize,
     /// What it holds with each layer's token-local part in chunks (None: it does not chunk).
     pub chunked: Option<Chunked>,
+    /// What keeping its activations for the backward adds (zero: it never keeps them).
+    pub kept: Kept,
+}
+
+/// What a training micro-batch holds on top of its working set when it keeps what its forward
+/// made for the backward instead of recomputing it ([`MemoryPlan::kept`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Kept {
+    /// Every decoder layer's activations, less the one layer's that recomputation reuses.
+    pub layers: u64,
+    /// The LM head's logits of every row, less the block that recomputing them reuses; not kept
+    /// when the head is paged (its chunks stream through their ring in both passes, as they do
+    /// without keeping).
+    pub logits: u64,
+}
+
+impl Kept {
+    /// The bytes kept under a plan that pages the LM head or not.
+    pub fn bytes(&self, head_paged: bool) -> u64 {
+        self.layers + if head_paged { 0 } else { self.logits }
+    }
 }
 
 impl Working {
@@ -235,6 +256,9 @@ pub struct MemoryPlan {
     pub offloaded: u64,
     /// Rows of the token chunks each layer's token-local part runs in (None: whole layers).
     pub chunk: Option<usize>,
+    /// Bytes (in `working`) of what training keeps from the forward for the backward instead of
+    /// recomputing it ([`Kept`]); 0: each layer is recomputed before its backward.
+    pub kept: u64,
     pub budget: Option<u64>,
 }
 
@@ -256,6 +280,7 @@ impl MemoryPlan {
             working: 0,
             offloaded: 0,
             chunk: None,
+            kept: 0,
             budget: None,
         }
     }
@@ -268,8 +293,38 @@ impl MemoryPlan {
     /// one that moves the fewest bytes host <-> device per training micro-batch (on a tie, the
     /// one that pages less); else, if none fits, the same with each layer's token-local part in
     /// token chunks, the longest that fit. A budget that none meets is refused with the size
-    /// that would fit.
+    /// that would fit. Last, a plan of whole layers with their inputs on the device keeps the
+    /// activations for the backward if they fit beside it ([`MemoryPlan::keeping`]).
     pub fn fit(config: &Qwen2Config, budget: Option<u64>, working: Working) -> Result<MemoryPlan> {
+        let plan = MemoryPlan::fit_recomputing(config, budget, working)?;
+        Ok(match budget {
+            Some(budget) => plan.keeping(working.kept, budget),
+            None => plan,
+        })
+    }
+
+    /// This plan keeping `kept` when it runs whole layers with their inputs on the device and
+    /// `kept` fits in `budget` beside everything it holds: a choice of speed (no recomputation),
+    /// made after the plan's placement, so it never makes a layer stream or a table page.
+    fn keeping(self, kept: Kept, budget: u64) -> MemoryPlan {
+        let bytes = kept.bytes(self.paging.head);
+        let whole = self.chunk.is_none() && self.offloaded == 0;
+        match bytes > 0 && whole && self.device_bytes() + bytes <= budget {
+            true => MemoryPlan {
+                kept: bytes,
+                working: self.working + bytes,
+                ..self
+            },
+            false => self,
+        }
+    }
+
+    /// [`MemoryPlan::fit`] recomputing every layer in the backward.
+    fn fit_recomputing(
+        config: &Qwen2Config,
+        budget: Option<u64>,
+        working: Working,
+    ) -> Result<MemoryPlan> {
         let resident = MemoryPlan {
             working: working.bytes,
             budget,
@@ -484,6 +539,19 @@ impl MemoryPlan {
     }
 }
 
+/// How a training step gets each layer's activations for its backward, as the plan and the dry
+/// run print it: kept from the forward (`kept` bytes beyond recomputing) or recomputed.
+pub fn activations_line(kept: Option<u64>) -> String {
+    match kept {
+        Some(bytes) => format!(
+            "  {:<38}{}",
+            "kept for the backward: activations",
+            size(bytes)
+        ),
+        None => "  activations: recomputed layer by layer in the backward".into(),
+    }
+}
+
 /// Bytes in the unit `--device-memory` takes.
 fn human(bytes: u64) -> String {
     match bytes >= GIB {
@@ -555,6 +623,9 @@ impl fmt::Display for MemoryPlan {
         }
         if let Some(rows) = self.chunk {
             writeln!(f, "  token chunks: o_proj + MLP, {rows} tokens at a time")?;
+        }
+        if self.kept > 0 {
+            writeln!(f, "{}", activations_line(Some(self.kept)))?;
         }
         line(
             f,
@@ -819,6 +890,7 @@ mod tests {
             offloadable: 5 * layer,
             tokens: 4096,
             chunked: None,
+            kept: Kept::default(),
         };
         let plan = |budget: u64| MemoryPlan::fit(&config, Some(budget), working).unwrap();
         let paging = |embedding, head, inputs| Paging {
@@ -898,6 +970,63 @@ mod tests {
                 assert_eq!(plan.paging.embedding, plan.paging.head, "{plan:?}");
             }
         }
+    }
+
+    #[test]
+    fn activations_are_kept_only_in_the_room_the_placement_leaves() {
+        let config = Qwen2Config::qwen25("7B").unwrap();
+        let ranks = PerProj::from_fn(|_| Some(64));
+        let working = micro_batch_bytes(&config, &ranks, false, 16);
+        let kept = working.kept.bytes(false);
+        let (layer, _) = weight_bytes(&config, false);
+        assert!(kept > 0 && working.kept.bytes(true) < kept && kept < layer);
+        let unbudgeted = MemoryPlan::fit(&config, None, working).unwrap();
+        assert_eq!(
+            unbudgeted.kept, 0,
+            "without a budget the model's rule decides"
+        );
+        let all = unbudgeted.device_bytes();
+        let plan = |budget| MemoryPlan::fit(&config, Some(budget), working).unwrap();
+        // Room for everything and the kept activations: kept, in the plan's bytes.
+        let keeping = plan(all + kept);
+        assert_eq!((keeping.kept, keeping.device_bytes()), (kept, all + kept));
+        assert_eq!((keeping.resident_layers, keeping.slots), (28, 0));
+        let shown = keeping.to_string();
+        assert!(shown.contains("kept for the backward"), "{shown}");
+        // A byte less: everything stays resident, and recomputes.
+        let tight = plan(all + kept - 1);
+        assert_eq!((tight.kept, tight.resident_layers, tight.slots), (0, 28, 0));
+        assert_eq!(tight.device_bytes(), all);
+        // Lower budgets: keeping never changes what is placed where, and fits the budget; where
+        // layers stream it keeps what fits in the room they leave.
+        let mut streamed_and_kept = 0;
+        for budget in (all / 4..all).step_by(layer as usize / 7) {
+            let Ok(recomputing) = MemoryPlan::fit_recomputing(&config, Some(budget), working)
+            else {
+                continue;
+            };
+            let p = plan(budget);
+            let placed = |p: &MemoryPlan| (p.resident_layers, p.slots, p.paging, p.chunk);
+            assert_eq!(placed(&p), placed(&recomputing), "{budget}");
+            assert!(p.device_bytes() <= budget, "{p:?}");
+            let would = working.kept.bytes(p.paging.head);
+            let whole = p.chunk.is_none() && p.offloaded == 0;
+            let room = whole && recomputing.device_bytes() + would <= budget;
+            assert_eq!(p.kept, if room { would } else { 0 }, "{budget}");
+            streamed_and_kept += usize::from(p.kept > 0 && p.slots > 0);
+        }
+        assert!(streamed_and_kept > 0);
+        // Token chunks and offloaded inputs recompute whatever the room.
+        let chunked = MemoryPlan {
+            chunk: Some(256),
+            ..unbudgeted.clone()
+        };
+        assert_eq!(chunked.keeping(working.kept, u64::MAX).kept, 0);
+        let offloaded = MemoryPlan {
+            offloaded: 1,
+            ..unbudgeted
+        };
+        assert_eq!(offloaded.keeping(working.kept, u64::MAX).kept, 0);
     }
 
     /// The size a refusal names (`--device-memory {N}B`).

@@ -14,7 +14,7 @@ use wgtrain_kernels::{DType, Gpu, Tensor};
 use super::config::{OptimizerKind, OptimizerSettings};
 use super::ranks::{all_gather_ok, share, Ranks, Single};
 use crate::model::backward::micro_batch_bytes;
-use crate::model::residency::{lora_bytes, size, Working};
+use crate::model::residency::{activations_line, lora_bytes, size, Working};
 use crate::model::{Grads, LoraDropout, MemoryPlan, Param, PerProj, Qwen2, Qwen2Config, IGNORE};
 
 /// AdamW's moments of one parameter.
@@ -233,21 +233,26 @@ pub struct MemoryReport {
     pub peak: u64,
     /// The memory plan when decoder layers stream (`--device-memory`); None: all resident.
     pub plan: Option<MemoryPlan>,
+    /// The bytes the step kept from the forward for the backward instead of recomputing each
+    /// layer ([`Qwen2::kept_activations`]); None: it recomputed.
+    pub kept: Option<u64>,
     /// Bytes of streamed weights uploaded host -> device so far (in a dry run: by its one step).
     pub streamed: u64,
 }
 
 impl MemoryReport {
-    /// The report of a step on a micro-batch of `(rows, tokens)` that peaked at `peak` bytes.
+    /// The report of a step of `model` on `gpu` on a micro-batch of `(rows, tokens)` that
+    /// peaked at `peak` bytes.
     pub fn new(
+        gpu: &Gpu,
         model: &Qwen2,
         params: &[Param],
         moments: &[Option<Moments>],
         (rows, tokens): (usize, usize),
         peak: u64,
-    ) -> MemoryReport {
+    ) -> Result<MemoryReport> {
         let trainable: u64 = params.iter().map(|p| p.value.device_bytes()).sum();
-        MemoryReport {
+        Ok(MemoryReport {
             rows,
             tokens,
             frozen: model.device_bytes() - trainable,
@@ -260,8 +265,9 @@ impl MemoryReport {
                 .sum(),
             peak,
             plan: model.memory_plan().cloned(),
+            kept: model.kept_activations(gpu, rows * tokens)?,
             streamed: model.streamed_bytes(),
-        }
+        })
     }
 }
 
@@ -272,6 +278,15 @@ impl fmt::Display for MemoryReport {
         match &self.plan {
             Some(plan) => writeln!(f, "{plan}")?,
             None => writeln!(f, "memory plan: every weight resident, nothing streams")?,
+        }
+        // The plan shows what it keeps; the step's choice where it shows nothing or another.
+        let planned = self
+            .plan
+            .as_ref()
+            .map(|p| p.kept)
+            .filter(|&bytes| bytes > 0);
+        if planned.is_none() || planned != self.kept {
+            writeln!(f, "{}", activations_line(self.kept))?;
         }
         writeln!(
             f,

@@ -762,7 +762,7 @@ fn dry_run_step(
     rows: &[EncodedRow],
     batch_size: usize,
     ranks: &dyn Ranks,
-    model: &Qwen2,
+    trained: &Trained,
     params: &[Param],
     moments: &[Option<Moments>],
     run_step: impl FnOnce(&Step) -> Result<(Gradients, f64, u64)>,
@@ -777,7 +777,7 @@ fn dry_run_step(
         epoch_progress: 0.0,
     };
     let (_, _, peak) = run_step(&step)?;
-    let memory = MemoryReport::new(model, params, moments, shape, peak);
+    let memory = MemoryReport::new(trained.gpu, trained.model, params, moments, shape, peak)?;
     let job = (ranks.size() > 1).then(|| JobReport {
         peaks: ranks
             .all_gather(&peak.to_le_bytes())
@@ -930,7 +930,7 @@ pub fn train(
         let run_step = |step: &Step| run_step(step, &mut rng);
         let batch_size = config.batch_size;
         return dry_run_step(
-            &rows, batch_size, ranks, &model, &params, &moments, run_step,
+            &rows, batch_size, ranks, &trained, &params, &moments, run_step,
         );
     }
     let run = Run {

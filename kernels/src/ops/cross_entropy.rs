@@ -14,6 +14,10 @@
 //! - Backward recomputes each logits block, turns it in place into
 //!   `grad_scale · (softmax - onehot)` and feeds it to two GEMMs: dhidden += dlogits·W_chunk and,
 //!   for full fine-tuning, dW_chunk += dlogitsᵀ·hidden_block.
+//! - Kept ([`KeptLogits`], where the caller has the memory): the forward writes each block into a
+//!   tensor of its own instead of the temporary, and the backward turns those into dlogits without
+//!   recomputing them. Each block is shaped as the temporary's block it replaces and meets the same
+//!   kernels, so the loss and gradients are the same bits.
 //!
 //! Besides the temporary, a call keeps 12 bytes per token. Targets >= V (by convention
 //! [`IGNORE`]) are not supervised: they add nothing to the loss or count and get zero gradient.
@@ -129,24 +133,87 @@ impl HeadRows for Tensor {
     }
 }
 
+/// The row blocks and vocabulary chunks of `tokens` rows under a `vocab`-entry head.
+fn tiling(
+    gpu: &Gpu,
+    tokens: usize,
+    vocab: usize,
+    chunking: Chunking,
+) -> (Vec<Range<usize>>, Vec<Range<usize>>) {
+    (
+        ranges(tokens, chunking.rows.min(tokens)),
+        chunking.vocab_chunks(gpu, vocab),
+    )
+}
+
+/// The loss's logits of every row, kept from the forward for the backward: one f32 tensor per
+/// (vocabulary chunk, row block) of the tiling, each shaped as that block. The backward turns
+/// them into dlogits in place: one backward per forward.
+pub struct KeptLogits {
+    /// Chunk `c`'s block `b` at `c * row blocks + b`.
+    blocks: Vec<Tensor>,
+}
+
+impl KeptLogits {
+    /// Zero logits for the rows of `head.hidden` under its head and chunking.
+    pub fn new(gpu: &Gpu, head: LmHead) -> Result<KeptLogits> {
+        let (vocab, _) = head.w_lm.vocab_dim();
+        let (row_blocks, vocab_chunks) = tiling(gpu, head.hidden.rows(), vocab, head.chunking);
+        let blocks = vocab_chunks
+            .iter()
+            .flat_map(|cols| row_blocks.iter().map(move |rows| [rows.len(), cols.len()]))
+            .map(|shape| Tensor::zeros(gpu, &shape, DType::F32))
+            .collect::<Result<_>>()?;
+        Ok(KeptLogits { blocks })
+    }
+
+    /// Hands the tensors to `batch`, which frees them once the work recorded so far has run.
+    pub fn release(self, batch: &mut Batch) {
+        for block in self.blocks {
+            batch.keep(block);
+        }
+    }
+
+    /// Device bytes `KeptLogits::new` allocates for `tokens` rows and a `vocab`-entry head (less
+    /// each tensor's rounding up).
+    pub fn bytes(tokens: usize, vocab: usize) -> u64 {
+        (tokens * vocab * 4) as u64
+    }
+}
+
+/// One block of the tiling: vocabulary chunk `c`'s entries `cols`, row block `b`'s rows `rows`.
+#[derive(Clone, Copy)]
+struct BlockAt<'r> {
+    c: usize,
+    b: usize,
+    rows: &'r Range<usize>,
+    cols: &'r Range<usize>,
+}
+
 /// Shapes of one call, validated.
-struct Problem {
+struct Problem<'a> {
     tokens: usize,
     vocab: usize,
     row_blocks: Vec<Range<usize>>,
     vocab_chunks: Vec<Range<usize>>,
-    /// The logits temporary [block rows, chunk entries].
-    logits: Tensor,
+    logits: Logits<'a>,
 }
 
-impl Problem {
-    fn new(
-        gpu: &Gpu,
-        role: &str,
-        hidden: &Tensor,
-        w_lm: &dyn HeadRows,
-        chunking: Chunking,
-    ) -> Result<Problem> {
+/// Where a call's logits blocks are made.
+enum Logits<'a> {
+    /// One temporary [block rows, chunk entries], reused by every block.
+    Temporary(Tensor),
+    Kept(&'a KeptLogits),
+}
+
+impl<'a> Problem<'a> {
+    fn new(gpu: &Gpu, role: &str, head: &LmHead<'a>) -> Result<Problem<'a>> {
+        let LmHead {
+            hidden,
+            w_lm,
+            chunking,
+            kept,
+        } = *head;
         let (tokens, dim) = (hidden.rows(), hidden.row_len());
         let (vocab, w_dim) = w_lm.vocab_dim();
         ensure!(
@@ -167,16 +234,51 @@ impl Problem {
             chunking.rows > 0 && chunking.vocab > 0,
             "{role}: empty chunking {chunking:?}"
         );
-        let rows = chunking.rows.min(tokens);
-        let vocab_chunks = chunking.vocab_chunks(gpu, vocab);
-        let cols = vocab_chunks[0].len();
+        let (row_blocks, vocab_chunks) = tiling(gpu, tokens, vocab, chunking);
+        let logits = match kept {
+            Some(kept) => {
+                ensure!(
+                    kept.blocks.len() == row_blocks.len() * vocab_chunks.len(),
+                    "{role}: the kept logits were made for another tiling"
+                );
+                for (i, block) in kept.blocks.iter().enumerate() {
+                    let (c, b) = (i / row_blocks.len(), i % row_blocks.len());
+                    let shape = [row_blocks[b].len(), vocab_chunks[c].len()];
+                    block.expect(
+                        &format!("{role}: kept logits of chunk {c}, block {b}"),
+                        &shape,
+                        Some(DType::F32),
+                    )?;
+                }
+                Logits::Kept(kept)
+            }
+            None => {
+                let shape = [row_blocks[0].len(), vocab_chunks[0].len()];
+                Logits::Temporary(Tensor::zeros(gpu, &shape, DType::F32)?)
+            }
+        };
         Ok(Problem {
             tokens,
             vocab,
-            row_blocks: ranges(tokens, rows),
+            row_blocks,
             vocab_chunks,
-            logits: Tensor::zeros(gpu, &[rows, cols], DType::F32)?,
+            logits,
         })
+    }
+
+    /// The tensor that holds the logits of chunk `c`, block `b`: its kept one, or the temporary.
+    fn tensor(&self, c: usize, b: usize) -> &Tensor {
+        match &self.logits {
+            Logits::Kept(kept) => &kept.blocks[c * self.row_blocks.len() + b],
+            Logits::Temporary(temporary) => temporary,
+        }
+    }
+
+    /// Hands the temporary, if any, to `batch` until its work has run.
+    fn release(self, batch: &mut Batch) {
+        if let Logits::Temporary(temporary) = self.logits {
+            batch.keep(temporary);
+        }
     }
 
     /// Each vocabulary chunk with the one after it.
@@ -187,55 +289,56 @@ impl Problem {
         (0..chunks.len()).map(move |c| (c, (chunks[c].clone(), chunks.get(c + 1).cloned())))
     }
 
-    /// `logits[..rows, ..cols] = hidden[rows]·w_chunkᵀ`, `w_chunk` the head's rows `cols`.
-    fn logits(
+    /// The logits of `at` = `hidden[rows]·w_chunkᵀ`, `w_chunk` the head's rows `cols`.
+    fn make_logits(
         &self,
         batch: &mut Batch,
         hidden: &Tensor,
         w_chunk: &Mat,
-        rows: &Range<usize>,
-        cols: &Range<usize>,
+        at: BlockAt,
     ) -> Result<()> {
         Gemm::new(
-            Mat::new(hidden).rows(rows.clone()),
+            Mat::new(hidden).rows(at.rows.clone()),
             false,
             w_chunk.clone(),
             true,
         )
-        .run(batch, self.block(rows, cols))
+        .run(batch, self.block(at))
     }
 
-    /// The temporary's block holding the logits of (rows, cols).
-    fn block(&self, rows: &Range<usize>, cols: &Range<usize>) -> Mat<'_> {
-        Mat::new(&self.logits)
-            .rows(0..rows.len())
-            .cols(0..cols.len())
+    /// The block holding the logits of `at`.
+    fn block(&self, at: BlockAt) -> Mat<'_> {
+        Mat::new(self.tensor(at.c, at.b))
+            .rows(0..at.rows.len())
+            .cols(0..at.cols.len())
     }
 
-    /// Dispatches `entry` over the logits block of (rows, cols) one temporary chunk at a time,
+    /// Dispatches `entry` over the logits block of `at`, one buffer of its tensor at a time,
     /// `groups` giving the workgroups for a segment of that many rows.
     fn over_block(
         &self,
         batch: &mut Batch,
         entry: &'static str,
-        (rows, cols): (&Range<usize>, &Range<usize>),
+        at: BlockAt,
         params: Params,
         buffers: &[&Chunk],
         groups: impl Fn(u32) -> [u32; 3],
     ) -> Result<()> {
-        for seg in row_segments(rows.len(), &[&self.logits]) {
-            let at = self.logits.row(seg.start);
+        let BlockAt { rows, cols, .. } = at;
+        let logits = self.tensor(at.c, at.b);
+        for seg in row_segments(rows.len(), &[logits]) {
+            let first = logits.row(seg.start);
             let params = Params {
                 rows: seg.len() as u32,
                 cols: cols.len() as u32,
-                ld: self.logits.row_len() as u32,
-                l_off: at.offset,
+                ld: logits.row_len() as u32,
+                l_off: first.offset,
                 t0: (rows.start + seg.start) as u32,
                 v0: cols.start as u32,
                 vocab: self.vocab as u32,
                 ..params
             };
-            let mut all = vec![at.buffer];
+            let mut all = vec![first.buffer];
             all.extend_from_slice(buffers);
             batch.dispatch(
                 &Kernel::new(&CROSS_ENTROPY, entry),
@@ -249,12 +352,14 @@ impl Problem {
 }
 
 /// The loss's logits `hidden·w_lmᵀ` ([T, D] f32 times the LM head [V, D], bf16 or f32), made
-/// block by block as `chunking` says, never whole.
+/// block by block as `chunking` says: into one temporary block, or (`kept`) into tensors that
+/// the backward reads instead of making them again.
 #[derive(Clone, Copy)]
 pub struct LmHead<'a> {
     pub hidden: &'a Tensor,
     pub w_lm: &'a dyn HeadRows,
     pub chunking: Chunking,
+    pub kept: Option<&'a KeptLogits>,
 }
 
 /// The single buffer of a small per-token or scalar tensor.
@@ -278,13 +383,9 @@ pub fn cross_entropy_forward(
     loss: &Tensor,
     count: &Tensor,
 ) -> Result<()> {
-    let LmHead {
-        hidden,
-        w_lm,
-        chunking,
-    } = head;
+    let (hidden, w_lm) = (head.hidden, head.w_lm);
     let gpu = batch.gpu;
-    let problem = Problem::new(gpu, "cross_entropy_forward", hidden, w_lm, chunking)?;
+    let problem = Problem::new(gpu, "cross_entropy_forward", &head)?;
     let tokens = problem.tokens;
     let targets_buf = whole(
         targets,
@@ -305,20 +406,21 @@ pub fn cross_entropy_forward(
     ];
     for (c, (cols, next)) in problem.chunks_and_next() {
         let w_chunk = w_lm.chunk(batch, cols.clone(), next)?;
-        for rows in &problem.row_blocks {
-            problem.logits(batch, hidden, &w_chunk, rows, &cols)?;
+        for (b, rows) in problem.row_blocks.iter().enumerate() {
+            let at = BlockAt {
+                c,
+                b,
+                rows,
+                cols: &cols,
+            };
+            problem.make_logits(batch, hidden, &w_chunk, at)?;
             let params = Params {
                 first: u32::from(c == 0),
                 ..bytemuck::Zeroable::zeroed()
             };
-            problem.over_block(
-                batch,
-                "chunk_stats",
-                (rows, &cols),
-                params,
-                &stats_buffers,
-                |n| linear_groups(gpu, n),
-            )?;
+            problem.over_block(batch, "chunk_stats", at, params, &stats_buffers, |n| {
+                linear_groups(gpu, n)
+            })?;
         }
     }
     let params = Params {
@@ -340,9 +442,9 @@ pub fn cross_entropy_forward(
         &buffers,
         [1, 1, 1],
     )?;
-    for temporary in [problem.logits, sumexp, target_logit] {
-        batch.keep(temporary);
-    }
+    problem.release(batch);
+    batch.keep(sumexp);
+    batch.keep(target_logit);
     Ok(())
 }
 
@@ -358,13 +460,9 @@ pub fn cross_entropy_backward(
     dhidden: Out,
     dw_lm: Option<Out>,
 ) -> Result<()> {
-    let LmHead {
-        hidden,
-        w_lm,
-        chunking,
-    } = head;
+    let (hidden, w_lm) = (head.hidden, head.w_lm);
     let gpu = batch.gpu;
-    let problem = Problem::new(gpu, "cross_entropy_backward", hidden, w_lm, chunking)?;
+    let problem = Problem::new(gpu, "cross_entropy_backward", &head)?;
     let tokens = problem.tokens;
     let targets_buf = whole(
         targets,
@@ -393,16 +491,24 @@ pub fn cross_entropy_backward(
     for (c, (cols, next)) in problem.chunks_and_next() {
         let w_chunk = w_lm.chunk(batch, cols.clone(), next)?;
         for (b, rows) in problem.row_blocks.iter().enumerate() {
-            problem.logits(batch, hidden, &w_chunk, rows, &cols)?;
+            let at = BlockAt {
+                c,
+                b,
+                rows,
+                cols: &cols,
+            };
+            if let Logits::Temporary(_) = problem.logits {
+                problem.make_logits(batch, hidden, &w_chunk, at)?;
+            }
             problem.over_block(
                 batch,
                 "softmax_grad",
-                (rows, &cols),
+                at,
                 params,
                 &[targets_buf, lse_buf],
                 |n| linear_groups(gpu, (n * cols.len() as u32).div_ceil(WG)),
             )?;
-            let dlogits = problem.block(rows, &cols);
+            let dlogits = problem.block(at);
             let beta = if c == 0 { dhidden.beta } else { 1.0 };
             Gemm::new(dlogits.clone(), false, w_chunk.clone(), false)
                 .beta(beta)
@@ -415,7 +521,7 @@ pub fn cross_entropy_backward(
             }
         }
     }
-    batch.keep(problem.logits);
+    problem.release(batch);
     Ok(())
 }
 
@@ -558,6 +664,7 @@ pub fn check_cross_entropy(gpu: &Gpu, case: Case, seed: u64) -> Result<Vec<Check
         hidden: &hidden,
         w_lm: &w,
         chunking,
+        kept: None,
     };
     cross_entropy_forward(&mut batch, head, &targets, &lse, &loss, &count)?;
     let dhidden_grad = Out::add(&dhidden);
@@ -652,6 +759,7 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             hidden: &hidden,
             w_lm: &w,
             chunking: Chunking::default(),
+            kept: None,
         };
         let shape = format!("{} T{tokens} V{vocab} D{dim}", model.name);
         let gemm_flops = 2.0 * (tokens * vocab * dim) as f64;
