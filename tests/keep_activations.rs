@@ -5,9 +5,7 @@
 //! launches.
 mod common;
 
-use std::path::Path;
-
-use common::{as_batch, fixtures, supervised_rows, train_args, wgtrain_cmd};
+use common::{as_batch, fixtures, loss_and_norm_steps, supervised_rows, train_args, wgtrain_cmd};
 use wgtrain::model::{Adapter, Grads, LoraDropout, Qwen2};
 use wgtrain_kernels::Gpu;
 
@@ -107,21 +105,6 @@ fn keeping_is_refused_in_token_chunks() {
     assert!(err.contains("WGTRAIN_KEEP_ACTIVATIONS"), "{err}");
 }
 
-/// (loss, grad_norm) of each step of a run's metrics.
-fn steps(dir: &Path) -> Vec<(f64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            (
-                v["loss"].as_f64().unwrap(),
-                v["grad_norm"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn lora_training_keeping_activations_matches_recomputation() {
     let tmp = tempfile::tempdir().unwrap();
@@ -147,7 +130,7 @@ fn lora_training_keeping_activations_matches_recomputation() {
     };
     let (recomputed, _) = run("recomputed", "0", &[]);
     let (kept, _) = run("kept", "1", &[]);
-    let (recomputed, kept) = (steps(&recomputed), steps(&kept));
+    let (recomputed, kept) = (loss_and_norm_steps(&recomputed), loss_and_norm_steps(&kept));
     assert_eq!(recomputed.len(), 3);
     assert_eq!(
         recomputed, kept,

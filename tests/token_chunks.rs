@@ -4,9 +4,9 @@
 //! LoRA training run through the CLI (`WGTRAIN_TOKEN_CHUNK`).
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{as_batch, fixtures, supervised_rows, train_args, wgtrain_cmd};
+use common::{as_batch, fixtures, loss_and_norm_steps, supervised_rows, train_args, wgtrain_cmd};
 use wgtrain::model::residency::weight_bytes;
 use wgtrain::model::{
     generate, Adapter, GenerateOptions, Grads, LoraDropout, Qwen2, Qwen2Config, SamplingParams,
@@ -110,21 +110,6 @@ fn bad_token_chunks_are_refused() {
     assert!(err.contains("WGTRAIN_TOKEN_CHUNK 'three'"), "{err}");
 }
 
-/// (loss, grad_norm) of each step of a run's metrics.
-fn steps(dir: &Path) -> Vec<(f64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            (
-                v["loss"].as_f64().unwrap(),
-                v["grad_norm"].as_f64().unwrap(),
-            )
-        })
-        .collect()
-}
-
 #[test]
 fn lora_training_in_token_chunks_matches_whole_layers() {
     let tmp = tempfile::tempdir().unwrap();
@@ -146,7 +131,7 @@ fn lora_training_in_token_chunks_matches_whole_layers() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        steps(&dir)
+        loss_and_norm_steps(&dir)
     };
     let whole = run("whole", None);
     let chunked = run("chunked", Some("3"));

@@ -41,6 +41,21 @@ pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// (loss, grad_norm) of each step of a run's metrics.
+pub fn loss_and_norm_steps(dir: &Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            (
+                v["loss"].as_f64().unwrap(),
+                v["grad_norm"].as_f64().unwrap(),
+            )
+        })
+        .collect()
+}
+
 /// Six short conversations (the fixture rows are long for lavapipe) in `dir`.
 pub fn short_data(dir: &Path) -> PathBuf {
     let path = dir.join("short.jsonl");
