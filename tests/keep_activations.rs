@@ -5,7 +5,10 @@
 //! launches.
 mod common;
 
-use common::{as_batch, fixtures, loss_and_norm_steps, supervised_rows, train_args, wgtrain_cmd};
+use common::{
+    as_batch, fixtures, loss_and_norm_steps, supervised_rows, train_args, wgtrain_cmd,
+    LORA_DROPOUT_RUN,
+};
 use wgtrain::model::{Adapter, Grads, LoraDropout, Qwen2};
 use wgtrain_kernels::Gpu;
 
@@ -109,11 +112,11 @@ fn keeping_is_refused_in_token_chunks() {
 fn lora_training_keeping_activations_matches_recomputation() {
     let tmp = tempfile::tempdir().unwrap();
     let init = fixtures().join("tiny-qwen2-tied/adapter-random");
-    #[rustfmt::skip]
     let recipe = [
-        "--init-adapter", init.to_str().unwrap(), "--optimizer", "adamw", "--lr", "1e-3",
-        "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--lora-dropout", "0.1",
-    ];
+        &["--init-adapter", init.to_str().unwrap()],
+        &LORA_DROPOUT_RUN[..],
+    ]
+    .concat();
     let run = |name: &str, keep: &str, extra: &[&str]| {
         let dir = tmp.path().join(name);
         let args = [&recipe[..], extra].concat();

@@ -6,7 +6,10 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{as_batch, fixtures, loss_and_norm_steps, supervised_rows, train_args, wgtrain_cmd};
+use common::{
+    as_batch, fixtures, loss_and_norm_steps, supervised_rows, train_args, wgtrain_cmd,
+    LORA_DROPOUT_RUN,
+};
 use wgtrain::model::residency::weight_bytes;
 use wgtrain::model::{
     generate, Adapter, GenerateOptions, Grads, LoraDropout, Qwen2, Qwen2Config, SamplingParams,
@@ -114,11 +117,11 @@ fn bad_token_chunks_are_refused() {
 fn lora_training_in_token_chunks_matches_whole_layers() {
     let tmp = tempfile::tempdir().unwrap();
     let init = fixtures().join("tiny-qwen2-tied/adapter-random");
-    #[rustfmt::skip]
     let recipe = [
-        "--init-adapter", init.to_str().unwrap(), "--optimizer", "adamw", "--lr", "1e-3",
-        "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--lora-dropout", "0.1",
-    ];
+        &["--init-adapter", init.to_str().unwrap()],
+        &LORA_DROPOUT_RUN[..],
+    ]
+    .concat();
     let run = |name: &str, chunk: Option<&str>| {
         let dir = tmp.path().join(name);
         let mut cmd = wgtrain_cmd(&train_args(&dir, &recipe));

@@ -41,6 +41,14 @@ pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// A 3-step LoRA run with AdamW, gradient accumulation and dropout (after `--init-adapter`):
+/// the run that the tests comparing two ways of computing the same training share.
+#[rustfmt::skip]
+pub const LORA_DROPOUT_RUN: [&str; 12] = [
+    "--optimizer", "adamw", "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "2",
+    "--max-steps", "3", "--lora-dropout", "0.1",
+];
+
 /// (loss, grad_norm) of each step of a run's metrics.
 pub fn loss_and_norm_steps(dir: &Path) -> Vec<(f64, f64)> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
