@@ -12,18 +12,24 @@
 // bf16 B (two of f32 B). A is read once per workgroup and shared by subgroupBroadcast: lane l
 // loads rows l, l + 8, .. of the block as two vec4 each (A [M, K]), or column k0 + l of every
 // row as SG_ROWS / 4 vec4 (A stored [K, M]); the broadcasts then give every lane each A value
-// from registers. Runs that are not 16-byte aligned (an offset or row length not a multiple of 4
-// f32 or 8 bf16) or cross an edge of the product read element by element. Correct for every
-// subgroup size >= 8 (a wider subgroup holds the 8 lanes and idles the rest); the kernel plan
-// selects it only on adapters whose sizes are all >= 8. Tensor buffers are whole multiples of 16
-// bytes (tensor.rs), so the vec4 views reach every element.
+// from registers. Correct for every subgroup size >= 8 (a wider subgroup holds the 8 lanes and
+// idles the rest); the kernel plan selects it only on adapters whose sizes are all >= 8. Tensor
+// buffers are whole multiples of 16 bytes (tensor.rs), so the vec4 views reach every element.
 // The fused second product (SECOND: A2 [M, K2], B2 f32) runs in a loop of its own after the
 // first product's, with the same loads and broadcasts, into the same accumulators.
 //
-// Variant constant besides matmul.wgsl's: SG_ROWS, the rows of the block, a multiple of 8 up to
-// 64. Per K-step a lane loads SG_ROWS / 4 + 8 vec4 (bf16 B) for 64 · SG_ROWS FMAs: the larger the
-// block, the fewer loads (what costs) per FMA, spilled accumulators notwithstanding
-// (docs/kernels.md); few-row products (decode's) take 8.
+// Variant constants besides matmul.wgsl's: SG_ROWS, the rows of the block, a multiple of 8 up to
+// 64; SG_ALIGNED, set when every operand's offset and row length are whole vec4s of its storage
+// (4 f32, 8 bf16), so that every run and every four A values are one vec4 load. Such a variant
+// reads without guards: rows past M and columns past N read whatever lies there (robust buffer
+// access makes that defined: another value of the buffer, or zero) and feed only outputs the
+// store discards, and selects zero the values past K of a last K-step that K does not fill.
+// Without SG_ALIGNED every element is read on its own, clamped inside and zero outside the
+// product. Neither has a branch in its K loop: llvmpipe runs both sides of every branch whose
+// condition it cannot fold, with masks, so a guarded vec4 load paid for its element-by-element
+// fallback even where the guard passed (1.7x slower). Per K-step a lane loads SG_ROWS / 4 + 8
+// vec4 (bf16 B) for 64 · SG_ROWS FMAs: the larger the block, the fewer loads (what costs) per
+// FMA, spilled accumulators notwithstanding (docs/kernels.md); few-row products (decode's) take 8.
 //
 // llvmpipe keeps a private array in registers only when every index is a constant, and unrolls
 // only small loops; so the block is four mat4x4 filled from whole runs, each row's update is one
@@ -88,42 +94,44 @@ fn sg_a(second: bool, i: u32, kk: u32) -> f32 {
     return select(0.0, sg_a_elem(second, e), i < p.m && kk < kn);
 }
 
-// Four consecutive elements of A's storage (or A2's) from e (f32, so aligned when e % 4 = 0):
-// one load when `whole` (aligned and inside), else element by element through `sg_a`.
-fn sg_a4(second: bool, whole: bool, e: u32, i: u32, kk: u32, along_i: bool) -> vec4<f32> {
-    if whole {
-        return sg_a_vec(second, e);
-    }
+// Four values of op(A) (or A2) read one by one through `sg_a`: (i..i + 3, kk) when `along_i`,
+// else (i, kk..kk + 3).
+fn sg_a_quad(second: bool, i: u32, kk: u32, along_i: bool) -> vec4<f32> {
     if along_i {
         return vec4(sg_a(second, i, kk), sg_a(second, i + 1u, kk), sg_a(second, i + 2u, kk), sg_a(second, i + 3u, kk));
     }
     return vec4(sg_a(second, i, kk), sg_a(second, i, kk + 1u), sg_a(second, i, kk + 2u), sg_a(second, i, kk + 3u));
 }
 
+// Offsets k0 + 0..3 and k0 + 4..7 of a K-step's values, for the selects that zero those past K.
+const SG_LO: vec4<u32> = vec4(0u, 1u, 2u, 3u);
+const SG_HI: vec4<u32> = vec4(4u, 5u, 6u, 7u);
+
 // Row i of op(A) at k0..k0 + 7, scaled by the product's alpha (A [M, K] and A2 [M, K2]).
 fn sg_a_row(second: bool, i: u32, k0: u32) -> mat2x4<f32> {
     var e = p.a_off + i * p.lda + k0;
-    var aligned = (p.a_off & 3u) == 0u && (p.lda & 3u) == 0u;
     var scale = p.alpha;
     if SECOND && second {
         e = p.a2_off + i * p.lda2 + k0;
-        aligned = (p.a2_off & 3u) == 0u && (p.lda2 & 3u) == 0u;
         scale = p.alpha2;
     }
-    let whole = aligned && i < p.m && k0 + SG_K <= sg_k(second);
-    return mat2x4(
-        scale * sg_a4(second, whole, e, i, k0, false),
-        scale * sg_a4(second, whole, e + 4u, i, k0 + 4u, false),
-    );
+    if SG_ALIGNED {
+        let kn = vec4(sg_k(second));
+        return mat2x4(
+            scale * select(vec4(0.0), sg_a_vec(second, e), k0 + SG_LO < kn),
+            scale * select(vec4(0.0), sg_a_vec(second, e + 4u), k0 + SG_HI < kn),
+        );
+    }
+    return mat2x4(scale * sg_a_quad(second, i, k0, false), scale * sg_a_quad(second, i, k0 + 4u, false));
 }
 
 // Rows i..i + 3 of op(A) at column kk, scaled (A stored [K, M]; only the first product's A is
 // ever transposed).
 fn sg_a_col(i: u32, kk: u32) -> vec4<f32> {
-    let e = p.a_off + kk * p.lda + i;
-    let aligned = (p.a_off & 3u) == 0u && (p.lda & 3u) == 0u;
-    let whole = aligned && i + 4u <= p.m && kk < p.k;
-    return p.alpha * sg_a4(false, whole, e, i, kk, true);
+    if SG_ALIGNED {
+        return p.alpha * select(vec4(0.0), sg_a_vec(false, p.a_off + kk * p.lda + i), kk < p.k);
+    }
+    return p.alpha * sg_a_quad(false, i, kk, true);
 }
 
 // Eight consecutive elements of B's storage (or B2's): elements 0..3 and 4..7 of a run.
@@ -136,8 +144,7 @@ fn sg_word(word: u32) -> vec2<f32> {
     return vec2(bf16_unpack(word, false), bf16_unpack(word, true));
 }
 
-// The run at element e, all inside the operand and 16-byte aligned: one vec4 load of bf16 B,
-// two of f32 B (and of B2).
+// The run at element e, 16-byte aligned: one vec4 load of bf16 B, two of f32 B (and of B2).
 fn sg_run(second: bool, e: u32) -> Run {
     if SECOND && second {
         return Run(b24[e >> 2u], b24[(e >> 2u) + 1u]);
@@ -177,34 +184,24 @@ fn sg_elem(second: bool, k0: u32, j: u32, x: u32, t: u32) -> f32 {
 }
 
 // Run x of the lane's block: a column of op(B) (j + x, from row k0) when TRANS_B, else a row
-// (k0 + x, from column j); each is contiguous in B's storage. Runs that cross an edge of the
-// product or are not aligned read element by element, zero outside.
+// (k0 + x, from column j); each is contiguous in B's storage. SG_ALIGNED reads it whole and
+// zeroes what lies past K; otherwise element by element, zero outside the product.
 fn sg_block_run(second: bool, k0: u32, j: u32, x: u32) -> Run {
-    let kn = sg_k(second);
-    var off = p.b_off;
-    var ld = p.ldb;
-    // Runs start at multiples of 8 elements from the operand's offset, with rows of ld: aligned
-    // when both are multiples of a vec4's elements (8 bf16, 4 f32; B2 is f32).
-    var align = 3u;
-    if B_BF16 {
-        align = 7u;
-    }
-    if SECOND && second {
-        off = p.b2_off;
-        ld = p.ldb2;
-        align = 3u;
-    }
-    var e = off + k0 * ld + j + x * ld;
-    if TRANS_B {
-        e = off + j * ld + k0 + x * ld;
-    }
-    let aligned = (off & align) == 0u && (ld & align) == 0u;
-    var inside = k0 + x < kn && j + 8u <= p.n;
-    if TRANS_B {
-        inside = k0 + SG_K <= kn && j + x < p.n;
-    }
-    if inside && aligned {
-        return sg_run(second, e);
+    if SG_ALIGNED {
+        var off = p.b_off;
+        var ld = p.ldb;
+        if SECOND && second {
+            off = p.b2_off;
+            ld = p.ldb2;
+        }
+        let kn = sg_k(second);
+        if TRANS_B {
+            let r = sg_run(second, off + (j + x) * ld + k0);
+            return Run(select(vec4(0.0), r.lo, k0 + SG_LO < vec4(kn)), select(vec4(0.0), r.hi, k0 + SG_HI < vec4(kn)));
+        }
+        let r = sg_run(second, off + (k0 + x) * ld + j);
+        let inside = k0 + x < kn;
+        return Run(select(vec4(0.0), r.lo, inside), select(vec4(0.0), r.hi, inside));
     }
     return Run(
         vec4(

@@ -162,8 +162,10 @@ fn every_gemm_variant_matches_cpu() {
                     assert_passed(matmul::check_matmul(gpu, m, n, k, bf16, seed as u64).unwrap());
                 }
             }
+            // (36, 40, 13): aligned row lengths where A is stored [K, M] and B [K, N], so the
+            // aligned subgroup kernel's last K-step zeroes what lies past K.
             for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
-                for (m, n, k) in [(29, 17, 41), (40, 72, 48), (36, 40, 16)] {
+                for (m, n, k) in [(29, 17, 41), (40, 72, 48), (36, 40, 16), (36, 40, 13)] {
                     assert_passed(
                         &[matmul::check_gemm(gpu, m, n, k, trans_a, trans_b, 7).unwrap()],
                     );
@@ -212,4 +214,37 @@ fn profile_counts_each_dispatch_by_kernel_and_grid() {
     // One class: 3 calls of the forward's variant on its grid.
     assert!(row.contains("| 3 |"), "{row}");
     assert!(profile.report().contains("0 dispatches"));
+}
+
+/// The subgroup kernel reads whole vec4s only where a launch's offsets and row lengths allow:
+/// the profile names the variant each product ran.
+#[test]
+fn subgroup_gemm_reads_whole_vec4s_only_when_aligned() {
+    let gpu = match Gpu::new(&GpuOptions {
+        kernels: Some("gemm=subgroup".into()),
+        profile: true,
+        ..GpuOptions::from_env().unwrap()
+    }) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            // Not silent: the adapter said why it cannot run the subgroup kernel.
+            eprintln!("gemm=subgroup not run on this adapter: {e:#}");
+            return;
+        }
+    };
+    let t = |shape: &[usize]| {
+        wgtrain_kernels::Tensor::zeros(&gpu, shape, wgtrain_kernels::DType::F32).unwrap()
+    };
+    let profile = gpu.profile.as_ref().expect("profile on");
+    for (k, aligned) in [(48, true), (45, false)] {
+        let mut batch = gpu.batch();
+        matmul::matmul_forward(&mut batch, &t(&[40, k]), &t(&[72, k]), None, &t(&[40, 72]))
+            .unwrap();
+        batch.submit();
+        let report = profile.report();
+        assert!(
+            report.contains(&format!("SG_ALIGNED={aligned}")),
+            "K {k}: {report}"
+        );
+    }
 }

@@ -68,10 +68,22 @@ enum Entry {
     Gemv,
     /// One thread per output (benchmark baseline).
     Naive,
-    /// The subgroup kernel (shaders/matmul_subgroup.wgsl) with blocks of `rows` rows.
+    /// The subgroup kernel (shaders/matmul_subgroup.wgsl) with blocks of `rows` rows, reading
+    /// whole vec4s where the launch's operands are `aligned` ([`vec4_aligned`]).
     Subgroup {
         rows: u32,
+        aligned: bool,
     },
+}
+
+/// Whether every operand of a launch starts and strides in whole vec4s of its storage (4 f32, 8
+/// bf16): the subgroup kernel's `SG_ALIGNED`, which then reads each run with one load.
+fn vec4_aligned(params: &Params, b_bf16: bool, second: bool) -> bool {
+    let whole = |offset: u32, ld: u32, unit: u32| offset % unit == 0 && ld % unit == 0;
+    let b_unit = if b_bf16 { 8 } else { 4 };
+    whole(params.a_off, params.lda, 4)
+        && whole(params.b_off, params.ldb, b_unit)
+        && (!second || whole(params.a2_off, params.lda2, 4) && whole(params.b2_off, params.ldb2, 4))
 }
 
 /// Longest reduction one launch runs; longer ones accumulate over several launches. llvmpipe
@@ -256,6 +268,8 @@ impl<'a> Gemm<'a> {
                     .into_iter()
                     .find(|&rows| c.rows.len() <= rows as usize)
                     .unwrap_or(SUBGROUP_ROWS[2]),
+                // Set per launch, from its offsets.
+                aligned: false,
             },
         };
         self.launch(batch, &c, entry)
@@ -425,7 +439,18 @@ impl<'a> Gemm<'a> {
                         Entry::Tiled => TILE,
                         Entry::Gemv => (GEMV_ROWS, GEMV_WG),
                         Entry::Naive => (NAIVE_WG, NAIVE_WG),
-                        Entry::Subgroup { rows } => (rows as usize, SUBGROUP_COLS),
+                        Entry::Subgroup { rows, .. } => (rows as usize, SUBGROUP_COLS),
+                    };
+                    let entry = match entry {
+                        Entry::Subgroup { rows, .. } => Entry::Subgroup {
+                            rows,
+                            aligned: vec4_aligned(
+                                &params,
+                                self.b.tensor.dtype() == DType::BF16,
+                                second.is_some(),
+                            ),
+                        },
+                        entry => entry,
                     };
                     let groups = [
                         j.len().div_ceil(cols) as u32,
@@ -463,9 +488,9 @@ fn kernel(
         Entry::Tiled => Kernel::new(&MATMUL, "gemm"),
         Entry::Gemv => Kernel::new(&MATMUL, "gemv"),
         Entry::Naive => Kernel::new(&MATMUL, "gemm_naive"),
-        Entry::Subgroup { rows } => {
-            Kernel::new(&MATMUL_SUBGROUP, "gemm_sg").with("SG_ROWS", Const::U32(rows))
-        }
+        Entry::Subgroup { rows, aligned } => Kernel::new(&MATMUL_SUBGROUP, "gemm_sg")
+            .with("SG_ROWS", Const::U32(rows))
+            .with("SG_ALIGNED", Const::Bool(aligned)),
     };
     kernel
         .with("TRANS_A", Const::Bool(trans_a))
@@ -476,13 +501,15 @@ fn kernel(
 }
 
 /// Every combination of layout constants for the general entry points (the subgroup one at every
-/// block height), and those of the forward form (B transposed, no second product) for `gemv`.
+/// block height, aligned or not), and those of the forward form (B transposed, no second product) for `gemv`.
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
     for bits in 0..32u32 {
         let bit = |i: u32| bits & (1 << i) != 0;
         let mut entries = vec![Entry::Tiled, Entry::Naive];
-        entries.extend(SUBGROUP_ROWS.map(|rows| Entry::Subgroup { rows }));
+        for aligned in [false, true] {
+            entries.extend(SUBGROUP_ROWS.map(|rows| Entry::Subgroup { rows, aligned }));
+        }
         for entry in entries {
             all.push(kernel(entry, bit(0), bit(1), bit(2), bit(3), bit(4)));
         }
