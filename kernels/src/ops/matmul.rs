@@ -79,7 +79,8 @@ enum Entry {
 /// Whether every operand of a launch starts and strides in whole vec4s of its storage (4 f32, 8
 /// bf16): the subgroup kernel's `SG_ALIGNED`, which then reads each run with one load.
 fn vec4_aligned(params: &Params, b_bf16: bool, second: bool) -> bool {
-    let whole = |offset: u32, ld: u32, unit: u32| offset % unit == 0 && ld % unit == 0;
+    let whole =
+        |offset: u32, ld: u32, unit: u32| offset.is_multiple_of(unit) && ld.is_multiple_of(unit);
     let b_unit = if b_bf16 { 8 } else { 4 };
     whole(params.a_off, params.lda, 4)
         && whole(params.b_off, params.ldb, b_unit)
