@@ -20,7 +20,8 @@
 //
 // Variant constants besides matmul.wgsl's: SG_ROWS, the rows of the block, a multiple of 8 up to
 // 64; SG_ALIGNED, set when every operand's offset and row length are whole vec4s of its storage
-// (4 f32, 8 bf16), so that every run and every four A values are one vec4 load. Such a variant
+// (4 f32, 8 bf16; C's and the bias offset too), so that every run, every four A values and every
+// four outputs are one vec4 access. Such a variant
 // reads without guards: rows past M and columns past N read whatever lies there (robust buffer
 // access makes that defined: another value of the buffer, or zero) and feed only outputs the
 // store discards, and selects zero the values past K of a last K-step that K does not fill.
@@ -36,10 +37,12 @@
 // call written out per row (subgroupBroadcast needs a constant lane anyway), and no loop indexes
 // an array.
 
-// 128-bit views of bindings 1, 2, 5 and 6 (A, B, A2 and B2 of matmul.wgsl): this kernel reads
+// 128-bit views of bindings 1 to 6 (A, B, C, bias, A2 and B2 of matmul.wgsl): this kernel uses
 // its operands through these only (an entry point may use one variable per binding).
 @group(0) @binding(1) var<storage, read> a4: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> b4: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read_write> c4: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read> bias4: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read> a24: array<vec4<f32>>;
 @group(0) @binding(6) var<storage, read> b24: array<vec4<f32>>;
 
@@ -334,8 +337,52 @@ fn sg_store8(q: u32, i0: u32, j: u32) {
 
 // Stores row i of the lane's columns j..j+7 (those inside C).
 fn sg_store(i: u32, j: u32, v: mat2x4<f32>) {
-    store_row(i, j, v[0]);
-    store_row(i, j + 4u, v[1]);
+    if SG_ALIGNED {
+        sg_store4(i, j, v[0]);
+        sg_store4(i, j + 4u, v[1]);
+        return;
+    }
+    for (var t = 0u; t < 4u; t++) {
+        sg_store1(i, j + t, v[0][t]);
+        sg_store1(i, j + 4u + t, v[1][t]);
+    }
+}
+
+// C[i, j..j + 3] = sum + bias + beta · C as one vec4 read-modify-write (SG_ALIGNED: C's offset
+// and row length and the bias offset are whole vec4s). Its columns past N keep their values: they
+// lie inside C's row (j < N and j + 4 <= the row length) and no invocation of the launch writes
+// them. One vec4 access instead of four scalar ones: on llvmpipe each is a per-lane loop, and the
+// scalar stores took a fifth of a K = 896 product and most of a K = 128 one.
+fn sg_store4(i: u32, j: u32, sum: vec4<f32>) {
+    if i >= p.m || j >= p.n {
+        return;
+    }
+    let e = (p.c_off + i * p.ldc + j) >> 2u;
+    let old = c4[e];
+    var v = sum;
+    if BIAS {
+        v += bias4[(p.bias_off + j) >> 2u];
+    }
+    // beta = 0 overwrites without reading, so stale NaNs in C cannot leak in.
+    v = select(v, v + p.beta * old, p.beta != 0.0);
+    c4[e] = select(old, v, j + SG_LO < vec4(p.n));
+}
+
+// C[i, j] = sum + bias + beta · C, inside C only (matmul.wgsl's store_c through the vec4 views).
+fn sg_store1(i: u32, j: u32, sum: f32) {
+    if i >= p.m || j >= p.n {
+        return;
+    }
+    let e = p.c_off + i * p.ldc + j;
+    var v = sum;
+    if BIAS {
+        let b = p.bias_off + j;
+        v += bias4[b >> 2u][b & 3u];
+    }
+    if p.beta != 0.0 {
+        v += p.beta * c4[e >> 2u][e & 3u];
+    }
+    c4[e >> 2u][e & 3u] = v;
 }
 
 // Loads the lane's A values of every group of the block at K-step k0.

@@ -77,13 +77,16 @@ enum Entry {
 }
 
 /// Whether every operand of a launch starts and strides in whole vec4s of its storage (4 f32, 8
-/// bf16): the subgroup kernel's `SG_ALIGNED`, which then reads each run with one load.
+/// bf16; C's and the bias offset too): the subgroup kernel's `SG_ALIGNED`, which then reads each
+/// run with one load and writes four outputs with one store.
 fn vec4_aligned(params: &Params, b_bf16: bool, second: bool) -> bool {
     let whole =
         |offset: u32, ld: u32, unit: u32| offset.is_multiple_of(unit) && ld.is_multiple_of(unit);
     let b_unit = if b_bf16 { 8 } else { 4 };
     whole(params.a_off, params.lda, 4)
         && whole(params.b_off, params.ldb, b_unit)
+        && whole(params.c_off, params.ldc, 4)
+        && params.bias_off.is_multiple_of(4)
         && (!second || whole(params.a2_off, params.lda2, 4) && whole(params.b2_off, params.ldb2, 4))
 }
 
