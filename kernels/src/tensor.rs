@@ -483,9 +483,16 @@ impl Layout {
         }
         let row_bytes = (row_len * dtype.bytes()) as u64;
         let mut rows_per_chunk = (binding_bytes / row_bytes) as usize;
-        // bf16 chunks must start on a word boundary.
-        if dtype == DType::BF16 && row_len % 2 == 1 && rows_per_chunk < rows {
-            rows_per_chunk &= !1;
+        if rows_per_chunk < rows {
+            if rows_per_chunk >= 8 {
+                // Cuts at multiples of 8 rows keep the offsets of the products split there in
+                // whole vec4s of the tensors these rows index (a logits chunk's columns, say),
+                // which the subgroup GEMM's fast variant needs (ops/matmul.rs).
+                rows_per_chunk &= !7;
+            } else if dtype == DType::BF16 && row_len % 2 == 1 {
+                // bf16 chunks must start on a word boundary.
+                rows_per_chunk &= !1;
+            }
         }
         if rows_per_chunk == 0 {
             let what = if row_len % 2 == 1 && dtype == DType::BF16 {
@@ -563,5 +570,27 @@ impl<'a> Out<'a> {
     /// `tensor = result + beta · tensor`.
     pub fn scaled(tensor: &'a Tensor, beta: f32) -> Self {
         Out { tensor, beta }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows_per_chunk(shape: &[usize], dtype: DType, binding_bytes: u64) -> usize {
+        Layout::new(shape, dtype, binding_bytes)
+            .unwrap()
+            .rows_per_chunk
+    }
+
+    #[test]
+    fn split_tensors_cut_at_multiples_of_eight_rows() {
+        // 1000 bytes hold 35 rows of 7 f32: cut at 32.
+        assert_eq!(rows_per_chunk(&[100, 7], DType::F32, 1000), 32);
+        // Fewer than 8 rows per binding stay as they are, but bf16 rows of odd length pair up.
+        assert_eq!(rows_per_chunk(&[100, 7], DType::F32, 100), 3);
+        assert_eq!(rows_per_chunk(&[100, 7], DType::BF16, 100), 6);
+        // A tensor that fits one binding is not cut.
+        assert_eq!(rows_per_chunk(&[30, 7], DType::F32, 1000), 30);
     }
 }
