@@ -1,5 +1,5 @@
 //! Shapes and timing for kernel benchmarks (`cargo bench`), shared by every family's `bench`.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
@@ -41,8 +41,14 @@ impl BenchResult {
     }
 }
 
-/// Times `record` (which records one run of the kernel into a batch): one warm-up run (pipeline
-/// compilation), then the median of `reps` timed runs.
+/// Warm-up after compilation: on lavapipe the first kernel a bench timed ran 1.7x slower (median of
+/// 9) than after 5 more warm-up runs (0.5B q forward, 2026-12-07).
+const WARM_UP: Duration = Duration::from_millis(200);
+const WARM_UP_RUNS: usize = 5;
+
+/// Times `record` (which records one run of the kernel into a batch): warm-up runs (pipeline
+/// compilation, then runs until [`WARM_UP`] has passed, at most [`WARM_UP_RUNS`]), then the median
+/// of `reps` timed runs.
 pub fn time(
     gpu: &Gpu,
     reps: usize,
@@ -51,6 +57,15 @@ pub fn time(
     let mut warm = gpu.batch();
     record(&mut warm)?;
     warm.submit_timed()?;
+    let start = Instant::now();
+    for _ in 0..WARM_UP_RUNS {
+        if start.elapsed() >= WARM_UP {
+            break;
+        }
+        let mut warm = gpu.batch();
+        record(&mut warm)?;
+        warm.submit_timed()?;
+    }
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         let mut batch = gpu.batch();
