@@ -18,7 +18,7 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use wgtrain_kernels::ops::attention::{attention_backward, AttentionDims, Qkv};
 use wgtrain_kernels::ops::cross_entropy::{
-    cross_entropy_backward, cross_entropy_forward, Chunking, KeptLogits, LmHead,
+    self, cross_entropy_backward, cross_entropy_forward, Chunking, KeptLogits, LmHead,
 };
 use wgtrain_kernels::ops::elementwise::{copy_rows, sum_rows};
 use wgtrain_kernels::ops::embedding::{embedding_backward, TokenIds};
@@ -377,7 +377,7 @@ fn kept_bytes(c: &Qwen2Config, ranks: &PerProj<Option<usize>>, tokens: usize) ->
 /// Device bytes of the loss's logits temporary (one block) for `tokens` rows.
 fn logits_block_bytes(c: &Qwen2Config, tokens: usize) -> u64 {
     let chunking = Chunking::default();
-    (tokens.min(chunking.rows) * c.vocab_size.min(chunking.vocab) * 4) as u64
+    cross_entropy::block_bytes(tokens.min(chunking.rows), c.vocab_size.min(chunking.vocab))
 }
 
 /// The share of the host's available memory ([`mem_available`]) that activations kept on a CPU

@@ -146,6 +146,20 @@ fn tiling(
     )
 }
 
+/// The shape of a logits block of `rows` rows and `entries` vocabulary entries: rows padded to
+/// whole vec4s (4 f32), so that the GEMMs writing and reading the block take the subgroup kernel's
+/// aligned variant whatever the chunk's size (the tiny fixtures' vocabulary of 421 ran element by
+/// element, a third of their masked loss).
+fn block_shape(rows: usize, entries: usize) -> [usize; 2] {
+    [rows, entries.next_multiple_of(4)]
+}
+
+/// Device bytes of one logits block of `rows` rows and `entries` vocabulary entries (less the
+/// tensor's rounding up).
+pub fn block_bytes(rows: usize, entries: usize) -> u64 {
+    (block_shape(rows, entries).iter().product::<usize>() * 4) as u64
+}
+
 /// The loss's logits of every row, kept from the forward for the backward: one f32 tensor per
 /// (vocabulary chunk, row block) of the tiling, each shaped as that block. The backward turns
 /// them into dlogits in place: one backward per forward.
@@ -161,7 +175,11 @@ impl KeptLogits {
         let (row_blocks, vocab_chunks) = tiling(gpu, head.hidden.rows(), vocab, head.chunking);
         let blocks = vocab_chunks
             .iter()
-            .flat_map(|cols| row_blocks.iter().map(move |rows| [rows.len(), cols.len()]))
+            .flat_map(|cols| {
+                row_blocks
+                    .iter()
+                    .map(move |rows| block_shape(rows.len(), cols.len()))
+            })
             .map(|shape| Tensor::zeros(gpu, &shape, DType::F32))
             .collect::<Result<_>>()?;
         Ok(KeptLogits { blocks })
@@ -175,9 +193,9 @@ impl KeptLogits {
     }
 
     /// Device bytes `KeptLogits::new` allocates for `tokens` rows and a `vocab`-entry head (less
-    /// each tensor's rounding up).
+    /// each tensor's rounding up, and the padding of chunks before the last).
     pub fn bytes(tokens: usize, vocab: usize) -> u64 {
-        (tokens * vocab * 4) as u64
+        block_bytes(tokens, vocab)
     }
 }
 
@@ -243,7 +261,7 @@ impl<'a> Problem<'a> {
                 );
                 for (i, block) in kept.blocks.iter().enumerate() {
                     let (c, b) = (i / row_blocks.len(), i % row_blocks.len());
-                    let shape = [row_blocks[b].len(), vocab_chunks[c].len()];
+                    let shape = block_shape(row_blocks[b].len(), vocab_chunks[c].len());
                     block.expect(
                         &format!("{role}: kept logits of chunk {c}, block {b}"),
                         &shape,
@@ -253,7 +271,7 @@ impl<'a> Problem<'a> {
                 Logits::Kept(kept)
             }
             None => {
-                let shape = [row_blocks[0].len(), vocab_chunks[0].len()];
+                let shape = block_shape(row_blocks[0].len(), vocab_chunks[0].len());
                 Logits::Temporary(Tensor::zeros(gpu, &shape, DType::F32)?)
             }
         };
