@@ -21,16 +21,16 @@
 // Variant constants besides matmul.wgsl's: SG_ROWS, the rows of the block, a multiple of 8 up to
 // 64; SG_ALIGNED, set when every operand's offset and row length are whole vec4s of its storage
 // (4 f32, 8 bf16; C's and the bias offset too), so that every run, every four A values and every
-// four outputs are one vec4 access. Such a variant
-// reads without guards: rows past M and columns past N read whatever lies there (robust buffer
-// access makes that defined: another value of the buffer, or zero) and feed only outputs the
-// store discards, and selects zero the values past K of a last K-step that K does not fill.
-// Without SG_ALIGNED every element is read on its own, clamped inside and zero outside the
-// product. Neither has a branch in its K loop: llvmpipe runs both sides of every branch whose
-// condition it cannot fold, with masks, so a guarded vec4 load paid for its element-by-element
-// fallback even where the guard passed (1.7x slower). Per K-step a lane loads SG_ROWS / 4 + 8
-// vec4 (bf16 B) for 64 · SG_ROWS FMAs: the larger the block, the fewer loads (what costs) per
-// FMA, spilled accumulators notwithstanding (docs/kernels.md); few-row products (decode's) take 8.
+// four outputs are one vec4 access. Such a variant reads without guards: rows past M and columns
+// past N read whatever lies there (robust buffer access makes that defined: another value of the
+// buffer, or zero) and feed only outputs the store discards, and selects zero the values past K
+// of a last K-step that K does not fill. Without SG_ALIGNED every element is read on its own,
+// clamped inside and zero outside the product. Neither has a branch in its K loop: llvmpipe runs
+// both sides of every branch whose condition it cannot fold, with masks, so a guarded vec4 load
+// paid for its element-by-element fallback even where the guard passed (the 0.5B forward
+// products ran 1.5-1.9x slower). Per K-step a lane loads SG_ROWS / 4 + 8 vec4 (bf16 B) for
+// 64 · SG_ROWS FMAs: the larger the block, the fewer loads (what costs) per FMA, spilled
+// accumulators notwithstanding (docs/kernels.md); few-row products (decode's) take 8.
 //
 // llvmpipe keeps a private array in registers only when every index is a constant, and unrolls
 // only small loops; so the block is four mat4x4 filled from whole runs, each row's update is one
@@ -351,8 +351,8 @@ fn sg_store(i: u32, j: u32, v: mat2x4<f32>) {
 // C[i, j..j + 3] = sum + bias + beta · C as one vec4 read-modify-write (SG_ALIGNED: C's offset
 // and row length and the bias offset are whole vec4s). Its columns past N keep their values: they
 // lie inside C's row (j < N and j + 4 <= the row length) and no invocation of the launch writes
-// them. One vec4 access instead of four scalar ones: on llvmpipe each is a per-lane loop, and the
-// scalar stores took a fifth of a K = 896 product and most of a K = 128 one.
+// them. One vec4 access instead of four scalar ones: on llvmpipe each is a per-lane loop, and
+// with the scalar stores skipped the 1024³ product ran 1.17x faster (docs/benchmarks.md).
 fn sg_store4(i: u32, j: u32, sum: vec4<f32>) {
     if i >= p.m || j >= p.n {
         return;
@@ -363,7 +363,8 @@ fn sg_store4(i: u32, j: u32, sum: vec4<f32>) {
     if BIAS {
         v += bias4[(p.bias_off + j) >> 2u];
     }
-    // beta = 0 overwrites without reading, so stale NaNs in C cannot leak in.
+    // beta = 0 ignores C's old values (read only for the columns past N), so stale NaNs in C
+    // cannot leak in.
     v = select(v, v + p.beta * old, p.beta != 0.0);
     c4[e] = select(old, v, j + SG_LO < vec4(p.n));
 }

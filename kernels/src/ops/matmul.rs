@@ -505,7 +505,8 @@ fn kernel(
 }
 
 /// Every combination of layout constants for the general entry points (the subgroup one at every
-/// block height, aligned or not), and those of the forward form (B transposed, no second product) for `gemv`.
+/// block height, aligned or not), and those of the forward form (B transposed, no second product)
+/// for `gemv`.
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
     for bits in 0..32u32 {
