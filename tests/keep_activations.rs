@@ -5,10 +5,7 @@
 //! launches.
 mod common;
 
-use common::{
-    as_batch, fixtures, loss_and_norm_steps, supervised_rows, train_args, wgtrain_cmd,
-    LORA_DROPOUT_RUN,
-};
+use common::{as_batch, fixtures, lora_dropout_run, loss_and_norm_steps, supervised_rows};
 use wgtrain::model::{Adapter, Grads, LoraDropout, Qwen2};
 use wgtrain_kernels::Gpu;
 
@@ -111,16 +108,9 @@ fn keeping_is_refused_in_token_chunks() {
 #[test]
 fn lora_training_keeping_activations_matches_recomputation() {
     let tmp = tempfile::tempdir().unwrap();
-    let init = fixtures().join("tiny-qwen2-tied/adapter-random");
-    let recipe = [
-        &["--init-adapter", init.to_str().unwrap()],
-        &LORA_DROPOUT_RUN[..],
-    ]
-    .concat();
     let run = |name: &str, keep: &str, extra: &[&str]| {
         let dir = tmp.path().join(name);
-        let args = [&recipe[..], extra].concat();
-        let out = wgtrain_cmd(&train_args(&dir, &args))
+        let out = lora_dropout_run(&dir, extra)
             .env("WGTRAIN_KEEP_ACTIVATIONS", keep)
             .output()
             .unwrap();
@@ -147,7 +137,7 @@ fn lora_training_keeping_activations_matches_recomputation() {
     );
     let (_, shown) = run("dry-recomputed", "0", &["--dry-run"]);
     assert!(shown.contains("recomputed layer by layer"), "{shown}");
-    let out = wgtrain_cmd(&train_args(&tmp.path().join("bad"), &recipe))
+    let out = lora_dropout_run(&tmp.path().join("bad"), &[])
         .env("WGTRAIN_KEEP_ACTIVATIONS", "yes")
         .output()
         .unwrap();

@@ -7,8 +7,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::{
-    as_batch, fixtures, loss_and_norm_steps, supervised_rows, train_args, wgtrain_cmd,
-    LORA_DROPOUT_RUN,
+    as_batch, fixtures, lora_dropout_run, loss_and_norm_steps, supervised_rows, train_args,
+    wgtrain_cmd,
 };
 use wgtrain::model::residency::weight_bytes;
 use wgtrain::model::{
@@ -116,15 +116,9 @@ fn bad_token_chunks_are_refused() {
 #[test]
 fn lora_training_in_token_chunks_matches_whole_layers() {
     let tmp = tempfile::tempdir().unwrap();
-    let init = fixtures().join("tiny-qwen2-tied/adapter-random");
-    let recipe = [
-        &["--init-adapter", init.to_str().unwrap()],
-        &LORA_DROPOUT_RUN[..],
-    ]
-    .concat();
     let run = |name: &str, chunk: Option<&str>| {
         let dir = tmp.path().join(name);
-        let mut cmd = wgtrain_cmd(&train_args(&dir, &recipe));
+        let mut cmd = lora_dropout_run(&dir, &[]);
         if let Some(rows) = chunk {
             cmd.env("WGTRAIN_TOKEN_CHUNK", rows);
         }

@@ -41,13 +41,18 @@ pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
         .collect()
 }
 
-/// A 3-step LoRA run with AdamW, gradient accumulation and dropout (after `--init-adapter`):
-/// the run that the tests comparing two ways of computing the same training share.
-#[rustfmt::skip]
-pub const LORA_DROPOUT_RUN: [&str; 12] = [
-    "--optimizer", "adamw", "--lr", "1e-3", "--batch-size", "2", "--grad-accum", "2",
-    "--max-steps", "3", "--lora-dropout", "0.1",
-];
+/// A 3-step LoRA run with AdamW, gradient accumulation and dropout from the tied fixture's random
+/// adapter, into `dir` with `extra` arguments: the run that the tests comparing two ways of
+/// computing the same training share (they set the environment that picks the way).
+pub fn lora_dropout_run(dir: &Path, extra: &[&str]) -> Command {
+    let init = fixtures().join("tiny-qwen2-tied/adapter-random");
+    #[rustfmt::skip]
+    let recipe = [
+        "--init-adapter", init.to_str().unwrap(), "--optimizer", "adamw", "--lr", "1e-3",
+        "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--lora-dropout", "0.1",
+    ];
+    wgtrain_cmd(&train_args(dir, &[&recipe[..], extra].concat()))
+}
 
 /// (loss, grad_norm) of each step of a run's metrics.
 pub fn loss_and_norm_steps(dir: &Path) -> Vec<(f64, f64)> {
