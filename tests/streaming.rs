@@ -8,7 +8,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{as_batch, fixtures, supervised_rows, train_args, wgtrain};
+use common::{as_batch, fixtures, metrics, supervised_rows, train_args, wgtrain};
 use wgtrain::model::residency::{weight_bytes, Working};
 use wgtrain::model::{
     generate, Adapter, GenerateOptions, Grads, LoraDropout, MemoryPlan, Proj, Qwen2, Qwen2Config,
@@ -260,11 +260,9 @@ fn least_budget(err: &str) -> String {
 
 /// Each line of a run's metrics without its timing fields.
 fn metrics_without_timing(dir: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+    metrics(dir)
+        .into_iter()
+        .map(|mut v| {
             let m = v.as_object_mut().unwrap();
             m.retain(|k, _| !k.contains("_s") && !k.contains("per_s") && !k.contains("peak"));
             v

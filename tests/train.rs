@@ -2,19 +2,18 @@
 //! (scripts/fixtures/tiny_qwen2.py): one SGD step's LoRA update and full fine-tuning gradients,
 //! the 4-step AdamW loss curve, the written adapter reloading to the training loss, refusing to
 //! clobber a run, the built-in demo's falling loss, and `--dry-run`'s memory report.
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use common::{fixtures, metrics, wgtrain};
 use serde_json::Value;
 use wgtrain::model::{Adapter, Qwen2Config};
 use wgtrain::train::config::{AdapterKind, Method, TrainConfig};
 use wgtrain::train::llama_factory::read_llama_factory_yaml;
 use wgtrain::train::TrainSettings;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
 
 fn model_dir(name: &str) -> PathBuf {
     fixtures().join(name)
@@ -41,14 +40,6 @@ fn read_f32(path: &Path) -> HashMap<String, Vec<f32>> {
             (name, data)
         })
         .collect()
-}
-
-fn wgtrain(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_wgtrain"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .output()
-        .unwrap()
 }
 
 fn ok(out: Output) -> String {
@@ -107,14 +98,6 @@ fn sgd_args<'a>(model: &'a str, data: &'a str, out: &'a str) -> Vec<&'a str> {
         "--progress",
         "plain",
     ]
-}
-
-fn metrics(dir: &Path) -> Vec<Value> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 #[test]

@@ -29,15 +29,20 @@ pub fn wgtrain<S: AsRef<OsStr>>(args: &[S]) -> Output {
     wgtrain_cmd(args).output().expect("run wgtrain")
 }
 
-/// (step, loss) of every line of a run's metrics.jsonl.
-pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
+/// Every line of a run's metrics.jsonl.
+pub fn metrics(dir: &Path) -> Vec<Value> {
     std::fs::read_to_string(dir.join("metrics.jsonl"))
         .unwrap()
         .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (step, loss) of every line of a run's metrics.jsonl.
+pub fn losses(dir: &Path) -> Vec<(u64, f64)> {
+    metrics(dir)
+        .iter()
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
         .collect()
 }
 
@@ -56,11 +61,9 @@ pub fn lora_dropout_run(dir: &Path, extra: &[&str]) -> Command {
 
 /// (loss, grad_norm) of each step of a run's metrics.
 pub fn loss_and_norm_steps(dir: &Path) -> Vec<(f64, f64)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let v: Value = serde_json::from_str(line).unwrap();
+    metrics(dir)
+        .iter()
+        .map(|v| {
             (
                 v["loss"].as_f64().unwrap(),
                 v["grad_norm"].as_f64().unwrap(),
