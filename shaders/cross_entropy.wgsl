@@ -40,48 +40,62 @@ fn merge(m: f32, s: f32, m2: f32, s2: f32) -> vec2<f32> {
     return vec2<f32>(mx, s * exp(m - mx) + s2 * exp(m2 - mx));
 }
 
-// One workgroup per row of the block: the chunk's max and sum of exponentials (online, one pass),
-// merged into the row's running (lse, sumexp); the target's logit is kept when it lies here.
-@compute @workgroup_size(256)
+// chunk_stats takes a row per workgroup of WG threads, reducing across them with barriers (GPUs),
+// or (variant constant ROWS_PER_GROUP > 1) a row per thread and ROWS_PER_GROUP rows per workgroup
+// with no barrier (CPU adapters, where barriers and per-workgroup costs outweigh a row's work).
+const ROW_PER_THREAD: bool = ROWS_PER_GROUP > 1u;
+const ROW_LANES: u32 = select(WG, 1u, ROW_PER_THREAD);
+const STATS_GROUP: u32 = select(WG, ROWS_PER_GROUP, ROW_PER_THREAD);
+
+// A row of the block per workgroup or thread: the chunk's max and sum of exponentials (online, one
+// pass), merged into the row's running (lse, sumexp); the target's logit is kept when it lies
+// here. Branch-free (a new maximum rescales by exp(m - x) and adds exp(0) = 1, as a branch would).
+@compute @workgroup_size(STATS_GROUP)
 fn chunk_stats(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let r = linear_group(wid, nwg);
-    if r >= p.rows {
-        return;
-    }
+    let row = linear_group(wid, nwg) * (STATS_GROUP / ROW_LANES) + lid / ROW_LANES;
+    // A thread past the last row computes a copy of it and stores nothing.
+    let live = row < p.rows;
+    let r = min(row, p.rows - 1u);
+    let lane = lid % ROW_LANES;
     let t = p.t0 + r;
     let base = p.l_off + r * p.ld;
     let tgt = targets[t];
     var m = NEG_BIG;
     var s = 0.0;
-    for (var c = lid; c < p.cols; c += WG) {
+    var target_here = false;
+    var target_x = 0.0;
+    for (var c = lane; c < p.cols; c += ROW_LANES) {
         let x = logits[base + c];
-        if x > m {
-            s = s * exp(m - x) + 1.0;
-            m = x;
-        } else {
-            s += exp(x - m);
-        }
-        if p.v0 + c == tgt {
-            target_logit[t] = x;
-        }
+        let top = max(m, x);
+        s = s * exp(m - top) + exp(x - top);
+        m = top;
+        let hit = p.v0 + c == tgt;
+        target_x = select(target_x, x, hit);
+        target_here = target_here || hit;
     }
-    red_m[lid] = m;
-    red_s[lid] = s;
-    workgroupBarrier();
-    for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
-        if lid < stride {
-            let merged = merge(red_m[lid], red_s[lid], red_m[lid + stride], red_s[lid + stride]);
-            red_m[lid] = merged.x;
-            red_s[lid] = merged.y;
-        }
+    if live && target_here {
+        target_logit[t] = target_x;
+    }
+    var total = vec2<f32>(m, s);
+    if !ROW_PER_THREAD {
+        red_m[lid] = m;
+        red_s[lid] = s;
         workgroupBarrier();
+        for (var stride = WG / 2u; stride > 0u; stride >>= 1u) {
+            if lid < stride {
+                let merged = merge(red_m[lid], red_s[lid], red_m[lid + stride], red_s[lid + stride]);
+                red_m[lid] = merged.x;
+                red_s[lid] = merged.y;
+            }
+            workgroupBarrier();
+        }
+        total = vec2<f32>(red_m[0], red_s[0]);
     }
-    if lid == 0u {
-        var total = vec2<f32>(red_m[0], red_s[0]);
+    if live && lane == 0u {
         if p.first == 0u {
             total = merge(lse[t], sumexp[t], total.x, total.y);
         }

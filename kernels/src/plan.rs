@@ -60,25 +60,32 @@ variants!(
     }
 );
 
-/// Lanes 0..7 of each subgroup hold the A values the subgroup GEMM broadcasts.
-const SUBGROUP_GEMM_LANES: u32 = 8;
+/// Lanes 0..7 of each subgroup hold the values the subgroup kernels broadcast (the GEMM's A, the
+/// attention's key / value / query rows).
+const SUBGROUP_LANES: u32 = 8;
+
+/// Whether the adapter runs the subgroup kernels of `family` correctly, and if not, why.
+fn subgroup_kernels_run_on(family: &str, adapter: &AdapterTraits) -> Result<()> {
+    ensure!(
+        adapter.features.contains(wgpu::Features::SUBGROUP),
+        "WGTRAIN_KERNELS: {family}=subgroup needs the SUBGROUP feature, which this adapter lacks"
+    );
+    let (min, max) = adapter.subgroup_sizes;
+    ensure!(
+        min >= SUBGROUP_LANES,
+        "WGTRAIN_KERNELS: {family}=subgroup needs subgroups of at least {SUBGROUP_LANES} lanes, \
+         and this adapter may use {min}..={max}"
+    );
+    Ok(())
+}
 
 impl GemmVariant {
     /// Whether the adapter can run this variant correctly, and if not, why.
     fn runs_on(self, adapter: &AdapterTraits) -> Result<()> {
-        if self == GemmVariant::Subgroup {
-            ensure!(
-                adapter.features.contains(wgpu::Features::SUBGROUP),
-                "WGTRAIN_KERNELS: gemm=subgroup needs the SUBGROUP feature, which this adapter lacks"
-            );
-            let (min, max) = adapter.subgroup_sizes;
-            ensure!(
-                min >= SUBGROUP_GEMM_LANES,
-                "WGTRAIN_KERNELS: gemm=subgroup needs subgroups of at least {SUBGROUP_GEMM_LANES} \
-                 lanes, and this adapter may use {min}..={max}"
-            );
+        match self {
+            GemmVariant::Tiled => Ok(()),
+            GemmVariant::Subgroup => subgroup_kernels_run_on("gemm", adapter),
         }
-        Ok(())
     }
 }
 
@@ -90,16 +97,55 @@ variants!(
         /// The forward (training and decode) with a few query rows per invocation, their heads
         /// in registers, keys and values streamed as vec4 loads; no workgroup memory, no
         /// barriers: for CPU adapters, where each memory operation and barrier costs and FMAs
-        /// are nearly free. The backward stays tiled. Baseline WGSL only: any adapter runs it.
+        /// are nearly free. The backward stays tiled. Baseline WGSL only: CPU adapters without
+        /// subgroups of 8 run it.
         Rows = "rows",
+        /// Forward and backward with one row per lane, the other side's rows loaded once per
+        /// subgroup and shared by `subgroupBroadcast` (shaders/attention_subgroup.wgsl): what
+        /// CPU adapters with subgroups of 8 or more run.
+        Subgroup = "subgroup",
     }
 );
+
+impl AttentionVariant {
+    /// Whether the adapter can run this variant correctly, and if not, why.
+    fn runs_on(self, adapter: &AdapterTraits) -> Result<()> {
+        match self {
+            AttentionVariant::Tiled | AttentionVariant::Rows => Ok(()),
+            AttentionVariant::Subgroup => subgroup_kernels_run_on("attention", adapter),
+        }
+    }
+}
+
+variants!(
+    /// Row-wise reductions: RMSNorm forward (with or without the residual add) and its dX, and
+    /// the cross-entropy's row statistics over a vocabulary chunk.
+    RowwiseVariant {
+        /// A workgroup per row, reducing across its threads with barriers: GPUs.
+        Workgroup = "workgroup",
+        /// A thread per row, 8 rows per workgroup, no barrier: CPU adapters, where barriers and
+        /// per-workgroup costs outweigh the work of a row.
+        Thread = "thread",
+    }
+);
+
+impl RowwiseVariant {
+    /// Rows of a workgroup of the row kernels (their `ROWS_PER_GROUP`): a thread per row takes 8,
+    /// one SIMD group of a 256-bit llvmpipe.
+    pub fn rows_per_group(self) -> u32 {
+        match self {
+            RowwiseVariant::Workgroup => 1,
+            RowwiseVariant::Thread => 8,
+        }
+    }
+}
 
 /// The variant of each family that this device runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelPlan {
     pub gemm: GemmVariant,
     pub attention: AttentionVariant,
+    pub rowwise: RowwiseVariant,
 }
 
 impl KernelPlan {
@@ -133,10 +179,17 @@ impl KernelPlan {
                 GemmVariant::Tiled
             },
             // Measured on lavapipe (docs/benchmarks.md, attention variants).
-            attention: if cpu {
+            attention: if cpu && AttentionVariant::Subgroup.runs_on(adapter).is_ok() {
+                AttentionVariant::Subgroup
+            } else if cpu {
                 AttentionVariant::Rows
             } else {
                 AttentionVariant::Tiled
+            },
+            rowwise: if cpu {
+                RowwiseVariant::Thread
+            } else {
+                RowwiseVariant::Workgroup
             },
         }
     }
@@ -152,9 +205,10 @@ impl KernelPlan {
             match family.trim() {
                 "gemm" => plan.gemm = GemmVariant::parse(family, value.trim())?,
                 "attention" => plan.attention = AttentionVariant::parse(family, value.trim())?,
-                other => {
-                    bail!("WGTRAIN_KERNELS: no kernel family '{other}' (families: gemm, attention)")
-                }
+                "rowwise" => plan.rowwise = RowwiseVariant::parse(family, value.trim())?,
+                other => bail!(
+                    "WGTRAIN_KERNELS: no kernel family '{other}' (families: gemm, attention, rowwise)"
+                ),
             }
         }
         plan.check(adapter)?;
@@ -163,15 +217,18 @@ impl KernelPlan {
 
     /// Refuses a variant the adapter cannot run (a missing feature or subgroup size).
     fn check(&self, adapter: &AdapterTraits) -> Result<()> {
-        self.gemm.runs_on(adapter)
+        self.gemm.runs_on(adapter)?;
+        self.attention.runs_on(adapter)
     }
 
-    /// One line for `wgtrain devices`, `selftest` and run logs, e.g. `gemm=tiled attention=tiled`.
+    /// One line for `wgtrain devices`, `selftest` and run logs, e.g.
+    /// `gemm=tiled attention=tiled rowwise=workgroup`.
     pub fn describe(&self) -> String {
         format!(
-            "gemm={} attention={}",
+            "gemm={} attention={} rowwise={}",
             self.gemm.name(),
-            self.attention.name()
+            self.attention.name(),
+            self.rowwise.name()
         )
     }
 }
@@ -205,7 +262,7 @@ mod tests {
     }
 
     #[test]
-    fn subgroup_gemm_is_refused_where_it_would_be_wrong() {
+    fn subgroup_kernels_are_refused_where_they_would_be_wrong() {
         let no_subgroups = AdapterTraits {
             features: wgpu::Features::empty(),
             ..lavapipe()
@@ -216,23 +273,27 @@ mod tests {
         };
         for (adapter, expected) in [
             (&no_subgroups, "needs the SUBGROUP feature"),
-            (&narrow, "at least 8 lanes, and this adapter may use 4..=32"),
+            (
+                &narrow,
+                "needs subgroups of at least 8 lanes, and this adapter may use 4..=32",
+            ),
         ] {
-            assert_eq!(KernelPlan::choose(adapter).gemm, GemmVariant::Tiled);
-            let err = KernelPlan::choose(adapter)
-                .forced("gemm=subgroup", adapter)
-                .unwrap_err()
-                .to_string();
-            assert!(err.contains(expected), "{err}");
+            let plan = KernelPlan::choose(adapter);
+            assert_eq!(plan.gemm, GemmVariant::Tiled);
+            assert_eq!(plan.attention, AttentionVariant::Rows);
+            for family in ["gemm", "attention"] {
+                let spec = format!("{family}=subgroup");
+                let err = plan.forced(&spec, adapter).unwrap_err().to_string();
+                assert!(err.contains(&format!("{spec} {expected}")), "{err}");
+            }
         }
     }
 
     #[test]
-    fn cpu_adapters_take_rows_attention_and_gpus_tiled() {
-        assert_eq!(
-            KernelPlan::choose(&lavapipe()).attention,
-            AttentionVariant::Rows
-        );
+    fn cpu_adapters_take_subgroup_attention_and_thread_rows_and_gpus_tiled() {
+        let cpu = KernelPlan::choose(&lavapipe());
+        assert_eq!(cpu.attention, AttentionVariant::Subgroup);
+        assert_eq!(cpu.rowwise, RowwiseVariant::Thread);
         for device_type in [
             wgpu::DeviceType::DiscreteGpu,
             wgpu::DeviceType::IntegratedGpu,
@@ -242,7 +303,9 @@ mod tests {
                 features: wgpu::Features::SUBGROUP,
                 subgroup_sizes: (32, 32),
             };
-            assert_eq!(KernelPlan::choose(&gpu).attention, AttentionVariant::Tiled);
+            let plan = KernelPlan::choose(&gpu);
+            assert_eq!(plan.attention, AttentionVariant::Tiled);
+            assert_eq!(plan.rowwise, RowwiseVariant::Workgroup);
         }
         let forced = KernelPlan::choose(&lavapipe())
             .forced("attention=tiled", &lavapipe())
@@ -255,9 +318,12 @@ mod tests {
         let adapter = lavapipe();
         let plan = KernelPlan::choose(&adapter);
         let forced = plan
-            .forced("gemm=tiled, attention=tiled", &adapter)
+            .forced("gemm=tiled, attention=tiled, rowwise=workgroup", &adapter)
             .unwrap();
-        assert_eq!(forced.describe(), "gemm=tiled attention=tiled");
+        assert_eq!(
+            forced.describe(),
+            "gemm=tiled attention=tiled rowwise=workgroup"
+        );
         for (spec, expected) in [
             ("gemm", "is not family=variant"),
             (

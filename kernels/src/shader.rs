@@ -42,6 +42,12 @@ shader!(
 );
 shader!(CROSS_ENTROPY, "cross_entropy.wgsl");
 shader!(ATTENTION, "attention.wgsl");
+shader!(
+    ATTENTION_SUBGROUP,
+    "attention_subgroup.wgsl",
+    Some(&ATTENTION),
+    wgpu::Features::SUBGROUP
+);
 shader!(ROPE, "rope.wgsl");
 shader!(RMSNORM, "rmsnorm.wgsl");
 shader!(SWIGLU, "swiglu.wgsl");
@@ -56,6 +62,7 @@ pub fn all_shaders() -> Vec<&'static Shader> {
         &MATMUL_SUBGROUP,
         &CROSS_ENTROPY,
         &ATTENTION,
+        &ATTENTION_SUBGROUP,
         &ROPE,
         &RMSNORM,
         &SWIGLU,

@@ -1,11 +1,12 @@
 //! LM head + cross-entropy: GPU against the f64 CPU reference on odd shapes and chunkings, with
-//! whole and split tensors, at the real Qwen vocabulary, and the backward reference against finite
-//! differences of the forward one.
+//! whole and split tensors (with the adapter's rowwise variant, and with each forced), at the real
+//! Qwen vocabulary, and the backward reference against finite differences of the forward one.
 mod common;
 use common::{assert_passed, finite_differences, gpus};
 
 use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, KeptLogits, LmHead, IGNORE};
+use wgtrain_kernels::plan::RowwiseVariant;
 use wgtrain_kernels::{DType, Gpu, GpuOptions, Out, Tensor};
 
 fn case(tokens: usize, vocab: usize, dim: usize, w_bf16: bool, chunking: Chunking) -> Case {
@@ -16,6 +17,36 @@ fn case(tokens: usize, vocab: usize, dim: usize, w_bf16: bool, chunking: Chunkin
         w_bf16,
         dw_lm: true,
         chunking,
+    }
+}
+
+/// Every rowwise variant (a workgroup or a thread per row of the chunk statistics), forced whatever
+/// the adapter's plan picks, on chunkings that split rows and vocabulary, whole and split tensors.
+#[test]
+fn every_rowwise_variant_matches_cpu() {
+    for &variant in RowwiseVariant::ALL {
+        let open = |max_binding_bytes| {
+            Gpu::new(&GpuOptions {
+                kernels: Some(format!("rowwise={}", variant.name())),
+                max_binding_bytes,
+                ..GpuOptions::from_env().unwrap()
+            })
+            .unwrap()
+        };
+        let (whole, split) = (open(None), open(Some(4096)));
+        assert_eq!(whole.plan.rowwise, variant);
+        let chunking = Chunking {
+            rows: 10,
+            vocab: 300,
+        };
+        for (seed, gpu) in [&whole, &split].into_iter().enumerate() {
+            let checks = cross_entropy::check_cross_entropy(
+                gpu,
+                case(19, 1000, 40, seed == 0, chunking),
+                80 + seed as u64,
+            );
+            assert_passed(checks.unwrap());
+        }
     }
 }
 

@@ -1,11 +1,13 @@
-//! RMSNorm: GPU against the f64 reference on odd shapes, on whole and split tensors; the
-//! reference's backward against finite differences of its forward.
+//! RMSNorm: GPU against the f64 reference on odd shapes, on whole and split tensors (with the
+//! adapter's variant, and with each variant forced); the reference's backward against finite
+//! differences of its forward.
 mod common;
 use common::{assert_passed, finite_differences, gpu, split_gpu};
 
 use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::rmsnorm::{self, cpu};
-use wgtrain_kernels::{DType, Out, Tensor};
+use wgtrain_kernels::plan::RowwiseVariant;
+use wgtrain_kernels::{DType, Gpu, GpuOptions, Out, Tensor};
 
 #[test]
 fn matches_cpu_on_odd_shapes() {
@@ -55,6 +57,32 @@ fn fused_residual_add_matches_cpu_and_the_unfused_launches() {
         assert_passed(
             rmsnorm::check_add_forward(split, rows, cols, i % 2 == 0, 50 + i as u64).unwrap(),
         );
+    }
+}
+
+/// Every rowwise variant, forced whatever the adapter's plan picks (the tests above run that one),
+/// on whole tensors and on chunks of one to four rows, rows shorter and longer than a workgroup.
+#[test]
+fn every_variant_matches_cpu() {
+    for &variant in RowwiseVariant::ALL {
+        let open = |max_binding_bytes| {
+            Gpu::new(&GpuOptions {
+                kernels: Some(format!("rowwise={}", variant.name())),
+                max_binding_bytes,
+                ..GpuOptions::from_env().unwrap()
+            })
+            .unwrap()
+        };
+        let (whole, split) = (open(None), open(Some(1024)));
+        assert_eq!(whole.plan.rowwise, variant);
+        for (i, (gpu, rows, cols)) in [(&whole, 67, 896), (&whole, 130, 33), (&split, 37, 60)]
+            .into_iter()
+            .enumerate()
+        {
+            let seed = 60 + 10 * i as u64;
+            assert_passed(rmsnorm::check(gpu, rows, cols, i != 1, i == 0, seed).unwrap());
+            assert_passed(rmsnorm::check_add_forward(gpu, rows, cols, i == 1, seed + 5).unwrap());
+        }
     }
 }
 

@@ -21,9 +21,12 @@
 //!   and forms dq, one per 64-key block loops over the G query heads and every query tile that sees
 //!   its keys to form dk and dv. No atomics: each output element has one writer, so results are
 //!   deterministic. dq, dk and dv are overwritten, not accumulated into.
-//! - Variants ([`Gpu::plan`]): `tiled` is the design above; `rows` (CPU adapters) swaps the forward
-//!   (training, split-key and ragged) for `attn_fwd_rows`, a few query rows per invocation with no
-//!   workgroup memory and no barriers; the backward is the tiled one in both (docs/architecture.md).
+//! - Variants ([`Gpu::plan`]): `tiled` is the design above; `rows` (CPU adapters without subgroups)
+//!   swaps the forward (training, split-key and ragged) for `attn_fwd_rows`, a few query rows per
+//!   invocation with no workgroup memory and no barriers, and keeps the tiled backward; `subgroup`
+//!   (CPU adapters with subgroups of 8, shaders/attention_subgroup.wgsl) runs the forward and both
+//!   backward kernels with one row per lane and the other side's rows shared by broadcasts
+//!   (docs/architecture.md).
 //!
 //! Split tensors: query-row tensors (q, out, lse, dout, dq) are walked by row segments; when k/v are
 //! split, the forward runs once per k/v chunk and folds each later chunk into out/lse with the
@@ -38,7 +41,7 @@ use crate::batch::Batch;
 use crate::bench::{BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Gpu, GpuOptions};
 use crate::plan::AttentionVariant;
-use crate::shader::{params, Const, Kernel, ATTENTION};
+use crate::shader::{params, Const, Kernel, Shader, ATTENTION, ATTENTION_SUBGROUP};
 use crate::tensor::{row_segments, Chunk, DType, Tensor};
 
 params!(
@@ -108,13 +111,19 @@ fn lane_rows(head_dim: usize, decode: bool) -> usize {
     }
 }
 
-/// Keys the rows forward takes: it loops once per key, and llvmpipe ends a loop after 65535
-/// iterations.
+/// Keys the rows and subgroup kernels take: they loop once per key (or query), and llvmpipe ends a
+/// loop after 65535 iterations.
 const ROWS_MAX_KEYS: usize = 65535;
 
-/// Rows one workgroup of the rows variant covers.
-fn rows_per_group(head_dim: usize, decode: bool) -> usize {
-    LANES * lane_rows(head_dim, decode)
+/// Lanes (= query rows) of a workgroup of the subgroup kernels (their `SG_LANES`), one subgroup.
+const SUBGROUP_LANES: usize = 8;
+
+/// Query rows one workgroup of the rows or subgroup forward (or subgroup dq) covers.
+fn rows_per_group(variant: AttentionVariant, head_dim: usize, decode: bool) -> usize {
+    match variant {
+        AttentionVariant::Subgroup => SUBGROUP_LANES,
+        _ => LANES * lane_rows(head_dim, decode),
+    }
 }
 
 /// The shape of one attention call.
@@ -206,10 +215,16 @@ pub enum ForwardPath {
     SplitKeys,
 }
 
-fn kernel(entry: &'static str, head_dim: usize, decode: bool, ragged: bool) -> Kernel {
+fn kernel(
+    shader: &'static Shader,
+    entry: &'static str,
+    head_dim: usize,
+    decode: bool,
+    ragged: bool,
+) -> Kernel {
     let width = element_width(head_dim);
     let element = if width == 4 { "vec4<f32>" } else { "vec2<f32>" };
-    Kernel::new(&ATTENTION, entry)
+    Kernel::new(shader, entry)
         .with("HEAD_DIM", Const::U32(head_dim as u32))
         .with("EW", Const::U32(width as u32))
         .with("EL", Const::Type(element))
@@ -219,13 +234,36 @@ fn kernel(entry: &'static str, head_dim: usize, decode: bool, ragged: bool) -> K
         .with("LANE_ROWS", Const::U32(lane_rows(head_dim, decode) as u32))
 }
 
-/// The forward entry point of `variant` (the backward is the tiled one in every variant: rows
+/// The forward kernel of `variant`.
+fn forward_kernel(
+    variant: AttentionVariant,
+    head_dim: usize,
+    decode: bool,
+    ragged: bool,
+) -> Kernel {
+    let (shader, entry) = match variant {
+        AttentionVariant::Tiled => (&ATTENTION, "attn_fwd"),
+        AttentionVariant::Rows => (&ATTENTION, "attn_fwd_rows"),
+        AttentionVariant::Subgroup => (&ATTENTION_SUBGROUP, "attn_fwd_sg"),
+    };
+    kernel(shader, entry, head_dim, decode, ragged)
+}
+
+/// The dq and the dk / dv kernels of `variant` (the rows variant keeps the tiled ones: rows
 /// backward kernels measured slower on lavapipe, docs/benchmarks.md).
-fn forward_entry(variant: AttentionVariant) -> &'static str {
-    match variant {
-        AttentionVariant::Tiled => "attn_fwd",
-        AttentionVariant::Rows => "attn_fwd_rows",
-    }
+fn backward_kernels(variant: AttentionVariant, head_dim: usize) -> [Kernel; 2] {
+    let (shader, entries) = match variant {
+        AttentionVariant::Tiled | AttentionVariant::Rows => {
+            (&ATTENTION, ["attn_bwd_dq", "attn_bwd_dkv"])
+        }
+        AttentionVariant::Subgroup => (&ATTENTION_SUBGROUP, ["attn_bwd_dq_sg", "attn_bwd_dkv_sg"]),
+    };
+    entries.map(|entry| kernel(shader, entry, head_dim, false, false))
+}
+
+/// Kernels every variant shares (attention.wgsl).
+fn shared_kernel(entry: &'static str, head_dim: usize) -> Kernel {
+    kernel(&ATTENTION, entry, head_dim, false, false)
 }
 
 pub fn variants() -> Vec<Kernel> {
@@ -235,11 +273,14 @@ pub fn variants() -> Vec<Kernel> {
     for d in [64, 128, 10, 16, 80, 176, 250, 256] {
         for &variant in AttentionVariant::ALL {
             for (decode, ragged) in [(false, false), (true, false), (false, true), (true, true)] {
-                all.push(kernel(forward_entry(variant), d, decode, ragged));
+                all.push(forward_kernel(variant, d, decode, ragged));
+            }
+            if variant != AttentionVariant::Rows {
+                all.extend(backward_kernels(variant, d));
             }
         }
-        for entry in ["attn_merge", "attn_bwd_prep", "attn_bwd_dq", "attn_bwd_dkv"] {
-            all.push(kernel(entry, d, false, false));
+        for entry in ["attn_merge", "attn_bwd_prep"] {
+            all.push(shared_kernel(entry, d));
         }
     }
     all
@@ -436,13 +477,7 @@ pub fn attention_forward_with(
         ),
     };
     let variant = batch.gpu.plan.attention;
-    if variant == AttentionVariant::Rows && dims.tk > ROWS_MAX_KEYS {
-        bail!(
-            "attention: {} has more than the {ROWS_MAX_KEYS} keys the rows forward takes \
-             (WGTRAIN_KERNELS=attention=tiled runs the tiled one)",
-            dims.label()
-        );
-    }
+    check_loop_keys(variant, &dims)?;
     if decode_path(&dims, path) {
         if let Some(split_keys) = decode_split_keys(batch.gpu, &dims, variant) {
             let tensors = [q, k, v, out, lse];
@@ -464,7 +499,7 @@ pub fn attention_forward_with(
         }
     }
     let d = dims.head_dim;
-    let fwd = kernel(forward_entry(variant), d, false, keys.is_some());
+    let fwd = forward_kernel(variant, d, false, keys.is_some());
     // Key chunks in order, so that each sequence's first keys are written before later ones merge.
     for kp in &pieces.kv {
         for qp in &pieces.q {
@@ -495,8 +530,38 @@ pub fn attention_forward_with(
     Ok(())
 }
 
+/// Refuses more keys than the rows and subgroup kernels' loops take, with the way out.
+fn check_loop_keys(variant: AttentionVariant, dims: &AttentionDims) -> Result<()> {
+    if variant != AttentionVariant::Tiled && dims.tk > ROWS_MAX_KEYS {
+        bail!(
+            "attention: {} has more than the {ROWS_MAX_KEYS} keys the {} kernels take \
+             (WGTRAIN_KERNELS=attention=tiled runs the tiled ones)",
+            dims.label(),
+            variant.name()
+        );
+    }
+    Ok(())
+}
+
+/// The row blocks per kv head (Params::row_blocks) of the rows and subgroup kernels over the
+/// query rows of `qp`, and their grid for `count` sequences.
+fn row_block_groups(
+    dims: &AttentionDims,
+    variant: AttentionVariant,
+    qp: &Piece,
+    count: usize,
+) -> (u32, [u32; 3]) {
+    let rows = dims.group() * (qp.hi - qp.lo);
+    let row_blocks = rows.div_ceil(rows_per_group(variant, dims.head_dim, false));
+    (
+        row_blocks as u32,
+        [1, (dims.hkv * row_blocks) as u32, count as u32],
+    )
+}
+
 /// The grid of the forward without split keys over the query rows of `qp` for `count`
-/// sequences, and the row blocks per kv head (Params::row_blocks) of the rows variant.
+/// sequences, and the row blocks per kv head (Params::row_blocks) of the rows and subgroup
+/// variants.
 fn query_groups(
     dims: &AttentionDims,
     variant: AttentionVariant,
@@ -509,12 +574,8 @@ fn query_groups(
             0,
             [nq.div_ceil(BLOCK_Q) as u32, dims.hq as u32, count as u32],
         ),
-        AttentionVariant::Rows => {
-            let row_blocks = (dims.group() * nq).div_ceil(rows_per_group(dims.head_dim, false));
-            (
-                row_blocks as u32,
-                [1, (dims.hkv * row_blocks) as u32, count as u32],
-            )
+        AttentionVariant::Rows | AttentionVariant::Subgroup => {
+            row_block_groups(dims, variant, qp, count)
         }
     }
 }
@@ -523,7 +584,9 @@ fn query_groups(
 fn decode_rows(head_dim: usize, variant: AttentionVariant) -> usize {
     match variant {
         AttentionVariant::Tiled => DECODE_ROWS,
-        AttentionVariant::Rows => rows_per_group(head_dim, true),
+        AttentionVariant::Rows | AttentionVariant::Subgroup => {
+            rows_per_group(variant, head_dim, true)
+        }
     }
 }
 
@@ -582,12 +645,7 @@ fn forward_split_keys(
     let slot_out = slot_lse * d / element_width(d);
     let part_out = Tensor::scratch(batch.gpu, n_splits * slot_lse * d)?;
     let part_lse = Tensor::scratch(batch.gpu, n_splits * slot_lse)?;
-    let fwd = kernel(
-        forward_entry(variant),
-        dims.head_dim,
-        true,
-        key_lens.is_some(),
-    );
+    let fwd = forward_kernel(variant, dims.head_dim, true, key_lens.is_some());
     for kp in &pieces.kv {
         let split_first = kp.lo / split_keys;
         let splits = (kp.hi - 1) / split_keys + 1 - split_first;
@@ -621,7 +679,7 @@ fn forward_split_keys(
             batch.dispatch(&fwd, &params, &buffers, groups)?;
         }
     }
-    let merge = kernel("attn_merge", dims.head_dim, false, false);
+    let merge = shared_kernel("attn_merge", dims.head_dim);
     for seg in row_segments(rows, &[out, lse]) {
         // One thread per vec4 column of each head.
         let n = (seg.len() * dims.hq * d.div_ceil(4)) as u32;
@@ -689,7 +747,10 @@ pub fn attention_backward(
     expect_f32("attention dv", dv, b * dims.tk, dims.hkv * d)?;
     let drow = Tensor::zeros(batch.gpu, &[rows, dims.hq], DType::F32)?;
 
-    let prep = kernel("attn_bwd_prep", d, false, false);
+    let variant = batch.gpu.plan.attention;
+    check_loop_keys(variant, &dims)?;
+    let [dq_kernel, dkv_kernel] = backward_kernels(variant, d);
+    let prep = shared_kernel("attn_bwd_prep", d);
     for seg in row_segments(rows, &[out, dout, &drow]) {
         let n = (seg.len() * dims.hq) as u32;
         let params = Params {
@@ -731,7 +792,6 @@ pub fn attention_backward(
     };
 
     // dq: key chunks in order (the first writes, later ones add).
-    let dq_kernel = kernel("attn_bwd_dq", d, false, false);
     let q_pieces = q_pieces_of(&[q, lse, dout, &drow, dq]);
     for kp in &kv_pieces_of(&[k, v]) {
         for qp in &q_pieces {
@@ -748,17 +808,30 @@ pub fn attention_backward(
                 drow.row(qr).buffer,
                 dq.row(qr).buffer,
             ];
-            let groups = [
-                (qp.hi - qp.lo).div_ceil(BLOCK_Q) as u32,
-                dims.hq as u32,
-                count as u32,
-            ];
-            batch.dispatch(&dq_kernel, &offsets(qp, kp, b0), &buffers, groups)?;
+            let (row_blocks, groups) = match variant {
+                AttentionVariant::Subgroup => row_block_groups(&dims, variant, qp, count),
+                _ => (
+                    0,
+                    [
+                        (qp.hi - qp.lo).div_ceil(BLOCK_Q) as u32,
+                        dims.hq as u32,
+                        count as u32,
+                    ],
+                ),
+            };
+            let params = Params {
+                row_blocks,
+                ..offsets(qp, kp, b0)
+            };
+            batch.dispatch(&dq_kernel, &params, &buffers, groups)?;
         }
     }
 
     // dk, dv: query chunks in order (the first writes, later ones add).
-    let dkv_kernel = kernel("attn_bwd_dkv", d, false, false);
+    let keys_per_group = match variant {
+        AttentionVariant::Subgroup => SUBGROUP_LANES,
+        _ => BLOCK_K,
+    };
     let kv_pieces = kv_pieces_of(&[k, v, dk, dv]);
     for qp in &q_pieces_of(&[q, lse, dout, &drow]) {
         for kp in &kv_pieces {
@@ -777,7 +850,7 @@ pub fn attention_backward(
                 dv.row(kr).buffer,
             ];
             let groups = [
-                (kp.hi - kp.lo).div_ceil(BLOCK_K) as u32,
+                (kp.hi - kp.lo).div_ceil(keys_per_group) as u32,
                 dims.hkv as u32,
                 count as u32,
             ];
@@ -1100,7 +1173,7 @@ pub fn selftest(gpu: &Gpu) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// Every variant (each on a device of `gpu`'s kind with that variant forced; all run anywhere):
+/// Every variant the adapter runs (each on a device of `gpu`'s kind with that variant forced):
 /// forward and backward at T = seq_len (causal: forward 4 B hq T^2 D / 2 flops, backward 2.5x
 /// that, the usual count of its five products) and one decode step against a seq_len cache.
 pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
@@ -1119,7 +1192,10 @@ pub fn bench(gpu: &Gpu, config: &BenchConfig) -> Result<Vec<BenchResult>> {
             kernels: Some(forced.into_iter().flatten().collect::<Vec<_>>().join(",")),
             ..env
         };
-        results.extend(bench_variant(&Gpu::new(&options)?, config)?);
+        match Gpu::new(&options) {
+            Ok(forced) => results.extend(bench_variant(&forced, config)?),
+            Err(e) => eprintln!("attention={} not measured: {e:#}", variant.name()),
+        }
     }
     Ok(results)
 }

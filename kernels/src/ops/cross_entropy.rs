@@ -30,7 +30,8 @@ use super::matmul::{bench_tensor, plus_scaled, weight, Gemm, Mat};
 use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Gpu};
-use crate::shader::{params, Kernel, CROSS_ENTROPY};
+use crate::plan::RowwiseVariant;
+use crate::shader::{params, Const, Kernel, CROSS_ENTROPY};
 use crate::tensor::{row_segments, Chunk, DType, Out, Tensor};
 
 /// The target id of a token that is not supervised (prompt tokens, padding).
@@ -53,9 +54,24 @@ params!(
 
 const WG: u32 = 256;
 
-/// Largest vocabulary chunk: `chunk_stats` loops over a chunk row 256 entries per step, and
-/// llvmpipe ends a shader's loops after 65535 iterations per invocation.
-const MAX_VOCAB_CHUNK: usize = 1 << 20;
+/// Largest vocabulary chunk: `chunk_stats` loops over a chunk row 256 entries per step (one with
+/// a thread per row), and llvmpipe ends a shader's loops after 65535 iterations per invocation.
+fn max_vocab_chunk(variant: RowwiseVariant) -> usize {
+    match variant {
+        RowwiseVariant::Workgroup => 1 << 20,
+        RowwiseVariant::Thread => 1 << 15,
+    }
+}
+
+/// A kernel of cross_entropy.wgsl; `chunk_stats` takes a workgroup or a thread per row as
+/// `variant` says, the others ignore it.
+fn kernel(entry: &'static str, variant: RowwiseVariant) -> Kernel {
+    let rows = match entry {
+        "chunk_stats" => variant.rows_per_group(),
+        _ => 1,
+    };
+    Kernel::new(&CROSS_ENTROPY, entry).with("ROWS_PER_GROUP", Const::U32(rows))
+}
 
 /// How the logits are tiled: blocks of `rows` hidden rows times chunks of `vocab` vocabulary
 /// entries, so the temporary holds at most `rows × vocab` f32. The chunk is also capped so that
@@ -77,18 +93,24 @@ impl Default for Chunking {
 }
 
 pub fn variants() -> Vec<Kernel> {
-    ["chunk_stats", "finalize", "softmax_grad"]
-        .into_iter()
-        .map(|entry| Kernel::new(&CROSS_ENTROPY, entry))
-        .collect()
+    let mut all: Vec<Kernel> = RowwiseVariant::ALL
+        .iter()
+        .map(|&variant| kernel("chunk_stats", variant))
+        .collect();
+    for entry in ["finalize", "softmax_grad"] {
+        all.push(kernel(entry, RowwiseVariant::Workgroup));
+    }
+    all
 }
 
 impl Chunking {
     /// The vocabulary chunks of a `vocab`-entry head on `gpu`: of `self.vocab` entries, fewer
-    /// where one temporary row would not fit one storage binding, and at most 2^20.
+    /// where one temporary row would not fit one storage binding, and at most 2^20 (2^15 with a
+    /// thread per row).
     pub fn vocab_chunks(&self, gpu: &Gpu, vocab: usize) -> Vec<Range<usize>> {
         let per_binding = (gpu.max_binding_bytes / 4) as usize;
-        let cols = self.vocab.min(vocab).min(per_binding).min(MAX_VOCAB_CHUNK);
+        let cap = max_vocab_chunk(gpu.plan.rowwise);
+        let cols = self.vocab.min(vocab).min(per_binding).min(cap);
         ranges(vocab, cols)
     }
 }
@@ -359,7 +381,7 @@ impl<'a> Problem<'a> {
             let mut all = vec![first.buffer];
             all.extend_from_slice(buffers);
             batch.dispatch(
-                &Kernel::new(&CROSS_ENTROPY, entry),
+                &kernel(entry, batch.gpu.plan.rowwise),
                 &params,
                 &all,
                 groups(seg.len() as u32),
@@ -437,7 +459,7 @@ pub fn cross_entropy_forward(
                 ..bytemuck::Zeroable::zeroed()
             };
             problem.over_block(batch, "chunk_stats", at, params, &stats_buffers, |n| {
-                linear_groups(gpu, n)
+                linear_groups(gpu, n.div_ceil(gpu.plan.rowwise.rows_per_group()))
             })?;
         }
     }
@@ -455,7 +477,7 @@ pub fn cross_entropy_forward(
         count_buf,
     ];
     batch.dispatch(
-        &Kernel::new(&CROSS_ENTROPY, "finalize"),
+        &kernel("finalize", batch.gpu.plan.rowwise),
         &params,
         &buffers,
         [1, 1, 1],

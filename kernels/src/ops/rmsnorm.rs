@@ -1,6 +1,8 @@
 //! RMSNorm as Qwen2 computes it, `y = w ⊙ (x · rstd)` with `rstd = 1 / sqrt(mean(x²) + eps)` per
 //! row, in f32 (`shaders/rmsnorm.wgsl`). The forward saves `rstd` for the backward.
 //! [`add_rmsnorm_forward`] fuses the residual add that precedes the norm into the same launch.
+//! The forward and dX take a workgroup per row or a thread per row as [`Gpu::plan`]'s `rowwise`
+//! says ([`RowwiseVariant`]).
 //!
 //! Per-row vectors such as `rstd` are 1-D tensors `[T]`, hence a single chunk (a [T] tensor larger
 //! than one binding cannot be created); the kernels index them by row.
@@ -11,6 +13,7 @@ use super::elementwise;
 use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Gpu};
+use crate::plan::RowwiseVariant;
 use crate::shader::{params, Const, Kernel, RMSNORM};
 use crate::tensor::{row_segments, DType, Out, Tensor};
 
@@ -38,19 +41,35 @@ const DW_BLOCKS: usize = 256;
 /// Fewest rows per dW block, so a short sequence does not make one-row blocks.
 const DW_MIN_BLOCK_ROWS: usize = 8;
 
-fn kernel(entry: &'static str, w_bf16: bool) -> Kernel {
-    Kernel::new(&RMSNORM, entry).with("W_BF16", Const::Bool(w_bf16))
+fn kernel(entry: &'static str, w_bf16: bool, variant: RowwiseVariant) -> Kernel {
+    Kernel::new(&RMSNORM, entry)
+        .with("W_BF16", Const::Bool(w_bf16))
+        .with("ROWS_PER_GROUP", Const::U32(variant.rows_per_group()))
+}
+
+/// The grid of a row kernel over `rows` rows.
+fn row_groups(gpu: &Gpu, rows: usize) -> [u32; 3] {
+    linear_groups(
+        gpu,
+        (rows as u32).div_ceil(gpu.plan.rowwise.rows_per_group()),
+    )
 }
 
 pub fn variants() -> Vec<Kernel> {
     let mut all = Vec::new();
-    for w_bf16 in [false, true] {
-        all.push(kernel("rmsnorm_forward", w_bf16));
-        all.push(kernel("add_rmsnorm_forward", w_bf16));
-        all.push(kernel("rmsnorm_backward", w_bf16));
+    for &variant in RowwiseVariant::ALL {
+        for w_bf16 in [false, true] {
+            all.push(kernel("rmsnorm_forward", w_bf16, variant));
+            all.push(kernel("add_rmsnorm_forward", w_bf16, variant));
+            all.push(kernel("rmsnorm_backward", w_bf16, variant));
+        }
     }
-    // The partial sums never read the weight; one variant.
-    all.push(kernel("rmsnorm_dw_partial", false));
+    // The partial sums never read the weight or take a row per thread; one variant.
+    all.push(kernel(
+        "rmsnorm_dw_partial",
+        false,
+        RowwiseVariant::Workgroup,
+    ));
     all
 }
 
@@ -127,7 +146,8 @@ fn launch_forward(
         None => "rmsnorm_forward",
         Some(_) => "add_rmsnorm_forward",
     };
-    let (kernel, cols) = (kernel(entry, w_bf16), x.row_len() as u32);
+    let kernel = kernel(entry, w_bf16, batch.gpu.plan.rowwise);
+    let cols = x.row_len() as u32;
     let mut chunked: Vec<&Tensor> = tensors.iter().map(|&(_, t)| t).collect();
     chunked.push(x);
     for seg in row_segments(x.rows(), &chunked) {
@@ -155,7 +175,7 @@ fn launch_forward(
             params.sum_off = rsum.offset;
             buffers.push(rsum.buffer);
         }
-        let groups = linear_groups(batch.gpu, seg.len() as u32);
+        let groups = row_groups(batch.gpu, seg.len());
         batch.dispatch(&kernel, &params, &buffers, groups)?;
     }
     Ok(())
@@ -182,7 +202,7 @@ pub fn rmsnorm_backward(
     let w_bf16 = check_shapes(x, &[("rmsnorm dy", dy), ("rmsnorm dx", dx)], w, rstd)?;
     let (rows, cols) = (x.rows(), x.row_len());
     let rstd_buffer = &rstd.chunks()[0];
-    let backward = kernel("rmsnorm_backward", w_bf16);
+    let backward = kernel("rmsnorm_backward", w_bf16, batch.gpu.plan.rowwise);
     for seg in row_segments(rows, &[x, dy, dx]) {
         let (rx, rdy, rdx) = (x.row(seg.start), dy.row(seg.start), dx.row(seg.start));
         let params = Params {
@@ -197,7 +217,7 @@ pub fn rmsnorm_backward(
             block_rows: 0,
             sum_off: 0,
         };
-        let groups = linear_groups(batch.gpu, seg.len() as u32);
+        let groups = row_groups(batch.gpu, seg.len());
         batch.dispatch(
             &backward,
             &params,
@@ -225,7 +245,7 @@ pub fn rmsnorm_backward(
     let segments = row_segments(rows, &[x, dy]);
     let blocks: usize = segments.iter().map(|s| s.len().div_ceil(block_rows)).sum();
     let partials = Tensor::zeros(batch.gpu, &[blocks, cols], DType::F32)?;
-    let partial_kernel = kernel("rmsnorm_dw_partial", false);
+    let partial_kernel = kernel("rmsnorm_dw_partial", false, RowwiseVariant::Workgroup);
     let mut first_block = 0;
     for seg in segments {
         let seg_blocks = seg.len().div_ceil(block_rows);
