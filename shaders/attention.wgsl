@@ -126,6 +126,27 @@ fn key_count(b: u32) -> u32 {
     return p.tk;
 }
 
+// The keys a forward workgroup takes: the bound k/v chunk's (key_lo..key_hi), cut to its split's
+// when DECODE (x: the split within this dispatch); and whether its result merges into what out
+// and lse already hold (keys of an earlier chunk of the same split came first).
+struct ForwardKeys {
+    split: u32,
+    kbeg: u32,
+    kend: u32,
+    merge: bool,
+}
+
+fn forward_keys(wx: u32) -> ForwardKeys {
+    var keys = ForwardKeys(0u, p.key_lo, p.key_hi, false);
+    if DECODE {
+        keys.split = p.split_first + wx;
+        keys.kbeg = max(keys.kbeg, keys.split * p.split_keys);
+        keys.kend = min(keys.kend, (keys.split + 1u) * p.split_keys);
+    }
+    keys.merge = p.key_lo > keys.split * p.split_keys;
+    return keys;
+}
+
 // Element index of head h of query row (b, i) in a q-row chunk starting at global row q_row0.
 fn q_at(off: u32, b: u32, i: u32, h: u32) -> u32 {
     return off + (b * p.tq + i - p.q_row0) * (p.hq * HE) + h * HE;
@@ -393,16 +414,13 @@ fn attn_fwd(
     var head: u32;
     var first: u32;
     var nrows: u32;
-    var split = 0u;
-    var kbeg = p.key_lo;
-    var kend = p.key_hi;
+    let keys = forward_keys(wid.x);
+    let split = keys.split;
+    let kbeg = keys.kbeg;
     if DECODE {
         head = wid.y / p.row_blocks;
         first = (wid.y % p.row_blocks) * BQ;
         nrows = g * nq;
-        split = p.split_first + wid.x;
-        kbeg = max(kbeg, split * p.split_keys);
-        kend = min(kend, (split + 1u) * p.split_keys);
     } else {
         head = wid.y;
         // Latest (most expensive) query blocks first, for a better tail.
@@ -413,8 +431,8 @@ fn attn_fwd(
     // Query i sits at key position shift + i; the causal bound below also stops at the sequence's
     // last key.
     let shift = key_count(b) - p.tq;
-    kend = min(kend, shift + row_query(min(first + BQ, nrows) - 1u, g) + 1u);
-    let merge = p.key_lo > split * p.split_keys;
+    let kend = min(keys.kend, shift + row_query(min(first + BQ, nrows) - 1u, g) + 1u);
+    let merge = keys.merge;
 
     // Staging slot of this thread: row / key lid / 4, vec4 lid % 4 of a 16-wide d-slice. Rows out
     // of range read element 0 and stage zeros.
@@ -909,16 +927,11 @@ fn attn_fwd_rows(
     // Latest (most expensive) row blocks first, for a better tail.
     let block = p.row_blocks - 1u - wid.y % p.row_blocks;
     let first = (block * LANES + lid) * LANE_ROWS;
-    var split = 0u;
-    var kbeg = p.key_lo;
-    var kend = p.key_hi;
-    if DECODE {
-        split = p.split_first + wid.x;
-        kbeg = max(kbeg, split * p.split_keys);
-        kend = min(kend, (split + 1u) * p.split_keys);
-    }
+    let keys = forward_keys(wid.x);
+    let split = keys.split;
+    let kend = keys.kend;
+    let merge = keys.merge;
     let shift = key_count(b) - p.tq;
-    let merge = p.key_lo > split * p.split_keys;
 
     var qr: array<array<vec4<f32>, D4>, LANE_ROWS>;
     var acc: array<array<vec4<f32>, D4>, LANE_ROWS>;
@@ -926,7 +939,7 @@ fn attn_fwd_rows(
     var m: array<f32, LANE_ROWS>;
     var l: array<f32, LANE_ROWS>;
     // One past the last key any of this lane's rows sees.
-    var lane_end = kbeg;
+    var lane_end = keys.kbeg;
     for (var r = 0u; r < LANE_ROWS; r++) {
         m[r] = NEG;
         let f = first + r;
@@ -940,7 +953,7 @@ fn attn_fwd_rows(
         }
     }
 
-    for (var j = kbeg; j < lane_end; j++) {
+    for (var j = keys.kbeg; j < lane_end; j++) {
         let ka = kv_at(p.k_off, b, j, hkv);
         let va = kv_at(p.v_off, b, j, hkv);
         var dot: array<vec4<f32>, LANE_ROWS>;

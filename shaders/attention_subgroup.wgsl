@@ -32,8 +32,9 @@ fn sg_in_head(c: u32) -> bool {
     return c < D4;
 }
 
-// This lane's columns lane, lane + 8, .. of the row at `at` of k, v, q and dout (one function per
-// binding: a WGSL function cannot take a storage buffer).
+// This lane's columns lane, lane + 8, .. of the row at `at` of k, v, q and dout. One function per
+// binding: a WGSL function cannot take a storage buffer, and one switching over the bindings
+// would count all four as used by every entry point (naga counts untaken branches too).
 fn sg_k_cols(at: u32, lane: u32) -> SgCols {
     var x: SgCols;
     for (var u = 0u; u < KV8; u++) {
@@ -223,25 +224,17 @@ fn attn_fwd_sg(
     let b = p.b0 + wid.z;
     let hkv = wid.y / p.row_blocks;
     let row = sg_query_row(wid.y, lid);
-    var split = 0u;
-    var kbeg = p.key_lo;
-    var kend = p.key_hi;
-    if DECODE {
-        split = p.split_first + wid.x;
-        kbeg = max(kbeg, split * p.split_keys);
-        kend = min(kend, (split + 1u) * p.split_keys);
-    }
+    let keys = forward_keys(wid.x);
     let shift = key_count(b) - p.tq;
-    let merge = p.key_lo > split * p.split_keys;
     let pos = shift + row.query;
-    let kstop = min(kend, shift + row.block_last_query + 1u);
+    let kstop = min(keys.kend, shift + row.block_last_query + 1u);
 
     var qr = sg_q_row(q_at(p.q_off, b, row.query, row.head));
     let scale2 = p.scale * LOG2E;
     var acc: SgRow;
     var m = NEG;
     var l = 0.0;
-    for (var j = kbeg; j < kstop; j++) {
+    for (var j = keys.kbeg; j < kstop; j++) {
         let kl = sg_k_cols(kv_at(p.k_off, b, j, hkv), lid);
         let vl = sg_v_cols(kv_at(p.v_off, b, j, hkv), lid);
         // Online softmax in base 2, one key at a time (as attn_fwd_rows).
@@ -259,14 +252,14 @@ fn attn_fwd_sg(
         return;
     }
     let r = b * p.tq + row.query - p.out_row0;
-    let la = p.lse_off + split * p.lse_split_stride + r * p.hq + row.head;
-    let oa = p.out_off + split * p.out_split_stride + r * (p.hq * HE) + row.head * HE;
-    let w = row_weights(m, l, merge, la);
+    let la = p.lse_off + keys.split * p.lse_split_stride + r * p.hq + row.head;
+    let oa = p.out_off + keys.split * p.out_split_stride + r * (p.hq * HE) + row.head * HE;
+    let w = row_weights(m, l, keys.merge, la);
     for (var u = 0u; u < KV8; u++) {
         for (var t = 0u; t < SG_LANES; t++) {
             let c = u * SG_LANES + t;
             var o = acc[c] * w.of_acc;
-            if merge {
+            if keys.merge {
                 o += out_col(oa, c) * w.of_out;
             }
             if sg_in_head(c) {

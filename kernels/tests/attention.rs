@@ -5,11 +5,11 @@
 //! throughout, every other head-size layout on its own shapes. Those run the adapter's attention
 //! variant (its `KernelPlan`); `every_variant_matches_cpu` forces each variant on fewer shapes.
 mod common;
-use common::{assert_passed, gpu, split_gpu};
+use common::{assert_passed, forced_gpu, gpu, split_gpu};
 use wgtrain_kernels::ops::attention::{self, cpu, AttentionDims, ForwardPath, KeyLens};
 use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::plan::AttentionVariant;
-use wgtrain_kernels::{DType, Gpu, GpuOptions, Tensor};
+use wgtrain_kernels::{DType, Gpu, Tensor};
 
 fn dims(b: usize, tq: usize, tk: usize, hq: usize, hkv: usize, head_dim: usize) -> AttentionDims {
     let scale = 1.0 / (head_dim as f32).sqrt();
@@ -343,26 +343,16 @@ fn rejects_bad_shapes() {
 #[test]
 fn every_variant_matches_cpu() {
     for &variant in AttentionVariant::ALL {
-        let on = |max_binding_bytes| {
-            let options = GpuOptions {
-                kernels: Some(format!("attention={}", variant.name())),
-                max_binding_bytes,
-                ..GpuOptions::from_env().unwrap()
-            };
-            Gpu::new(&options)
-        };
-        let whole = match on(None) {
+        let spec = format!("attention={}", variant.name());
+        let whole = match forced_gpu(&spec, None) {
             Ok(gpu) => gpu,
             Err(e) => {
                 // Not silent: the adapter said why it cannot run this variant.
-                eprintln!(
-                    "attention={} not run on this adapter: {e:#}",
-                    variant.name()
-                );
+                eprintln!("{spec} not run on this adapter: {e:#}");
                 continue;
             }
         };
-        let split = on(Some(3584)).unwrap();
+        let split = forced_gpu(&spec, Some(3584)).unwrap();
         assert_eq!(whole.plan.attention, variant);
         for (i, d) in [64, 128].into_iter().chain(OTHER_HEAD_DIMS).enumerate() {
             let gpu = if i % 2 == 0 { &whole } else { &split };
@@ -389,11 +379,7 @@ fn every_variant_matches_cpu() {
 #[test]
 fn loop_kernels_refuse_more_keys_than_a_loop_runs() {
     for variant in ["rows", "subgroup"] {
-        let options = GpuOptions {
-            kernels: Some(format!("attention={variant}")),
-            ..GpuOptions::from_env().unwrap()
-        };
-        let gpu = match Gpu::new(&options) {
+        let gpu = match forced_gpu(&format!("attention={variant}"), None) {
             Ok(gpu) => gpu,
             Err(e) => {
                 eprintln!("attention={variant} not run on this adapter: {e:#}");

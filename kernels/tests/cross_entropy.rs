@@ -2,7 +2,7 @@
 //! whole and split tensors (with the adapter's rowwise variant, and with each forced), at the real
 //! Qwen vocabulary, and the backward reference against finite differences of the forward one.
 mod common;
-use common::{assert_passed, finite_differences, gpus};
+use common::{assert_passed, finite_differences, forced_gpu, gpus};
 
 use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::cross_entropy::{self, cpu, Case, Chunking, KeptLogits, LmHead, IGNORE};
@@ -25,15 +25,11 @@ fn case(tokens: usize, vocab: usize, dim: usize, w_bf16: bool, chunking: Chunkin
 #[test]
 fn every_rowwise_variant_matches_cpu() {
     for &variant in RowwiseVariant::ALL {
-        let open = |max_binding_bytes| {
-            Gpu::new(&GpuOptions {
-                kernels: Some(format!("rowwise={}", variant.name())),
-                max_binding_bytes,
-                ..GpuOptions::from_env().unwrap()
-            })
-            .unwrap()
-        };
-        let (whole, split) = (open(None), open(Some(4096)));
+        let spec = format!("rowwise={}", variant.name());
+        let (whole, split) = (
+            forced_gpu(&spec, None).unwrap(),
+            forced_gpu(&spec, Some(4096)).unwrap(),
+        );
         assert_eq!(whole.plan.rowwise, variant);
         let chunking = Chunking {
             rows: 10,

@@ -1,7 +1,7 @@
 //! Matmul family: GPU against the f64 CPU reference on odd shapes, with whole and split tensors,
 //! and the backward references against finite differences of the forward one.
 mod common;
-use common::{assert_passed, finite_differences, gpu, gpus};
+use common::{assert_passed, finite_differences, forced_gpu, gpu, gpus};
 
 use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::matmul::{self, cpu};
@@ -134,14 +134,7 @@ fn every_gemm_variant_matches_cpu() {
     let mut ran = Vec::new();
     for variant in GemmVariant::ALL {
         let spec = format!("gemm={}", variant.name());
-        let open = |max_binding_bytes| {
-            Gpu::new(&GpuOptions {
-                kernels: Some(spec.clone()),
-                max_binding_bytes,
-                ..GpuOptions::from_env().unwrap()
-            })
-        };
-        let whole = match open(None) {
+        let whole = match forced_gpu(&spec, None) {
             Ok(gpu) => gpu,
             Err(e) => {
                 // Not silent: the adapter said why it cannot run this variant.
@@ -150,7 +143,7 @@ fn every_gemm_variant_matches_cpu() {
             }
         };
         assert_eq!(whole.plan.gemm, *variant);
-        let split = open(Some(1024)).unwrap();
+        let split = forced_gpu(&spec, Some(1024)).unwrap();
         for gpu in [&whole, &split] {
             // Odd shapes read element by element; row lengths of whole 16-byte groups take the
             // subgroup kernel's 128-bit loads; M > 32 takes its 64-row blocks.

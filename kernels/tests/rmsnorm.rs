@@ -2,12 +2,12 @@
 //! adapter's variant, and with each variant forced); the reference's backward against finite
 //! differences of its forward.
 mod common;
-use common::{assert_passed, finite_differences, gpu, split_gpu};
+use common::{assert_passed, finite_differences, forced_gpu, gpu, split_gpu};
 
 use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::rmsnorm::{self, cpu};
 use wgtrain_kernels::plan::RowwiseVariant;
-use wgtrain_kernels::{DType, Gpu, GpuOptions, Out, Tensor};
+use wgtrain_kernels::{DType, Out, Tensor};
 
 #[test]
 fn matches_cpu_on_odd_shapes() {
@@ -65,15 +65,11 @@ fn fused_residual_add_matches_cpu_and_the_unfused_launches() {
 #[test]
 fn every_variant_matches_cpu() {
     for &variant in RowwiseVariant::ALL {
-        let open = |max_binding_bytes| {
-            Gpu::new(&GpuOptions {
-                kernels: Some(format!("rowwise={}", variant.name())),
-                max_binding_bytes,
-                ..GpuOptions::from_env().unwrap()
-            })
-            .unwrap()
-        };
-        let (whole, split) = (open(None), open(Some(1024)));
+        let spec = format!("rowwise={}", variant.name());
+        let (whole, split) = (
+            forced_gpu(&spec, None).unwrap(),
+            forced_gpu(&spec, Some(1024)).unwrap(),
+        );
         assert_eq!(whole.plan.rowwise, variant);
         for (i, (gpu, rows, cols)) in [(&whole, 67, 896), (&whole, 130, 33), (&split, 37, 60)]
             .into_iter()

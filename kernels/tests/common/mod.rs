@@ -28,6 +28,17 @@ pub fn split_gpu(bytes: u64) -> &'static Gpu {
     })
 }
 
+/// A device with `spec` (`family=variant`, as `WGTRAIN_KERNELS` takes it) forced over the
+/// adapter's plan and, if given, storage bindings of at most `max_binding_bytes`; an error where
+/// the adapter cannot run that variant.
+pub fn forced_gpu(spec: &str, max_binding_bytes: Option<u64>) -> anyhow::Result<Gpu> {
+    Gpu::new(&GpuOptions {
+        kernels: Some(spec.into()),
+        max_binding_bytes,
+        ..GpuOptions::from_env()?
+    })
+}
+
 /// The default device and a 1 KiB-binding one: every case runs whole and split.
 pub fn gpus() -> [&'static Gpu; 2] {
     [gpu(), split_gpu(1024)]
