@@ -34,6 +34,12 @@ struct Params {
 @group(0) @binding(7) var<storage, read_write> out: array<f32>;
 
 const WG: u32 = 256u;
+// The forward takes a token per workgroup of WG threads across its row (GPUs), or (variant
+// constant ROWS_PER_GROUP > 1) a token per thread and ROWS_PER_GROUP tokens per workgroup (CPU
+// adapters, where a workgroup's every SIMD group costs even with nothing to do, and a row of a few
+// hundred values leaves most of 256 threads idle).
+const ROW_LANES: u32 = select(WG, 1u, ROWS_PER_GROUP > 1u);
+const GROUP: u32 = select(WG, ROWS_PER_GROUP, ROWS_PER_GROUP > 1u);
 
 fn table_at(i: u32) -> f32 {
     if TABLE_BF16 {
@@ -42,14 +48,14 @@ fn table_at(i: u32) -> f32 {
     return bitcast<f32>(table[i]);
 }
 
-// One workgroup per token, threads across the row.
-@compute @workgroup_size(256)
+// A token per workgroup or per thread (above).
+@compute @workgroup_size(GROUP)
 fn embedding_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let t = linear_group(wid, nwg);
+    let t = linear_group(wid, nwg) * (GROUP / ROW_LANES) + lid / ROW_LANES;
     if t >= p.tokens {
         return;
     }
@@ -60,7 +66,7 @@ fn embedding_forward(
     }
     let src = row * p.cols;
     let dst = p.token_off + t * p.cols;
-    for (var c = lid; c < p.cols; c += WG) {
+    for (var c = lid % ROW_LANES; c < p.cols; c += ROW_LANES) {
         out[dst + c] = table_at(src + c);
     }
 }

@@ -118,10 +118,10 @@ impl AttentionVariant {
 }
 
 variants!(
-    /// Row-wise reductions: RMSNorm forward (with or without the residual add) and its dX, and
-    /// the cross-entropy's row statistics over a vocabulary chunk.
+    /// Row-wise kernels: RMSNorm forward (with or without the residual add) and its dX, the
+    /// cross-entropy's row statistics over a vocabulary chunk, and the embedding gather.
     RowwiseVariant {
-        /// A workgroup per row, reducing across its threads with barriers: GPUs.
+        /// A workgroup per row, its threads across the row (reducing with barriers): GPUs.
         Workgroup = "workgroup",
         /// A thread per row, 8 rows per workgroup, no barrier: CPU adapters, where barriers and
         /// per-workgroup costs outweigh the work of a row.

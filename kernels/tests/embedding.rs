@@ -1,10 +1,12 @@
 //! Embedding: GPU against the f64 reference on odd shapes, split tables (including the real
-//! Qwen vocabulary), out-of-range ids; the reference's backward against finite differences.
+//! Qwen vocabulary), out-of-range ids, each rowwise variant of the gather forced; the reference's
+//! backward against finite differences.
 mod common;
-use common::{assert_passed, gpu, split_gpu};
+use common::{assert_passed, forced_gpu, gpu, split_gpu};
 
 use wgtrain_kernels::ops::check::{random, to_f64};
 use wgtrain_kernels::ops::embedding::{self, cpu, TokenIds};
+use wgtrain_kernels::plan::RowwiseVariant;
 use wgtrain_kernels::{DType, Tensor};
 
 #[test]
@@ -26,6 +28,24 @@ fn matches_cpu_on_split_tensors() {
     {
         for bf16 in [false, true] {
             assert_passed(embedding::check(gpu, tokens, vocab, dim, bf16, 10 + i as u64).unwrap());
+        }
+    }
+}
+
+/// The gather with a workgroup and with a thread per token, forced whatever the adapter's plan
+/// picks: more tokens than a workgroup of threads, rows shorter and longer than one, whole and on
+/// chunks of a few rows.
+#[test]
+fn every_rowwise_variant_matches_cpu() {
+    for &variant in RowwiseVariant::ALL {
+        let spec = format!("rowwise={}", variant.name());
+        for (i, max_binding_bytes) in [None, Some(1024)].into_iter().enumerate() {
+            let gpu = forced_gpu(&spec, max_binding_bytes).unwrap();
+            assert_eq!(gpu.plan.rowwise, variant);
+            for (tokens, vocab, dim) in [(67, 300, 10), (19, 64, 255)] {
+                let checks = embedding::check(&gpu, tokens, vocab, dim, i == 0, 20 + i as u64);
+                assert_passed(checks.unwrap());
+            }
         }
     }
 }

@@ -15,6 +15,7 @@ use super::check::{max_error, random, round_bf16, to_f64, Check};
 use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
 use crate::gpu::{linear_groups, Gpu};
+use crate::plan::RowwiseVariant;
 use crate::shader::{params, Const, Kernel, EMBEDDING};
 use crate::tensor::{row_segments, DType, Tensor};
 
@@ -71,17 +72,32 @@ impl TokenIds {
     }
 }
 
-fn kernel(entry: &'static str, table_bf16: bool) -> Kernel {
-    Kernel::new(&EMBEDDING, entry).with("TABLE_BF16", Const::Bool(table_bf16))
+/// A kernel of embedding.wgsl; the forward takes a workgroup or a thread per token as `variant`
+/// says, the backward ignores it.
+fn kernel(entry: &'static str, table_bf16: bool, variant: RowwiseVariant) -> Kernel {
+    let rows = match entry {
+        "embedding_forward" => variant.rows_per_group(),
+        _ => 1,
+    };
+    Kernel::new(&EMBEDDING, entry)
+        .with("TABLE_BF16", Const::Bool(table_bf16))
+        .with("ROWS_PER_GROUP", Const::U32(rows))
 }
 
 pub fn variants() -> Vec<Kernel> {
-    vec![
-        kernel("embedding_forward", false),
-        kernel("embedding_forward", true),
-        // The gradient table is always f32.
-        kernel("embedding_backward", false),
-    ]
+    let mut all = Vec::new();
+    for &variant in RowwiseVariant::ALL {
+        for table_bf16 in [false, true] {
+            all.push(kernel("embedding_forward", table_bf16, variant));
+        }
+    }
+    // The gradient table is always f32.
+    all.push(kernel(
+        "embedding_backward",
+        false,
+        RowwiseVariant::Workgroup,
+    ));
+    all
 }
 
 /// Checks the table ([V, D]) and the activations ([T, D] f32) against the ids; returns (V, D).
@@ -117,7 +133,7 @@ pub fn embedding_forward(
         DType::F32 => false,
         d => bail!("embedding table: expected BF16 or F32, got {d:?}"),
     };
-    let kernel = kernel("embedding_forward", table_bf16);
+    let kernel = kernel("embedding_forward", table_bf16, batch.gpu.plan.rowwise);
     let ids_buffer = &ids.tensor.chunks()[0];
     let segments = row_segments(ids.host.len(), &[out]);
     // One dispatch per table chunk and token segment that has an id in the chunk.
@@ -142,7 +158,10 @@ pub fn embedding_forward(
                 &kernel,
                 &params,
                 &buffers,
-                linear_groups(batch.gpu, seg.len() as u32),
+                linear_groups(
+                    batch.gpu,
+                    (seg.len() as u32).div_ceil(batch.gpu.plan.rowwise.rows_per_group()),
+                ),
             )?;
         }
     }
@@ -168,7 +187,7 @@ pub fn embedding_backward(
     let uniq = Tensor::from_u32(gpu, &[index.uniq.len()], &index.uniq)?;
     let starts = Tensor::from_u32(gpu, &[index.starts.len()], &index.starts)?;
     let positions = Tensor::from_u32(gpu, &[index.positions.len()], &index.positions)?;
-    let kernel = kernel("embedding_backward", false);
+    let kernel = kernel("embedding_backward", false, RowwiseVariant::Workgroup);
     let segments = row_segments(ids.host.len(), &[dout]);
     for vocab_rows in row_segments(vocab, &[dtable]) {
         let first = index
