@@ -9,11 +9,12 @@
 // the 8 lanes walk the other side's rows together: per row, lane L loads columns L, L + 8, .. of
 // it (KV8 vec4 each) and `subgroupBroadcast` hands every lane each column from registers. On
 // llvmpipe that beats the rows forward (every lane loading every column itself, four rows per
-// lane) by 2-4x at the 0.5B shape (docs/benchmarks.md), for two reasons: a storage load costs
-// per lane whether or not the lanes share its address, so eight lanes loading a row once each
-// beat eight loading all of it; and with one row per lane every register array is indexed by
-// constants only (the column groups are written out below), which llvmpipe needs to keep them in
-// registers (an array it cannot resolve lives in per-lane scratch, each access a loop over lanes).
+// lane) by ~4x at the 0.5B shape (2x at D 128), and the tiled backward by 8.5x (1.6-2.8x;
+// docs/benchmarks.md), for two reasons: a storage load costs per lane whether or not the lanes
+// share its address, so eight lanes loading a row once each beat eight loading all of it; and
+// with one row per lane every register array is indexed by constants only (the column groups are
+// written out below), which llvmpipe needs to keep them in registers (an array it cannot resolve
+// lives in per-lane scratch, each access a loop over lanes).
 //
 // Registers hold DP8 = 8 KV8 columns, zeros past the head. The key (or query) loop is the same
 // for every lane (broadcasts need all 8): it runs to the block's last row, and a row masks what
