@@ -290,13 +290,13 @@ fn attn_bwd_dq_sg(
     let scale2 = p.scale * LOG2E;
 
     var qr = sg_q_row(q_at(p.q_off, b, row.query, row.head));
-    var dr_row = sg_dout_row(q_at(p.dout_off, b, row.query, row.head));
+    var dout_row = sg_dout_row(q_at(p.dout_off, b, row.query, row.head));
     var acc: SgRow;
     for (var j = p.key_lo; j < kstop; j++) {
         let kl = sg_k_cols(kv_at(p.k_off, b, j, hkv), lid);
         let vl = sg_v_cols(kv_at(p.v_off, b, j, hkv), lid);
         let s = sg_dot(&qr, kl) * scale2;
-        let dp = sg_dot(&dr_row, vl);
+        let dp = sg_dot(&dout_row, vl);
         let ds = select(0.0, exp2(s - lse2) * (dp - dr), j <= pos);
         sg_axpy(&acc, 1.0, ds, kl);
     }

@@ -579,6 +579,15 @@ pub fn linear_groups(gpu: &Gpu, n: u32) -> [u32; 3] {
     }
 }
 
+/// The grid of a row-wise kernel over `rows` rows: a workgroup per row, or per
+/// `rows_per_group` rows as the plan's `rowwise` variant says (the kernels' `ROWS_PER_GROUP`).
+pub fn rowwise_groups(gpu: &Gpu, rows: usize) -> [u32; 3] {
+    linear_groups(
+        gpu,
+        (rows as u32).div_ceil(gpu.plan.rowwise.rows_per_group()),
+    )
+}
+
 /// Copies `size` bytes at `offset` out of a buffer (blocking); zeros in a dry run.
 pub(crate) fn read_buffer(
     gpu: &Gpu,

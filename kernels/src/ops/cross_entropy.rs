@@ -29,7 +29,7 @@ use super::check::{max_error, random, to_f64, Check};
 use super::matmul::{bench_tensor, plus_scaled, weight, Gemm, Mat};
 use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Gpu};
+use crate::gpu::{linear_groups, rowwise_groups, Gpu};
 use crate::plan::RowwiseVariant;
 use crate::shader::{params, Const, Kernel, CROSS_ENTROPY};
 use crate::tensor::{row_segments, Chunk, DType, Out, Tensor};
@@ -459,7 +459,7 @@ pub fn cross_entropy_forward(
                 ..bytemuck::Zeroable::zeroed()
             };
             problem.over_block(batch, "chunk_stats", at, params, &stats_buffers, |n| {
-                linear_groups(gpu, n.div_ceil(gpu.plan.rowwise.rows_per_group()))
+                rowwise_groups(gpu, n as usize)
             })?;
         }
     }

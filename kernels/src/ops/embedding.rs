@@ -14,7 +14,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use super::check::{max_error, random, round_bf16, to_f64, Check};
 use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Gpu};
+use crate::gpu::{linear_groups, rowwise_groups, Gpu};
 use crate::plan::RowwiseVariant;
 use crate::shader::{params, Const, Kernel, EMBEDDING};
 use crate::tensor::{row_segments, DType, Tensor};
@@ -158,10 +158,7 @@ pub fn embedding_forward(
                 &kernel,
                 &params,
                 &buffers,
-                linear_groups(
-                    batch.gpu,
-                    (seg.len() as u32).div_ceil(batch.gpu.plan.rowwise.rows_per_group()),
-                ),
+                rowwise_groups(batch.gpu, seg.len()),
             )?;
         }
     }

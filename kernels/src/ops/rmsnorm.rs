@@ -12,7 +12,7 @@ use super::check::{max_error, random, round_bf16, to_f64, Check};
 use super::elementwise;
 use crate::batch::Batch;
 use crate::bench::{time, BenchConfig, BenchResult};
-use crate::gpu::{linear_groups, Gpu};
+use crate::gpu::{rowwise_groups, Gpu};
 use crate::plan::RowwiseVariant;
 use crate::shader::{params, Const, Kernel, RMSNORM};
 use crate::tensor::{row_segments, DType, Out, Tensor};
@@ -45,14 +45,6 @@ fn kernel(entry: &'static str, w_bf16: bool, variant: RowwiseVariant) -> Kernel 
     Kernel::new(&RMSNORM, entry)
         .with("W_BF16", Const::Bool(w_bf16))
         .with("ROWS_PER_GROUP", Const::U32(variant.rows_per_group()))
-}
-
-/// The grid of a row kernel over `rows` rows.
-fn row_groups(gpu: &Gpu, rows: usize) -> [u32; 3] {
-    linear_groups(
-        gpu,
-        (rows as u32).div_ceil(gpu.plan.rowwise.rows_per_group()),
-    )
 }
 
 pub fn variants() -> Vec<Kernel> {
@@ -175,7 +167,7 @@ fn launch_forward(
             params.sum_off = rsum.offset;
             buffers.push(rsum.buffer);
         }
-        let groups = row_groups(batch.gpu, seg.len());
+        let groups = rowwise_groups(batch.gpu, seg.len());
         batch.dispatch(&kernel, &params, &buffers, groups)?;
     }
     Ok(())
@@ -217,7 +209,7 @@ pub fn rmsnorm_backward(
             block_rows: 0,
             sum_off: 0,
         };
-        let groups = row_groups(batch.gpu, seg.len());
+        let groups = rowwise_groups(batch.gpu, seg.len());
         batch.dispatch(
             &backward,
             &params,
